@@ -1,0 +1,150 @@
+"""Scales, config hashing, the artifact cache, atomic writes and provenance helpers.
+
+Every expensive piece of work (a tokenizer, a classifier, a generator run, a set of samples) is stored under
+``artifacts/<kind>/<hash>/`` where ``hash`` is a short digest of the config that produced it. A notebook that
+is interrupted, or run in several chunks on a GPU box, therefore resumes instead of starting over, and two
+notebooks that need the same thing share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import random
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+SCALES = ("smoke", "small", "paper")
+
+#: Root of the artifact cache; overridable so tests and CI can keep it in a temporary folder.
+ARTIFACTS_ENV = "REARLIB_ARTIFACTS"
+
+
+def validate_scale(scale: str) -> str:
+    """Return ``scale`` if it is one of :data:`SCALES`, else raise a ValueError that lists them."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; allowed values: {', '.join(SCALES)}")
+    return scale
+
+
+def resolve_device(device: str = "auto"):
+    """Map ``"auto"`` to CUDA when available, else CPU; validate explicit names early with a clear message."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
+    return dev
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and obj != obj:  # NaN is not stable JSON
+        return "nan"
+    return obj
+
+
+def config_hash(cfg: Any, length: int = 12) -> str:
+    """Stable short SHA-256 of a config (dicts, dataclasses, lists, scalars), independent of key order."""
+    text = json.dumps(_jsonable(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def artifacts_root(root: str | os.PathLike | None = None) -> Path:
+    if root is not None:
+        return Path(root)
+    env = os.environ.get(ARTIFACTS_ENV)
+    if env:
+        return Path(env)
+    # The repository root when running from a checkout, else the working directory.
+    here = Path(__file__).resolve().parent.parent
+    base = here if (here / "pyproject.toml").exists() else Path.cwd()
+    return base / "artifacts"
+
+
+def artifact_dir(kind: str, cfg: Any, root: str | os.PathLike | None = None) -> Path:
+    """``artifacts/<kind>/<hash>/``, created, with the config written beside the work as ``config.json``."""
+    path = artifacts_root(root) / kind / config_hash(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        atomic_write_text(cfg_file, json.dumps(_jsonable(cfg), indent=2, sort_keys=True, default=str))
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Code that needs exact streams passes torch.Generator objects."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def hardware_info() -> dict:
+    """CPU, GPU and library versions, for provenance records and benchmark tables."""
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["gpu"] = None
+    return info

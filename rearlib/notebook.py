@@ -1,0 +1,169 @@
+"""What every notebook does first, and the jupytext pairing of notebooks/*.py with notebooks/*.ipynb.
+
+A notebook's cell after its ``parameters`` cell calls :func:`setup`, which validates the parameters (failing in
+that first cell with the allowed values), seeds everything, picks the device and returns a :class:`Context`
+that knows where the notebook's CSVs, figures and SUMMARY claims go.
+
+``python -m rearlib.notebook sync`` regenerates the paired ``.ipynb`` files (no outputs) from the ``.py``
+scripts; ``python -m rearlib.notebook check`` fails when a pair is out of sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .experiments import atomic_write_text, resolve_device, seed_everything, validate_scale
+
+VERDICTS = ("reproduced", "direction reproduced", "not reproduced", "not tested")
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@dataclass
+class Context:
+    notebook: str
+    scale: str
+    seed: int
+    device: object
+    reports: Path
+    figures: Path
+    claims: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    # -- outputs ---------------------------------------------------------------------------------------------
+    def save_csv(self, df, name: str) -> Path:
+        """Write a tidy table to ``reports/<scale>/<name>.csv`` (atomically) and return the path."""
+        path = self.reports / f"{name}.csv"
+        atomic_write_text(path, df.to_csv(index=False))
+        return path
+
+    def save_fig(self, fig, name: str, dpi: int = 130) -> Path:
+        """Save a matplotlib figure to ``figures/<scale>/<name>.png``."""
+        import io
+
+        from .experiments import atomic_write_bytes
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        return atomic_write_bytes(self.figures / f"{name}.png", buf.getvalue())
+
+    def claim(self, claim: str, paper: str, ours: str, verdict: str, note: str = "") -> None:
+        """Record one row of SUMMARY.md: the paper's statement, our measurement and an honest verdict."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        self.claims.append({"notebook": self.notebook, "scale": self.scale, "claim": claim, "paper": paper,
+                            "ours": ours, "verdict": verdict, "note": note})
+        self._flush()
+
+    def note(self, text: str) -> None:
+        """Print a remark and keep it in the notebook's record (e.g. 'LPIPS weights unavailable: using DFD')."""
+        print(text)
+        self.notes.append(text)
+        self._flush()
+
+    def _flush(self) -> None:
+        record = {"notebook": self.notebook, "scale": self.scale, "seed": self.seed, "device": str(self.device),
+                  "claims": self.claims, "notes": self.notes}
+        atomic_write_text(self.reports / "claims" / f"{self.notebook}.json", json.dumps(record, indent=2))
+
+    @property
+    def is_smoke(self) -> bool:
+        return self.scale == "smoke"
+
+
+def setup(notebook: str, scale: str = "smoke", seed: int = 0, device: str = "auto", reports_dir="reports",
+          figures_dir="figures", quiet: bool = False) -> Context:
+    """Validate the notebook parameters and prepare its output folders ``<reports_dir>/<scale>/`` etc."""
+    validate_scale(scale)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    dev = resolve_device(device)
+    seed_everything(seed)
+    reports = Path(reports_dir) / scale
+    figures = Path(figures_dir) / scale
+    reports.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    ctx = Context(notebook=notebook, scale=scale, seed=seed, device=dev, reports=reports, figures=figures)
+    ctx._flush()  # a re-run starts with an empty claim list for this notebook
+    if not quiet:
+        print(f"{notebook}: scale={scale} seed={seed} device={dev} -> {reports}/, {figures}/")
+        if scale == "smoke":
+            print("smoke scale: proves that every code path runs; its numbers are NOT meaningful.")
+    return ctx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pairing notebooks/*.py (the source of truth, jupytext percent format) with notebooks/*.ipynb (no outputs)
+# ----------------------------------------------------------------------------------------------------------
+def notebook_scripts(folder: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The numbered notebook scripts ``NN_name.py`` in execution order."""
+    return sorted(p for p in Path(folder).glob("[0-9][0-9]_*.py"))
+
+
+def _cells(nb) -> list[tuple[str, str, tuple]]:
+    return [(c.cell_type, c.source.strip(), tuple(sorted(c.metadata.get("tags", [])))) for c in nb.cells]
+
+
+def script_to_notebook(script: Path):
+    import jupytext
+
+    nb = jupytext.read(script)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,py:percent"
+    return nb
+
+
+def sync(folder: Path = NOTEBOOK_DIR) -> list[Path]:
+    """Write ``NN_name.ipynb`` (without outputs) from each ``NN_name.py``."""
+    import jupytext
+
+    written = []
+    for script in notebook_scripts(folder):
+        target = script.with_suffix(".ipynb")
+        jupytext.write(script_to_notebook(script), target, fmt="ipynb")
+        written.append(target)
+    return written
+
+
+def check(folder: Path = NOTEBOOK_DIR) -> list[str]:
+    """Problems with the pairing: a missing or stale ``.ipynb``, committed outputs, or no parameters cell."""
+    import jupytext
+
+    problems = []
+    for script in notebook_scripts(folder):
+        pair = script.with_suffix(".ipynb")
+        source = jupytext.read(script)
+        if not any("parameters" in c.metadata.get("tags", []) for c in source.cells):
+            problems.append(f"{script.name}: no cell tagged 'parameters'")
+        if not pair.exists():
+            problems.append(f"{pair.name}: missing (run `make sync-notebooks`)")
+            continue
+        paired = jupytext.read(pair)
+        if _cells(paired) != _cells(source):
+            problems.append(f"{pair.name}: out of sync with {script.name} (run `make sync-notebooks`)")
+        if any(c.get("outputs") for c in paired.cells if c.cell_type == "code"):
+            problems.append(f"{pair.name}: has outputs; commit notebooks without outputs")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rearlib.notebook", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("sync", "check"))
+    args = parser.parse_args(argv)
+    if args.command == "sync":
+        for path in sync():
+            print(f"wrote {path}")
+        return 0
+    problems = check()
+    for p in problems:
+        print(p, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
