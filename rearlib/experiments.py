@@ -138,13 +138,13 @@ def hardware_info() -> dict:
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "cuda_available": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
-        info["cuda"] = torch.version.cuda
+        info["cuda"] = str(torch.version.cuda)
     else:
         info["gpu"] = None
     return info
