@@ -1,0 +1,304 @@
+"""Speed of training (plain AR vs reAR) and sampling, fast paths vs plain paths, in one run.
+
+``python -m rearlib.bench --preset rear_b --batch 128 --out reports/bench/rear_b.json`` measures, on one GPU:
+
+* training samples/s of every variant in ``--variants`` (default: plain AR and reAR, same model preset and batch)
+  with our training step (:class:`rearlib.train.Stepper`: the very code ``train()`` runs) on random tokens held on
+  the device; the reAR overhead = samples/s(AR) / samples/s(reAR) - 1;
+* for each, the *fast* path (bf16 autocast, ``torch.compile`` of model and loss, fused AdamW) and the *plain*
+  path (eager fp32 with TF32 off, for-each AdamW) unless ``--no-plain``;
+* model FLOP utilisation: MFU = samples/s * N * F / peak, where F = ``rearlib.model.estimate_flops_per_token``
+  (training FLOPs per image token: 6 x the multiply-accumulates of every Linear applied per position incl. the
+  enabled alignment heads, + causal attention, see its docstring) and peak = the GPU's dense bf16 tensor peak
+  (H100/H200: 989 TFLOP/s; override with ``--peak-tflops``). The plain fp32 rows use the same bf16 peak, so their
+  MFU says how much of the chip they leave unused;
+* peak GPU memory of each training configuration (``torch.cuda.max_memory_allocated``);
+* sampling images/s of :func:`rearlib.sample.benchmark_sampling` (KV-cached paths vs full recomputation) when
+  that function exists.
+
+Timing: ``--warmup`` untimed optimizer steps (they include compilation), then ``--steps`` timed steps bracketed by
+``torch.cuda.synchronize``. On CPU it runs the one CPU path (eager fp32) and is only a smoke test
+(``--preset tiny``). Prints a table and writes JSON (``--out``) plus a CSV beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .experiments import atomic_write_text, hardware_info, resolve_device
+from .rear import get_rear_config
+from .train import DeviceBatches, DistInfo, Stepper, TrainConfig, build_model, concrete_device
+
+#: Dense bf16 tensor-core peaks (FLOP/s) by GPU name fragment; MFU is left empty for other devices.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> tuple[float | None, str]:
+    if override_tflops is not None:
+        return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (given)"
+    if device.type != "cuda":
+        return None, "n/a (CPU)"
+    name = torch.cuda.get_device_name(device)
+    for key, val in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return val, f"{val / 1e12:g} TFLOP/s dense bf16 ({key})"
+    return None, f"unknown for {name}; pass --peak-tflops"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: int, warmup: int,
+                   device: torch.device, seed: int = 0, model_overrides: dict | None = None,
+                   peak: float | None = None) -> dict[str, Any]:
+    """Time ``steps`` optimizer steps of ``variant`` (a reAR preset name) on random data; returns one row."""
+    from .model import estimate_flops_per_token
+
+    rear = get_rear_config(variant)
+    # A long schedule keeps t ~ 0, so the noise is on (its cost does not depend on eps anyway).
+    cfg = TrainConfig(model=preset, model_overrides=dict(model_overrides or {}), rear=rear, steps=1_000_000,
+                      batch_size=batch, warmup_steps=10, seed=seed, compile=fast, bf16=fast, fused_adamw=fast,
+                      log_every=10**9, ckpt_every=10**9)
+    from .model import get_config
+    from .train import generator_overrides
+
+    mc = get_config(preset, **generator_overrides(cfg))
+    g = torch.Generator().manual_seed(seed)
+    m = max(4 * batch, 64)
+    tokens = torch.randint(0, mc.codebook_size, (m, mc.seq_len), generator=g).to(device)
+    labels = torch.randint(0, mc.num_classes, (m,), generator=g).to(device)
+    codebook = torch.randn(mc.codebook_size, mc.z_dim, generator=g).to(device)
+    prev_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if device.type == "cuda":
+        # fast: TF32 for anything left outside autocast (as train() does); plain: true fp32.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        model = build_model(cfg, codebook, device)
+        batches = DeviceBatches(tokens, labels, batch, seed=seed, rank=0, world=1)
+        stepper = Stepper(cfg, model, codebook, batches, device, DistInfo())
+        stepper.wrap()
+        model.train()
+        t0 = time.perf_counter()
+        for s in range(warmup):
+            stepper.step(s)
+        _sync(device)
+        warm_s = time.perf_counter() - t0
+        syncs = count_host_syncs(stepper, warmup, device)
+        t0 = time.perf_counter()
+        for s in range(warmup + 1, warmup + 1 + steps):
+            stats = stepper.step(s)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        loss = float(stats["loss"])
+    finally:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
+    sps = steps * batch / dt
+    flops_tok = estimate_flops_per_token(model.config, training=True, align=rear.uses_alignment)
+    row = {
+        "kind": "train", "preset": preset, "variant": variant, "path": _path_name(fast, device),
+        "batch": batch, "steps": steps, "samples_per_s": sps, "ms_per_step": 1e3 * dt / steps,
+        "tflops_per_s": sps * mc.seq_len * flops_tok / 1e12,
+        "mfu": (sps * mc.seq_len * flops_tok / peak) if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "warmup_s": warm_s, "host_syncs_per_step": syncs, "loss": loss,
+        "params": sum(p.numel() for p in model.parameters()),
+        "flops_per_sample": mc.seq_len * flops_tok,
+    }
+    del stepper, model, batches
+    _release(device)
+    return row
+
+
+def count_host_syncs(stepper: Stepper, step: int, device: torch.device) -> int | None:
+    """Number of device->host synchronisations one optimizer step performs (CUDA's sync debug mode), else None.
+
+    The eager plain path is expected to show the model's input-range checks (skipped under torch.compile); the
+    fast path should show 0: perturbation, loss and optimizer never read device values on the host.
+    """
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            stepper.step(step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _sync(device)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def _path_name(fast: bool, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu eager fp32"
+    return "fast (bf16+compile+fused)" if fast else "plain (eager fp32)"
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    try:
+        import torch._dynamo
+
+        torch._dynamo.reset()  # each configuration compiles its own graphs; drop the old ones
+    except Exception:  # pragma: no cover - dynamo unavailable
+        pass
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_sampling(preset: str, batch: int, device: torch.device, *, steps: int | None, repeats: int,
+                   modes: list[str] | None, model_overrides: dict | None = None) -> list[dict[str, Any]]:
+    """Rows from rearlib.sample.benchmark_sampling (random weights), or [] when that function is missing."""
+    try:
+        from .sample import benchmark_sampling
+    except ImportError:
+        return []
+    from .model import build_generator
+
+    torch.manual_seed(0)
+    model = build_generator(preset, **dict(model_overrides or {})).to(device).eval()
+    with torch.no_grad():  # a fresh model's adaLN outputs are zero (identity blocks); use non-degenerate weights
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    res = benchmark_sampling(model, batch, cfg=True, steps=steps, repeats=repeats, modes=modes)
+    rows = []
+    for mode, r in res["modes"].items():
+        rows.append({"kind": "sample", "preset": preset, "variant": "-", "path": mode, "batch": batch,
+                     "steps": res["steps"], "images_per_s": r["images_per_s_full"], "ms_per_step": r["ms_per_step"],
+                     "peak_mem_gib": r.get("peak_memory_gib"), "bandwidth_tb_s": r.get("achieved_bandwidth_tb_s"),
+                     "fraction_of_bw": r.get("fraction_of_h200_bw"), "warmup_s": r.get("warmup_seconds"),
+                     "cfg": res["cfg"]})
+    del model
+    _release(device)
+    return rows
+
+
+def run(preset: str = "rear_b", batch: int = 128, *, variants=("ar", "rear"), steps: int = 20, warmup: int = 5,
+        plain: bool = True, plain_steps: int | None = None, sampling: bool = True, sample_batch: int | None = None,
+        sample_steps: int | None = None, sample_repeats: int = 2, sample_modes: list[str] | None = None,
+        device: str = "auto", peak_tflops: float | None = None, model_overrides: dict | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """All measurements; returns {"rows": [...], "summary": {...}, "hardware": ..., "peak": ...}."""
+    from tqdm.auto import tqdm
+
+    dev = concrete_device(resolve_device(device))
+    peak, peak_desc = peak_flops(dev, peak_tflops)
+    paths = [True] if dev.type == "cuda" else [False]
+    if dev.type == "cuda" and plain:
+        paths.append(False)
+    jobs = [(v, f) for f in paths for v in variants]
+    rows = []
+    for v, f in tqdm(jobs, desc="bench train", disable=not progress):
+        n = steps if f or plain_steps is None else plain_steps
+        rows.append(bench_training(preset, v, batch, fast=f, steps=n, warmup=warmup if f else min(warmup, 2),
+                                   device=dev, model_overrides=model_overrides, peak=peak))
+    if sampling:
+        rows += bench_sampling(preset, sample_batch or batch, dev, steps=sample_steps, repeats=sample_repeats,
+                               modes=sample_modes, model_overrides=model_overrides)
+    summary: dict[str, Any] = {}
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    for r in train_rows:
+        summary[f"{r['variant']} | {r['path']}"] = round(r["samples_per_s"], 2)
+    for path in {r["path"] for r in train_rows}:
+        by = {r["variant"]: r for r in train_rows if r["path"] == path}
+        if "ar" in by:
+            for v, r in by.items():
+                if v != "ar":
+                    summary[f"overhead {v} vs ar | {path}"] = by["ar"]["samples_per_s"] / r["samples_per_s"] - 1
+    fast_rows = {r["variant"]: r for r in train_rows if r["path"].startswith("fast")}
+    plain_rows = {r["variant"]: r for r in train_rows if r["path"].startswith("plain")}
+    for v in fast_rows.keys() & plain_rows.keys():
+        summary[f"speed-up fast vs plain | {v}"] = fast_rows[v]["samples_per_s"] / plain_rows[v]["samples_per_s"]
+    return {"preset": preset, "batch": batch, "rows": rows, "summary": summary, "peak": peak_desc,
+            "hardware": hardware_info()}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = [("kind", "{}"), ("variant", "{}"), ("path", "{}"), ("batch", "{}"), ("samples_per_s", "{:.1f}"),
+            ("images_per_s", "{:.2f}"), ("ms_per_step", "{:.2f}"), ("tflops_per_s", "{:.1f}"), ("mfu", "{:.1%}"),
+            ("peak_mem_gib", "{:.2f}"), ("host_syncs_per_step", "{}"), ("warmup_s", "{:.1f}")]
+    cells = [[c for c, _ in cols]]
+    for r in rows:
+        line = []
+        for c, f in cols:
+            v = r.get(c)
+            line.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v))
+        cells.append(line)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in cells)
+
+
+def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """JSON at ``out`` and a CSV (one row per measurement) beside it, both written atomically."""
+    import csv
+    import io
+
+    out = Path(out)
+    atomic_write_text(out, json.dumps(result, indent=2, default=str))
+    keys: list[str] = []
+    for r in result["rows"]:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in result["rows"]:
+        w.writerow(r)
+    csv_path = out.with_suffix(".csv")
+    atomic_write_text(csv_path, buf.getvalue())
+    return out, csv_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rearlib.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="rear_b")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--variants", default="ar,rear", help="comma list of reAR presets (rearlib.rear.PRESETS)")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (include compilation)")
+    p.add_argument("--plain-steps", type=int, default=None, help="timed steps for the slow plain path")
+    p.add_argument("--no-plain", action="store_true", help="skip the eager fp32 comparison")
+    p.add_argument("--no-sampling", action="store_true")
+    p.add_argument("--sample-batch", type=int, default=None)
+    p.add_argument("--sample-steps", type=int, default=None, help="tokens per image to time (default all)")
+    p.add_argument("--sample-repeats", type=int, default=2)
+    p.add_argument("--sample-modes", default=None, help="comma list (rearlib.sample.benchmark_sampling modes)")
+    p.add_argument("--model-set", nargs="*", default=[], metavar="K=V", help="GeneratorConfig overrides")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="JSON path (a CSV is written beside it)")
+    a = p.parse_args(argv)
+    from .train import _parse_kv
+
+    res = run(a.preset, a.batch, variants=tuple(a.variants.split(",")), steps=a.steps, warmup=a.warmup,
+              plain=not a.no_plain, plain_steps=a.plain_steps, sampling=not a.no_sampling,
+              sample_batch=a.sample_batch, sample_steps=a.sample_steps, sample_repeats=a.sample_repeats,
+              sample_modes=a.sample_modes.split(",") if a.sample_modes else None, device=a.device,
+              peak_tflops=a.peak_tflops, model_overrides=_parse_kv(a.model_set))
+    print(f"device: {res['hardware'].get('gpu') or 'cpu'}   peak used for MFU: {res['peak']}")
+    print(format_table(res["rows"]))
+    for k, v in res["summary"].items():
+        print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+    if a.out:
+        j, c = write_outputs(res, a.out)
+        print(f"wrote {j} and {c}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Tests of rearlib.train: schedule, optimizer groups, data checks, the loop, checkpoints and exact resume (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import rearlib.train as T
+from rearlib.model import build_generator
+from rearlib.rear import get_rear_config
+from rearlib.train import (
+    DeviceBatches,
+    TrainConfig,
+    generator_overrides,
+    load_generator,
+    lr_at,
+    no_decay_names,
+    train,
+)
+
+M, N, K, Z = 48, 16, 32, 16  # the "tiny" preset: 16 tokens, codebook 32, z_dim 16, 10 classes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices: a second intra-op thread only adds contention on the 2-core CI machines.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy_data(seed: int = 0):
+    """A learnable toy set: each class has its own deterministic token pattern, plus a random codebook."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (M,), generator=g)
+    tokens = (labels[:, None] * 3 + torch.arange(N)[None]) % K
+    codebook = torch.randn(K, Z, generator=g)
+    return tokens, labels, codebook
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    base = dict(model="tiny", rear=get_rear_config("rear"), steps=8, batch_size=8, warmup_steps=2, lr=1e-3,
+                log_every=2, ckpt_every=4, ema_decay=0.9)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+def test_lr_schedule_warmup_then_cosine_to_end():
+    cfg = TrainConfig(steps=1000, warmup_steps=100, lr=4e-4, end_lr=1e-5)
+    assert lr_at(cfg, 0) == 0.0
+    assert lr_at(cfg, 50) == pytest.approx(2e-4)
+    assert lr_at(cfg, 100) == pytest.approx(4e-4)
+    assert lr_at(cfg, 550) == pytest.approx((4e-4 + 1e-5) / 2)  # cosine midpoint
+    assert lr_at(cfg, 1000) == pytest.approx(1e-5)
+    decay = [lr_at(cfg, s) for s in range(100, 1001, 50)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    # the authors' reAR-B recipe: 250k steps, 62.5k warm-up, 128 per GPU x accumulation 2 (x 8 GPUs = 2048)
+    paper = T.config_for_scale("paper", "rear")
+    assert (paper.steps, paper.warmup_steps, paper.batch_size * paper.grad_accum * 8) == (250_000, 62_500, 2048)
+    assert (paper.lr, paper.end_lr, paper.betas, paper.weight_decay, paper.grad_clip, paper.class_dropout) == (
+        4e-4, 1e-5, (0.9, 0.96), 0.03, 1.0, 0.1)
+    with pytest.raises(ValueError, match="unknown scale"):
+        T.config_for_scale("huge")
+
+
+def test_no_decay_groups_follow_the_authors_rule():
+    model = build_generator("tiny")
+    nd = set(no_decay_names(model))
+    # names containing ln / embed / norm / bias, and ndim < 2
+    assert {"pos_embed", "target_aware_pos_embed", "timesteps_embeddings", "embeddings.weight"} <= nd
+    assert any(n.startswith("adaln_before_head.") and n.endswith("weight") for n in nd)  # "ln" in "adaln"
+    assert "blocks.0.attn.q_norm.weight" in nd and "lm_head.bias" in nd
+    decayed = {n for n, _ in model.named_parameters()} - nd
+    # block adaLN weights ("adaLN" does not contain lower-case "ln"), cls_token (3-D), heads and lm_head decay
+    assert {"cls_token", "blocks.0.adaLN_modulation.1.weight", "lm_head.weight",
+            "encode_align_mlp.0.weight", "blocks.0.attn.qkv.weight"} <= decayed
+    groups = T.param_groups(model, 0.03)
+    assert groups[0]["weight_decay"] == 0.03 and groups[1]["weight_decay"] == 0.0
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_generator_overrides_follow_the_rear_switches():
+    assert generator_overrides(tiny_cfg(rear=get_rear_config("ar"))) == {
+        "tied_codebook": False, "encode_align_layer": None, "decode_align_layer": None}
+    ov = generator_overrides(tiny_cfg(rear=get_rear_config("de_only", decode_layer=1)))
+    assert ov["encode_align_layer"] is None and ov["decode_align_layer"] == 1
+    assert generator_overrides(tiny_cfg(rear=get_rear_config("tied")))["tied_codebook"] is True
+    with pytest.raises(ValueError, match="contradicts"):
+        generator_overrides(tiny_cfg(rear=get_rear_config("ar"), model_overrides={"encode_align_layer": 0}))
+
+
+def test_device_batches_are_disjoint_per_rank_and_deterministic():
+    tokens = torch.arange(40)[:, None].repeat(1, 4)
+    labels = torch.arange(40)
+    a = [DeviceBatches(tokens, labels, 4, seed=3, rank=r, world=2) for r in (0, 1)]
+    seen = []
+    for _ in range(5):  # one epoch = 40 // 8 = 5 steps
+        b0, b1 = a[0].next()[1], a[1].next()[1]
+        assert not set(b0.tolist()) & set(b1.tolist())
+        seen += b0.tolist() + b1.tolist()
+    assert sorted(seen) == list(range(40))
+    again = DeviceBatches(tokens, labels, 4, seed=3, rank=1, world=2)
+    other = DeviceBatches(tokens, labels, 4, seed=4, rank=1, world=2)
+    first = again.next()[1]
+    assert torch.equal(first, DeviceBatches(tokens, labels, 4, seed=3, rank=1, world=2).next()[1])
+    assert not torch.equal(first, other.next()[1])
+    state = again.state_dict()
+    nxt = again.next()[1]
+    again.load_state_dict(state)
+    assert torch.equal(again.next()[1], nxt)
+
+
+def test_bad_inputs_fail_early(tmp_path):
+    tokens, labels, cb = toy_data()
+    cfg = tiny_cfg(steps=2)
+    with pytest.raises(ValueError, match="codebook size is 32"):
+        train(cfg, tokens + K, labels, cb, tmp_path / "a", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="seq_len"):
+        train(cfg, tokens[:, :8], labels, cb, tmp_path / "b", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="num_classes"):
+        train(cfg, tokens, labels + 10, cb, tmp_path / "c", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="needs the tokenizer codebook"):
+        train(cfg, tokens, labels, None, tmp_path / "d", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="z_dim"):
+        train(cfg, tokens, labels, torch.randn(K, Z + 1), tmp_path / "e", device="cpu", progress=False)
+    with pytest.raises(TypeError, match="integer"):
+        train(cfg, tokens.float(), labels, cb, tmp_path / "f", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(steps=10, warmup_steps=20)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def test_resume_is_bit_identical_on_cpu(tmp_path):
+    tokens, labels, cb = toy_data()
+    cfg = tiny_cfg()
+    full = train(cfg, tokens, labels, cb, tmp_path / "full", device="cpu", progress=False)
+    part = train(cfg, tokens, labels, cb, tmp_path / "split", device="cpu", progress=False, stop_at=3)
+    assert part["status"] == "stopped" and part["step"] == 3
+    assert not (tmp_path / "split" / "model.pt").exists()  # only a finished run writes model.pt
+    rest = train(cfg, tokens, labels, cb, tmp_path / "split", device="cpu", progress=False)
+    assert rest["status"] == "completed" and rest["resumed_from"] == 3
+    assert states_equal(full["model"].state_dict(), rest["model"].state_dict())
+    assert states_equal(full["ema_state_dict"], rest["ema_state_dict"])
+    ck_a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    ck_b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    opt_a, opt_b = ck_a["optimizer"]["state"], ck_b["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+    # logged statistics of the windows after the split agree exactly
+    la = {h["step"]: h["loss"] for h in full["history"]}
+    lb = {h["step"]: h["loss"] for h in rest["history"]}
+    assert la[8] == lb[8] and la[6] == lb[6]
+    # sanity: a different seed gives different weights (the comparison above can fail)
+    other = train(tiny_cfg(seed=1, steps=2), tokens, labels, cb, tmp_path / "seed1", device="cpu", progress=False)
+    assert not torch.equal(other["model"].lm_head.weight, full["model"].lm_head.weight)
+
+
+def test_training_learns_and_writes_its_files(tmp_path):
+    tokens, labels, cb = toy_data()
+    cfg = tiny_cfg(steps=24, batch_size=16, log_every=4, ckpt_every=12, ema_decay=None)
+    res = train(cfg, tokens, labels, cb, tmp_path / "run", device="cpu", progress=False)
+    hist = res["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.5
+    assert hist[-1]["acc"] > hist[0]["acc"]
+    assert hist[0]["eps"] > 0.3 and hist[-1]["eps"] == 0.0  # anneal: noise gone after t = 0.75
+    assert hist[-1]["enc"] < 0 and hist[-1]["dec"] < 0      # -cos terms are being optimised
+    assert hist[-1]["lr"] == pytest.approx(cfg.end_lr)
+    on_disk = json.loads((tmp_path / "run" / "result.json").read_text())
+    for key in ("wall_time_s", "samples_per_s", "final", "gpu", "params", "global_batch", "history"):
+        assert key in on_disk
+    assert on_disk["final"]["loss"] == pytest.approx(hist[-1]["loss"])
+    # model.pt reloads (strictly) into the same function
+    model = load_generator(tmp_path / "run" / "model.pt")
+    x, c = tokens[:4], labels[:4]
+    with torch.no_grad():
+        assert torch.allclose(model(x, c).logits, res["model"].eval()(x, c).logits)
+    with pytest.raises(ValueError, match="no EMA"):
+        load_generator(tmp_path / "run" / "model.pt", ema=True)
+    # a finished run is not retrained; a different config is refused
+    again = train(cfg, tokens, labels, cb, tmp_path / "run", device="cpu", progress=False)
+    assert again["history"] == on_disk["history"]
+    with pytest.raises(ValueError, match="different config"):
+        train(tiny_cfg(steps=24, batch_size=16, lr=2e-3), tokens, labels, cb, tmp_path / "run", device="cpu",
+              progress=False)
+
+
+@pytest.mark.parametrize("preset", ["ar", "de_only", "tied"])
+def test_every_variant_runs_one_loop(tmp_path, preset):
+    tokens, labels, cb = toy_data()
+    cfg = tiny_cfg(rear=get_rear_config(preset), steps=2, log_every=1, ema_decay=None)
+    res = train(cfg, tokens, labels, cb if preset != "ar" else None, tmp_path / preset, device="cpu",
+                progress=False)
+    m = res["model"]
+    assert math.isfinite(res["final"]["loss"])
+    if preset == "ar":
+        assert m.encode_align_mlp is None and m.decode_align_mlp is None and res["final"]["enc"] == 0
+    if preset == "de_only":
+        assert m.encode_align_mlp is None and m.decode_align_mlp is not None
+        assert res["final"]["enc"] == 0 and res["final"]["dec"] != 0
+    if preset == "tied":
+        assert m.config.tied_codebook and torch.count_nonzero(m.codebook) > 0
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    tokens, labels, cb = toy_data()
+    calls = {"n": 0}
+    real = T.rear_loss
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 5:  # from optimizer step 6 on
+            loss = loss * float("nan")
+            stats = {**stats, "loss": loss.detach()}
+        return loss, stats
+
+    monkeypatch.setattr(T, "rear_loss", poisoned)
+    cfg = tiny_cfg(steps=12, log_every=1, ckpt_every=4)
+    with pytest.raises(FloatingPointError, match="last good checkpoint") as err:
+        train(cfg, tokens, labels, cb, tmp_path / "nan", device="cpu", progress=False)
+    assert "step 6" in str(err.value)
+    ck = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_cli_trains_from_a_pretokenized_file(tmp_path):
+    tokens, labels, cb = toy_data()
+    f = tmp_path / "tok.pt"
+    torch.save({"tokens": tokens.view(M, 4, 4).to(torch.int16), "labels": labels, "codebook": cb,
+                "num_classes": 10}, f)
+    rc = T.main(["--preset", "tiny", "--rear", "rear", "--rear-set", "align_weight=0.5", "--tokens", str(f),
+                 "--steps", "3", "--batch-size", "8", "--out", str(tmp_path / "cli"), "--log-every", "1",
+                 "--device", "cpu"])
+    assert rc == 0
+    res = json.loads((tmp_path / "cli" / "result.json").read_text())
+    assert res["status"] == "completed" and res["train_config"]["rear"]["align_weight"] == 0.5
+    assert res["model_config"]["seq_len"] == N and res["model_config"]["z_dim"] == Z
+    with pytest.raises(FileNotFoundError, match="pretokenized"):
+        T.main(["--tokens", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")])
+
+
+def test_pretokenize_format_views_become_samples(tmp_path):
+    from rearlib.pretokenize import TokenDataset
+
+    tokens, labels, _ = toy_data()
+    views = torch.stack([tokens, (tokens + 1) % K], dim=1).to(torch.uint8)  # [M, 2 views, 16]
+    ds = TokenDataset(views, labels, grid_size=(4, 4), codebook_size=K, view_names=("center", "center_flip"),
+                      tokenizer_identity="toy-0123")
+    ds.save(tmp_path / "tokens.pt")
+    d = T.load_pretokenized(tmp_path / "tokens.pt")
+    assert d["tokens"].shape == (2 * M, N) and d["tokens"].dtype == torch.uint8
+    assert torch.equal(d["tokens"][1].long(), (tokens[0] + 1) % K) and d["labels"][1] == labels[0]
+    assert d["codebook_size"] == K
+
+
+def test_bench_smoke_on_cpu(tmp_path):
+    from rearlib import bench
+
+    res = bench.run("tiny", 4, steps=1, warmup=1, sample_steps=2, sample_repeats=1, device="cpu", progress=False)
+    train_rows = [r for r in res["rows"] if r["kind"] == "train"]
+    assert {r["variant"] for r in train_rows} == {"ar", "rear"}
+    assert all(r["samples_per_s"] > 0 and math.isfinite(r["loss"]) for r in train_rows)
+    # the reAR model carries the two heads, so it has more parameters and more FLOPs per sample
+    by = {r["variant"]: r for r in train_rows}
+    assert by["rear"]["params"] > by["ar"]["params"]
+    assert by["rear"]["flops_per_sample"] > by["ar"]["flops_per_sample"]
+    assert "overhead rear vs ar | cpu eager fp32" in res["summary"]
+    assert any(r["kind"] == "sample" and r["images_per_s"] > 0 for r in res["rows"])
+    j, c = bench.write_outputs(res, tmp_path / "bench.json")
+    assert json.loads(j.read_text())["rows"] and c.read_text().startswith("kind,")
+    assert "samples_per_s" in bench.format_table(res["rows"])
+    assert bench.peak_flops(torch.device("cpu"), 100.0)[0] == 1e14

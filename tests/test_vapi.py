@@ -1,0 +1,528 @@
+"""Tests of VA-π post-training (rearlib.vapi): rewards, advantages, the PPO loss, the step and post_train.
+
+The generator is the tiny preset (K = 32 codes, N = 16 tokens). The tokenizer is a stand-in built here that
+implements the tokenizer contract exactly and is simple enough to compute expected rewards in closed form: a
+palette of K colours, each token decoding to a 4x4 patch of its colour on a 4x4 grid (16x16 images). Because
+decoded patches do not overlap, the image MSE is the mean of per-patch MSEs, so the expected -MSE reward of the
+factorised rollout policy is an exact sum over positions and codes - no sampling noise in the "reward goes up"
+check.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rearlib.model import PRESETS, build_generator
+from rearlib.vapi import (
+    VAPIConfig,
+    build_optimizer,
+    compute_rewards,
+    config_for_scale,
+    corrupt_context,
+    group_advantages,
+    post_train,
+    vapi_loss,
+    vapi_step,
+)
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is faster than two and avoids oversubscribing CI's 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+K, N = TINY.codebook_size, TINY.seq_len
+GRID, PATCH = int(math.isqrt(N)), 4
+
+
+class PaletteTokenizer(nn.Module):
+    """Contract-compatible stand-in: token k <-> a PATCH x PATCH patch of colour palette[k]."""
+
+    kind = "palette"
+
+    def __init__(self, codebook_size: int = K, grid: int = GRID, patch: int = PATCH, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("palette", torch.rand(codebook_size, 3, generator=g))
+        self.patch, self.grid = patch, grid
+        self.resolution = grid * patch
+        self.grid_size = (grid, grid)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.palette
+
+    @property
+    def codebook_size(self) -> int:
+        return self.palette.shape[0]
+
+    @property
+    def code_dim(self) -> int:
+        return 3
+
+    def identity(self) -> str:
+        return "palette-test"
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        means = F.avg_pool2d(images.float(), self.patch)                         # [B, 3, g, g]
+        d = (means.permute(0, 2, 3, 1)[..., None, :] - self.palette).pow(2).sum(-1)
+        return d.argmin(-1)                                                        # [B, g, g]
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.reshape(tokens.shape[0], self.grid, self.grid).to(self.palette.device)
+        img = self.palette[t].permute(0, 3, 1, 2)                                 # [B, 3, g, g]
+        img = img.repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
+        return img.float().clamp(0, 1)
+
+
+def make_batch(B: int = 4, seed: int = 0, noise: float = 0.05):
+    """Reference images near palette renders (so GT tokens are meaningful), their tokens, and labels."""
+    tok = PaletteTokenizer()
+    g = torch.Generator().manual_seed(seed)
+    gt = torch.randint(0, K, (B, N), generator=g)
+    images = (tok.decode(gt) + noise * torch.randn(B, 3, tok.resolution, tok.resolution, generator=g)).clamp(0, 1)
+    labels = torch.randint(0, TINY.num_classes, (B,), generator=g)
+    return tok, images, tok.encode(images), labels
+
+
+def fresh_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_generator("tiny")
+
+
+def expected_mse_reward(model, tok: PaletteTokenizer, images, tokens, labels) -> float:
+    """Exact E[-MSE] (MSE on [-1, 1] images) under the eval-mode factorised policy on the clean context."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        p = model(tokens.reshape(len(tokens), -1), labels).logits.softmax(-1)                       # [B, N, K]
+        B = images.shape[0]
+        patches = images.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH)                      # [B,3,g,g,p,p]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(B, N, 3, PATCH * PATCH)           # raster order
+        col = tok.palette[None, None, :, :, None]                                              # [1,1,K,3,1]
+        d = 4 * (col - patches[:, :, None]).pow(2).mean(dim=(-1, -2))                          # [B, N, K]
+        r = -(p * d).sum(-1).mean(-1)
+    model.train(was)
+    return float(r.mean())
+
+
+def mse_only(**kw) -> VAPIConfig:
+    base = dict(group_size=8, batch_size=4, reward_perceptual_weight=0.0, lr=3e-3, ce_weight=0.0)
+    base.update(kw)
+    return VAPIConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------------------
+def test_config_defaults_are_the_codes_and_validation():
+    c = VAPIConfig()
+    assert (c.group_size, c.clip_range, c.adv_clip, c.ce_weight, c.lr) == (8, 0.2, 5.0, 0.1, 1e-6)
+    assert (c.noise_rate, c.noise_kernel, c.kl_coef, c.rollout_mode, c.update_mode) == (0.0, "code", 0.0, "eval",
+                                                                                          "train")
+    assert (c.reward_mse_weight, c.reward_perceptual_weight, c.ratio_level, c.ppo_epochs, c.num_minibatches) == \
+        (1.0, 1.0, "token", 1, 1)
+    assert VAPIConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="group_size"):
+        VAPIConfig(group_size=1)
+    with pytest.raises(ValueError, match="noise_kernel"):
+        VAPIConfig(noise_kernel="gaussian")
+    with pytest.raises(ValueError, match="noise_rate"):
+        VAPIConfig(noise_rate=1.5)
+    with pytest.raises(ValueError, match="both 0"):
+        VAPIConfig(reward_mse_weight=0, reward_perceptual_weight=0)
+    with pytest.raises(ValueError, match="unknown VAPIConfig fields"):
+        c.replace(beta=0.1)
+    with pytest.raises(ValueError, match="unknown scale"):
+        config_for_scale("huge")
+    assert config_for_scale("small", lr=2e-5).lr == 2e-5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rewards
+# ------------------------------------------------------------------------------------------------------------
+def test_rewards_on_hand_made_images():
+    H = 8
+    black, white = torch.zeros(1, 3, H, H), torch.ones(1, 3, H, H)
+    half = torch.full((1, 3, H, H), 0.5)
+    left = torch.zeros(1, 3, H, H)
+    left[..., : H // 2] = 1.0                               # half the pixels differ by 1 in [0,1] units
+    decoded = torch.cat([black, half, left, white])
+    reference = torch.cat([white, black, black, white])
+    cfg = VAPIConfig(reward_perceptual_weight=0.0)
+    rr = compute_rewards(decoded, reference, cfg)
+    # MSE on [-1, 1] images: a difference d in [0, 1] units is 2d there, squared 4d^2.
+    assert torch.allclose(rr.mse, torch.tensor([4.0, 1.0, 2.0, 0.0]))
+    assert torch.allclose(rr.rewards, -rr.mse)
+    assert rr.perceptual_metric == "none"
+
+    def l1(a, b):
+        return (a - b).abs().flatten(1).mean(1)
+
+    l1.metric_name = "L1-test"
+    cfg2 = VAPIConfig(reward_mse_weight=0.5, reward_perceptual_weight=2.0)
+    rr2 = compute_rewards(decoded, reference, cfg2, l1)
+    assert torch.allclose(rr2.perceptual, torch.tensor([1.0, 0.5, 0.5, 0.0]))
+    assert torch.allclose(rr2.rewards, -(0.5 * rr.mse + 2.0 * rr2.perceptual))
+    assert rr2.perceptual_metric == "L1-test"
+    # A (values, name) return, like metrics.PerceptualResult, carries its own name.
+    rr3 = compute_rewards(decoded, reference, cfg2, lambda a, b: (l1(a, b), "named-by-result"))
+    assert rr3.perceptual_metric == "named-by-result"
+    assert torch.equal(rr3.rewards, rr2.rewards)
+    # Ordering: the closer image always gets the higher reward.
+    assert rr2.rewards[3] > rr2.rewards[2] and rr2.rewards[1] > rr2.rewards[0]
+
+
+def test_rewards_reject_bad_input():
+    cfg = VAPIConfig(reward_perceptual_weight=0.0)
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        compute_rewards(x * 2 - 1, x, cfg)
+    with pytest.raises(ValueError, match="shape"):
+        compute_rewards(x, torch.rand(2, 3, 16, 16), cfg)
+    with pytest.raises(ValueError, match="perceptual_fn"):
+        compute_rewards(x, x, VAPIConfig())
+    with pytest.raises(ValueError, match="returned"):
+        compute_rewards(x, x, VAPIConfig(), lambda a, b: torch.zeros(3))
+
+
+def test_make_perceptual_fn_uses_metrics_and_labels_substitute():
+    from rearlib.features import Classifier
+    from rearlib.metrics import DFD_NAME
+    from rearlib.vapi import make_perceptual_fn
+
+    torch.manual_seed(0)
+    clf = Classifier(widths=(8, 16), resolution=16, stem_stride=2).eval()
+    fn = make_perceptual_fn("dfd", classifier=clf)
+    assert fn.metric_name == DFD_NAME
+    a, b = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    d = fn(a, b)
+    assert d.shape == (3,) and d.dtype == torch.float32
+    assert torch.allclose(fn(a, a), torch.zeros(3), atol=1e-6) and bool((d > 0).all())
+    rr = compute_rewards(a, b, VAPIConfig(), fn)
+    assert rr.perceptual_metric == DFD_NAME
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Advantages
+# ------------------------------------------------------------------------------------------------------------
+def test_group_advantages_normalise_per_group():
+    g = torch.Generator().manual_seed(0)
+    B, G = 5, 8
+    r = torch.randn(B, G, generator=g) * torch.arange(1, B + 1)[:, None] + torch.arange(B)[:, None] * 10
+    a = group_advantages(r, G, clip=None)
+    assert torch.allclose(a.mean(1), torch.zeros(B), atol=1e-6)
+    assert torch.allclose(a.std(1, correction=1), torch.ones(B), atol=1e-6)
+    # Flat [B*G] input (image-major) gives the same numbers in the same layout.
+    assert torch.allclose(group_advantages(r.flatten(), G, clip=None), a.flatten())
+    # Groups are independent: rescaling / shifting another group changes nothing here.
+    r2 = r.clone()
+    r2[1] = r2[1] * 100 + 7
+    assert torch.allclose(group_advantages(r2, G, None)[0], a[0]) and torch.allclose(group_advantages(r2, G, None)[1],
+                                                                                      a[1], atol=1e-5)
+    # All-tied group -> advantage 0, not NaN.
+    tied = group_advantages(torch.full((1, G), 3.0), G, None)
+    assert torch.equal(tied, torch.zeros(1, G))
+
+
+def test_group_advantages_clipping():
+    G = 64
+    r = torch.zeros(1, G)
+    r[0, 0] = 1.0                      # one outlier: its z-score is (G-1)/G / sqrt(1/G) = 7.875 > 5
+    raw = group_advantages(r, G, clip=None)
+    assert raw[0, 0] > 5
+    a = group_advantages(r, G, clip=5.0)
+    assert a[0, 0] == pytest.approx(5.0)
+    assert torch.equal(a[0, 1:], raw[0, 1:])     # the others are inside the range and unchanged
+    with pytest.raises(ValueError, match="whole number of groups"):
+        group_advantages(torch.zeros(10), 4)
+    with pytest.raises(ValueError, match=">= 2"):
+        group_advantages(torch.zeros(10), 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loss
+# ------------------------------------------------------------------------------------------------------------
+def test_loss_sign_and_gradient_direction():
+    cfg = VAPIConfig(ce_weight=0.0)
+    M, T = 2, 3
+    old = torch.log(torch.full((M, T), 0.25))
+    adv = torch.tensor([1.0, -1.0])
+    new = old.clone().requires_grad_(True)
+    loss, st = vapi_loss(new, old, adv, cfg)
+    loss.backward()
+    # At ratio 1: d loss / d new_logp = -A / (M T) per token (mean over tokens, then sequences).
+    assert torch.allclose(new.grad[0], torch.full((T,), -1.0 / (M * T)))
+    assert torch.allclose(new.grad[1], torch.full((T,), 1.0 / (M * T)))
+    assert st["ratio_mean"] == pytest.approx(1.0) and st["clip_frac"] == 0
+    # Raising the log-prob of the positive-advantage sample lowers the loss; of the negative one raises it.
+    bump = torch.zeros(M, T)
+    bump[0] = 0.05
+    assert vapi_loss(old + bump, old, adv, cfg)[0] < loss
+    assert vapi_loss(old + bump.flip(0), old, adv, cfg)[0] > loss
+
+
+def test_ppo_clip_blocks_gradient_beyond_range():
+    cfg = VAPIConfig(ce_weight=0.0, clip_range=0.2)
+    old = torch.zeros(4, 1)
+    # ratios 1.5 and 0.5 with both advantage signs
+    new = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]])).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, st = vapi_loss(new, old, adv, cfg)
+    loss.backward()
+    g = new.grad.flatten()
+    assert g[0] == 0          # A > 0, ratio above 1 + eps: already pushed up enough, no more gradient
+    assert g[3] == 0          # A < 0, ratio below 1 - eps: already pushed down enough
+    assert g[1] > 0           # A < 0, ratio above the range: still pushed down (pessimistic bound)
+    assert g[2] < 0           # A > 0, ratio below the range: still pushed up
+    assert g[1] == pytest.approx(1.5 / 4) and g[2] == pytest.approx(-0.5 / 4)
+    assert st["clip_frac"] == pytest.approx(1.0) and st["clip_active"] == pytest.approx(0.5)
+    # Clipped objective value: -(mean of min(r A, clip(r) A)) = -(1.2 - 1.5 + 0.5 - 0.8) / 4
+    assert float(loss.detach()) == pytest.approx(-(1.2 - 1.5 + 0.5 - 0.8) / 4)
+
+
+def test_sequence_level_ratio_option_and_regularisers():
+    old = torch.zeros(2, 3)
+    new = torch.full((2, 3), math.log(1.05))
+    adv = torch.tensor([1.0, -1.0])
+    tok_loss, tok_st = vapi_loss(new, old, adv, VAPIConfig(ce_weight=0.0))
+    seq_loss, seq_st = vapi_loss(new, old, adv, VAPIConfig(ce_weight=0.0, ratio_level="sequence"))
+    # Per-token ratios 1.05 are inside the range; the sequence ratio 1.05^3 = 1.158 too; 1.05^5 would not be.
+    assert tok_st["ratio_mean"] == pytest.approx(1.05) and seq_st["ratio_mean"] == pytest.approx(1.05 ** 3)
+    assert float(tok_loss) == pytest.approx(0.0, abs=1e-6) and float(seq_loss) == pytest.approx(0.0, abs=1e-6)
+    long_new = torch.full((2, 5), math.log(1.05))
+    _, st5 = vapi_loss(long_new, torch.zeros(2, 5), adv, VAPIConfig(ce_weight=0.0, ratio_level="sequence"))
+    assert st5["clip_frac"] == pytest.approx(1.0)
+    # CE and KL enter with their weights.
+    ce = torch.tensor(2.0)
+    l_ce, st = vapi_loss(new, old, adv, VAPIConfig(ce_weight=0.1), ce=ce)
+    assert float(l_ce - tok_loss) == pytest.approx(0.2) and st["ce"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="ce"):
+        vapi_loss(new, old, adv, VAPIConfig(ce_weight=0.1))
+    cfg_kl = VAPIConfig(ce_weight=0.0, kl_coef=0.5)
+    newp = new.clone().requires_grad_(True)
+    l_same, st_same = vapi_loss(newp, old, adv, cfg_kl, ref_logp=new.clone())
+    assert st_same["kl"] == pytest.approx(0.0, abs=1e-7)
+    _, st_far = vapi_loss(new, old, adv, cfg_kl, ref_logp=new - 0.3)
+    assert st_far["kl"] == pytest.approx(math.exp(-0.3) + 0.3 - 1, rel=1e-5)
+    with pytest.raises(ValueError, match="ref_logp"):
+        vapi_loss(new, old, adv, cfg_kl)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Context noise
+# ------------------------------------------------------------------------------------------------------------
+def test_corruption_kernels():
+    Kc = 4
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, Kc, (64, 50), generator=g)
+    # "paper": every replaced position differs from GT, and the replacement is uniform over the other K-1 ids.
+    noisy, mask = corrupt_context(tokens, 1.0, Kc, "paper", generator=torch.Generator().manual_seed(1))
+    assert bool(mask[:, :-1].all()) and not bool(mask[:, -1].any())
+    assert bool((noisy[:, :-1] != tokens[:, :-1]).all()) and torch.equal(noisy[:, -1], tokens[:, -1])
+    sel = tokens[:, :-1] == 0
+    counts = torch.bincount(noisy[:, :-1][sel], minlength=Kc).float() / sel.sum()
+    assert counts[0] == 0 and torch.allclose(counts[1:], torch.full((Kc - 1,), 1 / (Kc - 1)), atol=0.05)
+    # "code": uniform over all K ids, so a replaced position keeps its GT id about 1/K of the time.
+    noisy_c, mask_c = corrupt_context(tokens, 1.0, Kc, "code", generator=torch.Generator().manual_seed(1))
+    same = (noisy_c[:, :-1] == tokens[:, :-1]).float().mean()
+    assert bool(mask_c[:, :-1].all()) and abs(float(same) - 1 / Kc) < 0.05
+    # Partial rate: the replaced fraction tracks xi; rate 0 is the identity and draws nothing.
+    _, m3 = corrupt_context(tokens, 0.3, Kc, "paper", generator=torch.Generator().manual_seed(2))
+    assert abs(float(m3[:, :-1].float().mean()) - 0.3) < 0.05
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    same0, m0 = corrupt_context(tokens, 0.0, Kc, "paper", generator=gen)
+    assert torch.equal(same0, tokens) and not bool(m0.any()) and torch.equal(gen.get_state(), state)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The step
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("update_mode", ["train", "eval"])
+def test_steps_increase_expected_reward(update_mode):
+    """A few steps on a fixed batch raise the exact expected -MSE of the rollout policy (policy gradient only)."""
+    tok, images, tokens, labels = make_batch(B=4, seed=0)
+    model = fresh_model(0)
+    cfg = mse_only(update_mode=update_mode)
+    opt = build_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(0)
+    r0 = expected_mse_reward(model, tok, images, tokens, labels)
+    st = vapi_step(model, tok, images, tokens, labels, opt, cfg, gen)
+    r1 = expected_mse_reward(model, tok, images, tokens, labels)
+    assert st["shared_forward"] == (update_mode == "eval")
+    assert st["n_sequences"] == 4 * 8 and st["optimizer_steps"] == 1
+    assert r1 > r0, (r0, r1)
+    rewards = [st["reward_mean"]]
+    for _ in range(5):
+        rewards.append(vapi_step(model, tok, images, tokens, labels, opt, cfg, gen)["reward_mean"])
+    r6 = expected_mse_reward(model, tok, images, tokens, labels)
+    assert r6 > r1, (r0, r1, r6)
+    # The sampled rewards follow: the later rounds score better than the first.
+    assert sum(rewards[-2:]) / 2 > rewards[0]
+
+
+def test_step_stats_and_eval_mode_ratio():
+    tok, images, tokens, labels = make_batch(B=2, seed=1)
+    model = fresh_model(1)
+    # Eval-mode update: the update pass computes exactly the rollout's function, so every ratio is 1.
+    cfg = mse_only(update_mode="eval", ce_weight=0.1, group_size=4)
+    st = vapi_step(model, tok, images, tokens, labels, build_optimizer(model, cfg), cfg,
+                   torch.Generator().manual_seed(0))
+    assert st["ratio_min"] == pytest.approx(1.0, abs=1e-5) and st["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert st["clip_frac"] == 0
+    assert st["ce"] == pytest.approx(-st["gt_logp"], rel=1e-4)   # same function, same clean context
+    assert st["entropy"] == pytest.approx(math.log(K), rel=0.05)  # a fresh model is near uniform
+    assert 0 <= st["sample_gt_match"] <= 1 and st["context_replaced"] == 0
+    assert model.training  # the step restores the caller's mode (a fresh model is in train mode)
+    # Train-mode update (the code): dropout makes ratios differ from 1.
+    cfg_t = mse_only(update_mode="train", group_size=4)
+    st_t = vapi_step(model, tok, images, tokens, labels, build_optimizer(model, cfg_t), cfg_t,
+                     torch.Generator().manual_seed(0))
+    assert st_t["ratio_max"] > 1.0 + 1e-4 and not st_t["shared_forward"]
+    for k in ("reward_mean", "reward_std", "pg_loss", "ce", "kl", "grad_norm", "approx_kl", "adv_abs_mean"):
+        assert math.isfinite(st_t[k]), k
+
+
+def test_step_noise_kl_and_minibatches():
+    tok, images, tokens, labels = make_batch(B=4, seed=2)
+    model = fresh_model(2)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    for est in ("k3", "full"):
+        cfg = mse_only(noise_rate=0.5, noise_kernel="paper", kl_coef=0.1, kl_estimator=est, num_minibatches=2,
+                       ppo_epochs=2, micro_batch_images=1, group_size=4)
+        st = vapi_step(model, tok, images, tokens, labels, build_optimizer(model, cfg), cfg,
+                       torch.Generator().manual_seed(0), ref_model=ref)
+        assert st["optimizer_steps"] == 4
+        assert 0.3 < st["context_replaced"] < 0.7
+        assert st["kl"] > 0      # the policy moved away from the reference during the round
+    with pytest.raises(ValueError, match="ref_model"):
+        vapi_step(model, tok, images, tokens, labels, build_optimizer(model, cfg), cfg, None)
+
+
+def test_step_with_real_vq_tokenizer_and_encoding():
+    """Interface check with the project's own tokenizer class (random weights): tokens=None encodes on the fly."""
+    from rearlib.vqgan import VQConfig, VQTokenizer
+
+    torch.manual_seed(0)
+    vq = VQTokenizer(VQConfig(resolution=16, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                              codebook_size=K, code_dim=16, norm_groups=8)).eval()
+    assert vq.grid_size == (GRID, GRID)
+    images = torch.rand(2, 3, 16, 16)
+    labels = torch.tensor([0, 3])
+    model = fresh_model(0)
+    cfg = VAPIConfig(group_size=4, batch_size=2, lr=1e-4)
+
+    def l1(a, b):
+        return (a - b).abs().flatten(1).mean(1)
+
+    st = vapi_step(model, vq, images, None, labels, build_optimizer(model, cfg), cfg,
+                   torch.Generator().manual_seed(0), l1)
+    assert st["perceptual_metric"] == "l1" and st["perceptual_mean"] > 0
+    assert math.isfinite(st["reward_mean"]) and st["reward_std"] > 0
+
+
+def test_step_rejects_bad_input():
+    tok, images, tokens, labels = make_batch(B=2)
+    model = fresh_model(0)
+    cfg = mse_only()
+    opt = build_optimizer(model, cfg)
+    with pytest.raises(ValueError, match="labels"):
+        vapi_step(model, tok, images, tokens, torch.tensor([0, TINY.num_classes]), opt, cfg)
+    with pytest.raises(ValueError, match="tokens"):
+        vapi_step(model, tok, images, tokens[:, :2], labels, opt, cfg)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        vapi_step(model, tok, images * 2 - 1, tokens, labels, opt, cfg)
+    with pytest.raises(ValueError, match="perceptual_fn"):
+        vapi_step(model, tok, images, tokens, labels, opt, VAPIConfig(batch_size=2))
+
+
+def test_step_is_deterministic_given_seeds():
+    tok, images, tokens, labels = make_batch(B=2, seed=3)
+
+    def run(seed):
+        model = fresh_model(0)
+        cfg = mse_only(group_size=4, noise_rate=0.25)
+        opt = build_optimizer(model, cfg)
+        torch.manual_seed(123)  # dropout stream
+        gen = torch.Generator().manual_seed(seed)
+        stats = [vapi_step(model, tok, images, tokens, labels, opt, cfg, gen) for _ in range(2)]
+        return model, stats
+
+    m1, s1 = run(0)
+    m2, s2 = run(0)
+    m3, s3 = run(1)
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    drop = {"step_time_s"}
+    assert [{k: v for k, v in s.items() if k not in drop} for s in s1] == \
+        [{k: v for k, v in s.items() if k not in drop} for s in s2]
+    assert s3[0]["reward_mean"] != s1[0]["reward_mean"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# post_train
+# ------------------------------------------------------------------------------------------------------------
+def _data(M: int = 12, seed: int = 0):
+    tok, images, tokens, labels = make_batch(B=M, seed=seed)
+    return tok, {"images": images, "labels": labels}
+
+
+def test_post_train_logs_checkpoints_and_resumes(tmp_path):
+    from rearlib.train import load_generator
+
+    tok, data = _data()
+    base = fresh_model(0)
+    cfg = mse_only(group_size=4, batch_size=3)
+
+    full = post_train(copy.deepcopy(base), tok, data, cfg, 3, tmp_path / "a", "cpu", progress=False, ckpt_every=1)
+    assert full["status"] == "completed" and full["step"] == 3
+    assert [h["step"] for h in full["history"]] == [1, 2, 3]
+    assert list(full["history_df"]["step"]) == [1, 2, 3]
+    assert full["perceptual_metric"] == "none" and all(h["perceptual_metric"] == "none" for h in full["history"])
+    assert full["wall_time_s"] > 0 and full["train_time_s"] > 0
+    for f in ("checkpoint.pt", "model.pt", "history.csv", "result.json"):
+        assert (tmp_path / "a" / f).is_file(), f
+    loaded = load_generator(tmp_path / "a" / "model.pt")
+    for k, v in full["model"].state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    assert not all(torch.equal(v, base.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+    # Interrupted after 2 steps, then resumed to 3 in a new call: identical to the uninterrupted run.
+    part = post_train(copy.deepcopy(base), tok, data, cfg, 2, tmp_path / "b", "cpu", progress=False)
+    assert part["step"] == 2
+    resumed = post_train(copy.deepcopy(base), tok, data, cfg, 3, tmp_path / "b", "cpu", progress=False)
+    assert resumed["step"] == 3 and len(resumed["history"]) == 3
+    for k, v in full["model"].state_dict().items():
+        assert torch.equal(resumed["model"].state_dict()[k], v), k
+    assert resumed["history"][-1]["reward_mean"] == full["history"][-1]["reward_mean"]
+
+    # A different config or a different starting model is refused, not silently mixed.
+    with pytest.raises(ValueError, match="different VAPIConfig"):
+        post_train(copy.deepcopy(base), tok, data, cfg.replace(lr=1e-3), 4, tmp_path / "b", "cpu", progress=False)
+    with pytest.raises(ValueError, match="different starting model"):
+        post_train(fresh_model(5), tok, data, cfg, 4, tmp_path / "b", "cpu", progress=False)
+
+
+def test_post_train_accepts_datasets_and_checks_sizes(tmp_path):
+    tok, data = _data(M=6)
+    ds = list(zip(data["images"], data["labels"].tolist()))  # a map-style "dataset" of (image, label)
+    cfg = mse_only(group_size=4, batch_size=2)
+    res = post_train(fresh_model(0), tok, ds, cfg, 1, tmp_path / "ds", "cpu", progress=False)
+    assert res["step"] == 1
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        post_train(fresh_model(0), tok, ds, cfg.replace(batch_size=7), 1, tmp_path / "x", "cpu", progress=False)
