@@ -148,3 +148,47 @@ def hardware_info() -> dict:
     else:
         info["gpu"] = None
     return info
+
+
+def save_sharded(state: dict, path: str | os.PathLike, max_bytes: int = 15 * 2**20) -> list[Path]:
+    """Save a flat dict of tensors (plus non-tensor metadata) as ``path`` and ``path.stem.partN.pt`` shards.
+
+    Shipped checkpoints must stay under 16 MiB per file (repository and transfer limits); ``path`` holds the
+    metadata and the names of the shards, each of which holds a subset of the tensors. Every file is atomic.
+    """
+    import torch
+
+    path = Path(path)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    meta = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += nbytes
+    if current:
+        shards.append(current)
+    names = [f"{path.stem}.part{i}.pt" for i in range(len(shards))]
+    written = [atomic_torch_save(s, path.parent / n) for s, n in zip(shards, names)]
+    written.append(atomic_torch_save({"format": "rearlib.sharded/1", "meta": meta, "shards": names}, path))
+    return written
+
+
+def load_sharded(path: str | os.PathLike) -> dict:
+    """Inverse of :func:`save_sharded`: the metadata dict with every shard's tensors merged in."""
+    import torch
+
+    path = Path(path)
+    index = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(index, dict) or index.get("format") != "rearlib.sharded/1":
+        raise ValueError(f"{path} is not a sharded rearlib checkpoint")
+    out = dict(index["meta"])
+    for name in index["shards"]:
+        shard_path = path.parent / name
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"{path} names the shard {name}, which is missing next to it")
+        out.update(torch.load(shard_path, map_location="cpu", weights_only=True))
+    return out
