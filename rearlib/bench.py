@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain-steps", type=int, default=None, help="timed steps for the slow plain path")
     p.add_argument("--no-plain", action="store_true", help="skip the eager fp32 comparison")
     p.add_argument("--no-sampling", action="store_true")
+    p.add_argument("--no-train", action="store_true", help="sampling only")
     p.add_argument("--sample-batch", type=int, default=None)
     p.add_argument("--sample-steps", type=int, default=None, help="tokens per image to time (default all)")
     p.add_argument("--sample-repeats", type=int, default=2)
@@ -285,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from .train import _parse_kv
 
-    res = run(a.preset, a.batch, variants=tuple(a.variants.split(",")), steps=a.steps, warmup=a.warmup,
+    variants = () if a.no_train else tuple(v for v in a.variants.split(",") if v)
+    res = run(a.preset, a.batch, variants=variants, steps=a.steps, warmup=a.warmup,
               plain=not a.no_plain, plain_steps=a.plain_steps, sampling=not a.no_sampling,
               sample_batch=a.sample_batch, sample_steps=a.sample_steps, sample_repeats=a.sample_repeats,
               sample_modes=a.sample_modes.split(",") if a.sample_modes else None, device=a.device,

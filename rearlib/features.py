@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,6 @@ from rearlib.experiments import (
     artifact_dir,
     atomic_torch_save,
     atomic_write_text,
-    config_hash,
     hardware_info,
     resolve_device,
     validate_scale,
@@ -337,6 +337,9 @@ def _train(scale, dev, seed, progress, cfg):
 
     steps_per_epoch = cfg["train_size"] // cfg["batch_size"]
     total = steps_per_epoch * cfg["epochs"]
+    if total < 1:
+        raise ValueError(f"nothing to train: train_size={cfg['train_size']} < batch_size={cfg['batch_size']} "
+                         f"or epochs={cfg['epochs']} < 1")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                             **({"fused": True} if cuda else {}))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=total, pct_start=0.15)
@@ -362,12 +365,13 @@ def _train(scale, dev, seed, progress, cfg):
             sched.step()
             loss_val = loss.detach()
             bar.update(1)
-        if progress:
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val.item():.3f}")  # one host sync per epoch
+        epoch_loss = float(loss_val.item())  # one host sync per epoch
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(f"classifier training diverged in epoch {epoch + 1} (loss {epoch_loss}); "
+                                     f"nothing was saved; lower cfg['lr']")
+        bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}")
     bar.close()
     final_loss = float(loss_val.item())
-    if not torch.isfinite(torch.tensor(final_loss)):
-        raise FloatingPointError(f"classifier training diverged (final loss {final_loss}); lower cfg['lr']")
 
     model = model.to(memory_format=torch.contiguous_format).eval()
     res_of = torch.arange(cfg["val_size"]) % len(cfg["train_resolutions"])
@@ -438,7 +442,8 @@ def class_consistency(images: torch.Tensor, labels: torch.Tensor, classifier: Cl
     """
     labels = torch.as_tensor(labels).long().view(-1)
     if images.ndim != 4 or images.shape[0] != labels.numel():
-        raise ValueError(f"images [B,3,H,W] and labels [B] must match; got {tuple(images.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"images [B,3,H,W] and labels [B] must match; got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
     if labels.numel() == 0:
         raise ValueError("class_consistency needs at least one sample")
     if labels.min() < 0 or labels.max() >= classifier.num_classes:
@@ -483,7 +488,8 @@ def _fidelity_extractor_class():
             self.eval()
 
         def forward(self, x):
-            vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8")
+            vassert(torch.is_tensor(x) and x.dtype == torch.uint8,
+                    "Expecting image as torch.Tensor with dtype=torch.uint8")
             vassert(x.dim() == 4 and x.shape[1] == 3, f"Input is not Bx3xHxW: {x.shape}")
             pool, logits = self.model.pool_and_logits(x.float() / 255)
             out = {"pool": pool.float(), "logits": logits.float()}

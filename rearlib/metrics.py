@@ -180,7 +180,8 @@ def _check_images(x: torch.Tensor, name: str) -> torch.Tensor:
     lo, hi = float(x.min()), float(x.max())
     # Decoders clamp to [0, 1]; a range like [-1, 1] means the caller passed the wrong convention.
     if lo < -0.02 or hi > 1.02:
-        raise ValueError(f"{name} must be in [0, 1]; found range [{lo:.3f}, {hi:.3f}] (a [-1, 1] tensor? use (x + 1) / 2)")
+        raise ValueError(f"{name} must be in [0, 1]; found range [{lo:.3f}, {hi:.3f}] "
+                         f"(a [-1, 1] tensor? use (x + 1) / 2)")
     return x
 
 
@@ -326,7 +327,8 @@ def load_lpips(net: str = "vgg", device="cpu"):
 
 
 @torch.no_grad()
-def lpips_distance(a: torch.Tensor, b: torch.Tensor, net: str = "vgg", device=None, batch_size: int = 32) -> torch.Tensor:
+def lpips_distance(a: torch.Tensor, b: torch.Tensor, net: str = "vgg", device=None,
+                   batch_size: int = 32) -> torch.Tensor:
     """Per-image LPIPS (Zhang et al. 2018, v0.1) between float [0,1] images, fed to lpips on [-1, 1].
 
     No resizing: the paper's protocol evaluates at 256 px; at small resolutions the deepest layers see only a
@@ -446,7 +448,8 @@ class UInt8Images(Dataset):
     def __init__(self, images: torch.Tensor):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-        self.images = images.cpu().contiguous()
+        # No .contiguous(): a permuted NHWC view of 50k ImageNet samples (10 GB) is served item by item, not copied.
+        self.images = images.cpu()
 
     def __len__(self):
         return len(self.images)
@@ -499,7 +502,7 @@ def load_adm_reference(path) -> dict:
     imgs = z["arr_0"]
     if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[-1] != 3:
         raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 3], got {imgs.dtype} {imgs.shape}")
-    return {"images": torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(),
+    return {"images": torch.from_numpy(imgs).permute(0, 3, 1, 2),  # a view: no copy of a large batch
             "mu": z.get("mu"), "sigma": z.get("sigma"), "name": path.stem}
 
 
@@ -596,12 +599,14 @@ def distribution_metrics(generated, reference, *, extractor: str = "rearlib-clas
         ref_images = adm["images"]
         reference_name = reference_name or adm["name"]
         if adm["mu"] is not None and adm["sigma"] is not None:
-            ref_stats = {"mu": np.asarray(adm["mu"], dtype=np.float64), "sigma": np.asarray(adm["sigma"], dtype=np.float64)}
+            ref_stats = {"mu": np.asarray(adm["mu"], dtype=np.float64),
+                         "sigma": np.asarray(adm["sigma"], dtype=np.float64)}
     else:
         ref_images = _as_uint8_nchw(reference, "reference")
     gen_images = _as_uint8_nchw(generated, "generated")
     if len(gen_images) < 2 or len(ref_images) < 2:
-        raise ValueError(f"need at least 2 images on each side; got {len(gen_images)} generated, {len(ref_images)} reference")
+        raise ValueError(f"need at least 2 images on each side; got {len(gen_images)} generated, "
+                         f"{len(ref_images)} reference")
 
     kwargs = {}
     if extractor == "rearlib-classifier":
@@ -671,6 +676,10 @@ def distribution_metrics(generated, reference, *, extractor: str = "rearlib-clas
         "kid_subset_size": ksize if kid else None,
         "labels": {k: metric_label(k, extractor) for k in _RESULT_KEYS.values() if k in out},
     })
+    if ref_stats is not None and fid and len(gen_images) != 50_000:
+        out["note"] = (f"FID against precomputed reference statistics with {len(gen_images)} generated samples; "
+                       f"published ADM-protocol numbers use 50,000 (50 per class), and FID is biased upward at "
+                       f"smaller counts")
     return out
 
 
@@ -774,7 +783,8 @@ def unbiased_hsic(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     """
     n = K.shape[0]
     if n <= 3 or K.shape != (n, n) or L.shape != (n, n):
-        raise ValueError(f"unbiased HSIC needs square n x n Gram matrices with n > 3; got {tuple(K.shape)}, {tuple(L.shape)}")
+        raise ValueError(f"unbiased HSIC needs square n x n Gram matrices with n > 3; got {tuple(K.shape)}, "
+                         f"{tuple(L.shape)}")
     Kt = K.clone().fill_diagonal_(0)
     Lt = L.clone().fill_diagonal_(0)
     term1 = (Kt * Lt).sum()  # tr(K̃ L̃) for symmetric matrices

@@ -110,6 +110,9 @@ class VAPIConfig:
     Reward:
         reward_mse_weight: w_mse (code: 1.0; not in the paper). MSE on images in [-1, 1], per image.
         reward_perceptual_weight: w_p = λ_p (code: 1.0; not in the paper). 0 disables the perceptual term.
+            λ_p = 1 balances LPIPS (typical values 0.1-0.6) against MSE on [-1, 1]; the DFD substitute of
+            :mod:`rearlib.metrics` lives on another scale (a sum over layers, up to 2 per layer), so with it the
+            same weight is a different reward - report the metric name with every result.
         perceptual: preferred perceptual metric for :func:`make_perceptual_fn` ("lpips-vgg" as the code; falls
             back to a labeled substitute when the LPIPS weights are not on disk).
     Modes (the code's choice is the default):
@@ -555,106 +558,113 @@ def vapi_step(model: nn.Module, tokenizer: nn.Module, images: torch.Tensor, toke
     tau = cfg.temperature
     was_training = model.training
 
-    # 1. One noisy teacher-forcing context per image, shared by its G samples, the update and the CE term.
-    ctx, replaced = corrupt_context(tokens, cfg.noise_rate, K, cfg.noise_kernel, generator=generator)
+    try:
+        # 1. One noisy teacher-forcing context per image, shared by its G samples, the update and the CE term.
+        ctx, replaced = corrupt_context(tokens, cfg.noise_rate, K, cfg.noise_kernel, generator=generator)
 
-    # 2. Rollout: one teacher-forced pass, G independent draws per position.
-    model.train(cfg.rollout_mode == "train")
-    roll_labels = _drop_labels(labels, cfg.class_dropout, null, generator) if cfg.rollout_mode == "train" else labels
-    with torch.no_grad():
-        with _autocast(device, cfg.bf16):
-            logits_old = model(ctx, roll_labels).logits
-        logp_all = F.log_softmax(logits_old.float() / tau, dim=-1)                       # [B, N, K]
-        probs = logp_all.exp()
-        samples = torch.multinomial(probs.reshape(B * N, K), G, replacement=True, generator=generator)
-        samples = samples.view(B, N, G).permute(0, 2, 1).contiguous()                    # [B, G, N]
-        old_logp = logp_all.gather(-1, samples.permute(0, 2, 1)).permute(0, 2, 1)        # [B, G, N]
-        entropy = -(probs * logp_all).sum(-1).mean()
-        gt_logp = logp_all.gather(-1, tokens[..., None]).mean()
-        sample_gt = (samples == tokens[:, None, :]).float().mean()
-        ref_logp = ref_logp_all = None
-        if cfg.kl_coef > 0:
+        # 2. Rollout: one teacher-forced pass, G independent draws per position.
+        model.train(cfg.rollout_mode == "train")
+        roll_labels = labels
+        if cfg.rollout_mode == "train":
+            roll_labels = _drop_labels(labels, cfg.class_dropout, null, generator)
+        with torch.no_grad():
             with _autocast(device, cfg.bf16):
-                ref_logits = ref_model(ctx, labels).logits
-            ref_logp_all = F.log_softmax(ref_logits.float() / tau, dim=-1)
-            ref_logp = ref_logp_all.gather(-1, samples.permute(0, 2, 1)).permute(0, 2, 1)
-        del logits_old, probs
+                logits_old = model(ctx, roll_labels).logits
+            if not bool(torch.isfinite(logits_old).all()):
+                raise FloatingPointError("the generator produced non-finite logits in the rollout; its weights are "
+                                         "broken (a previous step diverged?) - reload the last good checkpoint")
+            logp_all = F.log_softmax(logits_old.float() / tau, dim=-1)                       # [B, N, K]
+            probs = logp_all.exp()
+            samples = torch.multinomial(probs.reshape(B * N, K), G, replacement=True, generator=generator)
+            samples = samples.view(B, N, G).permute(0, 2, 1).contiguous()                    # [B, G, N]
+            old_logp = logp_all.gather(-1, samples.permute(0, 2, 1)).permute(0, 2, 1)        # [B, G, N]
+            entropy = -(probs * logp_all).sum(-1).mean()
+            gt_logp = logp_all.gather(-1, tokens[..., None]).mean()
+            sample_gt = (samples == tokens[:, None, :]).float().mean()
+            ref_logp = ref_logp_all = None
+            if cfg.kl_coef > 0:
+                with _autocast(device, cfg.bf16):
+                    ref_logits = ref_model(ctx, labels).logits
+                ref_logp_all = F.log_softmax(ref_logits.float() / tau, dim=-1)
+                ref_logp = ref_logp_all.gather(-1, samples.permute(0, 2, 1)).permute(0, 2, 1)
+            del logits_old, probs
 
-        # 3. Decode every sample with the frozen tokenizer and score it against its reference image.
-        decoded = _decode(tokenizer, samples.view(B * G, N), cfg.decode_batch, device)
-        reference = images.repeat_interleave(G, dim=0)
-        rr = compute_rewards(decoded, reference, cfg, perceptual_fn)
-        rewards = rr.rewards.view(B, G)
-        # 4. Group-normalised, clipped advantages.
-        adv = group_advantages(rewards, G, cfg.adv_clip, eps=cfg.adv_eps)                 # [B, G]
-        unclipped = group_advantages(rewards, G, None, eps=cfg.adv_eps)
-        del decoded, reference
+            # 3. Decode every sample with the frozen tokenizer and score it against its reference image.
+            decoded = _decode(tokenizer, samples.view(B * G, N), cfg.decode_batch, device)
+            reference = images.repeat_interleave(G, dim=0)
+            rr = compute_rewards(decoded, reference, cfg, perceptual_fn)
+            rewards = rr.rewards.view(B, G)
+            # 4. Group-normalised, clipped advantages.
+            adv = group_advantages(rewards, G, cfg.adv_clip, eps=cfg.adv_eps)                 # [B, G]
+            unclipped = group_advantages(rewards, G, None, eps=cfg.adv_eps)
+            del decoded, reference
 
-    # 5. Update on the same contexts.
-    model.train(cfg.update_mode == "train")
-    shared = cfg.update_mode == "eval" or (not _has_dropout(model) and cfg.class_dropout == 0)
-    sums: dict[str, float] = {}
-    n_acc, opt_steps, gnorm = 0, 0, float("nan")
-    params = [p for p in model.parameters() if p.requires_grad]
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=generator, device=device) if cfg.num_minibatches > 1 else \
-            torch.arange(B, device=device)
-        for mb in order.tensor_split(cfg.num_minibatches):
-            step_b = mb.numel()
-            micro = cfg.micro_batch_images or step_b
-            optimizer.zero_grad(set_to_none=True)
-            for idx in mb.split(micro):
-                m = idx.numel()
-                if shared:
-                    with _autocast(device, cfg.bf16):
-                        logits = model(ctx[idx], labels[idx]).logits.float()              # [m, N, K]
-                    lp = F.log_softmax(logits / tau, dim=-1)
-                    new_logp = lp.gather(-1, samples[idx].permute(0, 2, 1)).permute(0, 2, 1).reshape(m * G, N)
-                    ce = F.cross_entropy(logits.reshape(-1, K), tokens[idx].reshape(-1))
-                    full_kl = None
-                    if cfg.kl_coef > 0 and cfg.kl_estimator == "full":
-                        full_kl = (lp.exp() * (lp - ref_logp_all[idx])).sum(-1).mean()
-                else:
-                    rows = idx.repeat_interleave(G)
-                    upd_labels = labels[rows]
-                    if cfg.update_mode == "train":
-                        upd_labels = _drop_labels(upd_labels, cfg.class_dropout, null, generator)
-                    with _autocast(device, cfg.bf16):
-                        logits = model(ctx[rows], upd_labels).logits.float()              # [m*G, N, K]
-                    lp = F.log_softmax(logits / tau, dim=-1)
-                    new_logp = lp.gather(-1, samples[idx].reshape(m * G, N, 1)).squeeze(-1)
-                    ce = F.cross_entropy(logits.reshape(-1, K), tokens[rows].reshape(-1))
-                    full_kl = None
-                    if cfg.kl_coef > 0 and cfg.kl_estimator == "full":
-                        full_kl = (lp.exp() * (lp - ref_logp_all[rows])).sum(-1).mean()
-                loss, st = vapi_loss(new_logp, old_logp[idx].reshape(m * G, N), adv[idx].reshape(m * G), cfg,
-                                     ce=ce, ref_logp=None if ref_logp is None else ref_logp[idx].reshape(m * G, N),
-                                     kl=full_kl)
-                if not bool(torch.isfinite(loss)):
-                    model.train(was_training)
-                    optimizer.zero_grad(set_to_none=True)
-                    raise FloatingPointError(f"non-finite VA-pi loss ({float(loss)}): pg={float(st['pg_loss'])}, "
-                                             f"ce={float(st['ce'])}, kl={float(st['kl'])}; lower lr or check inputs")
-                # Micro-batches are weighted by their share of the minibatch, so the accumulated gradient is the
-                # gradient of the minibatch mean (the code's /16 with 16 equal micro-batches).
-                (loss * (m / step_b)).backward()
-                for k, v in st.items():  # image-weighted means; min / max over the whole round
-                    if k == "ratio_min":
-                        sums[k] = min(sums.get(k, math.inf), float(v))
-                    elif k == "ratio_max":
-                        sums[k] = max(sums.get(k, -math.inf), float(v))
+        # 5. Update on the same contexts.
+        model.train(cfg.update_mode == "train")
+        shared = cfg.update_mode == "eval" or (not _has_dropout(model) and cfg.class_dropout == 0)
+        sums: dict[str, float] = {}
+        n_acc, opt_steps, gnorm = 0, 0, float("nan")
+        params = [p for p in model.parameters() if p.requires_grad]
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(B, generator=generator, device=device) if cfg.num_minibatches > 1 else \
+                torch.arange(B, device=device)
+            for mb in order.tensor_split(cfg.num_minibatches):
+                step_b = mb.numel()
+                micro = cfg.micro_batch_images or step_b
+                optimizer.zero_grad(set_to_none=True)
+                for idx in mb.split(micro):
+                    m = idx.numel()
+                    if shared:
+                        with _autocast(device, cfg.bf16):
+                            logits = model(ctx[idx], labels[idx]).logits.float()              # [m, N, K]
+                        lp = F.log_softmax(logits / tau, dim=-1)
+                        new_logp = lp.gather(-1, samples[idx].permute(0, 2, 1)).permute(0, 2, 1).reshape(m * G, N)
+                        ce = F.cross_entropy(logits.reshape(-1, K), tokens[idx].reshape(-1))
+                        full_kl = None
+                        if cfg.kl_coef > 0 and cfg.kl_estimator == "full":
+                            full_kl = (lp.exp() * (lp - ref_logp_all[idx])).sum(-1).mean()
                     else:
-                        sums[k] = sums.get(k, 0.0) + float(v) * m
-                n_acc += m
-            if cfg.grad_clip > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            else:
-                gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params
-                                                                    if p.grad is not None])))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            opt_steps += 1
-    model.train(was_training)
+                        rows = idx.repeat_interleave(G)
+                        upd_labels = labels[rows]
+                        if cfg.update_mode == "train":
+                            upd_labels = _drop_labels(upd_labels, cfg.class_dropout, null, generator)
+                        with _autocast(device, cfg.bf16):
+                            logits = model(ctx[rows], upd_labels).logits.float()              # [m*G, N, K]
+                        lp = F.log_softmax(logits / tau, dim=-1)
+                        new_logp = lp.gather(-1, samples[idx].reshape(m * G, N, 1)).squeeze(-1)
+                        ce = F.cross_entropy(logits.reshape(-1, K), tokens[rows].reshape(-1))
+                        full_kl = None
+                        if cfg.kl_coef > 0 and cfg.kl_estimator == "full":
+                            full_kl = (lp.exp() * (lp - ref_logp_all[rows])).sum(-1).mean()
+                    loss, st = vapi_loss(new_logp, old_logp[idx].reshape(m * G, N), adv[idx].reshape(m * G), cfg,
+                                         ce=ce, ref_logp=None if ref_logp is None else ref_logp[idx].reshape(m * G, N),
+                                         kl=full_kl)
+                    if not bool(torch.isfinite(loss)):
+                        optimizer.zero_grad(set_to_none=True)
+                        raise FloatingPointError(
+                            f"non-finite VA-pi loss ({float(loss)}): pg={float(st['pg_loss'])}, ce={float(st['ce'])}, "
+                            f"kl={float(st['kl'])}; lower lr or check inputs")
+                    # Micro-batches are weighted by their share of the minibatch, so the accumulated gradient is the
+                    # gradient of the minibatch mean (the code's /16 with 16 equal micro-batches).
+                    (loss * (m / step_b)).backward()
+                    for k, v in st.items():  # image-weighted means; min / max over the whole round
+                        if k == "ratio_min":
+                            sums[k] = min(sums.get(k, math.inf), float(v))
+                        elif k == "ratio_max":
+                            sums[k] = max(sums.get(k, -math.inf), float(v))
+                        else:
+                            sums[k] = sums.get(k, 0.0) + float(v) * m
+                    n_acc += m
+                if cfg.grad_clip > 0:
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                else:
+                    gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params
+                                                                        if p.grad is not None])))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                opt_steps += 1
+    finally:
+        model.train(was_training)  # restore the caller's mode, also on error
 
     out: dict[str, Any] = {k: (v if k in ("ratio_min", "ratio_max") else v / n_acc) for k, v in sums.items()}
     flat_r = rr.rewards
@@ -847,6 +857,11 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
         resume: continue from ``out_dir/checkpoint.pt`` when its config and starting weights match.
         time_limit_s: stop with a checkpoint after the first step past this many seconds (chunked GPU runs).
 
+    Randomness: the batch order comes from a CPU generator seeded with ``cfg.seed``, the noise / sampling / label
+    dropout from a device generator seeded with ``cfg.seed + 1``, and torch's global RNG (model dropout) is
+    reseeded with ``cfg.seed + 2``; all three are checkpointed, so a resumed run equals an uninterrupted one
+    (bit-exact on CPU; on CUDA up to nondeterministic kernels).
+
     Returns a dict: ``status`` ("completed" | "stopped"), ``step``, ``steps``, ``history`` (list of per-step
     dicts: step, reward_mean, ..., perceptual_metric, elapsed_s), ``history_df`` (pandas DataFrame of it),
     ``perceptual_metric``, ``wall_time_s`` (this call), ``train_time_s`` (all calls, excluding checkpoint I/O),
@@ -1012,6 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="K=V", help="VAPIConfig overrides (JSON values)")
     p.add_argument("--data-root", default=None, help="ImageNet root (paper scale)")
     p.add_argument("--data-size", type=int, default=None, help="embedded-data pool size (default per scale)")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the embedded dataset (the generator's training data used seed 0); not the VA-pi seed")
     p.add_argument("--device", default="auto")
     p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop with a checkpoint after this")
@@ -1032,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
 
         data = load_dataset("imagenet", "train", tok.resolution, root=args.data_root)
     else:
-        data = EmbeddedSource(args.data_size or SCALES[scale]["data_size"], tok.resolution, "train", cfg.seed)
+        data = EmbeddedSource(args.data_size or SCALES[scale]["data_size"], tok.resolution, "train", args.data_seed)
     res = post_train(model, tok, data, cfg, steps, args.out, device, scale=scale, resume=not args.fresh,
                      ckpt_every=args.ckpt_every, time_limit_s=args.time_limit)
     h = res["history"]

@@ -3,7 +3,6 @@ offline LPIPS detection, FID sanity, and CKA properties. Fast (CPU, no network, 
 
 import math
 import socket
-import warnings
 
 import numpy as np
 import pytest
@@ -348,7 +347,8 @@ def test_unbiased_hsic_is_unbiased_for_independent_data():
     g = torch.Generator().manual_seed(0)
     unbiased, biased = [], []
     for _ in range(300):
-        X, Y = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(12, 3, generator=g, dtype=torch.float64)
+        X = torch.randn(12, 3, generator=g, dtype=torch.float64)
+        Y = torch.randn(12, 3, generator=g, dtype=torch.float64)
         K, L = X @ X.T, Y @ Y.T
         unbiased.append(M.unbiased_hsic(K, L).item())
         H = torch.eye(12, dtype=torch.float64) - 1 / 12

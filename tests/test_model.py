@@ -110,7 +110,7 @@ def test_fresh_init():
         assert blk.adaLN_modulation[1].weight.abs().sum() == 0 and blk.adaLN_modulation[1].bias.abs().sum() == 0
     assert m.adaln_before_head.adaLN_modulation[1].weight.abs().sum() == 0
     big = build_generator("small", device="meta")  # shapes only; std is checked on a real (CPU) model below
-    assert big.embeddings.weight.shape == (1024 + 1 + 10 + 1, 512)
+    assert big.embeddings.weight.shape == (1024 + 1 + 10 + 1, PRESETS["small"].hidden)
     m2 = build_generator("tiny", hidden=256, heads=4)
     w = m2.blocks[0].mlp.fc1.weight
     assert abs(w.std().item() - 0.02) < 0.002 and w.abs().max() < 0.1 and m2.blocks[0].mlp.fc1.bias.abs().sum() == 0

@@ -278,3 +278,16 @@ def test_cli_train_writes_checkpoint_and_metrics(tmp_path, monkeypatch, capsys):
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["steps_done"] == 3 and {"psnr", "ssim", "usage", "perplexity"} <= set(summary["val"])
     assert load_tokenizer(out).identity() == summary["identity"]
+
+
+def test_running_mean_centering_is_a_buffer_updated_only_by_training_passes(images):
+    torch.manual_seed(0)
+    m = VQTokenizer(VQConfig(**MICRO, center=True)).train()
+    z0 = m.z_mean.clone()
+    m.encode(images)                      # inference: never updates, even in train mode
+    assert torch.equal(m.z_mean, z0) and int(m.z_mean_count) == 0
+    m(images)                             # a training pass: first update is the batch mean itself
+    raw = m.encoder(images * 2 - 1).mean(dim=(0, 2, 3))
+    assert torch.allclose(m.z_mean, raw, atol=1e-5) and int(m.z_mean_count) == 1
+    assert "z_mean" in m.state_dict()     # part of the weights, so part of identity() and of checkpoints
+    assert m.config_dict()["center"] and "center" not in micro().config_dict()  # off: config as before
