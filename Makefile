@@ -7,6 +7,10 @@ SCALE  ?= smoke
 ONLY   ?=
 JOBS   ?= auto
 
+# Some environments set PYTHONDONTWRITEBYTECODE; then every test process and notebook kernel re-compiles torch's
+# Python sources (10-25 s each). Let Python cache bytecode inside .venv.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: setup reproduce test test-all lint-notebooks sync-notebooks clean-smoke help
 
 help:

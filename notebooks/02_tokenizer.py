@@ -75,8 +75,10 @@ n_val = SETTINGS["n_val"]
 dataset_name = "ShapeScenes-10 val"
 if ctx.scale == "paper":
     try:
-        ds = load_dataset("imagenet", split="val", resolution=res, root=data_root, size=n_val)
-        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        ds = load_dataset("imagenet", split="val", resolution=res, root=data_root)
+        pick = torch.linspace(0, len(ds) - 1, min(n_val, len(ds))).long()  # spread over all classes
+        images = torch.stack([ds[int(i)][0] for i in pick])
+        n_val = len(images)
         dataset_name = "ImageNet val (ADM centre crop)"
     except DatasetUnavailable as err:
         ctx.note(f"ImageNet not available ({str(err).splitlines()[0]}); scoring ShapeScenes-10 at {res}px instead")
@@ -252,7 +254,8 @@ ctx.save_csv(summary, "02_tokenizer_summary")
 ours = (f"{type(tok).__name__} at {res}px ({gh}x{gw} tokens, K={K}): PSNR {per_image.psnr_db.mean():.2f} dB, "
         f"SSIM {per_image.ssim.mean():.3f} on {n_val} {dataset_name} images; rFID not measured")
 if tok.kind == "maskgit_vqgan":
-    note = "the paper's tokenizer, loaded from its official weights; rFID needs 50k ImageNet val images (not run here)"
+    note = ("the paper's tokenizer architecture (our verified MaskGIT-VQGAN port) with the weights given; rFID needs "
+            "50k ImageNet val images and is not run here")
 else:
     note = ("a different tokenizer (ours, trained in-project on ShapeScenes-10); its numbers are not comparable "
             "with the paper's ImageNet rFID")

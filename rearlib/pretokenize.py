@@ -9,8 +9,8 @@ Views (``R`` = the tokenizer's resolution):
 
 * default: one view, the image (resized to ``R`` with antialiasing if its size differs);
 * ``flip=True``: two views, the image and its horizontal mirror (reAR's own pretokenization script);
-* ``ten_crop=True``: ten views as RAR's ImageNet pretokenization: resize to ``S = round(crop_ratio * R)``
-  (``crop_ratio = 1.1``: 256 -> 282 px; RAR's ``int(1.1 * 256) = 281`` differs by one pixel), then
+* ``ten_crop=True``: ten views as RAR's ImageNet pretokenization: resize to ``S = int(crop_ratio * R)``
+  (``crop_ratio = 1.1``: 256 -> 281 px, as RAR), then
   TenCrop(R) as torchvision defines it: the four corners and the centre, then the same five crops of the
   mirrored image (``flip`` is implied). For the embedded dataset render the source at ``S`` directly to avoid an
   upsampling blur.
@@ -19,6 +19,11 @@ File (``torch.save`` dict, written atomically): ``tokens`` ``[N, V, h*w]`` in th
 holds ``K`` (uint8 for K <= 256, int16 for K <= 32768, else int32), ``labels`` int64 ``[N]``,
 ``tokenizer_identity``, ``tokenizer_config``, ``grid_size``, ``codebook_size``, ``view_names``, ``options``,
 ``source`` (a description) and timing.
+
+Encoding runs on the tokenizer's device in float32. On a GPU, cuDNN may use TF32 convolutions, so a rare
+near-tie between two codes can resolve differently than on a CPU; the file records the device it was made on.
+
+CLI: ``python -m rearlib.pretokenize --scale small --split train --size 50000 --flip``.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def make_views(images: torch.Tensor, resolution: int, flip: bool = False, ten_cr
     if ten_crop:
         if crop_ratio < 1.0:
             raise ValueError(f"crop_ratio must be >= 1 for ten-crop, got {crop_ratio}")
-        x = resize(images, int(round(crop_ratio * R)))
+        x = resize(images, int(crop_ratio * R))  # int(), not round(): RAR's int(1.1 * 256) = 281
         crops = _five_crops(x, R) + _five_crops(x.flip(-1), R)  # TenCrop: the five crops, then of the mirror
         return torch.stack(crops, dim=1)
     x = resize(images, R)
@@ -310,3 +315,36 @@ def pretokenize(tokenizer, dataset_or_render_fn: Dataset | Callable, *, size: in
         ds.save(path)
         ds.meta["path"] = str(path)
     return ds
+
+
+def main(argv=None) -> int:
+    """``python -m rearlib.pretokenize --scale small --split train --size 50000 [--flip | --ten-crop]``"""
+    import argparse
+
+    from rearlib.data import EmbeddedDataset
+    from rearlib.tokenizer import get_tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m rearlib.pretokenize",
+                                description="encode ShapeScenes-10 images once with the scale's tokenizer")
+    p.add_argument("--scale", default="small", choices=["smoke", "small"])
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--size", type=int, required=True, help="number of images (indices 0..size-1)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed")
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--ten-crop", action="store_true")
+    p.add_argument("--out", default=None, help="file to write (default: artifacts/tokens/<hash>/tokens.pt)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=512)
+    a = p.parse_args(argv)
+    tok = get_tokenizer(a.scale, a.device)
+    # Ten-crop renders the source at int(1.1 R) directly instead of upsampling R-pixel images.
+    res = int(1.1 * tok.resolution) if a.ten_crop else tok.resolution
+    ds = EmbeddedDataset(a.split, size=a.size, resolution=res, seed=a.seed)
+    t0 = time.time()
+    out = pretokenize(tok, ds, path=a.out, flip=a.flip, ten_crop=a.ten_crop, batch_size=a.batch_size)
+    print(f"[pretokenize] {out} in {time.time() - t0:.1f}s on {tok.device}; file: {out.meta.get('path', a.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

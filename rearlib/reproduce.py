@@ -28,6 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _git_commit() -> str | None:
+    """HEAD (with -dirty), or $REARLIB_COMMIT where the tree has no .git (e.g. a copy sent to a GPU box)."""
+    import os
+
+    if os.environ.get("REARLIB_COMMIT"):
+        return os.environ["REARLIB_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,

@@ -383,7 +383,9 @@ def load_tokenizer(path_or_ckpt, device="cpu") -> Tokenizer:
 # ----------------------------------------------------------------------------------------------------------
 def find_maskgit_checkpoint(path=None, data_root=None) -> Path:
     """Resolve the MaskGIT-VQGAN weights: explicit ``path``, ``$REARLIB_MASKGIT_VQGAN``, then the known file
-    names under ``data_root``, ``data/checkpoints/`` and ``ckpt/``. Raises FileNotFoundError listing the tries."""
+    names (``maskgitvq.bin``, ``maskgit-vqgan-imagenet-f16-256.bin``) under ``data_root``,
+    ``data_root/checkpoints``, ``data_root/ckpt``, the repository's ``data/checkpoints/`` and ``ckpt/``.
+    Raises FileNotFoundError listing every path tried."""
     cfg = SCALES["paper"]
     tried = []
     candidates = []
@@ -392,7 +394,8 @@ def find_maskgit_checkpoint(path=None, data_root=None) -> Path:
     elif os.environ.get(cfg["env"]):
         candidates.append(Path(os.environ[cfg["env"]]))
     else:
-        folders = ([Path(data_root)] if data_root is not None else []) + [REPO_ROOT / f for f in cfg["folders"]]
+        roots = [Path(data_root), Path(data_root) / "checkpoints", Path(data_root) / "ckpt"] if data_root else []
+        folders = roots + [REPO_ROOT / f for f in cfg["folders"]]
         candidates += [folder / name for folder in folders for name in cfg["filenames"]]
     for c in candidates:
         tried.append(str(c))

@@ -63,14 +63,16 @@ def test_flip_views(tmp_path):
 
 
 def test_ten_crop_views_follow_torchvision_tencrop():
-    x = torch.rand(2, 3, 18, 18)
-    v = make_views(x, 16, ten_crop=True, crop_ratio=1.1)   # 1.1 * 16 = 17.6 -> 18: no resize
+    x = torch.rand(2, 3, 17, 17)
+    v = make_views(x, 16, ten_crop=True, crop_ratio=1.1)   # int(1.1 * 16) = 17: no resize
     assert v.shape == (2, 10, 3, 16, 16)
-    assert torch.equal(v[:, 0], x[..., :16, :16]) and torch.equal(v[:, 3], x[..., 2:, 2:])
-    assert torch.equal(v[:, 4], x[..., 1:17, 1:17])                      # round((18 - 16) / 2) = 1
+    assert torch.equal(v[:, 0], x[..., :16, :16]) and torch.equal(v[:, 3], x[..., 1:, 1:])
+    assert torch.equal(v[:, 4], x[..., :16, :16])                        # int(round((17 - 16) / 2)) = 0
+    y = torch.rand(1, 3, 20, 20)
+    assert torch.equal(make_views(y, 16, ten_crop=True, crop_ratio=1.25)[:, 4], y[..., 2:18, 2:18])
     assert torch.equal(v[:, 5], x.flip(-1)[..., :16, :16])                # top-left of the mirrored image
     tok = micro()
-    ds = pretokenize(tok, CountingRender(resolution=18), size=3, ten_crop=True, progress=False)
+    ds = pretokenize(tok, CountingRender(resolution=17), size=3, ten_crop=True, progress=False)
     assert ds.view_names == TEN_CROP_NAMES and ds.tokens.shape == (3, 10, 16)
 
 
@@ -131,3 +133,14 @@ def test_resizes_sources_of_another_resolution():
     tok = micro()
     ds = pretokenize(tok, EmbeddedDataset("val", size=4, resolution=32), progress=False)
     assert ds.tokens.shape == (4, 1, 16)
+
+
+def test_cli_writes_a_token_file(tmp_path, monkeypatch, capsys):
+    from rearlib import pretokenize as P
+    from rearlib import tokenizer as T
+
+    monkeypatch.setattr(T, "get_tokenizer", lambda scale, device: micro())
+    out = tmp_path / "cli.pt"
+    assert P.main(["--scale", "smoke", "--size", "6", "--flip", "--out", str(out), "--device", "cpu"]) == 0
+    assert "6 images x 2 views" in capsys.readouterr().out
+    assert load_tokens(out, micro()).tokens.shape == (6, 2, 16)
