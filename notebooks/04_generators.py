@@ -385,8 +385,9 @@ evals = pd.DataFrame(rows)
 FID, IS, KID = (M.metric_label(k, EXTRACTOR_NAME) for k in ("fid", "isc_mean", "kid_mean"))
 PREC, REC = M.metric_label("precision", EXTRACTOR_NAME), M.metric_label("recall", EXTRACTOR_NAME)
 evals["scale"], evals["generator_seed"] = ctx.scale, generator_seed
+evals["n target"] = SETTINGS["fid_per_class"] * NUM_CLASSES  # planned; "n generated" is what the budget allowed
 ctx.save_csv(evals, "04_fid")
-show = [FID, IS, KID, PREC, REC, "class consistency", "n generated", "n reference"]
+show = [FID, IS, KID, PREC, REC, "class consistency", "n generated", "n target", "n reference"]
 evals.set_index(["model", "setting", "sample_seed"])[show].round(4)
 
 # %% [markdown]

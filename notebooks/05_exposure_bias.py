@@ -86,7 +86,7 @@ if ctx.scale == "paper":
         if path is None or not Path(path).is_file():
             problems.append(f"{name}={path!r}: pass the path of the authors' released checkpoint")
     try:
-        find_maskgit_checkpoint(maskgit_path)
+        find_maskgit_checkpoint(maskgit_path, data_root)
     except FileNotFoundError as err:
         problems.append(str(err))
     root = data_root or (Path(os.environ["REARLIB_DATA"]) / "imagenet" if "REARLIB_DATA" in os.environ else None)
@@ -390,6 +390,35 @@ ctx.claim(claim="Perplexity does not rank image quality: imperfect context is wo
 
 table = pd.DataFrame([{"model": k[0], "metric": k[1], **v} for k, v in effects.items()])
 table
+
+# %% [markdown]
+# ## The paired difference itself
+# Imperfect − perfect per image at each r: the spread *between* images (large: some scenes are simply harder)
+# cancels, so this is the sharpest view of exposure bias. Zero line: no effect. Grey: the paper's difference.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.5))
+paper_gap_df = paper_gap.reset_index()
+for metric, ax in zip(["perceptual", "psnr"], axes):
+    for mname, c in (("AR", "tab:purple"), ("reAR", "tab:green")):
+        sub = per_ratio[(per_ratio.model == mname) & (per_ratio.metric == metric)].rename(
+            columns={"mean": "d", "lo": "d_lo", "hi": "d_hi"})
+        if len(sub):
+            errorbar_ci(ax, sub, "ratio", "d", label=mname, color=c)
+    if metric == "psnr" or same_perceptual:
+        paper_overlay(ax, paper_gap_df, "ratio", metric, label="paper (digitised)")
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_xlabel("GT ratio r")
+    ax.set_ylabel(("Δ " + metric_used) if metric == "perceptual" else "Δ PSNR (dB)")
+    ax.set_title("imperfect − perfect " + ("(> 0: imperfect worse)" if metric == "perceptual"
+                                          else "(< 0: imperfect worse)"), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+fig.suptitle(f"Exposure bias as a paired difference ({ctx.scale}, n = {n_img} images per point, 95% CI)",
+             fontsize=10)
+fig.tight_layout()
+ctx.save_fig(fig, "05_paired_difference")
+plt.show()
 
 # %% [markdown]
 # ## Reading the numbers

@@ -85,7 +85,7 @@ if ctx.scale == "paper":
         if path is None or not Path(path).is_file():
             problems.append(f"{name}={path!r}: pass the path of the authors' released checkpoint")
     try:
-        find_maskgit_checkpoint(maskgit_path)
+        find_maskgit_checkpoint(maskgit_path, data_root)
     except FileNotFoundError as err:
         problems.append(str(err))
     root = data_root or (Path(os.environ["REARLIB_DATA"]) / "imagenet" if "REARLIB_DATA" in os.environ else None)

@@ -72,7 +72,7 @@ if ctx.scale == "paper":
                 for name, path in (("ar_checkpoint", ar_checkpoint), ("rear_checkpoint", rear_checkpoint))
                 if path is None or not Path(path).is_file()]
     try:
-        find_maskgit_checkpoint(maskgit_path)
+        find_maskgit_checkpoint(maskgit_path, data_root)
     except FileNotFoundError as err:
         problems.append(str(err))
     root = data_root or (Path(os.environ["REARLIB_DATA"]) / "imagenet" if "REARLIB_DATA" in os.environ else None)

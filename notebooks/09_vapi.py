@@ -117,7 +117,8 @@ print(f"VA-π config ({ctx.scale}): {base_cfg.to_dict()}; {SETTINGS['steps']} st
 # C2I setting), the code's eval-mode rollout and train-mode update, and the scale's batch size and learning rate
 # (`rearlib.vapi.SCALES`; at `small` lr 1e-5, an untuned choice for our 8-block model, see the module). Images
 # come from the `train` split, the one the generators were trained on. Runs are cached under `artifacts/vapi/`
-# and resume if interrupted.
+# and resume if interrupted. "post-training time" is the run record's sum of step times (sampling, decoding,
+# reward, update; checkpoint writes excluded), so a cached run reports the time of the run that did the work.
 
 # %%
 def weights_id(model) -> str:
@@ -169,7 +170,8 @@ for run, r in results.items():
         "images/step": base_cfg.batch_size, "G": base_cfg.group_size, "lr": base_cfg.lr,
         "post-training time (s)": r["train_time_s"], "s/step": r["train_time_s"] / max(1, r["step"]),
         "GPU": r.get("gpu") or "CPU", "perceptual metric": r["perceptual_metric"],
-        "reward first 10%": window_mean(h, "reward_mean", True), "reward last 10%": window_mean(h, "reward_mean", False),
+        "reward first 10%": window_mean(h, "reward_mean", True),
+        "reward last 10%": window_mean(h, "reward_mean", False),
         "MSE first 10%": window_mean(h, "mse_mean", True), "MSE last 10%": window_mean(h, "mse_mean", False),
         "CE first 10%": window_mean(h, "ce", True), "CE last 10%": window_mean(h, "ce", False),
         "clip fraction (mean)": float(h["clip_frac"].mean()),
@@ -355,11 +357,13 @@ for name, m in tqdm(all_models.items(), desc="evaluate"):  # model-major: the GP
     rows.append(evaluate(name, m, wid, CFG_G, CFG_P, ctx.seed))
 evals = pd.DataFrame(rows)
 evals["scale"], evals["vapi_steps"] = ctx.scale, SETTINGS["steps"]
+evals["n target"] = SETTINGS["fid_per_class"] * NUM_CLASSES  # planned; "n generated" is what the budget allowed
 ctx.save_csv(evals, "09_fid")
 FID, IS = M.metric_label("fid", EXTRACTOR_NAME), M.metric_label("isc_mean", EXTRACTOR_NAME)
 PREC, REC = M.metric_label("precision", EXTRACTOR_NAME), M.metric_label("recall", EXTRACTOR_NAME)
 KID = M.metric_label("kid_mean", EXTRACTOR_NAME)
-evals.set_index(["model", "CFG", "sample_seed"])[[FID, IS, KID, PREC, REC, "class consistency", "n generated"]].round(4)
+show = [FID, IS, KID, PREC, REC, "class consistency", "n generated", "n target"]
+evals.set_index(["model", "CFG", "sample_seed"])[show].round(4)
 
 # %%
 main = evals[evals["sample_seed"] == ctx.seed]
@@ -468,8 +472,9 @@ ctx.claim(claim="Reward composition: MSE + perceptual beats either term alone",
                f"{fid[('AR', 'no CFG')]:.4g})",
           verdict="not tested" if ctx.is_smoke else
                   ("direction reproduced" if ablation["AR + VA-π"] < best_single - noise else "not reproduced"),
-          note=join(f"perceptual term = {PERC}; on the base AR's held-out samples it is {ratio:.3g}x the MSE, so with "
-                    f"unit weights it dominates the combined reward", common, smoke_note))
+          note=join(f"on the base AR's held-out samples the perceptual distance is {ratio:.3g}x the MSE"
+                    + (", so with unit weights it dominates the combined reward" if ratio > 3 else ""),
+                    common, smoke_note))
 
 rec_info = getattr(base_models["AR"], "zoo_info", None)
 if rec_info and rec_info.get("result"):
