@@ -111,7 +111,9 @@ ctx.note(f"feature extractor {EXTRACTOR_NAME}:{classifier.identity} (val accurac
 # From the shipped checkpoint's metadata (`small`) or the zoo's training result (`smoke`). samples/s is the
 # steady-state rate (after the first logging window, which holds compilation). An epoch is one pass over the
 # training sequences (images, times two with horizontal flips at `small`). The paper's Table 5 measured 8×A800,
-# minutes per ImageNet epoch; we compare only the **ratio** reAR / AR.
+# minutes per ImageNet epoch; we compare only the **ratio** reAR / AR. The final loss, CE and accuracy are the
+# training batches' values in the last logging window: reAR's are measured on *noisy* contexts (and its loss adds
+# λ(L_enc + L_dec), each a mean of -cos), so they are not comparable with AR's; section 2 compares like with like.
 
 # %%
 def training_record(name: str, variant: str, model) -> dict:
@@ -132,7 +134,7 @@ def training_record(name: str, variant: str, model) -> dict:
             "train time (s)": r.get("train_time_s"), "samples/s": sps,
             "s/epoch": n_seq / sps if sps else float("nan"), "GPU": r.get("gpu") or "CPU",
             "final loss": final.get("loss"), "final CE": final.get("ce"), "final acc": final.get("acc"),
-            "final EN cos-loss": final.get("enc"), "final DE cos-loss": final.get("dec"), "source": source}
+            "final L_enc (-cos)": final.get("enc"), "final L_dec (-cos)": final.get("dec"), "source": source}
 
 
 records = pd.DataFrame([training_record(n, v, models[n]) for n, v in VARIANTS.items()])
@@ -147,8 +149,8 @@ records.drop(columns=["source"]).set_index("model").T
 # ## 2 · Teacher-forced token metrics on held-out tokens
 # Given the true prefix, how well does each model predict the next token? CE in nats per token, perplexity
 # exp(CE), CTR = fraction of positions where argmax = the true token. Held-out: the `val` split, tokenized by the
-# same tokenizer; a same-size `train` subset shows the generalisation gap. reAR trains on *noisy* prefixes, so it is
-# not expected to win here: the paper's argument is about free-running generation, where the prefix is the
+# same tokenizer; a same-size `train` subset shows the generalisation gap. reAR trains on *noisy* prefixes, so these
+# numbers need not favour it: the paper's argument is about free-running generation, where the prefix is the
 # model's own output.
 
 # %%
@@ -414,6 +416,8 @@ for ax, metric in zip(axes, (FID, "class consistency")):
             ax.axhline(v, color=colors[name], ls=":", lw=1)
     if metric == FID:
         ax.axhline(floor, color="gray", ls=":", lw=1.5, label="real train images")
+        if floor > 0:
+            ax.set_yscale("log")  # the floor sits far below generated sets; a log axis keeps both readable
     ax.set_xlabel("guidance g")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
