@@ -239,11 +239,11 @@ def rule(eff, sign, paper_value=None, tol=0.0, comparable=False):
     m, lo, hi = eff["mean"], eff["lo"], eff["hi"]
     if not np.isfinite([m, lo, hi]).all():
         return "not tested"
+    if not (np.sign(m) == sign and (lo > 0 or hi < 0)):
+        return "not reproduced"
     if comparable and paper_value is not None and lo - tol <= paper_value <= hi + tol:
         return "reproduced"
-    if np.sign(m) == sign and (lo > 0 or hi < 0):
-        return "direction reproduced"
-    return "not reproduced"
+    return "direction reproduced"
 
 
 def final(v):
@@ -352,7 +352,8 @@ if ctx.is_smoke:
 lines.append(
     f"Clean teacher-forced CTR: AR {cell('AR', 'trained', 'clean'):.1f}% / {cell('AR', 'unseen', 'clean'):.1f}% "
     f"(trained / unseen), reAR {cell('reAR', 'trained', 'clean'):.1f}% / {cell('reAR', 'unseen', 'clean'):.1f}%; "
-    f"the paper's models reach {P[:, :, 'clean'].min():.1f}-{P[:, :, 'clean'].max():.1f}%. With {SETTINGS['noise_fraction']:.0%} of the context corrupted: AR "
+    f"the paper's models reach {P[:, :, 'clean'].min():.1f}-{P[:, :, 'clean'].max():.1f}%. With "
+    f"{SETTINGS['noise_fraction']:.0%} of the context corrupted: AR "
     f"{cell('AR', 'unseen', 'noisy'):.1f}%, reAR {cell('reAR', 'unseen', 'noisy'):.1f}% on unseen images.")
 if ctx.scale != "paper":
     lines.append(

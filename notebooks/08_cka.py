@@ -178,9 +178,9 @@ for ax, target in zip(axes, A.CKA_TARGETS):
         ax.plot(pk["relative_depth"], pk["cka"], marker="*", markersize=13, color=COL[mname], linestyle="none")
         paper_overlay(ax, ref_d[(ref_d.model == mname) & (ref_d.target == target)], "relative_depth", "cka",
                       color=COL[mname], label=f"{mname} (paper, 20 blocks)")
-    rel = (en_layer if target == "encoded" else de_layer) / max(1, depth - 1)
-    ax.axvline(rel, color="tab:green", alpha=0.4, linestyle="-.",
-               label=f"our reAR {'EN' if target == 'encoded' else 'DE'}@{en_layer if target == 'encoded' else de_layer}")
+    kind, layer = ("EN", en_layer) if target == "encoded" else ("DE", de_layer)
+    ax.axvline(layer / max(1, depth - 1), color="tab:green", alpha=0.4, linestyle="-.",
+               label=f"our reAR {kind}@{layer}")
     if target == "decoded":
         ax.axvline(15 / 19, color="0.5", alpha=0.5, linestyle=":", label="paper DE@15 of 20")
     ax.set_xlabel("relative depth of the block (layer / (depth - 1))")
@@ -270,8 +270,9 @@ ctx.claim(claim="The decoded-embedding CKA peaks around 3/4 depth and drops agai
                 "(the rationale for DE@3/4 depth)",
           paper="peak at layer 15 of 20 (relative 0.79), lower at 19, for AR and reAR",
           ours=f"peak at layer AR {peaks[('AR', 'decoded')]}, reAR {peaks[('reAR', 'decoded')]} of {depth} (paper's "
-               f"position at our depth: {target_layer:.1f}); peak - last block: AR {fmt(d3['AR'])}, reAR "
-               f"{fmt(d3['reAR'])}",
+               f"position at our depth: {target_layer:.1f}); peak - last block: "
+               + ", ".join(f"{m} " + ("peak is the last block" if peaks[(m, "decoded")] == last else fmt(d3[m]))
+                           for m in ("AR", "reAR")),
           verdict=final(v3), note=smoke_note(v3) or "direction reproduced = peak in the second half (not last) and "
                                                      "a drop, but more than one block from 3/4 depth")
 
@@ -281,7 +282,7 @@ d4 = {}
 for target, layer, p_layer in (("encoded", en_layer, 0), ("decoded", de_layer, 15)):  # paper: EN@0, DE@15
     e = ci_of(fold_matrix("reAR", target)[layer] - fold_matrix("AR", target)[layer])
     pv = P[("reAR", target, p_layer)] - P[("AR", target, p_layer)]
-    v = ("reproduced" if comp and layer == p_layer and e["lo"] - 0.01 <= pv <= e["hi"] + 0.01 else
+    v = ("reproduced" if comp and layer == p_layer and excludes0(e) and e["lo"] - 0.01 <= pv <= e["hi"] + 0.01 else
          "direction reproduced" if excludes0(e) else "not reproduced")
     ctx.claim(claim=f"reAR raises the {target}-embedding CKA at its {'EN' if target == 'encoded' else 'DE'} layer",
               paper=f"layer {p_layer}: AR {P[('AR', target, p_layer)]:.3f} → reAR {P[('reAR', target, p_layer)]:.3f} "
@@ -296,6 +297,8 @@ for target, layer, p_layer in (("encoded", en_layer, 0), ("decoded", de_layer, 1
 # The text below is generated from the computed results.
 
 # %%
+from rearlib.model import PRESETS
+
 lines = [f"**{n_img} images in {len(folds)} folds, {depth}-block generators, scale `{ctx.scale}`.**", ""]
 if ctx.is_smoke:
     lines.append("At smoke scale the models are seconds old and the image set is tiny: nothing below is evidence.")
@@ -308,7 +311,8 @@ lines.append(
 if ctx.scale != "paper":
     lines.append(
         f"Absolute CKA values depend on the widths compared: our hidden states have {rear_cfg.hidden} dimensions "
-        f"and our code vectors {tok.code_dim} (the paper: 768 and 256), and linear CKA between a wide and a narrow "
+        f"and our code vectors {tok.code_dim} (the paper's reAR-S: {PRESETS['rear_s'].hidden}, and MaskGIT-VQGAN's "
+        "256-dimensional codes), and linear CKA between a wide and a narrow "
         "representation is bounded by how much of the wide one's variance the narrow one can explain.")
     if not near:
         lines.append(

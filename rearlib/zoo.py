@@ -146,13 +146,24 @@ def get_generator(scale: str, variant: str = "rear", *, tokenizer, seed: int = 0
             raise FileNotFoundError(
                 f"{path} is not shipped. Train it on a GPU: python -m rearlib.zoo train --scale small "
                 f"--variant {variant} --seed {seed} --export")
+    from .train import load_generator
+
+    # A finished run is loaded directly: building the trainer would import torch._dynamo (seconds) for nothing.
+    done = run_dir(scale, variant, tokenizer, seed)
+    if (done / "model.pt").is_file() and (done / "result.json").is_file():
+        record = json.loads((done / "result.json").read_text())
+        if record.get("status") == "completed":
+            model = load_generator(done / "model.pt", dev)
+            model.zoo_info = {"path": str(done / "model.pt"), "step": record.get("step"), "result": record}
+            return model
     result = train_generator(scale, variant, tokenizer, seed, device=dev, progress=progress)
     if result["status"] != "completed":
         raise RuntimeError(f"training of {variant!r} stopped at step {result['step']} of {result['steps']}; "
                            f"call again to resume")
-    from .train import load_generator
-
-    return load_generator(result["model_path"], dev)
+    model = load_generator(result["model_path"], dev)
+    model.zoo_info = {"path": str(result["model_path"]), "step": result.get("step"),
+                      "result": {k: v for k, v in result.items() if k != "model"}}
+    return model
 
 
 def main(argv=None) -> int:
