@@ -36,11 +36,22 @@ class Context:
     started: float = field(default_factory=time.time)
 
     # -- outputs ---------------------------------------------------------------------------------------------
-    def save_csv(self, df, name: str) -> Path:
-        """Write a tidy table to ``reports/<scale>/<name>.csv`` (atomically) and return the path."""
-        path = self.reports / f"{name}.csv"
-        atomic_write_text(path, df.to_csv(index=False))
-        return path
+    def save_csv(self, df, name: str, compress_over_bytes: int = 2 * 2**20) -> Path:
+        """Write a tidy table to ``reports/<scale>/<name>.csv`` (atomically) and return the path.
+
+        Tables larger than ``compress_over_bytes`` (per-image rows) are written as ``<name>.csv.gz`` instead,
+        keeping the committed reports small; ``pandas.read_csv`` reads either form.
+        """
+        import gzip
+
+        from .experiments import atomic_write_bytes
+
+        text = df.to_csv(index=False).encode()
+        for stale in (self.reports / f"{name}.csv", self.reports / f"{name}.csv.gz"):
+            stale.unlink(missing_ok=True)
+        if len(text) > compress_over_bytes:
+            return atomic_write_bytes(self.reports / f"{name}.csv.gz", gzip.compress(text, mtime=0))
+        return atomic_write_bytes(self.reports / f"{name}.csv", text)
 
     def save_fig(self, fig, name: str, dpi: int = 130) -> Path:
         """Save a matplotlib figure to ``figures/<scale>/<name>.png``."""

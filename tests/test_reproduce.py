@@ -77,3 +77,22 @@ def test_summary_warns_that_smoke_numbers_mean_nothing(tmp_path):
     (tmp_path / "claims").mkdir()
     text = build_summary(tmp_path, "smoke", {"hardware": {}, "notebooks": {}})
     assert "not meaningful" in text
+
+
+def test_large_tables_are_written_gzipped(tmp_path):
+    import gzip
+
+    import pandas as pd
+
+    from rearlib.notebook import setup
+
+    ctx = setup(notebook="99_t", scale="smoke", reports_dir=tmp_path / "r", figures_dir=tmp_path / "f", quiet=True)
+    small = pd.DataFrame({"x": range(10)})
+    big = pd.DataFrame({"x": range(200_000), "y": ["some text"] * 200_000})
+    assert ctx.save_csv(small, "a").name == "a.csv"
+    path = ctx.save_csv(big, "b", compress_over_bytes=1_000_000)
+    assert path.name == "b.csv.gz" and not (path.parent / "b.csv").exists()
+    assert pd.read_csv(path).equals(big)
+    assert gzip.decompress(path.read_bytes()).startswith(b"x,y")
+    # a table that shrinks below the threshold replaces its stale compressed version
+    assert ctx.save_csv(small, "b").name == "b.csv" and not path.exists()
