@@ -77,26 +77,9 @@ NAMES = {"ar": "AR", "rear": "reAR"}
 
 # Paper scale: check every asset before loading anything, and say what is missing.
 if ctx.scale == "paper":
-    from rearlib.tokenizer import find_maskgit_checkpoint
+    from rearlib.assets import check_paper_assets
 
-    problems = []
-    for name, path in (("ar_checkpoint", ar_checkpoint), ("rear_checkpoint", rear_checkpoint)):
-        if name == "rear_checkpoint" and not compare_rear:
-            continue
-        if path is None or not Path(path).is_file():
-            problems.append(f"{name}={path!r}: pass the path of the authors' released checkpoint")
-    try:
-        find_maskgit_checkpoint(maskgit_path, data_root)
-    except FileNotFoundError as err:
-        problems.append(str(err))
-    root = data_root or (Path(os.environ["REARLIB_DATA"]) / "imagenet" if "REARLIB_DATA" in os.environ else None)
-    if root is None or not (Path(root) / "val").is_dir():
-        problems.append(f"data_root={data_root!r}: an ImageNet root with val/<wnid>/*.JPEG is needed")
-    metric_name, why = M.perceptual_metric_name("lpips-vgg")
-    if not metric_name.startswith("LPIPS"):
-        problems.append(f"LPIPS is needed at paper scale (no in-project classifier exists for ImageNet): {why}")
-    if problems:
-        raise FileNotFoundError("paper scale cannot run:\n  - " + "\n  - ".join(problems))
+    check_paper_assets({"ar_checkpoint": ar_checkpoint, **({"rear_checkpoint": rear_checkpoint} if compare_rear else {})}, maskgit_path, data_root, splits=("val",), need_lpips=True)
 
 # %% [markdown]
 # ## Models, codebook and images
@@ -110,33 +93,17 @@ from rearlib.tokenizer import get_tokenizer
 tok = get_tokenizer(ctx.scale, ctx.device, path=maskgit_path, data_root=data_root, progress=False)
 
 
+from rearlib import assets
+
+
 def load_generators(names):
-    if ctx.scale == "paper":
-        from rearlib.model import load_official_state_dict
-
-        paths = {"ar": ar_checkpoint, "rear": rear_checkpoint}
-        return {v: load_official_state_dict(paths[v], generator_preset, device=ctx.device) for v in names}
-    from rearlib.zoo import get_generator
-
-    return {v: get_generator(ctx.scale, v, tokenizer=tok, device=ctx.device, progress=False) for v in names}
+    return assets.load_generators(ctx.scale, names, tok, ctx.device, preset=generator_preset,
+                                  checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint})
 
 
 def load_images(split, n):
     """(images [n, 3, R, R] in [0, 1] on CPU, labels [n], dataset description)."""
-    if ctx.scale == "paper":
-        from rearlib.data import load_dataset
-
-        ds = load_dataset("imagenet", split=split, resolution=tok.resolution, root=data_root)
-        pick = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique()  # spread over classes
-        items = [ds[int(i)] for i in pick]
-        return (torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]),
-                f"ImageNet {split} ({len(items)} images spread over the class folders)")
-    from rearlib.data import render_batch
-    from rearlib.zoo import DATA
-
-    x, y = render_batch(torch.arange(n), tok.resolution, seed=DATA[ctx.scale]["seed"], split=split,
-                        device=ctx.device)
-    return x.cpu(), y.cpu(), f"ShapeScenes-10 {split} (images 0..{n - 1})"
+    return assets.load_images(ctx.scale, tok, split, n, ctx.device, data_root=data_root)
 
 
 models = load_generators(MODELS)

@@ -66,20 +66,9 @@ NAMES = {"ar": "AR", "rear": "reAR"}
 
 # Paper scale: check every asset before loading anything, and say what is missing.
 if ctx.scale == "paper":
-    from rearlib.tokenizer import find_maskgit_checkpoint
+    from rearlib.assets import check_paper_assets
 
-    problems = [f"{name}={path!r}: pass the path of the authors' released checkpoint"
-                for name, path in (("ar_checkpoint", ar_checkpoint), ("rear_checkpoint", rear_checkpoint))
-                if path is None or not Path(path).is_file()]
-    try:
-        find_maskgit_checkpoint(maskgit_path, data_root)
-    except FileNotFoundError as err:
-        problems.append(str(err))
-    root = data_root or (Path(os.environ["REARLIB_DATA"]) / "imagenet" if "REARLIB_DATA" in os.environ else None)
-    if root is None or not (Path(root) / "val").is_dir():
-        problems.append(f"data_root={data_root!r}: an ImageNet root with val/<wnid>/*.JPEG is needed")
-    if problems:
-        raise FileNotFoundError("paper scale cannot run:\n  - " + "\n  - ".join(problems))
+    check_paper_assets({"ar_checkpoint": ar_checkpoint, "rear_checkpoint": rear_checkpoint}, maskgit_path, data_root, splits=("val",), need_lpips=False)
 
 # %% [markdown]
 # ## Models and token sequences
@@ -90,33 +79,18 @@ from rearlib.tokenizer import get_tokenizer
 tok = get_tokenizer(ctx.scale, ctx.device, path=maskgit_path, data_root=data_root, progress=False)
 
 
+from rearlib import assets
+
+
 def load_generators(names):
-    if ctx.scale == "paper":
-        from rearlib.model import load_official_state_dict
-
-        paths = {"ar": ar_checkpoint, "rear": rear_checkpoint}
-        return {v: load_official_state_dict(paths[v], generator_preset, device=ctx.device) for v in names}
-    from rearlib.zoo import get_generator
-
-    return {v: get_generator(ctx.scale, v, tokenizer=tok, device=ctx.device, progress=False) for v in names}
+    return assets.load_generators(ctx.scale, names, tok, ctx.device, preset=generator_preset,
+                                  checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint})
 
 
 def load_tokens(split, n):
-    """(GT tokens [n, N], labels [n], description) of n images of a split."""
-    if ctx.scale == "paper":
-        from rearlib.data import load_dataset
-
-        ds = load_dataset("imagenet", split=split, resolution=tok.resolution, root=data_root)
-        pick = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique()  # spread over classes
-        items = [ds[int(i)] for i in pick]
-        x = torch.stack([a for a, _ in items]).to(ctx.device)
-        with torch.no_grad():
-            t = A.encode_images(tok, x, SETTINGS["batch_size"])
-        return t.cpu(), torch.tensor([b for _, b in items]), f"ImageNet {split} ({len(items)} images)"
-    from rearlib.zoo import get_tokens
-
-    ds = get_tokens(ctx.scale, tok, split=split, size=n, progress=False)
-    return ds.tokens[:, 0].long(), ds.labels, f"ShapeScenes-10 {split}, images 0..{n - 1}"
+    """(GT tokens [n, N], labels [n], description) of the first n images of a split."""
+    return assets.load_tokens(ctx.scale, tok, split, n, ctx.device, data_root=data_root,
+                              batch_size=SETTINGS["batch_size"])
 
 
 models = load_generators(["ar", "rear"])

@@ -124,6 +124,8 @@ def script_to_notebook(script: Path):
     import jupytext
 
     nb = jupytext.read(script)
+    for i, cell in enumerate(nb.cells):  # stable ids: a re-sync changes a notebook only where its cells changed
+        cell["id"] = f"cell-{i:03d}"
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,py:percent"
     return nb

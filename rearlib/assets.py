@@ -1,0 +1,99 @@
+"""What the diagnosis notebooks load, per scale: generators, real images and their ground-truth tokens.
+
+``smoke`` / ``small`` take the zoo's generators (``rearlib.zoo``) and the embedded dataset; ``paper`` takes the
+authors' released checkpoints, the MaskGIT-VQGAN and an ImageNet folder. :func:`check_paper_assets` checks every
+paper-scale input before anything heavy is loaded and names each missing one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def imagenet_root(data_root=None) -> Path | None:
+    """``data_root``, else ``$REARLIB_DATA/imagenet``, else None."""
+    if data_root is not None:
+        return Path(data_root)
+    return Path(os.environ["REARLIB_DATA"]) / "imagenet" if "REARLIB_DATA" in os.environ else None
+
+
+def check_paper_assets(checkpoints: dict, maskgit_path=None, data_root=None, splits=("val",),
+                       need_lpips: bool = False) -> None:
+    """Raise FileNotFoundError listing every missing paper-scale input (checkpoints, tokenizer, ImageNet, LPIPS)."""
+    from .metrics import perceptual_metric_name
+    from .tokenizer import find_maskgit_checkpoint
+
+    problems = [f"{name}={path!r}: pass the path of the authors' released checkpoint"
+                for name, path in checkpoints.items() if path is None or not Path(path).is_file()]
+    try:
+        find_maskgit_checkpoint(maskgit_path, data_root)
+    except FileNotFoundError as err:
+        problems.append(str(err))
+    root = imagenet_root(data_root)
+    for split in splits:
+        if root is None or not (root / split).is_dir():
+            problems.append(f"data_root={data_root!r}: an ImageNet root with {split}/<wnid>/*.JPEG is needed")
+    if need_lpips:
+        name, why = perceptual_metric_name("lpips-vgg")
+        if not name.startswith("LPIPS"):
+            problems.append(f"LPIPS is needed at paper scale (no in-project classifier exists for ImageNet): {why}")
+    if problems:
+        raise FileNotFoundError("paper scale cannot run:\n  - " + "\n  - ".join(problems))
+
+
+def load_generators(scale: str, names, tokenizer, device, *, checkpoints: dict | None = None,
+                    preset: str | None = None) -> dict:
+    """``{variant: generator}``: the authors' checkpoints at ``paper`` (``checkpoints[variant]``), else the zoo's."""
+    if scale == "paper":
+        from .model import load_official_state_dict
+
+        return {v: load_official_state_dict(checkpoints[v], preset, device=device) for v in names}
+    from .zoo import get_generator
+
+    return {v: get_generator(scale, v, tokenizer=tokenizer, device=device, progress=False) for v in names}
+
+
+def load_images(scale: str, tokenizer, split: str, n: int, device, *, data_root=None):
+    """(images [n, 3, R, R] in [0, 1] on the CPU, labels [n], description) of a split at the tokenizer's size.
+
+    ``paper``: n ImageNet images spread evenly over the sorted class folders; otherwise ShapeScenes-10 images
+    0..n-1 rendered with the zoo's data seed.
+    """
+    if scale == "paper":
+        from .data import load_dataset
+
+        ds = load_dataset("imagenet", split=split, resolution=tokenizer.resolution, root=imagenet_root(data_root))
+        pick = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique()
+        items = [ds[int(i)] for i in pick]
+        return (torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]),
+                f"ImageNet {split} ({len(items)} images spread over the class folders)")
+    from .data import render_batch
+    from .zoo import DATA
+
+    x, y = render_batch(torch.arange(n), tokenizer.resolution, seed=DATA[scale]["seed"], split=split, device=device)
+    return x.cpu(), y.cpu(), f"ShapeScenes-10 {split} (images 0..{n - 1})"
+
+
+def load_tokens(scale: str, tokenizer, split: str, n: int, device, *, data_root=None, batch_size: int = 256):
+    """(ground-truth tokens [n, N], labels [n], description) of the first n images of a split.
+
+    ``smoke`` / ``small``: exactly the token files the zoo trained on (un-flipped view); ``train`` refuses more
+    images than the generators saw. ``paper``: :func:`load_images` encoded by the tokenizer.
+    """
+    if scale == "paper":
+        from .analysis import encode_images
+
+        x, y, desc = load_images(scale, tokenizer, split, n, device, data_root=data_root)
+        with torch.no_grad():
+            t = encode_images(tokenizer, x.to(device), batch_size)
+        return t.cpu(), y, desc
+    from .zoo import DATA, get_tokens
+
+    if split == "train" and n > DATA[scale]["train_size"]:
+        raise ValueError(f"n_images={n} exceeds the {DATA[scale]['train_size']} images the {scale} generators "
+                         f"were trained on")
+    ds = get_tokens(scale, tokenizer, split=split, size=n, progress=False)
+    return ds.tokens[:, 0].long(), ds.labels, f"ShapeScenes-10 {split}, images 0..{n - 1}"
