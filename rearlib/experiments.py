@@ -192,3 +192,14 @@ def load_sharded(path: str | os.PathLike) -> dict:
             raise FileNotFoundError(f"{path} names the shard {name}, which is missing next to it")
         out.update(torch.load(shard_path, map_location="cpu", weights_only=True))
     return out
+
+
+def config_from_dict(cls, d: dict, noun: str = "fields"):
+    """``cls(**d)`` for a config dataclass, refusing unknown keys with a message that lists the known ones."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} {noun} {unknown}; known: {sorted(known)}")
+    return cls(**d)

@@ -79,11 +79,9 @@ class MaskGITVQGANConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MaskGITVQGANConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown MaskGIT-VQGAN config keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        from .experiments import config_from_dict
+
+        return config_from_dict(cls, d, "keys")
 
 
 def _norm(c: int) -> nn.GroupNorm:

@@ -118,11 +118,9 @@ class ReARConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ReARConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ReARConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        from .experiments import config_from_dict
+
+        return config_from_dict(cls, d, "fields")
 
 
 _FULL_ALIGN = dict(encode_align=True, decode_align=True)

@@ -134,11 +134,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        from .experiments import config_from_dict
+
+        return config_from_dict(cls, d, "fields")
 
 
 def config_for_scale(scale: str, rear: str | ReARConfig = "rear", **overrides: Any) -> TrainConfig:

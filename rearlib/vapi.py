@@ -218,11 +218,9 @@ class VAPIConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VAPIConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown VAPIConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        from .experiments import config_from_dict
+
+        return config_from_dict(cls, d, "fields")
 
 
 #: Per-scale settings: VAPIConfig overrides, post-training steps and the size of the embedded-data pool.

@@ -115,11 +115,9 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VQConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VQConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        from .experiments import config_from_dict
+
+        return config_from_dict(cls, d, "keys")
 
 
 @dataclass
@@ -151,11 +149,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        from .experiments import config_from_dict
+
+        return config_from_dict(cls, d, "keys")
 
 
 # ----------------------------------------------------------------------------------------------------------
