@@ -189,6 +189,96 @@ def bench_sampling(preset: str, batch: int, device: torch.device, *, steps: int 
     return rows
 
 
+def _kernel_table(prof, per: int, top: int) -> list[dict[str, Any]]:
+    """The ``top`` device kernels of a torch.profiler run by total time, per step (``per`` steps profiled)."""
+    from torch.autograd import DeviceType
+
+    rows = []
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue  # CPU-side ops (their device time would count the kernels a second time)
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": e.key[:110], "calls_per_step": e.count / per, "us_per_step": t / per})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    for r in rows:
+        r["share"] = r["us_per_step"] / total if total else None
+    return rows[:top] + [{"kernel": "(all device kernels)", "calls_per_step": sum(r["calls_per_step"] for r in rows),
+                          "us_per_step": total, "share": 1.0}]
+
+
+def profile_training(preset: str, variant: str, batch: int, device: torch.device, *, steps: int = 3,
+                     warmup: int = 5, top: int = 25) -> dict[str, Any]:
+    """Device-kernel breakdown of the fast training step (torch.profiler over ``steps`` steps after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rear = get_rear_config(variant)
+    cfg = TrainConfig(model=preset, rear=rear, steps=1_000_000, batch_size=batch, warmup_steps=10,
+                      log_every=10**9, ckpt_every=10**9)
+    from .model import get_config
+    from .train import generator_overrides
+
+    mc = get_config(preset, **generator_overrides(cfg))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, mc.codebook_size, (4 * batch, mc.seq_len), generator=g).to(device)
+    labels = torch.randint(0, mc.num_classes, (4 * batch,), generator=g).to(device)
+    codebook = torch.randn(mc.codebook_size, mc.z_dim, generator=g).to(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = build_model(cfg, codebook, device)
+    stepper = Stepper(cfg, model, codebook, DeviceBatches(tokens, labels, batch, seed=0, rank=0, world=1), device,
+                      DistInfo())
+    stepper.wrap()
+    model.train()
+    for s in range(warmup):
+        stepper.step(s)
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for s in range(warmup, warmup + steps):
+            stepper.step(s)
+        _sync(device)
+    wall = (time.perf_counter() - t0) / steps
+    out = {"kind": "train", "preset": preset, "variant": variant, "batch": batch,
+           "wall_ms_per_step_profiled": 1e3 * wall, "kernels": _kernel_table(prof, steps, top)}
+    del stepper, model
+    _release(device)
+    return out
+
+
+def profile_sampling(preset: str, batch: int, device: torch.device, *, steps: int = 16, top: int = 25,
+                     cfg: bool = True) -> dict[str, Any]:
+    """Device-kernel breakdown of the compiled decode step (run without CUDA graphs so kernels are visible)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .model import build_generator
+    from .sample import _FastDecoder
+
+    torch.manual_seed(0)
+    model = build_generator(preset).to(device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    dec = _FastDecoder(model, batch, use_cfg=cfg, top_k=None, top_p_on=False, greedy=False, dtype=torch.bfloat16,
+                       compile_step=True, kv_buckets=4, use_graphs=False)
+    classes = torch.arange(batch, device=device) % model.config.num_classes
+    st = dict(num_tokens=steps + 1, use_cfg=cfg, cfg_scale=4.0, cfg_power=0.0, temperature=1.0, top_p=None)
+    seeds = list(range(batch))
+    with torch.no_grad():
+        dec.run(classes, seeds, st)
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            dec.run(classes, seeds, st)
+            _sync(device)
+    out = {"kind": "sample", "preset": preset, "batch": batch, "cfg": cfg,
+           "kernels": _kernel_table(prof, steps, top)}
+    del dec, model
+    _release(device)
+    return out
+
+
 def run(preset: str = "rear_b", batch: int = 128, *, variants=("ar", "rear"), steps: int = 20, warmup: int = 5,
         plain: bool = True, plain_steps: int | None = None, sampling: bool = True, sample_batch: int | None = None,
         sample_steps: int | None = None, sample_repeats: int = 2, sample_modes: list[str] | None = None,
@@ -283,8 +373,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="JSON path (a CSV is written beside it)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: device-kernel breakdown (torch.profiler) of the fast training step of "
+                        "each variant and of the compiled decode step; JSON to --out")
     a = p.parse_args(argv)
     from .train import _parse_kv
+
+    if a.profile:
+        dev = concrete_device(resolve_device(a.device))
+        if dev.type != "cuda":
+            raise SystemExit("--profile needs a CUDA device")
+        res = {"hardware": hardware_info(), "profiles": []}
+        for v in ([] if a.no_train else [v for v in a.variants.split(",") if v]):
+            res["profiles"].append(profile_training(a.preset, v, a.batch, dev))
+        if not a.no_sampling:
+            res["profiles"].append(profile_sampling(a.preset, a.sample_batch or a.batch, dev))
+        for prof in res["profiles"]:
+            print(f"\n== {prof['kind']} {prof.get('variant', '')} batch {prof['batch']}"
+                  + (f", {prof['wall_ms_per_step_profiled']:.1f} ms/step wall" if "wall_ms_per_step_profiled" in prof
+                     else ""))
+            for r in prof["kernels"]:
+                print(f"{r['us_per_step']:10.1f} us {r['calls_per_step']:7.1f}x {100 * (r['share'] or 0):5.1f}%  "
+                      f"{r['kernel']}")
+        if a.out:
+            atomic_write_text(Path(a.out), json.dumps(res, indent=2, default=str))
+        return 0
 
     variants = () if a.no_train else tuple(v for v in a.variants.split(",") if v)
     res = run(a.preset, a.batch, variants=variants, steps=a.steps, warmup=a.warmup,

@@ -208,7 +208,8 @@ def generate(model: Generator, classes, *, cfg_scale: float | None = None, cfg_p
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, generator: torch.Generator | None = None, image_seeds=None,
              use_cache: bool = True, fast: bool | str | None = None, dtype: torch.dtype | None = None,
-             num_tokens: int | None = None, kv_buckets: int = 4, progress: bool = False) -> torch.Tensor:
+             num_tokens: int | None = None, kv_buckets: int = 4, decode_attention: str | None = None,
+             progress: bool = False) -> torch.Tensor:
     """Sample token sequences ``[B, num_tokens]`` (default N) for class labels ``classes`` ([B], in [0, M]).
 
     cfg_scale / cfg_power: guidance g and schedule power p (``None`` or 1.0 = no guidance). temperature: 1.0 as
@@ -217,6 +218,8 @@ def generate(model: Generator, classes, *, cfg_scale: float | None = None, cfg_p
     use_cache=False: recompute the whole prefix every step (the authors' evaluation path; slow reference).
     fast: None = automatic (CUDA -> compiled CUDA-graph step, CPU -> plain loop); "graph" = CUDA graphs without
     torch.compile; False = plain eager loop. dtype: compute dtype (default bf16 on CUDA, float32 on CPU).
+    decode_attention: the fast path's attention kernel (``rearlib.model.DECODE_ATTENTION``; default "reduce" when
+    compiled, "sdpa" otherwise); the plain loop always uses SDPA.
     The model runs in eval mode (its mode is restored afterwards). Returns int64 tokens on the model's device.
     """
     model = _unwrap(model)
@@ -241,7 +244,7 @@ def generate(model: Generator, classes, *, cfg_scale: float | None = None, cfg_p
         if fast:
             dec = _get_fast_decoder(model, classes.numel(), use_cfg=use_cfg, top_k=top_k, top_p_on=top_p is not None,
                                     greedy=temperature == 0, dtype=dtype, compile_step=(fast != "graph"),
-                                    kv_buckets=kv_buckets)
+                                    kv_buckets=kv_buckets, attention=decode_attention)
             return dec.run(classes, seeds, settings)
         return _plain_generate(model, classes, seeds, settings, dtype=dtype, use_cache=use_cache,
                                kv_buckets=kv_buckets, progress=progress)
@@ -317,12 +320,12 @@ def _param_fingerprint(model: nn.Module) -> tuple:
 
 
 def _step_fn(net, cache_k, cache_v, tok, pos, cls, scales, noise, out, temp, top_p, *,
-             kv_len, B, use_cfg, top_k, greedy, autocast_dtype, device_type):
+             kv_len, B, use_cfg, top_k, greedy, autocast_dtype, device_type, attention="sdpa"):
     """One decode step on static buffers: feed tok at sequence position pos (= t + 1), sample x_{t+1},
     write it to out[:, t] and to tok (both halves under CFG). Everything stays on the device."""
     cache = _CacheLists(cache_k, cache_v)
     with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        logits = net.decode_step(tok, pos, cls, cache, kv_len=kv_len)
+        logits = net.decode_step(tok, pos, cls, cache, kv_len=kv_len, attention=attention)
     step = pos - 1
     new = _pick(logits, B=B, use_cfg=use_cfg, scale=scales.index_select(0, step),
                 u=noise.index_select(1, step)[:, 0], temperature=temp, top_k=top_k, top_p=top_p, greedy=greedy)
@@ -345,7 +348,7 @@ class _FastDecoder:
 
     def __init__(self, model: Generator, B: int, *, use_cfg: bool, top_k, top_p_on: bool, greedy: bool,
                  dtype: torch.dtype, compile_step: bool, kv_buckets: int, compile_backend: str = "inductor",
-                 use_graphs: bool | None = None):
+                 use_graphs: bool | None = None, attention: str | None = None):
         dev = model.pos_embed.device
         cfg = model.config
         N, K = cfg.seq_len, cfg.codebook_size
@@ -365,8 +368,15 @@ class _FastDecoder:
         self.temp = torch.ones((), device=dev)
         self.top_p = torch.ones((), device=dev) if top_p_on else None
         self.buckets = _buckets(N + 1, kv_buckets)
+        if attention is None:
+            # Measured on an H200 (reAR-B, batch 128, CFG, rearlib.bench): FlexAttention 172 img/s, fused reductions
+            # 161, SDPA 149 in the compiled step; eagerly SDPA is the fastest.
+            attention = ("flex" if dev.type == "cuda" else "reduce") if compile_step else "sdpa"
+        if attention == "flex" and not (compile_step and dev.type == "cuda"):
+            raise ValueError("attention='flex' needs a CUDA device and compile_step=True")
+        self.attention = attention
         self.static = dict(B=B, use_cfg=use_cfg, top_k=top_k, greedy=greedy, device_type=dev.type,
-                           autocast_dtype=None if dtype == torch.float32 else dtype)
+                           autocast_dtype=None if dtype == torch.float32 else dtype, attention=attention)
         self.device_type = dev.type
         fn = _step_fn
         if compile_step:
@@ -383,7 +393,7 @@ class _FastDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = self._capture() if self.use_graphs else 0.0
         self.mode = {(True, True): "compiled+graphs", (False, True): "graphs", (True, False): "compiled",
-                     (False, False): "eager"}[(compile_step, self.use_graphs)]
+                     (False, False): "eager"}[(compile_step, self.use_graphs)] + f" ({attention} attention)"
 
     def _args(self):
         return (self.net, self.cache.k, self.cache.v, self.tok, self.pos, self.cls, self.scales, self.noise,
@@ -472,9 +482,19 @@ def _get_fast_decoder(model, B, **key) -> _FastDecoder:
             if not key.get("compile_step"):
                 raise
             import warnings
-            warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); falling back to "
-                          f"CUDA graphs of the eager step (slower)", RuntimeWarning)
-            dec = _FastDecoder(model, B, **{**key, "compile_step": False})
+
+            fallbacks = ([{"attention": "reduce"}] if key.get("attention") in (None, "flex") else []) + [
+                {"compile_step": False, "attention": None}]
+            for fb in fallbacks:
+                warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {str(e)[:300]}); falling back "
+                              f"to {fb} (slower)", RuntimeWarning)
+                try:
+                    dec = _FastDecoder(model, B, **{**key, **fb})
+                    break
+                except Exception as e2:  # noqa: PERF203 - at most two tries
+                    e = e2
+            else:
+                raise e
     _FAST_DECODERS[k] = _FAST_DECODERS.pop(k, dec)  # most recently used last
     _LAST_FAST.clear()
     _LAST_FAST.update(mode=dec.mode, buckets=list(dec.buckets), capture_seconds=dec.capture_seconds)
@@ -638,8 +658,9 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
                        kv_buckets: int = 4, seed: int = 0) -> dict:
     """Time token generation (tokenizer decoding excluded) for ``batch_size`` images with each path in ``modes``.
 
-    modes: subset of ("fast", "graph", "cached", "no_cache"); default all available on the device ("fast" and
-    "graph" need CUDA). steps: tokens per image (default N); images/s is extrapolated to N tokens when
+    modes: subset of ("fast", "fast-sdpa", "fast-flex", "graph", "cached", "no_cache"); default ("fast", "graph",
+    "cached", "no_cache") where available ("fast*" and "graph" need CUDA). "fast" is the compiled CUDA-graph step
+    with its default attention kernel, "fast-sdpa" / "fast-flex" the same step with that kernel instead. steps: tokens per image (default N); images/s is extrapolated to N tokens when
     steps < N (``images_per_s_full``). Reports per mode: seconds per batch (median over ``repeats`` after
     ``warmup`` untimed runs, which include compilation/capture), ms/step, images/s, peak memory, and for the
     cached GPU paths the achieved bandwidth = (bytes a step must move, :func:`_decode_bytes_per_step`, at the
@@ -649,8 +670,9 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
     device = model.pos_embed.device
     N = model.config.seq_len
     steps = N if steps is None else int(steps)
-    avail = ("fast", "graph", "cached", "no_cache") if device.type == "cuda" else ("cached", "no_cache")
-    modes = avail if modes is None else tuple(modes)
+    avail = (("fast", "fast-sdpa", "fast-flex", "graph", "cached", "no_cache") if device.type == "cuda"
+             else ("cached", "no_cache"))
+    modes = tuple(m for m in avail if m not in ("fast-sdpa", "fast-flex")) if modes is None else tuple(modes)
     bad = [m for m in modes if m not in avail]
     if bad:
         raise ValueError(f"modes {bad} not available on {device.type}; available: {avail}")
@@ -666,7 +688,10 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
     mean_window = sum(_bucket_for(t + 2, buckets) for t in range(1, steps)) / max(1, steps - 1)
     tokens_by_mode = {}
     for mode in modes:
-        mkw = dict(kw, fast={"fast": True, "graph": "graph"}.get(mode, False), use_cache=mode != "no_cache")
+        mkw = dict(kw, fast={"graph": "graph", "cached": False, "no_cache": False}.get(mode, True),
+                   use_cache=mode != "no_cache")
+        if mode.startswith("fast-"):
+            mkw["decode_attention"] = mode.split("-", 1)[1]
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
@@ -686,7 +711,7 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
         sec = sorted(times)[len(times) // 2]
         r = {"seconds_per_batch": sec, "ms_per_step": 1e3 * sec / steps, "images_per_s": batch_size / sec,
              "images_per_s_full": batch_size / (sec * N / steps), "warmup_seconds": setup}
-        if mode in ("fast", "graph"):
+        if mode.startswith("fast") or mode == "graph":
             r["path"] = last_fast_path_info().get("mode")
         if device.type == "cuda":
             r["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30

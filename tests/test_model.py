@@ -328,3 +328,23 @@ def test_state_dict_round_trip_and_errors(tmp_path):
     assert cfg.encode_align_layer is None and cfg.decode_align_layer is None
     with pytest.raises(StateDictMismatchError, match="missing keys"):
         load_official_state_dict(no_heads, "tiny")
+
+
+def test_single_query_attention_equals_masked_sdpa():
+    """The compiled decode step's attention (two float32 reductions) is SDPA with the window mask."""
+    import torch.nn.functional as F
+
+    from rearlib.model import _single_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 8, generator=g) for n in (1, 10, 10))
+    mask = (torch.arange(10) <= 6).view(1, 1, 1, 10)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = _single_query_attention(q, k, v, mask)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # positions beyond the mask do not matter
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 7:] += 100.0
+    v2[:, :, 7:] -= 50.0
+    torch.testing.assert_close(_single_query_attention(q, k2, v2, mask), out)
