@@ -41,7 +41,6 @@ ctx = setup(notebook="04_generators", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
 
 # %%
-import hashlib
 import json
 import math
 import time
@@ -56,11 +55,12 @@ from tqdm.auto import tqdm
 
 from rearlib import metrics as M
 from rearlib.data import CLASS_NAMES, NUM_CLASSES, render_batch
-from rearlib.experiments import artifact_dir, atomic_write_text
-from rearlib.features import EXTRACTOR_NAME, class_consistency, get_classifier
-from rearlib.sample import cfg_schedule, generate, image_seeds
+from rearlib.evaluation import SCALES as EVAL_SCALES
+from rearlib.evaluation import Evaluator, run_model_key, setting_label
+from rearlib.features import EXTRACTOR_NAME, get_classifier
+from rearlib.sample import cfg_schedule, generate
 from rearlib.tokenizer import get_tokenizer
-from rearlib.zoo import DATA, get_generator, get_tokens, run_dir, train_config
+from rearlib.zoo import DATA, get_generator, get_tokens, run_dir, run_hash, train_config
 
 if ctx.scale == "paper":
     raise ValueError("04_generators compares the zoo's AR and reAR generators, which exist at 'smoke' and 'small' "
@@ -69,21 +69,20 @@ if ctx.scale == "paper":
 
 # Per scale. grid_per_class: samples per class in the pictures. fid_per_class: the target number of samples per
 # class for one FID evaluation (10 classes), lowered automatically when the measured sampling speed says that the
-# planned evaluations would not fit gen_budget_s. n_ref: held-out real images (val split) FID is computed
-# against. n_tf: held-out token sequences for the teacher-forced metrics. batch: images per sampler call (fixed,
-# the last batch is padded, so the GPU sampler captures its CUDA graphs once per model and CFG on/off).
-# sampler: "graph" = CUDA graphs of the eager decode step: a torch.compile of the step costs about a minute per
-# (model, CFG on/off) pair on an H200, which would eat most of this notebook's budget, while for an 8-block model
-# the graphs alone already remove the kernel-launch overhead. None = the library default (plain loop on CPU).
-# show_cfg: the (g, p) of the CFG picture.
+# planned evaluations would not fit gen_budget_s. n_tf: held-out token sequences for the teacher-forced metrics.
+# show_cfg: the (g, p) of the CFG picture. From rearlib.evaluation.SCALES (shared with notebooks 09-13): n_ref,
+# the held-out real images (val split) FID is computed against; batch, images per sampler call (fixed, the last
+# batch is padded, so the GPU sampler captures its CUDA graphs once per model and CFG on/off); sampler, "graph" =
+# CUDA graphs of the eager decode step (a torch.compile of the step costs about a minute per (model, CFG on/off)
+# pair on an H200, while for an 8-block model the graphs alone already remove the kernel-launch overhead), None =
+# the library default (plain loop on CPU).
 SETTINGS = {
-    "smoke": dict(grid_per_class=4, fid_per_class=8, fid_min_per_class=4, n_ref=256, n_tf=256, batch=80,
-                  cfg_scales=(3.0,), cfg_powers=(0.0, 2.0), show_cfg=(3.0, 2.0), sampler=None,
-                  gen_budget_s=30.0),
-    "small": dict(grid_per_class=8, fid_per_class=1000, fid_min_per_class=200, n_ref=10_000, n_tf=10_000,
-                  batch=500, cfg_scales=(1.5, 2.0, 3.0), cfg_powers=(0.0, 2.0), show_cfg=(3.0, 2.0),
-                  sampler="graph", gen_budget_s=200.0),
+    "smoke": dict(grid_per_class=4, fid_per_class=8, fid_min_per_class=4, n_tf=256,
+                  cfg_scales=(3.0,), cfg_powers=(0.0, 2.0), show_cfg=(3.0, 2.0), gen_budget_s=30.0),
+    "small": dict(grid_per_class=8, fid_per_class=1000, fid_min_per_class=200, n_tf=10_000,
+                  cfg_scales=(1.5, 2.0, 3.0), cfg_powers=(0.0, 2.0), show_cfg=(3.0, 2.0), gen_budget_s=200.0),
 }[ctx.scale]
+SETTINGS.update({k: EVAL_SCALES[ctx.scale][k] for k in ("n_ref", "batch", "sampler")})
 if ctx.device.type == "cpu":
     # On a busy 2-core machine OpenMP threads spin-waiting for each other made the sampler ~50x slower
     # (22 s vs 0.26 s for 20 tiny-model images, measured); one thread is faster and predictable.
@@ -98,6 +97,7 @@ VARIANTS = {"AR": "ar", "reAR": "rear"}
 models = {name: get_generator(ctx.scale, v, tokenizer=tok, seed=generator_seed, device=dev, progress=False)
           for name, v in VARIANTS.items()}
 classifier = get_classifier(ctx.scale, dev)
+evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed)
 for name, m in models.items():
     c = m.config
     print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, {c.depth} blocks x {c.hidden}, "
@@ -255,28 +255,10 @@ plt.show()
 # generation budget, otherwise fewer (the tables carry the count used).
 
 # %%
-def _sync():
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def time_sampler(model, g: float | None) -> float:
-    """images/s of the evaluation sampler (tokens + decode) on one full batch, after one warm-up batch."""
-    labels = torch.arange(SETTINGS["batch"], device=dev) % NUM_CLASSES
-    kw = dict(cfg_scale=g, cfg_power=0.0, seed=10_000 + ctx.seed, fast=SETTINGS["sampler"])
-    with torch.no_grad():
-        tok.decode(generate(model, labels, **kw))  # warm-up: builds (captures) the sampler for this batch shape
-    _sync()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        tok.decode(generate(model, labels, **kw))
-    _sync()
-    return SETTINGS["batch"] / (time.perf_counter() - t0)
-
-
 g_probe = max(SETTINGS["cfg_scales"])
 speed = pd.DataFrame([{"model": name, "CFG": cfg_on, "batch": SETTINGS["batch"],
-                       "images/s": time_sampler(m, g_probe if cfg_on else None), "device": str(dev),
+                       "images/s": evaluator.time_sampler(m, g_probe if cfg_on else None, seed=10_000 + ctx.seed),
+                       "device": str(dev),
                        "sampler": SETTINGS["sampler"] or "default"}
                       for name, m in models.items() for cfg_on in (False, True)])
 ctx.save_csv(speed, "04_sampling_speed")
@@ -305,84 +287,45 @@ speed
 # numbers: **real train images** (the same count as a generated set: the finite-sample floor of FID here), and
 # **tokenizer reconstructions** of those images (the best a generator of tokens could do with this tokenizer).
 # Generated set i: class i // n_per_class, image seed `image_seed(seed, i)` (as `rearlib.sample.generate_fid_samples`
-# would make them); temperature 1, no top-k/top-p. Results are cached under `artifacts/generator_eval/` by the
-# model's weights and the settings, so an interrupted run resumes.
+# would make them); temperature 1, no top-k/top-p (`rearlib.evaluation`). Results are cached as small records under
+# `artifacts/eval_records/`, keyed by the generator's training *recipe* (not its weights) and the settings, so an
+# interrupted run resumes and notebook 10 reuses these evaluations of the seed-0 generators.
 
 # %%
-def weights_id(model) -> str:
-    """Short SHA-256 of a model's weights (names and float32 values): the model part of cache keys."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 n_ref = SETTINGS["n_ref"]
-ref_u8 = M.to_uint8(render_batch(torch.arange(n_ref), res, seed=data_seed, split="val", device=dev)[0]).cpu()
-REF = {"dataset": "ShapeScenes-10", "split": "val", "n": n_ref, "resolution": res, "seed": data_seed}
-REF_NAME = f"embedded-val-r{res}-n{n_ref}-seed{data_seed}"
-SAMPLER_KEY = f"{dev.type}:{SETTINGS['sampler'] or 'default'}"  # bf16 GPU and fp32 CPU samples differ slightly
 
 
-@torch.no_grad()
-def sample_set(model, n_per_class: int, g: float | None, p: float, sample_seed: int):
-    """uint8 images [10 n, 3, H, W] and labels: image i has class i // n_per_class and seed image_seed(seed, i)."""
-    total, B = NUM_CLASSES * n_per_class, SETTINGS["batch"]
-    labels = torch.arange(total) // n_per_class
-    out = torch.empty(total, 3, res, res, dtype=torch.uint8)
-    for s in tqdm(range(0, total, B), desc=f"sampling g={g} p={p}", leave=False):
-        idx = list(range(s, min(s + B, total)))
-        full = idx + [idx[-1]] * (B - len(idx))  # pad: one batch shape (padding rows repeat an image, dropped)
-        toks = generate(model, labels[full].to(dev), cfg_scale=g, cfg_power=p,
-                        image_seeds=image_seeds(sample_seed, full), fast=SETTINGS["sampler"])
-        out[s:s + len(idx)] = M.to_uint8(tok.decode(toks[:len(idx)])).cpu()
-    return out, labels
-
-
-def score(images_u8: torch.Tensor, labels: torch.Tensor) -> dict:
-    dm = M.distribution_metrics(images_u8, ref_u8, classifier=classifier, device=dev, cache_name=REF_NAME,
-                                reference_name=f"ShapeScenes-10 val n={n_ref}")
-    row = {dm["labels"][k]: dm[k] for k in ("fid", "isc_mean", "kid_mean", "precision", "recall")}
-    cc = class_consistency(images_u8.float() / 255, labels, classifier)
-    row["class consistency"] = cc["class_consistency"]
-    row.update({"n generated": dm["n_generated"], "n reference": dm["n_reference"]})
-    return row
-
-
-def evaluate(name: str, model, wid: str, g: float | None, p: float, sample_seed: int) -> dict:
-    key = {"weights": wid, "tokenizer": tok.identity(), "classifier": classifier.identity, "reference": REF,
-           "n_per_class": n_pc, "cfg_scale": g, "cfg_power": p if g is not None else None,
-           "sample_seed": sample_seed, "temperature": 1.0, "sampler": SAMPLER_KEY}
-    path = artifact_dir("generator_eval", key) / "metrics.json"
-    setting = "no CFG" if g is None else f"CFG g={g} p={p}"
-    if path.exists():
-        row = json.loads(path.read_text())
-    else:
-        _sync()
-        t0 = time.perf_counter()
-        imgs, labels = sample_set(model, n_pc, g, p, sample_seed)
-        t_gen = time.perf_counter() - t0
-        row = {**score(imgs, labels), "generation s": t_gen, "images/s": len(imgs) / t_gen}
-        atomic_write_text(path, json.dumps(row, indent=2))
-    return {"model": name, "setting": setting, "cfg_scale": g if g is not None else 1.0,
+def evaluate(name: str, variant: str, model, g: float | None, p: float, sample_seed: int) -> dict:
+    steps = train_config(ctx.scale, variant, tok, generator_seed).steps
+    key = run_model_key(run_hash(ctx.scale, variant, tok, generator_seed), steps)
+    row = evaluator.evaluate(key, model, n_per_class=n_pc, cfg_scale=g, cfg_power=p, sample_seed=sample_seed)
+    return {"model": name, "setting": setting_label(g, p), "cfg_scale": g if g is not None else 1.0,
             "cfg_power": p if g is not None else float("nan"), "sample_seed": sample_seed, **row}
+
+
+def real_images():
+    with torch.no_grad():
+        return render_batch(torch.arange(n_fid), res, seed=data_seed, split="train", device=dev)
+
+
+def reconstructions():
+    real, real_lab = real_images()
+    with torch.no_grad():
+        return torch.cat([tok.decode(tok.encode(real[i:i + 500])) for i in range(0, n_fid, 500)]), real_lab
 
 
 rows = []
 # Floors: real training images and their tokenizer reconstructions, n_fid of them (the generated-set size).
-with torch.no_grad():
-    real, real_lab = render_batch(torch.arange(n_fid), res, seed=data_seed, split="train", device=dev)
-    recon = torch.cat([tok.decode(tok.encode(real[i:i + 500])) for i in range(0, n_fid, 500)])
-rows.append({"model": "real train images", "setting": "-", **score(M.to_uint8(real).cpu(), real_lab.cpu())})
-rows.append({"model": "tokenizer reconstruction", "setting": "-", **score(M.to_uint8(recon).cpu(), real_lab.cpu())})
-del real, recon
-wids = {name: weights_id(m) for name, m in models.items()}
+floor_set = {"dataset": "ShapeScenes-10", "split": "train", "seed": data_seed, "resolution": res}
+rows.append({"model": "real train images", "setting": "-",
+             **evaluator.evaluate_images({"kind": "real", **floor_set}, real_images, n_fid)})
+rows.append({"model": "tokenizer reconstruction", "setting": "-",
+             **evaluator.evaluate_images({"kind": "tokenizer reconstruction", **floor_set}, reconstructions, n_fid)})
 plan = [(None, 0.0, ctx.seed), (None, 0.0, ctx.seed + 1)] + [
     (g, p, ctx.seed) for g in SETTINGS["cfg_scales"] for p in SETTINGS["cfg_powers"]]
 for name, m in models.items():  # model-major order: the GPU sampler keeps one model's two graph sets alive
     for g, p, s in tqdm(plan, desc=f"evaluate {name}"):
-        rows.append(evaluate(name, m, wids[name], g, p, s))
+        rows.append(evaluate(name, VARIANTS[name], m, g, p, s))
 evals = pd.DataFrame(rows)
 FID, IS, KID = (M.metric_label(k, EXTRACTOR_NAME) for k in ("fid", "isc_mean", "kid_mean"))
 PREC, REC = M.metric_label("precision", EXTRACTOR_NAME), M.metric_label("recall", EXTRACTOR_NAME)

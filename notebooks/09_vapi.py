@@ -40,7 +40,6 @@ ctx = setup(notebook="09_vapi", scale=scale, seed=seed, device=device,
 
 # %%
 import copy
-import hashlib
 import json
 import math
 import time
@@ -56,12 +55,14 @@ from tqdm.auto import tqdm
 from rearlib import metrics as M
 from rearlib import vapi
 from rearlib.data import NUM_CLASSES, render_batch
-from rearlib.experiments import artifact_dir, atomic_write_text
-from rearlib.features import EXTRACTOR_NAME, class_consistency, get_classifier
+from rearlib.evaluation import SCALES as EVAL_SCALES
+from rearlib.evaluation import Evaluator, run_model_key
+from rearlib.experiments import artifact_dir, config_hash
+from rearlib.features import EXTRACTOR_NAME, get_classifier
 from rearlib.sample import SCALES as SAMPLE_SCALES
-from rearlib.sample import generate, image_seeds
+from rearlib.sample import generate
 from rearlib.tokenizer import get_tokenizer
-from rearlib.zoo import DATA, get_generator, run_dir
+from rearlib.zoo import DATA, get_generator, run_dir, run_hash, train_config
 
 if ctx.scale == "paper":
     raise ValueError("09_vapi post-trains the zoo's AR and reAR generators, which exist at 'smoke' and 'small' only. "
@@ -71,17 +72,19 @@ if ctx.scale == "paper":
 # Per scale. steps: VA-π optimizer steps (the library's per-scale recipe, rearlib.vapi.SCALES: a few at smoke,
 # 100 at small as the paper's C2I run). fid_per_class: the target samples per class for one FID evaluation, lowered
 # automatically when the measured sampling speed says the planned evaluations would not fit gen_budget_s.
-# n_ref: held-out real images (val) for FID. n_heldout: val images for the teacher-forced reconstruction check.
-# batch: images per sampler call. sampler: see 04_generators ("graph": CUDA graphs without torch.compile, whose
-# compile time per model would not fit the budget; None: library default). cfg: the one CFG setting (g, p) used
-# "with CFG", rearlib.sample's per-scale default (a constant g, as the VA-π paper's evaluation uses).
+# n_heldout: val images for the teacher-forced reconstruction check. From rearlib.evaluation.SCALES (shared with
+# 04 and 10-13): n_ref, held-out real images (val) for FID; batch, images per sampler call; sampler ("graph": CUDA
+# graphs without torch.compile, whose compile time per model would not fit the budget; None: library default).
+# cfg: the one CFG setting (g, p) used "with CFG", rearlib.sample's per-scale default (a constant g, as the VA-π
+# paper's evaluation uses).
 VSCALE = vapi.SCALES[ctx.scale]
 SETTINGS = {
     "smoke": dict(steps=VSCALE["steps"], data_size=VSCALE["data_size"], fid_per_class=8, fid_min_per_class=4,
-                  n_ref=256, n_heldout=32, batch=80, sampler=None, gen_budget_s=30.0, grid_per_class=3),
+                  n_heldout=32, gen_budget_s=30.0, grid_per_class=3),
     "small": dict(steps=VSCALE["steps"], data_size=VSCALE["data_size"], fid_per_class=1000, fid_min_per_class=200,
-                  n_ref=10_000, n_heldout=1000, batch=500, sampler="graph", gen_budget_s=200.0, grid_per_class=6),
+                  n_heldout=1000, gen_budget_s=200.0, grid_per_class=6),
 }[ctx.scale]
+SETTINGS.update({k: EVAL_SCALES[ctx.scale][k] for k in ("n_ref", "batch", "sampler")})
 CFG_G, CFG_P = SAMPLE_SCALES[ctx.scale]["cfg_scale"], SAMPLE_SCALES[ctx.scale]["cfg_power"]
 if ctx.device.type == "cpu":
     # On a busy 2-core machine OpenMP threads spin-waiting for each other made the sampler ~50x slower (measured);
@@ -97,6 +100,7 @@ VARIANTS = {"AR": "ar", "reAR": "rear"}
 base_models = {name: get_generator(ctx.scale, v, tokenizer=tok, seed=generator_seed, device=dev, progress=False)
                for name, v in VARIANTS.items()}
 classifier = get_classifier(ctx.scale, dev)
+evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed)
 base_cfg = vapi.config_for_scale(ctx.scale, seed=ctx.seed)
 perceptual_fn = vapi.make_perceptual_fn(base_cfg.perceptual, scale=ctx.scale, device=dev, classifier=classifier)
 PERC = perceptual_fn.metric_name
@@ -117,19 +121,10 @@ print(f"VA-π config ({ctx.scale}): {base_cfg.to_dict()}; {SETTINGS['steps']} st
 # C2I setting), the code's eval-mode rollout and train-mode update, and the scale's batch size and learning rate
 # (`rearlib.vapi.SCALES`; at `small` lr 1e-5, an untuned choice for our 8-block model, see the module). Images
 # come from the `train` split, the one the generators were trained on. Runs are cached under `artifacts/vapi/`
-# and resume if interrupted. "post-training time" is the run record's sum of step times (sampling, decoding,
+# (keyed by the base generator's training recipe and the VA-π config) and resume if interrupted. "post-training time" is the run record's sum of step times (sampling, decoding,
 # reward, update; checkpoint writes excluded), so a cached run reports the time of the run that did the work.
 
 # %%
-def weights_id(model) -> str:
-    """Short SHA-256 of a model's weights (names and float32 values): the model part of cache keys."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 RUNS = {
     "AR + VA-π": ("AR", "MSE + perceptual", {}),
     "reAR + VA-π": ("reAR", "MSE + perceptual", {}),
@@ -137,11 +132,15 @@ RUNS = {
     "AR + VA-π (perceptual only)": ("AR", "perceptual only", {"reward_mse_weight": 0.0}),
 }
 source = vapi.EmbeddedSource(SETTINGS["data_size"], res, "train", data_seed)
-base_wids = {name: weights_id(m) for name, m in base_models.items()}
+# The model part of evaluation keys: the base generators' training recipe and final step (rearlib.zoo), and for
+# a post-trained model the hash of its VA-π run key (which holds the base recipe).
+model_keys = {name: run_model_key(run_hash(ctx.scale, v, tok, generator_seed),
+                                  train_config(ctx.scale, v, tok, generator_seed).steps)
+              for name, v in VARIANTS.items()}
 post, results = {}, {}
 for run, (base, reward, overrides) in RUNS.items():
     cfg = base_cfg.replace(**overrides)
-    key = {"base": base_wids[base], "tokenizer": tok.identity(), "vapi": cfg.to_dict(), "steps": SETTINGS["steps"],
+    key = {"base": model_keys[base], "tokenizer": tok.identity(), "vapi": cfg.to_dict(), "steps": SETTINGS["steps"],
            "data": {"dataset": "ShapeScenes-10", "split": "train", "size": SETTINGS["data_size"], "seed": data_seed},
            "perceptual": PERC if cfg.reward_perceptual_weight > 0 else "none", "device": dev.type}
     out = artifact_dir("vapi", key)
@@ -151,6 +150,7 @@ for run, (base, reward, overrides) in RUNS.items():
     if r["status"] != "completed":
         raise RuntimeError(f"{run} stopped at step {r['step']} of {r['steps']}; re-run this cell to resume")
     post[run], results[run] = r["model"], r
+    model_keys[run] = {"kind": "vapi", "run": config_hash(key), "step": r["step"]}
 
 history = pd.concat([r["history_df"].assign(run=run, reward=RUNS[run][1]) for run, r in results.items()],
                     ignore_index=True)
@@ -257,25 +257,9 @@ heldout.set_index("model").round(5)
 # of samples per FID evaluation is the target if all planned evaluations fit the generation budget, else fewer.
 
 # %%
-def _sync():
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-@torch.no_grad()
-def time_sampler(model, g: float | None) -> float:
-    labels = torch.arange(SETTINGS["batch"], device=dev) % NUM_CLASSES
-    kw = dict(cfg_scale=g, cfg_power=CFG_P, seed=10_000 + ctx.seed, fast=SETTINGS["sampler"])
-    tok.decode(generate(model, labels, **kw))  # warm-up: builds (captures) the sampler for this batch shape
-    _sync()
-    t0 = time.perf_counter()
-    tok.decode(generate(model, labels, **kw))
-    _sync()
-    return SETTINGS["batch"] / (time.perf_counter() - t0)
-
-
 speed = pd.DataFrame([{"model": "AR", "CFG": c, "batch": SETTINGS["batch"], "device": str(dev),
-                       "images/s": time_sampler(base_models["AR"], CFG_G if c else None)} for c in (False, True)])
+                       "images/s": evaluator.time_sampler(base_models["AR"], CFG_G if c else None, CFG_P,
+                                                          seed=10_000 + ctx.seed)} for c in (False, True)])
 ctx.save_csv(speed, "09_sampling_speed")
 ips = speed.set_index("CFG")["images/s"]
 # Plan: every model without and with CFG, plus each base model once more without CFG with another sampling seed.
@@ -297,64 +281,25 @@ speed
 # Against held-out real images (val). Without CFG, and with CFG at `rearlib.sample.SCALES[scale]`'s (g, p) (a
 # constant g at small, printed below). Image i of a set: class i // n_per_class, seed `image_seed(seed, i)`, so
 # every model gets identical random numbers.
-# Cached under `artifacts/generator_eval/` with the same keys as notebook 04.
+# Cached as records under `artifacts/eval_records/` (`rearlib.evaluation`; the base generators' records are shared
+# with notebooks 04 and 10).
 
 # %%
 print(f"with CFG: g = {CFG_G}, p = {CFG_P}")
 n_ref = SETTINGS["n_ref"]
-ref_u8 = M.to_uint8(render_batch(torch.arange(n_ref), res, seed=data_seed, split="val", device=dev)[0]).cpu()
-REF = {"dataset": "ShapeScenes-10", "split": "val", "n": n_ref, "resolution": res, "seed": data_seed}
-REF_NAME = f"embedded-val-r{res}-n{n_ref}-seed{data_seed}"
-SAMPLER_KEY = f"{dev.type}:{SETTINGS['sampler'] or 'default'}"
 
 
-@torch.no_grad()
-def sample_set(model, n_per_class: int, g: float | None, p: float, sample_seed: int):
-    """uint8 images [10 n, 3, H, W] and labels: image i has class i // n_per_class and seed image_seed(seed, i)."""
-    total, B = NUM_CLASSES * n_per_class, SETTINGS["batch"]
-    labels = torch.arange(total) // n_per_class
-    out = torch.empty(total, 3, res, res, dtype=torch.uint8)
-    for s in tqdm(range(0, total, B), desc=f"sampling g={g} p={p}", leave=False):
-        idx = list(range(s, min(s + B, total)))
-        full = idx + [idx[-1]] * (B - len(idx))  # pad: one batch shape (padding rows repeat an image, dropped)
-        toks = generate(model, labels[full].to(dev), cfg_scale=g, cfg_power=p,
-                        image_seeds=image_seeds(sample_seed, full), fast=SETTINGS["sampler"])
-        out[s:s + len(idx)] = M.to_uint8(tok.decode(toks[:len(idx)])).cpu()
-    return out, labels
-
-
-def score(images_u8: torch.Tensor, labels: torch.Tensor) -> dict:
-    dm = M.distribution_metrics(images_u8, ref_u8, classifier=classifier, device=dev, cache_name=REF_NAME,
-                                reference_name=f"ShapeScenes-10 val n={n_ref}")
-    row = {dm["labels"][k]: dm[k] for k in ("fid", "isc_mean", "kid_mean", "precision", "recall")}
-    row["class consistency"] = class_consistency(images_u8.float() / 255, labels, classifier)["class_consistency"]
-    row.update({"n generated": dm["n_generated"], "n reference": dm["n_reference"]})
-    return row
-
-
-def evaluate(name: str, model, wid: str, g: float | None, p: float, sample_seed: int) -> dict:
-    key = {"weights": wid, "tokenizer": tok.identity(), "classifier": classifier.identity, "reference": REF,
-           "n_per_class": n_pc, "cfg_scale": g, "cfg_power": p if g is not None else None,
-           "sample_seed": sample_seed, "temperature": 1.0, "sampler": SAMPLER_KEY}
-    path = artifact_dir("generator_eval", key) / "metrics.json"
-    if path.exists():
-        row = json.loads(path.read_text())
-    else:
-        _sync()
-        t0 = time.perf_counter()
-        imgs, labels = sample_set(model, n_pc, g, p, sample_seed)
-        t_gen = time.perf_counter() - t0
-        row = {**score(imgs, labels), "generation s": t_gen, "images/s": len(imgs) / t_gen}
-        atomic_write_text(path, json.dumps(row, indent=2))
+def evaluate(name: str, model, g: float | None, p: float, sample_seed: int) -> dict:
+    row = evaluator.evaluate(model_keys[name], model, n_per_class=n_pc, cfg_scale=g, cfg_power=p,
+                             sample_seed=sample_seed)
     return {"model": name, "CFG": "no CFG" if g is None else f"g={g} p={p}", "sample_seed": sample_seed, **row}
 
 
 rows = []
 for name, m in tqdm(all_models.items(), desc="evaluate"):  # model-major: the GPU sampler's graphs stay warm
-    wid = base_wids.get(name) or weights_id(m)
     seeds = [ctx.seed, ctx.seed + 1] if name in base_models else [ctx.seed]
-    rows += [evaluate(name, m, wid, None, 0.0, s) for s in seeds]
-    rows.append(evaluate(name, m, wid, CFG_G, CFG_P, ctx.seed))
+    rows += [evaluate(name, m, None, 0.0, s) for s in seeds]
+    rows.append(evaluate(name, m, CFG_G, CFG_P, ctx.seed))
 evals = pd.DataFrame(rows)
 evals["scale"], evals["vapi_steps"] = ctx.scale, SETTINGS["steps"]
 evals["n target"] = SETTINGS["fid_per_class"] * NUM_CLASSES  # planned; "n generated" is what the budget allowed

@@ -78,6 +78,10 @@ def select(scripts: list[Path], only: str | None) -> list[Path]:
     return chosen
 
 
+def _hardware_label(hw: dict) -> str:
+    return f"{hw.get('gpu') or 'CPU only'} ({hw.get('cpu_count')} CPU cores)"
+
+
 def build_summary(reports: Path, scale: str, provenance: dict) -> str:
     """SUMMARY.md from every notebook's claims file, in notebook order."""
     lines = [f"# Results at `{scale}` scale", ""]
@@ -85,8 +89,13 @@ def build_summary(reports: Path, scale: str, provenance: dict) -> str:
         lines += ["> Smoke scale proves that every code path runs on a CPU. Its numbers are **not meaningful** and "
                   "no verdict below is evidence about the paper.", ""]
     hw = provenance.get("hardware", {})
-    lines += [f"Commit `{provenance.get('commit')}`, hardware: {hw.get('gpu') or 'CPU only'} "
-              f"({hw.get('cpu_count')} CPU cores), torch {hw.get('torch')}.", ""]
+    runs = provenance.get("notebooks", {})
+    if len({(r.get("commit"), r.get("hardware")) for r in runs.values()}) > 1:
+        lines += ["Notebooks were executed at different commits and on different machines: see the table at the end. "
+                  "Where a notebook tabulates records computed elsewhere (e.g. on a GPU), its notes say where.", ""]
+    else:
+        lines += [f"Commit `{provenance.get('commit')}`, hardware: {_hardware_label(hw)}, torch {hw.get('torch')}.",
+                  ""]
     lines += ["| notebook | claim | paper | ours | verdict | note |", "|---|---|---|---|---|---|"]
     rows = 0
     notes = []
@@ -101,9 +110,11 @@ def build_summary(reports: Path, scale: str, provenance: dict) -> str:
         lines.append("| – | no claims recorded yet | | | | |")
     if notes:
         lines += ["", "## Notes from the notebooks", ""] + notes
-    lines += ["", "## Notebook runs", "", "| notebook | status | wall time (s) |", "|---|---|---|"]
-    for name, run in provenance.get("notebooks", {}).items():
-        lines.append(f"| {name} | {run.get('status')} | {run.get('wall_time_s', 0):.1f} |")
+    lines += ["", "## Notebook runs", "", "| notebook | status | wall time (s) | commit | executed on |",
+              "|---|---|---|---|---|"]
+    for name, run in sorted(runs.items()):
+        lines.append(f"| {name} | {run.get('status')} | {run.get('wall_time_s', 0):.1f} | {run.get('commit', '-')} "
+                     f"| {run.get('hardware', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,7 +174,8 @@ def main(argv=None) -> int:
             tqdm.write(f"[cached] {name} (unchanged since its last successful run; --force re-runs it)")
             continue
         t0 = time.time()
-        record = {"key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seed": args.seed}
+        record = {"key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seed": args.seed,
+                  "commit": provenance["commit"], "hardware": _hardware_label(provenance["hardware"])}
         try:
             run_notebook(script, params, executed, cwd=REPO)
             record["status"] = "ok"

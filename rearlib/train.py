@@ -60,7 +60,7 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 
 # Fields that may differ between a checkpoint and the config used to resume it (they change no numbers).
-_RESUME_FREE_FIELDS = ("log_every", "ckpt_every")
+_RESUME_FREE_FIELDS = ("log_every", "ckpt_every", "snapshot_every")
 
 
 @dataclass
@@ -82,6 +82,10 @@ class TrainConfig:
         ema_decay: None, or the decay of an exponential moving average of the parameters (updated every step).
         seed: model init, batch order, noise and dropout streams all derive from it (and the rank).
         ckpt_every, log_every: intervals in optimizer steps (logging is the only host sync).
+        snapshot_every: None, or N: after every N-th optimizer step (and the last) rank 0 also writes
+            ``model_step{step}.pt`` (weights + configs, the format of ``model.pt``; :func:`load_generator` reads it),
+            e.g. for FID-against-steps curves. It changes no numbers of the run (a run may be resumed with another
+            value), and its write time is excluded from ``train_time_s`` and samples/s.
         compile, bf16, fused_adamw: CUDA fast paths (ignored on CPU, which always runs fp32 eager).
     """
 
@@ -102,6 +106,7 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 20
+    snapshot_every: int | None = None
     compile: bool = True
     bf16: bool = True
     fused_adamw: bool = True
@@ -116,6 +121,11 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.snapshot_every is not None and (isinstance(self.snapshot_every, bool)
+                                                or not isinstance(self.snapshot_every, int)
+                                                or self.snapshot_every < 1):
+            raise ValueError(f"TrainConfig.snapshot_every must be None or an integer >= 1, "
+                             f"got {self.snapshot_every!r}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}")
         if not (self.lr > 0 and 0 <= self.end_lr <= self.lr):
@@ -490,6 +500,36 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", 
     return model.to(resolve_device(str(device)) if isinstance(device, str) else device).eval()
 
 
+def snapshot_path(out_dir: str | os.PathLike, step: int) -> Path:
+    """``out_dir/model_step{step}.pt``: the weights after optimizer step ``step`` (``TrainConfig.snapshot_every``)."""
+    return Path(out_dir) / f"model_step{int(step)}.pt"
+
+
+def list_snapshots(out_dir: str | os.PathLike) -> dict[int, Path]:
+    """{step: path} of the snapshots in ``out_dir``, sorted by step."""
+    found = {}
+    for p in Path(out_dir).glob("model_step*.pt"):
+        tail = p.stem[len("model_step"):]
+        if tail.isdigit():
+            found[int(tail)] = p
+    return dict(sorted(found.items()))
+
+
+def _write_snapshot(cfg: TrainConfig, mc: Any, model: nn.Module, ema: EMA | None, step: int, out_dir: Path,
+                    device: torch.device, info: DistInfo) -> float:
+    """Rank 0 writes ``model_step{step}.pt`` (the format of ``model.pt``); returns the seconds the write took."""
+    if not info.is_main:
+        return 0.0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # queued steps belong to training time, not to the write
+    t0 = time.perf_counter()
+    state = {"format": CHECKPOINT_FORMAT + "/model", "train_config": cfg.to_dict(), "model_config": asdict(mc),
+             "step": step, "model": model.state_dict(),
+             "ema_model": ema.model_state_dict(model) if ema is not None else None}
+    atomic_torch_save(state, snapshot_path(out_dir, step))
+    return time.perf_counter() - t0
+
+
 def _ema_into(model: nn.Module, ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     sd = dict(ckpt["model"])
     sd.update({k: v.to(sd[k].dtype) for k, v in ckpt["ema"]["params"].items()})
@@ -780,6 +820,11 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
             window = stats if not window else {k: window[k] + v for k, v in stats.items()}
             window_steps += 1
             bar.update(1)
+            if cfg.snapshot_every is not None and (step % cfg.snapshot_every == 0 or step == cfg.steps):
+                # Snapshot write time (it syncs the device) is not training time, nor part of the window's rate.
+                t_snap = _write_snapshot(cfg, mc, model, stepper.ema, step, out_dir, device, info)
+                last_step_time += t_snap
+                window_t0 += t_snap
             at_log = step % cfg.log_every == 0 or step == cfg.steps or step == stop_at
             at_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or step == stop_at
             if at_log or at_ckpt:

@@ -12,6 +12,12 @@ missing and a GPU is present, trains it; on a CPU without the shipped file it sa
     python -m rearlib.zoo train --scale small --variant rear --seed 0 --export
 
 ``paper`` has no zoo: load the authors' released checkpoints with ``rearlib.model.load_official_state_dict``.
+
+Every run is named by its *recipe* (:func:`run_key`: the full TrainConfig, the tokenizer identity and the data),
+so a study can ask for any reAR preset (or a :class:`~rearlib.rear.ReARConfig`), model-size overrides
+(``model_overrides={"hidden": 384, "depth": 12, "heads": 6}``) and TrainConfig overrides (``steps=2000``,
+``snapshot_every=500``); :func:`training_result` and :func:`load_run` read a finished run back, and
+:func:`rearlib.studies` keys its evaluation records by the same recipe hash (:func:`run_hash`).
 """
 
 from __future__ import annotations
@@ -19,12 +25,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .experiments import artifact_dir, load_sharded, resolve_device, save_sharded, validate_scale
+from .experiments import (
+    artifact_dir,
+    artifacts_root,
+    config_hash,
+    load_sharded,
+    resolve_device,
+    save_sharded,
+    validate_scale,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = REPO_ROOT / "data" / "checkpoints"
@@ -63,30 +76,55 @@ def get_tokens(scale: str, tokenizer, *, split: str = "train", size: int | None 
                        batch_size=512 if tokenizer.device.type == "cuda" else 64, progress=progress)
 
 
-def train_config(scale: str, variant: str, tokenizer, seed: int = 0, **overrides):
-    """The TrainConfig of a zoo generator: the scale's recipe, the reAR preset ``variant``, the tokenizer's shapes."""
+def train_config(scale: str, variant, tokenizer, seed: int = 0, **overrides):
+    """The TrainConfig of a zoo generator: the scale's recipe, the reAR preset ``variant``, the tokenizer's shapes.
+
+    ``variant``: a :data:`rearlib.rear.PRESETS` name or a :class:`~rearlib.rear.ReARConfig`. ``overrides``:
+    TrainConfig fields on top of :data:`TRAIN` ``[scale]``; ``model_overrides`` (GeneratorConfig fields, e.g. a
+    model size) is merged with the shapes the tokenizer and dataset fix (codebook size, code dimension, tokens
+    per image, 10 classes), which it may not contradict.
+    """
     from .train import config_for_scale
 
     _check_scale(scale)
-    model_overrides = {"codebook_size": tokenizer.codebook_size, "z_dim": tokenizer.code_dim,
-                       "seq_len": tokenizer.num_tokens, "num_classes": 10}
+    shapes = {"codebook_size": tokenizer.codebook_size, "z_dim": tokenizer.code_dim,
+              "seq_len": tokenizer.num_tokens, "num_classes": 10}
+    model_overrides = dict(overrides.pop("model_overrides", None) or {})
+    clash = sorted(k for k in shapes if k in model_overrides and model_overrides[k] != shapes[k])
+    if clash:
+        raise ValueError(f"model_overrides {clash} contradict the tokenizer / dataset shapes "
+                         f"{ {k: shapes[k] for k in clash} }")
+    model_overrides.update(shapes)
     kw = dict(TRAIN[scale])
     kw.update(overrides)
     return config_for_scale(scale, variant, seed=seed, model_overrides=model_overrides, **kw)
 
 
-def run_dir(scale: str, variant: str, tokenizer, seed: int = 0, **overrides) -> Path:
-    cfg = train_config(scale, variant, tokenizer, seed, **overrides)
-    return artifact_dir("generators", {"train": cfg.to_dict(), "tokenizer": tokenizer.identity(),
-                                       "data": DATA[scale]})
+def recipe_key(scale: str, cfg, tokenizer_identity: str) -> dict:
+    """The identity of a run: its full TrainConfig, the tokenizer identity and the training data of ``scale``."""
+    return {"train": cfg.to_dict(), "tokenizer": tokenizer_identity, "data": DATA[scale]}
 
 
-def train_generator(scale: str, variant: str, tokenizer, seed: int = 0, *, device="auto",
+def run_key(scale: str, variant, tokenizer, seed: int = 0, **overrides) -> dict:
+    """:func:`recipe_key` of the zoo run (``variant``, ``seed``, ``overrides``) on ``tokenizer``."""
+    return recipe_key(scale, train_config(scale, variant, tokenizer, seed, **overrides), tokenizer.identity())
+
+
+def run_hash(scale: str, variant, tokenizer, seed: int = 0, **overrides) -> str:
+    """Short hash of :func:`run_key`: the name of the run's folder ``artifacts/generators/<hash>/``."""
+    return config_hash(run_key(scale, variant, tokenizer, seed, **overrides))
+
+
+def run_dir(scale: str, variant, tokenizer, seed: int = 0, **overrides) -> Path:
+    return artifact_dir("generators", run_key(scale, variant, tokenizer, seed, **overrides))
+
+
+def train_generator(scale: str, variant, tokenizer, seed: int = 0, *, device="auto",
                     time_limit_s: float | None = None, progress: bool = True, **overrides) -> dict:
     """Train (or resume, or return the finished result of) a zoo generator in its artifact folder."""
     from .train import train
 
-    cfg = train_config(scale, variant, tokenizer, seed, **overrides)
+    cfg = train_config(scale, variant, tokenizer, seed, **dict(overrides))
     data = get_tokens(scale, tokenizer, progress=progress)
     tokens, labels = data.tensors()
     tokens = tokens.reshape(-1, tokens.shape[-1]) if tokens.ndim == 3 else tokens
@@ -133,30 +171,115 @@ def load_shipped(path: str | Path, device="cpu"):
     return model.to(resolve_device(device) if isinstance(device, str) else device).eval()
 
 
-def get_generator(scale: str, variant: str = "rear", *, tokenizer, seed: int = 0, device="cpu",
-                  progress: bool = True):
-    """The ``variant`` ("ar", "rear", or any rearlib.rear preset) generator of ``scale``, in eval mode."""
+def _shipped_for(scale: str, variant, seed: int, overrides: dict, cfg) -> Path | None:
+    """The shipped checkpoint that *is* this recipe's run, or None.
+
+    Only plain zoo runs (a preset name, no overrides) at ``small`` are shipped; the file's training config must
+    equal the recipe up to fields that change no numbers (logging / checkpoint / snapshot intervals), so a stale
+    shipped file is never mistaken for a changed recipe.
+    """
+    from .train import _resume_key
+
+    if scale != "small" or not isinstance(variant, str) or overrides:
+        return None
+    path = shipped_path(scale, variant, seed)
+    if not path.is_file():
+        return None
+    meta = _shipped_meta(path)
+    if _resume_key(meta.get("train_config", {})) != _resume_key(cfg.to_dict()):
+        raise ValueError(f"{path} was trained with another recipe than rearlib.zoo's current {scale!r} recipe for "
+                         f"{variant!r} seed {seed}; re-export it or restore the recipe")
+    return path
+
+
+def _shipped_meta(path: Path) -> dict:
+    """The metadata of a shipped generator without reading its weight shards."""
+    index = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(index, dict) or index.get("format") != "rearlib.sharded/1":
+        raise ValueError(f"{path} is not a sharded rearlib checkpoint")
+    return dict(index["meta"])
+
+
+def training_result(scale: str, variant, tokenizer, seed: int = 0, **overrides) -> dict | None:
+    """The finished training record of a run without loading any weights, or None if it has not finished.
+
+    From the run folder's ``result.json`` (status "completed"; also present after
+    ``python -m rearlib.studies unpack`` brought it from another machine), else from a matching shipped
+    checkpoint's metadata (step, train_time_s, samples_per_s, gpu, params, final). ``"source"`` says which.
+    """
+    _check_scale(scale)
+    cfg = train_config(scale, variant, tokenizer, seed, **dict(overrides))
+    path = artifacts_root() / "generators" / config_hash(recipe_key(scale, cfg, tokenizer.identity())) / "result.json"
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("status") == "completed":
+            return {**record, "source": str(path)}
+    shipped = _shipped_for(scale, variant, seed, overrides, cfg)
+    if shipped is not None:
+        meta = _shipped_meta(shipped)
+        if "result" in meta:
+            return {**json.loads(meta["result"]), "source": str(shipped)}
+    return None
+
+
+def load_run(scale: str, variant, tokenizer, seed: int = 0, *, step: int | None = None, device="cpu",
+             **overrides):
+    """The weights of a finished run (``step=None`` or the last step) or of its snapshot ``model_step{step}.pt``.
+
+    Raises FileNotFoundError when those weights are not on this machine (e.g. only records were unpacked).
+    """
+    from .train import load_generator, snapshot_path
+
     _check_scale(scale)
     dev = resolve_device(device) if isinstance(device, str) else device
-    if scale == "small":
-        path = shipped_path(scale, variant, seed)
-        if path.is_file():
-            return load_shipped(path, dev)
-        if dev.type != "cuda":
-            raise FileNotFoundError(
-                f"{path} is not shipped. Train it on a GPU: python -m rearlib.zoo train --scale small "
-                f"--variant {variant} --seed {seed} --export")
+    cfg = train_config(scale, variant, tokenizer, seed, **dict(overrides))
+    folder = artifacts_root() / "generators" / config_hash(recipe_key(scale, cfg, tokenizer.identity()))
+    if step is None or step == cfg.steps:
+        shipped = _shipped_for(scale, variant, seed, overrides, cfg)
+        if shipped is not None:
+            return load_shipped(shipped, dev)
+        path = folder / "model.pt"
+    else:
+        path = snapshot_path(folder, step)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the run has not been trained on this machine (or its "
+                                f"weights were not kept)")
+    model = load_generator(path, dev)
+    model.zoo_info = {"path": str(path), "step": step or cfg.steps,
+                      "result": training_result(scale, variant, tokenizer, seed, **overrides)}
+    return model
+
+
+def get_generator(scale: str, variant="rear", *, tokenizer, seed: int = 0, device="cpu", progress: bool = True,
+                  **overrides):
+    """The ``variant`` ("ar", "rear", any rearlib.rear preset or a ReARConfig) generator of ``scale``, in eval mode.
+
+    Loads the shipped checkpoint (``small``, plain presets) or the finished run; otherwise trains it (``small``
+    only on a GPU). ``overrides`` as in :func:`train_config`.
+    """
+    _check_scale(scale)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    cfg = train_config(scale, variant, tokenizer, seed, **dict(overrides))
+    shipped = _shipped_for(scale, variant, seed, overrides, cfg)
+    if shipped is not None:
+        return load_shipped(shipped, dev)
     from .train import load_generator
 
     # A finished run is loaded directly: building the trainer would import torch._dynamo (seconds) for nothing.
-    done = run_dir(scale, variant, tokenizer, seed)
+    done = run_dir(scale, variant, tokenizer, seed, **overrides)
     if (done / "model.pt").is_file() and (done / "result.json").is_file():
         record = json.loads((done / "result.json").read_text())
         if record.get("status") == "completed":
             model = load_generator(done / "model.pt", dev)
             model.zoo_info = {"path": str(done / "model.pt"), "step": record.get("step"), "result": record}
             return model
-    result = train_generator(scale, variant, tokenizer, seed, device=dev, progress=progress)
+    if scale == "small" and dev.type != "cuda":
+        what = variant if isinstance(variant, str) else "a custom ReARConfig"
+        raise FileNotFoundError(
+            f"the small {what} generator (seed {seed}, overrides {overrides}) is not shipped and not trained "
+            f"here. Train it on a GPU: python -m rearlib.zoo train --scale small --variant {what} --seed {seed} "
+            f"--export (plain presets) or python -m rearlib.studies run --scale small")
+    result = train_generator(scale, variant, tokenizer, seed, device=dev, progress=progress, **overrides)
     if result["status"] != "completed":
         raise RuntimeError(f"training of {variant!r} stopped at step {result['step']} of {result['steps']}; "
                            f"call again to resume")

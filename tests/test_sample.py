@@ -268,11 +268,12 @@ def test_fast_path_on_gpu_agrees_with_the_plain_loop():
         for p in m.parameters():
             p.copy_((torch.randn(p.shape, generator=g) * 0.2).cuda())
     c = torch.arange(16, device="cuda") % 11
-    for fast in (True, "graph"):
-        a = generate(m, c, seed=0, cfg_scale=3.0, cfg_power=1.0, fast=fast)
-        b = generate(m, c, seed=0, cfg_scale=3.0, cfg_power=1.0, fast=False)
-        assert (a == b).all(1).float().mean() >= 0.75
-        assert torch.equal(a, generate(m, c, seed=0, cfg_scale=3.0, cfg_power=1.0, fast=fast))
+    b = generate(m, c, seed=0, cfg_scale=3.0, cfg_power=1.0, fast=False)
+    for fast, attention in ((True, None), (True, "flex"), (True, "reduce"), (True, "sdpa"), ("graph", None)):
+        kw = dict(seed=0, cfg_scale=3.0, cfg_power=1.0, fast=fast, decode_attention=attention)
+        a = generate(m, c, **kw)
+        assert (a == b).all(1).float().mean() >= 0.75, (fast, attention)
+        assert torch.equal(a, generate(m, c, **kw))
     fp32 = generate(m, c, seed=0, cfg_scale=3.0, fast=False, dtype=torch.float32)
     ref = generate(m, c, seed=0, cfg_scale=3.0, fast=False, use_cache=False, dtype=torch.float32)
     assert (fp32 == ref).all(1).float().mean() >= 0.9

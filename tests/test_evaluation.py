@@ -1,0 +1,152 @@
+"""rearlib.evaluation: sample sets (padded fixed batches), labeled scores, recipe-keyed cached records (CPU, smoke)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rearlib import evaluation as E
+from rearlib.evaluation import Evaluator, canonical_cfg, load_record, record_path, run_model_key, setting_label
+from rearlib.features import get_classifier
+from rearlib.model import build_generator
+from rearlib.tokenizer import get_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention on a shared 2-core box
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """The smoke tokenizer and classifier (shared artifact cache) and a random generator of matching shapes."""
+    tok = get_tokenizer("smoke", "cpu", progress=False)
+    clf = get_classifier("smoke", "cpu")
+    model = build_generator("tiny", codebook_size=tok.codebook_size, seq_len=tok.num_tokens, z_dim=tok.code_dim)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random everywhere: a fresh adaLN-Zero model would be nearly unconditional
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return tok, clf, model.eval()
+
+
+@pytest.fixture
+def records_root(tmp_path, monkeypatch):
+    """Records (and torch-fidelity's reference cache) in a temporary artifact root."""
+    monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path))
+    return tmp_path
+
+
+def test_cfg_labels_and_canonical_keys():
+    assert canonical_cfg(None, 2.0) == (None, None) == canonical_cfg(1.0, 0.0)
+    assert canonical_cfg(3, 2) == (3.0, 2.0)
+    assert setting_label(None) == "no CFG" and setting_label(3.0, 2.0) == "CFG g=3.0 p=2.0"
+    with pytest.raises(ValueError, match="cfg_power"):
+        canonical_cfg(2.0, None)
+    with pytest.raises(ValueError, match="cfg_power"):
+        canonical_cfg(2.0, -1.0)
+    assert run_model_key("abc", 30) == {"kind": "run", "run": "abc", "step": 30}
+    with pytest.raises(ValueError):
+        run_model_key("", 3)
+
+
+def test_sample_set_classes_seeds_and_padding(parts):
+    tok, clf, model = parts
+    big = Evaluator("smoke", tok, clf, "cpu", batch=30, progress=False)   # 30 = one full batch
+    small = Evaluator("smoke", tok, clf, "cpu", batch=7, progress=False)  # 30 = 4 x 7 + 2: the last batch padded
+    a, la = big.sample_set(model, 3, None, None, sample_seed=5)
+    b, lb = small.sample_set(model, 3, None, None, sample_seed=5)
+    assert a.dtype == torch.uint8 and a.shape == (30, 3, tok.resolution, tok.resolution)
+    assert torch.equal(la, torch.arange(30) // 3) and torch.equal(la, lb)
+    # An image's tokens depend on its own seed only, not on its batch or the padding; the tokenizer's decoder
+    # differs by float round-off between batch sizes, which may move a pixel by one uint8 step.
+    diff = (a.int() - b.int()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.999
+    c, _ = big.sample_set(model, 3, None, None, sample_seed=6)
+    assert (a.int() - c.int()).abs().max() > 1
+    g, _ = big.sample_set(model, 3, 3.0, 2.0, sample_seed=5)
+    assert (a.int() - g.int()).abs().max() > 1  # guidance changes the samples
+
+
+def test_evaluate_caches_by_recipe_and_never_loads_on_a_hit(parts, records_root):
+    tok, clf, model = parts
+    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False)
+    calls = []
+
+    def loader():
+        calls.append(1)
+        return model
+
+    key = run_model_key("recipe0", 30)
+    settings = dict(n_per_class=2, cfg_scale=None, cfg_power=0.0, sample_seed=0)
+    assert not ev.has(key, **settings)
+    first = ev.evaluate_record(key, loader, **settings)
+    assert calls == [1] and first["cached"] is False
+    row = first["row"]
+    assert {"FID[rearlib-classifier]", "IS[rearlib-classifier]", "KID[rearlib-classifier]",
+            "Precision[rearlib-classifier]", "Recall[rearlib-classifier]", "class consistency"} <= set(row)
+    assert not any(k in row for k in ("FID", "fid", "IS"))  # never an unlabeled FID-like number
+    assert row["n generated"] == 20 and row["n reference"] == 64
+    assert first["provenance"]["device"] == "cpu" and first["provenance"]["generation s"] > 0
+
+    second = ev.evaluate_record(key, loader, **settings)
+    assert calls == [1] and second["cached"] is True and second["row"] == row
+    assert ev.evaluate(key, loader, **settings) == row
+    # g = 1 is no guidance: the same record
+    assert ev.evaluate(key, loader, **{**settings, "cfg_scale": 1.0}) == row and calls == [1]
+    # the record lives under eval_records/<hash of the key>/ with the key beside it
+    path = record_path(ev.key(key, **settings))
+    assert path.is_file() and path.parent.parent.name == E.RECORD_KIND
+    assert json.loads((path.parent / "config.json").read_text())["model"] == key
+    # another sampling seed or another recipe is another record (the loader runs again)
+    ev.evaluate(key, loader, **{**settings, "sample_seed": 1})
+    ev.evaluate(run_model_key("recipe1", 30), loader, **settings)
+    assert calls == [1, 1, 1]
+    assert len(list(E.iter_records(scale="smoke"))) == 3 and not list(E.iter_records(scale="small"))
+
+
+def test_records_do_not_depend_on_the_loading_model_or_device_key(parts, records_root):
+    tok, clf, model = parts
+    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False)
+    key = ev.key(run_model_key("r", 1), n_per_class=2)
+    assert "device" not in json.dumps(key) and key["sampler"] == "default" and key["scale"] == "smoke"
+    assert key["tokenizer"] == tok.identity() and key["classifier"] == clf.identity
+    assert load_record(key) is None
+
+
+def test_fixed_image_sets_are_cached(parts, records_root):
+    from rearlib.data import render_batch
+
+    tok, clf, _ = parts
+    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False)
+    calls = []
+
+    def make():
+        calls.append(1)
+        return render_batch(torch.arange(20), tok.resolution, seed=0, split="train")
+
+    a = ev.evaluate_images({"kind": "real", "split": "train"}, make, 20)
+    b = ev.evaluate_images({"kind": "real", "split": "train"}, make, 20)
+    assert a == b and calls == [1] and a["n generated"] == 20
+    with pytest.raises(ValueError, match="expected 19"):
+        ev.evaluate_images({"kind": "real", "split": "train", "other": 1}, make, 19)
+
+
+def test_bad_inputs(parts):
+    tok, clf, model = parts
+    with pytest.raises(ValueError, match="smoke, small"):
+        Evaluator("paper", tok, clf, "cpu")
+    ev = Evaluator("smoke", tok, clf, "cpu", progress=False)
+    with pytest.raises(ValueError, match="model_key"):
+        ev.key({}, n_per_class=2)
+    with pytest.raises(ValueError, match="n_per_class"):
+        ev.sample_set(model, 0, None, None, 0)
+    with pytest.raises(ValueError, match="subject"):
+        ev.floor_key({}, 10)
+    with pytest.raises(ValueError, match="n_ref"):
+        Evaluator("smoke", tok, clf, "cpu", n_ref=1)

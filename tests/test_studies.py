@@ -1,0 +1,253 @@
+"""rearlib.studies and training snapshots: specs, canonical run hashes, the resumable plan, the notebook-free path
+when every record exists, pack/unpack, and the CLI time limit (CPU, smoke scale, shrunken plans)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+import rearlib.studies as ST
+from rearlib import zoo
+from rearlib.rear import get_rear_config
+from rearlib.studies import RunSpec, Workspace, paper_layer, resolve
+from rearlib.train import TrainConfig, list_snapshots, load_generator, snapshot_path, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention on a shared 2-core box
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------ snapshots
+
+def toy_data():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (48,), generator=g)
+    tokens = (labels[:, None] * 3 + torch.arange(16)[None]) % 32
+    return tokens, labels, torch.randn(32, 16, generator=g)
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    base = dict(model="tiny", rear=get_rear_config("rear"), steps=8, batch_size=8, warmup_steps=2, lr=1e-3,
+                log_every=2, ckpt_every=4, snapshot_every=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_snapshots_are_written_resume_exactly_and_load(tmp_path):
+    tokens, labels, cb = toy_data()
+    cfg = tiny_cfg()
+    full = train(cfg, tokens, labels, cb, tmp_path / "full", device="cpu", progress=False)
+    assert sorted(list_snapshots(tmp_path / "full")) == [3, 6, 8]  # every 3 steps and the last
+    # stopped at step 4 and resumed with another snapshot interval (a resume-free field): the same numbers
+    part = train(cfg, tokens, labels, cb, tmp_path / "split", device="cpu", progress=False, stop_at=4)
+    assert part["status"] == "stopped" and sorted(list_snapshots(tmp_path / "split")) == [3]
+    rest = train(tiny_cfg(snapshot_every=2), tokens, labels, cb, tmp_path / "split", device="cpu", progress=False)
+    assert rest["resumed_from"] == 4 and sorted(list_snapshots(tmp_path / "split")) == [3, 6, 8]
+    for a, b in zip(full["model"].state_dict().values(), rest["model"].state_dict().values()):
+        assert torch.equal(a, b)
+    s3a = torch.load(snapshot_path(tmp_path / "full", 3), weights_only=True)
+    s3b = torch.load(snapshot_path(tmp_path / "split", 3), weights_only=True)
+    assert s3a["step"] == 3 and all(torch.equal(s3a["model"][k], s3b["model"][k]) for k in s3a["model"])
+    last = load_generator(snapshot_path(tmp_path / "full", 8))
+    final = load_generator(tmp_path / "full" / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), final.state_dict().values()))
+    early = load_generator(snapshot_path(tmp_path / "full", 3))
+    assert not torch.equal(early.lm_head.weight, final.lm_head.weight)
+    # a run without snapshots resumes under a config that asks for them (and the other way round)
+    train(tiny_cfg(snapshot_every=None), tokens, labels, cb, tmp_path / "plain", device="cpu", progress=False,
+          stop_at=2)
+    done = train(cfg, tokens, labels, cb, tmp_path / "plain", device="cpu", progress=False)
+    assert done["status"] == "completed" and sorted(list_snapshots(tmp_path / "plain")) == [3, 6, 8]
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="snapshot_every"):
+            tiny_cfg(snapshot_every=bad)
+
+
+# ------------------------------------------------------------------------------------------------ specs
+
+@pytest.fixture(scope="module")
+def tok():
+    from rearlib.tokenizer import get_tokenizer
+
+    return get_tokenizer("smoke", "cpu", progress=False)
+
+
+def test_paper_layer_mapping_matches_the_brief():
+    # small: 8 blocks, default DE 6 (= the paper's DE@15 of 20)
+    got = {k: paper_layer(k, 6, 8) for k in (5, 10, 13, 14, 15, 16, 17, 20)}
+    assert got == {5: 2, 10: 4, 13: 5, 14: 6, 15: 6, 16: 6, 17: 7, 20: 7}
+    names = [r["name"] for r in ST.embedding_rows("small")]
+    assert names == ["ar", "tied", "de_only@4", "de_only@5", "de_only@6", "de_only@7", "rear DE@7", "rear EN@2",
+                     "rear", "rear lambda=0.5", "rear lambda=1.5"]
+    de6 = next(r for r in ST.embedding_rows("small") if r["name"] == "de_only@6")
+    assert {s for _, s, _, _ in de6["paper"]} == {"+ DE@15", "DE@14", "DE@15", "DE@16"}
+
+
+def test_spec_validation_errors(tok):
+    with pytest.raises(ValueError, match="unknown reAR preset"):
+        resolve("smoke", RunSpec("x", rear="nope"), tok)
+    with pytest.raises(ValueError, match="unknown ReARConfig fields"):
+        resolve("smoke", RunSpec("x", rear="rear", rear_overrides={"depth": 3}), tok)
+    with pytest.raises(ValueError, match="out of range"):
+        resolve("smoke", RunSpec("x", rear="de_only", rear_overrides={"decode_layer": 4}), tok)  # tiny: 4 blocks
+    with pytest.raises(ValueError, match="out of range"):
+        resolve("smoke", RunSpec("x", rear="rear", size="xs", rear_overrides={"encode_layer": 2}), tok)
+    with pytest.raises(ValueError, match="alignment term is off"):
+        resolve("smoke", RunSpec("x", rear="ar", rear_overrides={"decode_layer": 1}), tok)
+    with pytest.raises(ValueError, match="unknown model size"):
+        resolve("smoke", RunSpec("x", size="huge"), tok)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        RunSpec("x", recipe="long")
+    with pytest.raises(ValueError, match="seed"):
+        RunSpec("x", seed=-1)
+    with pytest.raises(ValueError, match="unknown study"):
+        ST.study_specs("smoke", "everything")
+    with pytest.raises(ValueError, match="smoke, small"):
+        ST.settings("paper")
+
+
+def test_equal_runs_share_one_hash(tok):
+    h = lambda spec: resolve("smoke", spec, tok).run_hash  # noqa: E731
+    # an explicit default layer is the default run; the scaling study's base-size rows are the ablation rows
+    assert h(RunSpec("a", rear="rear", rear_overrides={"decode_layer": 2, "encode_layer": 0})) == h(RunSpec("rear"))
+    scaling = {s.name: s for s in ST.study_specs("smoke", "scaling")}
+    noise = {s.name: s for s in ST.study_specs("smoke", "noise")}
+    emb = {s.name: s for s in ST.study_specs("smoke", "embedding")}
+    assert h(scaling["rear"]) == h(noise["rear"]) == h(emb["rear"]) and h(scaling["ar"]) == h(emb["ar"])
+    assert h(emb["de_only@2"]) == h(RunSpec("d", rear="de_only"))
+    assert h(emb["de_only@1"]) != h(emb["de_only@2"])
+    # the main study's seed-0 runs are the zoo's runs (the shipped checkpoints at small)
+    main = {s.name: s for s in ST.study_specs("smoke", "main")}
+    assert h(main["ar seed0"]) == zoo.run_hash("smoke", "ar", tok, 0)
+    assert resolve("smoke", main["rear seed0"], tok).variant == "rear"
+    # a size sets its own default DE (3/4 depth) for aligned variants only
+    med = resolve("smoke", RunSpec("m", rear="rear", size="medium"), tok)
+    assert med.decode_layer == 4 and med.cfg.model_overrides["depth"] == 6
+    assert resolve("smoke", RunSpec("m", rear="ar", size="medium"), tok).decode_layer is None
+    assert resolve("smoke", RunSpec("s", size="xs"), tok).snapshot_steps == [6, 12]
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+@pytest.fixture
+def shrunk(monkeypatch, tok, tmp_path):
+    """A two-row noise study with 4-step runs and 2 samples per class, in a temporary artifact root.
+
+    The tokenizer and classifier are loaded from the shared cache first (training them is not under test).
+    """
+    from rearlib import evaluation
+
+    plan = dict(ST.SCALES["smoke"])
+    plan["recipes"] = {"main": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4),
+                       "ablation": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2)}
+    plan["seeds"], plan["cfg_scales"], plan["cfg_powers"] = (0, 1), (3.0,), (0.0,)
+    monkeypatch.setitem(ST.SCALES, "smoke", plan)
+    monkeypatch.setattr(ST, "PAPER_TABLE3", {k: ST.PAPER_TABLE3[k] for k in ("align_only", "rear")})
+    monkeypatch.setitem(evaluation.SCALES, "smoke", dict(evaluation.SCALES["smoke"], n_ref=64, batch=20,
+                                                         n_per_class=2))
+    ws = Workspace("smoke", "cpu", progress=False)
+    root = tmp_path / "gpu_box"
+    monkeypatch.setenv("REARLIB_ARTIFACTS", str(root))
+    return ws, root
+
+
+def _forbid_models(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a generator was loaded or trained although every record exists")
+
+    monkeypatch.setattr(zoo, "load_run", boom)
+    monkeypatch.setattr(zoo, "train_generator", boom)
+    monkeypatch.setattr(zoo, "get_generator", boom)
+    monkeypatch.setattr(Workspace, "load_model", boom)
+
+
+def test_run_then_collect_without_models_pack_unpack(shrunk, monkeypatch, tmp_path):
+    ws, root = shrunk
+    lines = []
+    res = ST.run_studies("smoke", "noise", ws=ws, log=lines.append)
+    assert not res["stopped"] and res["missing"] == 0
+    statuses = [r["status"] for r in res["items"]]
+    assert statuses.count("completed at step 4") == 2 and statuses.count("evaluated") == 4  # floor + 2 + noise
+    assert any("finished; 0 evaluation(s) missing" in line for line in lines)
+    # a second run finds everything done
+    again = ST.run_studies("smoke", "noise", ws=ws, log=lambda *a: None)
+    assert {r["status"] for r in again["items"]} == {"done"}
+
+    # every record exists: collecting the study loads, trains and samples nothing
+    with monkeypatch.context() as m:
+        _forbid_models(m)
+        out = ST.collect("smoke", "noise", ws=ws, progress=False)
+    runs, evals = out["runs"], out["evals"]
+    assert list(runs["run"]) == ["align_only", "rear"] and runs["trained"].all()
+    assert (runs["steps"] == 4).all() and runs["samples/s"].gt(0).all()
+    assert set(evals["role"]) == {"report", "noise"} and len(evals) == 3
+    assert out["floor"]["n generated"] == 20
+    noise = ST.sampling_noise(evals, "FID[rearlib-classifier]", ["rear"], 1, 0)
+    assert noise >= 0
+
+    # pack on the "GPU box", unpack on a fresh "CPU box": the notebook path needs no weights there either
+    archive = tmp_path / "records.tar.gz"
+    info = ST.pack("smoke", archive, ws=ws, log=lambda *a: None)
+    assert info["records"] == 4 and info["results"] == 2
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert not any(n.endswith(".pt") for n in names) and all(ST._MEMBER.match(n) for n in names)
+    monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path / "cpu_box"))
+    assert ST.unpack(archive, log=lambda *a: None) == {"written": len(names), "kept": 0}
+    assert ST.unpack(archive, log=lambda *a: None) == {"written": 0, "kept": len(names)}
+    with monkeypatch.context() as m:
+        _forbid_models(m)
+        there = ST.collect("smoke", "noise", ws=ws, progress=False, compute=False)
+    cols = ["run", "FID[rearlib-classifier]", "sample_seed"]
+    assert there["evals"][cols].equals(evals[cols])
+    assert there["runs"]["samples/s"].tolist() == runs["samples/s"].tolist()
+
+
+def test_unpack_refuses_foreign_members(tmp_path, monkeypatch):
+    monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path / "root"))
+    for name, data in (("../evil.json", b"{}"), ("eval_records/0123456789ab/record.json", b"not json"),
+                       ("generators/0123456789ab/model.pt", b"x")):
+        archive = tmp_path / "bad.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+        with pytest.raises(ValueError):
+            ST.unpack(archive, log=lambda *a: None)
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("*.json"))
+
+
+def test_time_limit_stops_cleanly_and_a_stopped_training_resumes(shrunk, monkeypatch, capsys):
+    ws, root = shrunk
+    with monkeypatch.context() as m:
+        m.setattr(ST, "Workspace", lambda *a, **k: ws)  # the CLI builds its own; reuse the loaded one
+        # a limit too short for any work: the command ends cleanly, having trained nothing
+        assert ST.main(["run", "--scale", "smoke", "--study", "noise", "--time-limit", "1", "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert "stopped: time limit" in out and "item table" in out
+        assert not list(root.glob("generators/*/model.pt"))
+        ST.main(["status", "--scale", "smoke", "--study", "noise"])
+        assert "missing" in capsys.readouterr().out
+    with monkeypatch.context() as m:
+        # --whole-runs: do not start a training that is not expected to finish
+        m.setattr(Workspace, "estimate_train_s", lambda self, run: 1e6)
+        res = ST.run_studies("smoke", "noise", ws=ws, time_limit_s=120, whole_runs=True, log=lambda *a: None)
+        assert res["stopped"] and "align_only needs ~" in res["reason"]
+        assert float(res["reason"].split("needs ~")[1].split(" s")[0]) > 1e6  # training + the run's evaluations
+        assert not list(root.glob("generators/*/checkpoint.pt"))
+    # a training stopped by its time limit leaves a checkpoint; the next command resumes it
+    run = ws.resolve(ST.study_specs("smoke", "noise")[0])
+    part = ws.train(run, time_limit_s=0.0)
+    assert part["status"] == "stopped" and part["step"] == 2
+    res = ST.run_studies("smoke", "noise", ws=ws, time_limit_s=300, log=lambda *a: None)  # trains to a deadline
+    assert not res["stopped"] and res["missing"] == 0
+    result = json.loads((root / "generators" / run.run_hash / "result.json").read_text())
+    assert result["resumed_from"] == 2 and result["status"] == "completed"
