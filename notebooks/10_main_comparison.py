@@ -65,6 +65,7 @@ CC = "class consistency"
 S, R = ctx.seed, ctx.seed + 1
 # Trains / evaluates whatever is missing (nothing when the records exist: then no generator is loaded).
 result = studies.collect(ctx.scale, "main", device=ctx.device, sample_seed=ctx.seed)
+ctx.note(studies.provenance_note(result))
 runs, evals, floor = result["runs"], result["evals"], result["floor"]
 NAMES = {"ar": "AR", "rear": "reAR"}
 runs["model"] = runs["preset"].map(NAMES)

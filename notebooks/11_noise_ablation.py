@@ -65,6 +65,7 @@ KID = metric_label("kid_mean", EXTRACTOR_NAME)
 CC = "class consistency"
 S, R = ctx.seed, ctx.seed + 1
 result = studies.collect(ctx.scale, "noise", device=ctx.device, sample_seed=ctx.seed)
+ctx.note(studies.provenance_note(result))
 runs, evals, floor = result["runs"], result["evals"], result["floor"]
 noise = studies.sampling_noise(evals, FID, ["rear"], R, S)
 print(f"sampling noise (|Δ {FID}| of the final reAR row between sampling seeds {S} and {R}): {noise:.4g}")

@@ -65,6 +65,7 @@ KID = metric_label("kid_mean", EXTRACTOR_NAME)
 CC = "class consistency"
 S, R = ctx.seed, ctx.seed + 1
 result = studies.collect(ctx.scale, "embedding", device=ctx.device, sample_seed=ctx.seed)
+ctx.note(studies.provenance_note(result))
 runs, evals, floor = result["runs"], result["evals"], result["floor"]
 noise = studies.sampling_noise(evals, FID, ["ar", "rear"], R, S)
 print(f"sampling noise (max |Δ {FID}| of the AR and reAR rows between sampling seeds {S} and {R}): {noise:.4g}")

@@ -54,6 +54,7 @@ FID, IS = metric_label("fid", EXTRACTOR_NAME), metric_label("isc_mean", EXTRACTO
 CC = "class consistency"
 S, R = ctx.seed, ctx.seed + 1
 result = studies.collect(ctx.scale, "scaling", device=ctx.device, sample_seed=ctx.seed)
+ctx.note(studies.provenance_note(result))
 runs, evals, floor = result["runs"], result["evals"], result["floor"]
 st = studies.settings(ctx.scale)
 NAMES = {"ar": "AR", "rear": "reAR"}

@@ -786,6 +786,17 @@ def _noise_text(r) -> str:
     return f"U(0, {r.noise_max:g}·max(0, 1 - t/{r.anneal_end:g}))"
 
 
+def provenance_note(result: dict) -> str:
+    """Where a collected study's trainings and evaluation records were made (a notebook may only tabulate them)."""
+    gpus = sorted({str(g) for g in result["runs"].get("GPU", []) if g is not None})
+    ev = result["evals"]
+    where = sorted({str(g if isinstance(g, str) and g else d) for g, d in zip(ev.get("eval GPU", []),
+                                                                          ev.get("eval device", []))})
+    return (f"trainings ran on: {', '.join(gpus) or 'unknown'}; evaluation records made on: "
+            f"{', '.join(where) or 'unknown'} (this notebook tabulates the cached records and loads no model "
+            f"when all of them exist)")
+
+
 def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, compute: bool = True,
             progress: bool = True, ws: Workspace | None = None) -> dict:
     """Everything a study notebook shows, from records; missing records are computed first when ``compute``.
