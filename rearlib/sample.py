@@ -265,6 +265,16 @@ def _bucket_for(need: int, buckets: list[int]) -> int:
 
 
 def _plain_generate(model, classes, seeds, st, *, dtype, use_cache, kv_buckets, progress):
+    out = None
+    for _, out in _plain_steps(model, classes, seeds, st, dtype=dtype, use_cache=use_cache, kv_buckets=kv_buckets,
+                               progress=progress):
+        pass
+    return out
+
+
+def _plain_steps(model, classes, seeds, st, *, dtype, use_cache, kv_buckets, progress):
+    """The plain sampling loop as a generator: yields (tokens done, out [B, n_tok]) after every token (the same
+    tensor, filled in place). Autocast is entered per step, so it never leaks into the consumer's code."""
     device = model.pos_embed.device
     B, N, K, n_tok = classes.numel(), model.config.seq_len, model.config.codebook_size, st["num_tokens"]
     use_cfg = st["use_cfg"]
@@ -280,11 +290,11 @@ def _plain_generate(model, classes, seeds, st, *, dtype, use_cache, kv_buckets, 
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="sampling", leave=False)
-    with _autocast(device, dtype):
-        if use_cache:
-            cache = model.new_kv_cache(rows.numel(), N + 1, dtype=dtype)
-            buckets = _buckets(N + 1, kv_buckets)
-        for t in steps:
+    if use_cache:
+        cache = model.new_kv_cache(rows.numel(), N + 1, dtype=dtype)
+        buckets = _buckets(N + 1, kv_buckets)
+    for t in steps:
+        with torch.no_grad(), _autocast(device, dtype):
             if not use_cache:  # reference: recompute [CLS, class, x_1..x_t]
                 prefix = out[:, :t]
                 logits = model.next_token_logits(torch.cat([prefix, prefix]) if use_cfg else prefix, rows)
@@ -296,7 +306,36 @@ def _plain_generate(model, classes, seeds, st, *, dtype, use_cache, kv_buckets, 
                 logits = model.decode_step(torch.cat([tok, tok]) if use_cfg else tok, pos, rows, cache,
                                            kv_len=_bucket_for(t + 2, buckets))
             out[:, t] = _pick(logits, scale=scales[t:t + 1], u=u[:, t], **pick)
-    return out
+        yield t + 1, out
+
+
+def generate_progressive(model: Generator, classes, *, every: int = 32, cfg_scale: float | None = None,
+                         cfg_power: float = 0.0, temperature: float = 1.0, top_k: int | None = None,
+                         top_p: float | None = None, seed: int | None = None, image_seeds=None,
+                         num_tokens: int | None = None, dtype: torch.dtype | None = None, kv_buckets: int = 4):
+    """:func:`generate`'s plain cached loop, yielding ``(n_done, tokens [B, n_tok])`` every ``every`` tokens and at
+    the end (positions >= n_done are not sampled yet). Same settings and random numbers as ``generate(...,
+    fast=False)``, so the last yield equals its result; for live displays (e.g. rearlib.widgets on a CPU)."""
+    model = _unwrap(model)
+    device = model.pos_embed.device
+    if int(every) < 1:
+        raise ValueError(f"every must be >= 1, got {every!r}")
+    classes = torch.as_tensor(classes, device=device).long().flatten()
+    use_cfg, n_tok, K = _validate_settings(model, classes, cfg_scale, cfg_power, temperature, top_k, top_p,
+                                           num_tokens)
+    seeds = _resolve_seeds(classes.numel(), seed, None, image_seeds)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    settings = dict(use_cfg=use_cfg, cfg_scale=float(cfg_scale) if use_cfg else 1.0, cfg_power=float(cfg_power),
+                    temperature=float(temperature), top_k=top_k, top_p=top_p, num_tokens=n_tok)
+    was_training = model.training
+    model.eval()
+    try:
+        for done, out in _plain_steps(model, classes, seeds, settings, dtype=dtype, use_cache=True,
+                                      kv_buckets=kv_buckets, progress=False):
+            if done % int(every) == 0 or done == n_tok:
+                yield done, out.clone()
+    finally:
+        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from rearlib.model import build_generator
 from rearlib.sample import (_FastDecoder, _pick, benchmark_sampling, cfg_scale_at, cfg_schedule, generate,
-                            generate_fid_samples, image_seed, image_seeds, merge_fid_samples)
+                            generate_fid_samples, generate_progressive, image_seed, image_seeds, merge_fid_samples)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -277,3 +277,16 @@ def test_fast_path_on_gpu_agrees_with_the_plain_loop():
     fp32 = generate(m, c, seed=0, cfg_scale=3.0, fast=False, dtype=torch.float32)
     ref = generate(m, c, seed=0, cfg_scale=3.0, fast=False, use_cache=False, dtype=torch.float32)
     assert (fp32 == ref).all(1).float().mean() >= 0.9
+
+
+def test_progressive_generation_ends_with_the_plain_result(model):
+    c = torch.tensor([1, 4])
+    ref = generate(model, c, seed=3, cfg_scale=2.0, fast=False)
+    steps = list(generate_progressive(model, c, every=5, seed=3, cfg_scale=2.0))
+    n = model.config.seq_len
+    assert [d for d, _ in steps] == sorted({*range(5, n + 1, 5), n})
+    assert torch.equal(steps[-1][1], ref)
+    for done, toks in steps:  # what is done never changes afterwards
+        assert torch.equal(toks[:, :done], ref[:, :done])
+    with pytest.raises(ValueError, match="every"):
+        next(generate_progressive(model, c, every=0))

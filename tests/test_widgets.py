@@ -200,6 +200,24 @@ def test_same_seed_samples_are_reproducible_and_cached(ar_vs_rear, lab):
     assert 0 <= s["ar"]["class"] < 10 and 0 < s["ar"]["prob"] <= 1
 
 
+def test_new_seed_shows_the_raster_scan_then_the_cached_sample(ar_vs_rear, lab):
+    """Sampling updates the images while the tokens are drawn (top rows first), and ends with generate()'s tokens."""
+    from rearlib.sample import generate
+
+    seen = []
+    ar_vs_rear.sample_images["ar"].observe(lambda ch: seen.append(ch["new"]), names="value")
+    ar_vs_rear.controls["seed"].value = 7
+    assert ar_vs_rear.last_error is None
+    n_updates = lab.N // ar_vs_rear.live_every
+    assert len(set(seen)) >= n_updates  # partial images, then the final one
+    with lab.compute():
+        direct = generate(lab.model("ar"), torch.tensor([int(ar_vs_rear.controls["label"].value)]), seed=7)[0]
+    assert torch.equal(ar_vs_rear.samples["ar"]["tokens"], direct)
+    part = lab.partial_image(lab.grid[1] * 4, direct)  # four token rows done: the rest is grey
+    cut = 4 * lab.resolution // lab.grid[0]
+    assert torch.all(part[:, cut:] == 0.5) and not torch.all(part[:, :cut] == 0.5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Callbacks: a control change updates the output widgets
 # ---------------------------------------------------------------------------------------------------------------
