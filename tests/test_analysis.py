@@ -57,13 +57,7 @@ def clf():
     return Classifier(widths=(8, 16), resolution=16).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add synchronisation, which is very slow on a busy 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 FAST = dict(metrics=(), progress=False)  # protocol checks that need no image metrics

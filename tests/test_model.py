@@ -9,12 +9,7 @@ from rearlib.model import (PRESETS, GeneratorOutput, StateDictMismatchError, bui
                            count_parameters, estimate_flops_per_token, get_config, load_official_state_dict)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomize(model, seed=0, std=0.05):

@@ -29,7 +29,8 @@ def _reference_dir() -> Path | None:
 
 
 REF = _reference_dir()
-pytestmark = pytest.mark.skipif(REF is None, reason=f"reference assets not found in {_CANDIDATES}")
+pytestmark = [pytest.mark.skipif(REF is None, reason=f"reference assets not found in {_CANDIDATES}"),
+              pytest.mark.usefixtures("one_torch_thread")]
 RTOL = 1e-5
 
 
@@ -45,12 +46,6 @@ def fx():
     return torch.load(REF / "fixtures" / "official_rear_tiny_seed0.pt", weights_only=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

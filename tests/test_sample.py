@@ -12,12 +12,7 @@ from rearlib.sample import (_FastDecoder, _pick, benchmark_sampling, cfg_scale_a
                             generate_fid_samples, generate_progressive, image_seed, image_seeds, merge_fid_samples)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from rearlib.studies import RunSpec, Workspace, paper_layer, resolve
 from rearlib.train import TrainConfig, list_snapshots, load_generator, snapshot_path, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------ snapshots

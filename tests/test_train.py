@@ -24,13 +24,7 @@ from rearlib.train import (
 M, N, K, Z = 48, 16, 32, 16  # the "tiny" preset: 16 tokens, codebook 32, z_dim 16, 10 classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: a second intra-op thread only adds contention on the 2-core CI machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy_data(seed: int = 0):

@@ -34,13 +34,7 @@ from rearlib.vapi import (
 TINY = PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster than two and avoids oversubscribing CI's 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 K, N = TINY.codebook_size, TINY.seq_len
