@@ -996,16 +996,9 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
 def _parse_kv(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ValueError(f"expected key=value, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    from .train import _parse_kv as parse  # one key=value parser for every CLI
+
+    return parse(items)
 
 
 def _window_mean(history: list[dict], key: str, first: bool, frac: float = 0.1) -> float | None:
