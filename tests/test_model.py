@@ -106,9 +106,14 @@ def test_fresh_init():
     assert m.adaln_before_head.adaLN_modulation[1].weight.abs().sum() == 0
     big = build_generator("small", device="meta")  # shapes only; std is checked on a real (CPU) model below
     assert big.embeddings.weight.shape == (1024 + 1 + 10 + 1, PRESETS["small"].hidden)
+    torch.manual_seed(0)
     m2 = build_generator("tiny", hidden=256, heads=4)
     w = m2.blocks[0].mlp.fc1.weight
-    assert abs(w.std().item() - 0.02) < 0.002 and w.abs().max() < 0.1 and m2.blocks[0].mlp.fc1.bias.abs().sum() == 0
+    # trunc_normal_(std=0.02) truncates at +-2 in absolute units (as timm and the authors): at 0.02 that is a plain
+    # normal, so about 0.27% of 262k weights lie beyond 3 std (a max-based bound would be flaky).
+    beyond_3sd = (w.abs() > 0.06).float().mean().item()
+    assert abs(w.std().item() - 0.02) < 0.002 and 0.001 < beyond_3sd < 0.005 and w.abs().max() <= 2.0
+    assert m2.blocks[0].mlp.fc1.bias.abs().sum() == 0
     assert abs(m2.pos_embed.std().item() - 0.02) < 0.002
     assert torch.equal(m2.blocks[0].norm1.weight, torch.ones(256))
     # adaLN-Zero: every block is the identity at init, so block outputs equal the embedded sequence
