@@ -515,6 +515,13 @@ def list_snapshots(out_dir: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _weights_file(cfg: TrainConfig, mc: Any, model: nn.Module, ema: EMA | None, step: int) -> dict[str, Any]:
+    """The content of ``model.pt`` and of every snapshot: weights (and EMA weights) with their configs."""
+    return {"format": CHECKPOINT_FORMAT + "/model", "train_config": cfg.to_dict(), "model_config": asdict(mc),
+            "step": step, "model": model.state_dict(),
+            "ema_model": ema.model_state_dict(model) if ema is not None else None}
+
+
 def _write_snapshot(cfg: TrainConfig, mc: Any, model: nn.Module, ema: EMA | None, step: int, out_dir: Path,
                     device: torch.device, info: DistInfo) -> float:
     """Rank 0 writes ``model_step{step}.pt`` (the format of ``model.pt``); returns the seconds the write took."""
@@ -523,10 +530,7 @@ def _write_snapshot(cfg: TrainConfig, mc: Any, model: nn.Module, ema: EMA | None
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # queued steps belong to training time, not to the write
     t0 = time.perf_counter()
-    state = {"format": CHECKPOINT_FORMAT + "/model", "train_config": cfg.to_dict(), "model_config": asdict(mc),
-             "step": step, "model": model.state_dict(),
-             "ema_model": ema.model_state_dict(model) if ema is not None else None}
-    atomic_torch_save(state, snapshot_path(out_dir, step))
+    atomic_torch_save(_weights_file(cfg, mc, model, ema, step), snapshot_path(out_dir, step))
     return time.perf_counter() - t0
 
 
@@ -876,10 +880,7 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
     }
     if info.is_main:
         if status == "completed":
-            final = {"format": CHECKPOINT_FORMAT + "/model", "train_config": cfg.to_dict(),
-                     "model_config": asdict(mc), "step": step, "model": model.state_dict(),
-                     "ema_model": stepper.ema.model_state_dict(model) if stepper.ema is not None else None}
-            atomic_torch_save(final, model_path)
+            atomic_torch_save(_weights_file(cfg, mc, model, stepper.ema, step), model_path)
         atomic_write_text(result_path, json.dumps(result, indent=2, default=str))
     result["model"] = model.eval()
     if stepper.ema is not None:
