@@ -284,10 +284,7 @@ def paired_diff(frame, value, a="imperfect", b="perfect"):
     return piv[a] - piv[b]
 
 
-def ci_of(x):
-    """Mean and 95% t-interval of a 1-D array (NaN dropped) as a dict."""
-    s = A.mean_ci(pd.DataFrame({"v": np.asarray(x, float)}), by=[], values=["v"]).iloc[0]
-    return {"mean": s["mean"], "lo": s["ci_low"], "hi": s["ci_high"], "n": int(s["n"])}
+ci_of = A.ci_of  # mean and 95% t-interval of a 1-D array as a dict
 
 
 def rule(eff, sign, paper_value=None, tol=0.0, comparable=False):
