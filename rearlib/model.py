@@ -262,8 +262,9 @@ class _CacheView(NamedTuple):
 #: Kernels a decode step can attend with (all compute the same masked softmax attention; the choice is speed):
 #: "sdpa": F.scaled_dot_product_attention with the window mask (eager default); "reduce": two float32
 #: multiply-and-sum reductions that torch.compile fuses (see _single_query_attention); "flex": FlexAttention,
-#: whose split-KV decoding kernel torch.compile generates (CUDA + torch.compile only).
-DECODE_ATTENTION = ("sdpa", "reduce", "flex")
+#: whose split-KV decoding kernel torch.compile generates (CUDA + torch.compile only); "triton": our kernel
+#: (rearlib.kernels.decode_attention) that reads exactly positions [0, pos] whatever the window (CUDA + Triton).
+DECODE_ATTENTION = ("sdpa", "reduce", "flex", "triton")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,7 +299,10 @@ class Attention(nn.Module):
             cache.k.index_copy_(2, cache.pos, k.to(cache.k.dtype))
             cache.v.index_copy_(2, cache.pos, v.to(cache.v.dtype))
             kc, vc = cache.k[:, :, :cache.kv_len], cache.v[:, :, :cache.kv_len]
-            if cache.attention == "reduce":
+            if cache.attention == "triton":
+                from .kernels import decode_attention
+                o = decode_attention(q, cache.k, cache.v, cache.pos)
+            elif cache.attention == "reduce":
                 o = _single_query_attention(q, kc, vc, cache.mask)
             elif cache.attention == "flex":
                 o = _flex_single_query_attention(q.to(kc.dtype), kc, vc, cache.pos)
@@ -366,8 +370,11 @@ class Block(nn.Module):
         self.mlp = Mlp(C, cfg.mlp_hidden, cfg.dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-    def forward(self, x, c, cache: _CacheView | None = None):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+    def forward(self, x, c, cache: _CacheView | None = None, mod: torch.Tensor | None = None):
+        """``mod``: this block's precomputed ``adaLN_modulation(c)`` [..., 6C] (the decode step computes every
+        block's in one GEMM, see :meth:`Generator.stacked_block_adaln`); None computes it here from ``c``."""
+        mod = self.adaLN_modulation(c) if mod is None else mod
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = x + gate1 * self.attn(_modulate(self.norm1(x), shift1, scale1), cache)
         x = x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
         return x
@@ -645,14 +652,26 @@ class Generator(nn.Module):
             x = blk(x, cond, _CacheView(cache.k[i], cache.v[i], None, 0, None))
         return self._logits(x[:, -1], cond[:, -1])
 
+    def stacked_block_adaln(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block's adaLN output Linear stacked: weight [depth * 6C, C], bias [depth * 6C] (new tensors).
+
+        The condition depends only on the class and the position, never on the tokens, so a decode step can
+        compute all blocks' modulations in one GEMM from it (``decode_step(block_adaln=...)``) instead of one
+        small GEMM per block: the same products, fewer and larger kernels."""
+        lins = [blk.adaLN_modulation[-1] for blk in self.blocks]
+        return (torch.cat([m.weight.detach() for m in lins]), torch.cat([m.bias.detach() for m in lins]))
+
     def decode_step(self, token: torch.Tensor, pos: torch.Tensor, classes: torch.Tensor, cache: KVCache, *,
-                    kv_len: int | None = None, attention: str = "sdpa") -> torch.Tensor:
+                    kv_len: int | None = None, attention: str = "sdpa",
+                    block_adaln: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Feed one token per row at sequence position ``pos`` and return the next-token logits [B, K].
 
         token: [B] ids (x_t); pos: LongTensor [1] on the model's device holding t + 1 (x_t's sequence position;
         a device tensor so a CUDA graph can replay the step without host syncs); classes: [B] labels;
         kv_len: static attention window (positions [0, kv_len)); must exceed pos - default ``cache.max_len``.
         attention: the kernel, one of :data:`DECODE_ATTENTION` (same result up to float round-off).
+        block_adaln: :meth:`stacked_block_adaln` of this model (kept by the caller, refreshed when the weights
+        change) to compute every block's modulation in one GEMM; None = per block (same result up to round-off).
         No value checks here (this is the hot loop; ``prefill`` checked the classes).
         """
         if attention not in DECODE_ATTENTION:
@@ -663,8 +682,11 @@ class Generator(nn.Module):
         x = self._embed_tokens(tok) + self._position_table(self.config.seq_len + 2).index_select(1, pos)
         cond = self.embeddings(self.class_token_ids(classes))[:, None] + self.timesteps_embeddings.index_select(1, pos)
         mask = (torch.arange(kv_len, device=pos.device) <= pos).view(1, 1, 1, kv_len)
+        mods = [None] * len(self.blocks)
+        if block_adaln is not None:
+            mods = F.linear(F.silu(cond), *block_adaln).chunk(len(self.blocks), dim=-1)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cond, _CacheView(cache.k[i], cache.v[i], pos, kv_len, mask, attention))
+            x = blk(x, cond, _CacheView(cache.k[i], cache.v[i], pos, kv_len, mask, attention), mods[i])
         return self._logits(x, cond)[:, 0]
 
 

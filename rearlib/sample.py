@@ -218,8 +218,9 @@ def generate(model: Generator, classes, *, cfg_scale: float | None = None, cfg_p
     use_cache=False: recompute the whole prefix every step (the authors' evaluation path; slow reference).
     fast: None = automatic (CUDA -> compiled CUDA-graph step, CPU -> plain loop); "graph" = CUDA graphs without
     torch.compile; False = plain eager loop. dtype: compute dtype (default bf16 on CUDA, float32 on CPU).
-    decode_attention: the fast path's attention kernel (``rearlib.model.DECODE_ATTENTION``; default "reduce" when
-    compiled, "sdpa" otherwise); the plain loop always uses SDPA.
+    decode_attention: the fast path's attention kernel (``rearlib.model.DECODE_ATTENTION``; default on CUDA when
+    compiled: "triton" (one CUDA graph, ``kv_buckets`` unused), else "flex"; "sdpa" when not compiled); the plain
+    loop always uses SDPA. kv_buckets: attention-window buckets (one CUDA graph each) for the other kernels.
     The model runs in eval mode (its mode is restored afterwards). Returns int64 tokens on the model's device.
     """
     model = _unwrap(model)
@@ -358,13 +359,13 @@ def _param_fingerprint(model: nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
-def _step_fn(net, cache_k, cache_v, tok, pos, cls, scales, noise, out, temp, top_p, *,
+def _step_fn(net, cache_k, cache_v, tok, pos, cls, scales, noise, out, temp, top_p, adaln, *,
              kv_len, B, use_cfg, top_k, greedy, autocast_dtype, device_type, attention="sdpa"):
     """One decode step on static buffers: feed tok at sequence position pos (= t + 1), sample x_{t+1},
     write it to out[:, t] and to tok (both halves under CFG). Everything stays on the device."""
     cache = _CacheLists(cache_k, cache_v)
     with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        logits = net.decode_step(tok, pos, cls, cache, kv_len=kv_len, attention=attention)
+        logits = net.decode_step(tok, pos, cls, cache, kv_len=kv_len, attention=attention, block_adaln=adaln)
     step = pos - 1
     new = _pick(logits, B=B, use_cfg=use_cfg, scale=scales.index_select(0, step),
                 u=noise.index_select(1, step)[:, 0], temperature=temp, top_k=top_k, top_p=top_p, greedy=greedy)
@@ -387,7 +388,8 @@ class _FastDecoder:
 
     def __init__(self, model: Generator, B: int, *, use_cfg: bool, top_k, top_p_on: bool, greedy: bool,
                  dtype: torch.dtype, compile_step: bool, kv_buckets: int, compile_backend: str = "inductor",
-                 use_graphs: bool | None = None, attention: str | None = None):
+                 use_graphs: bool | None = None, attention: str | None = None, fuse_adaln: bool = True,
+                 compile_mode: str | None = None):
         dev = model.pos_embed.device
         cfg = model.config
         N, K = cfg.seq_len, cfg.codebook_size
@@ -398,6 +400,8 @@ class _FastDecoder:
         self.net = _inference_copy(model, dtype)
         self.fingerprint = _param_fingerprint(model)
         self.cache = self.net.new_kv_cache(R, N + 1, dtype=dtype)
+        # All blocks' adaLN modulations in one GEMM per step (Generator.stacked_block_adaln).
+        self.adaln = self.net.stacked_block_adaln() if fuse_adaln else None
         self.tok = torch.zeros(R, dtype=torch.long, device=dev)
         self.pos = torch.full((1,), 2, dtype=torch.long, device=dev)
         self.cls = torch.zeros(R, dtype=torch.long, device=dev)
@@ -408,11 +412,19 @@ class _FastDecoder:
         self.top_p = torch.ones((), device=dev) if top_p_on else None
         self.buckets = _buckets(N + 1, kv_buckets)
         if attention is None:
-            # Measured on an H200 (reAR-B, batch 128, CFG, rearlib.bench): FlexAttention 172 img/s, fused reductions
-            # 161, SDPA 149 in the compiled step; eagerly SDPA is the fastest.
-            attention = ("flex" if dev.type == "cuda" else "reduce") if compile_step else "sdpa"
+            # Measured on an H200 (reAR-B, batch 128, CFG; reports/small/bench/): our Triton kernel 262 img/s,
+            # FlexAttention 199 (16 window buckets), fused reductions 161 and SDPA 149 (4 buckets) in the compiled
+            # step; eagerly SDPA is the fastest.
+            from .kernels import triton_available
+            gpu_default = "triton" if triton_available() else "flex"
+            attention = (gpu_default if dev.type == "cuda" else "reduce") if compile_step else "sdpa"
         if attention == "flex" and not (compile_step and dev.type == "cuda"):
             raise ValueError("attention='flex' needs a CUDA device and compile_step=True")
+        if attention == "triton":
+            from .kernels import triton_available
+            if dev.type != "cuda" or not triton_available():
+                raise ValueError("attention='triton' needs a CUDA device and Triton")
+            self.buckets = [N + 1]  # the kernel reads exactly [0, pos]: one window (one graph) serves every step
         self.attention = attention
         self.static = dict(B=B, use_cfg=use_cfg, top_k=top_k, greedy=greedy, device_type=dev.type,
                            autocast_dtype=None if dtype == torch.float32 else dtype, attention=attention)
@@ -424,7 +436,7 @@ class _FastDecoder:
             # _step_fn code object; the default limit (8) would silently fall back to eager in long sessions.
             cfg_dyn = dynamo.config
             cfg_dyn.cache_size_limit = max(cfg_dyn.cache_size_limit, 64)
-            fn = torch.compile(_step_fn, fullgraph=True, backend=compile_backend)
+            fn = torch.compile(_step_fn, fullgraph=True, backend=compile_backend, mode=compile_mode)
         self.fn = fn
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
         if self.use_graphs and dev.type != "cuda":
@@ -436,7 +448,7 @@ class _FastDecoder:
 
     def _args(self):
         return (self.net, self.cache.k, self.cache.v, self.tok, self.pos, self.cls, self.scales, self.noise,
-                self.out, self.temp, self.top_p)
+                self.out, self.temp, self.top_p, self.adaln)
 
     def _capture(self) -> float:
         """Warm up (compiles) and capture one graph per bucket. The warm-up writes garbage into the cache and
@@ -468,6 +480,9 @@ class _FastDecoder:
                 p_fast.copy_(p)
             for b_fast, b in zip(self.net.buffers(), model.buffers()):
                 b_fast.copy_(b)
+            if self.adaln is not None:
+                for t_fast, t in zip(self.adaln, self.net.stacked_block_adaln()):
+                    t_fast.copy_(t)
             self.fingerprint = fp
 
     def run(self, classes: torch.Tensor, seeds: list[int], st: dict) -> torch.Tensor:
@@ -522,7 +537,8 @@ def _get_fast_decoder(model, B, **key) -> _FastDecoder:
                 raise
             import warnings
 
-            fallbacks = ([{"attention": "reduce"}] if key.get("attention") in (None, "flex") else []) + [
+            fallbacks = ([{"attention": "flex"}] if key.get("attention") in (None, "triton") else []) + (
+                [{"attention": "reduce"}] if key.get("attention") in (None, "triton", "flex") else []) + [
                 {"compile_step": False, "attention": None}]
             for fb in fallbacks:
                 warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {str(e)[:300]}); falling back "
@@ -634,7 +650,9 @@ def generate_fid_samples(model: Generator, tokenizer, num_per_class: int, out_di
             labels = torch.tensor([class_list[i // num_per_class] for i in full], device=device)
             tokens = generate(model, labels, cfg_scale=cfg_scale, cfg_power=cfg_power, temperature=temperature,
                               top_k=top_k, top_p=top_p, image_seeds=image_seeds(seed, full), fast=fast)
-            images = tokenizer.decode(tokens[:len(idx)])
+            # Decode the whole padded batch: the decoder's kernels can depend on the batch size (cuDNN picks its
+            # algorithm by shape), and a ragged last batch then moved pixels by one level between 1 and N ranks.
+            images = tokenizer.decode(tokens)[:len(idx)]
             pending += [pool.submit(_save_png_atomic, arr, _png_path(out_dir, i))
                         for i, arr in zip(idx, _to_uint8(images))]
             generated += len(idx)
@@ -697,7 +715,8 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
                        kv_buckets: int = 4, seed: int = 0) -> dict:
     """Time token generation (tokenizer decoding excluded) for ``batch_size`` images with each path in ``modes``.
 
-    modes: subset of ("fast", "fast-sdpa", "fast-flex", "graph", "cached", "no_cache"); default ("fast", "graph",
+    modes: subset of ("fast", "fast-sdpa", "fast-flex", "fast-triton", "graph", "cached", "no_cache");
+    default ("fast", "graph",
     "cached", "no_cache") where available ("fast*" and "graph" need CUDA). "fast" is the compiled CUDA-graph step
     with its default attention kernel, "fast-sdpa" / "fast-flex" the same step with that kernel instead. steps: tokens per image (default N); images/s is extrapolated to N tokens when
     steps < N (``images_per_s_full``). Reports per mode: seconds per batch (median over ``repeats`` after
@@ -709,7 +728,7 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
     device = model.pos_embed.device
     N = model.config.seq_len
     steps = N if steps is None else int(steps)
-    avail = (("fast", "fast-sdpa", "fast-flex", "graph", "cached", "no_cache") if device.type == "cuda"
+    avail = (("fast", "fast-sdpa", "fast-flex", "fast-triton", "graph", "cached", "no_cache") if device.type == "cuda"
              else ("cached", "no_cache"))
     modes = tuple(m for m in avail if m not in ("fast-sdpa", "fast-flex")) if modes is None else tuple(modes)
     bad = [m for m in modes if m not in avail]
@@ -755,7 +774,10 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
         if device.type == "cuda":
             r["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             if mode != "no_cache":
-                bps = _decode_bytes_per_step(model, rows, mean_window, dtype)
+                # the Triton kernel reads exactly the prefix; the other kernels read their bucket's window
+                exact = "triton" in str(r.get("path"))
+                window = sum(t + 2 for t in range(1, steps)) / max(1, steps - 1) if exact else mean_window
+                bps = _decode_bytes_per_step(model, rows, window, dtype)
                 bw = bps / (sec / steps)
                 r.update(bytes_per_step=bps, achieved_bandwidth_tb_s=bw / 1e12, fraction_of_h200_bw=bw / H200_BANDWIDTH)
         result["modes"][mode] = r
@@ -824,9 +846,28 @@ def _main(argv=None):
             atomic_write_text(a.out, text)
 
 
+def _load_any_generator(path: str, preset, device, *, ema: bool = False):
+    """A rearlib.train model/checkpoint, a shipped rearlib.zoo generator, or an official-layout state dict."""
+    from rearlib.model import load_official_state_dict
+    from rearlib.train import load_generator
+    from rearlib.zoo import load_shipped
+
+    errors = []
+    loaders = [("a rearlib.train model/checkpoint", lambda: load_generator(path, device, ema=ema)),
+               ("a shipped rearlib.zoo generator", lambda: load_shipped(path, device)),
+               ("an official state dict", lambda: load_official_state_dict(path, preset, device=device))]
+    for what, load in loaders:
+        if ema and what != loaders[0][0]:
+            break  # only rearlib.train files keep EMA weights
+        try:
+            return load()
+        except Exception as e:  # noqa: BLE001 - try the next format, report all
+            errors.append(f" as {what}: {e}")
+    raise SystemExit(f"cannot load {path}\n" + "\n".join(errors))
+
+
 def _fid_cli(a) -> None:
     from rearlib.experiments import validate_scale
-    from rearlib.model import load_official_state_dict
     from rearlib.tokenizer import get_tokenizer
     validate_scale(a.scale)
     dist = torch.distributed
@@ -838,15 +879,7 @@ def _fid_cli(a) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    try:
-        from rearlib.train import load_generator
-        model = load_generator(a.generator, device, ema=a.ema)
-    except Exception as e_train:  # not a rearlib.train file: try an official-layout state dict
-        try:
-            model = load_official_state_dict(a.generator, a.preset, device=device)
-        except Exception as e_official:
-            raise SystemExit(f"cannot load {a.generator}\n as a rearlib.train model/checkpoint: {e_train}\n"
-                             f" as an official state dict: {e_official}") from None
+    model = _load_any_generator(a.generator, a.preset, device, ema=a.ema)
     sc = SCALES[a.scale]
     g, p = a.cfg_scale, a.cfg_power
     if g is None and a.scale == "paper":

@@ -1,0 +1,116 @@
+"""The sampler's Triton decode-attention kernel, the one-GEMM adaLN of a decode step, and the FID CLI's loader."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from rearlib.kernels import decode_attention_reference, triton_available
+from rearlib.model import build_generator
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_reference_reads_only_the_prefix():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (1, 10, 10))
+    pos = torch.tensor([4])
+    out = decode_attention_reference(q, k, v, pos)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 5:], v2[:, :, 5:] = 1e4, -1e4  # keys after pos must not matter
+    assert torch.equal(decode_attention_reference(q, k2, v2, pos), out)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :5], v[:, :, :5])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_triton_kernel_matches_the_reference_in_the_interpreter():
+    """The kernel's own arithmetic, run on CPU tensors by Triton's interpreter (TRITON_INTERPRET=1 must be set
+    before Triton is imported, hence the subprocess): head widths 16 and 48 (reAR's, not a power of two), the
+    first, a middle and the last position, garbage after pos, bf16 cache."""
+    code = textwrap.dedent("""
+        import torch
+        from rearlib.kernels import decode_attention_interpreted, decode_attention_reference
+        g = torch.Generator().manual_seed(0)
+        worst = 0.0
+        for B, H, L, D, p in [(2, 2, 20, 16, 0), (2, 3, 40, 48, 17), (1, 2, 40, 48, 39)]:
+            q = torch.randn(B, H, 1, D, generator=g)
+            k = torch.randn(B, H, L, D, generator=g).bfloat16()
+            v = torch.randn(B, H, L, D, generator=g).bfloat16()
+            k[:, :, p + 1:] = 1e4
+            v[:, :, p + 1:] = float("nan")
+            pos = torch.tensor([p])
+            out = decode_attention_interpreted(q, k, v, pos)
+            assert out.shape == (B, H, 1, D) and out.dtype == torch.bfloat16
+            worst = max(worst, (out.float() - decode_attention_reference(q, k, v, pos).float()).abs().max().item())
+        print("worst", worst)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    worst = float(r.stdout.split("worst")[-1])
+    assert worst < 1e-2  # one bf16 rounding of outputs of magnitude < 2
+
+
+def test_triton_kernel_input_checks():
+    from rearlib.kernels import _check
+    q, kv = torch.zeros(2, 3, 1, 8), torch.zeros(2, 3, 10, 8)
+    _check(q, kv, kv, torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"q \[B, H, 1, D\]"):
+        _check(torch.zeros(2, 3, 2, 8), kv, kv, torch.tensor([3]))
+    with pytest.raises(ValueError, match="one position"):
+        _check(q, kv, kv, torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="unit stride"):
+        _check(q, kv.transpose(2, 3).contiguous().transpose(2, 3), kv, torch.tensor([3]))
+
+
+def test_triton_attention_needs_cuda():
+    from rearlib.sample import _FastDecoder
+    m = build_generator("tiny").eval()
+    with pytest.raises(ValueError, match="triton"):
+        _FastDecoder(m, 2, use_cfg=False, top_k=None, top_p_on=False, greedy=False, dtype=torch.float32,
+                     compile_step=False, kv_buckets=1, use_graphs=False, attention="triton")
+
+
+def test_one_gemm_adaln_equals_per_block_modulation():
+    """decode_step(block_adaln=stacked_block_adaln()) computes what the per-block adaLN Linears compute."""
+    m = build_generator("tiny")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    m.eval()
+    W, b = m.stacked_block_adaln()
+    C, D = m.config.hidden, m.config.depth
+    assert W.shape == (D * 6 * C, C) and b.shape == (D * 6 * C,)
+    classes = torch.tensor([1, 4, m.null_class])
+    prefix = torch.randint(0, m.config.codebook_size, (3, 5), generator=g)
+    outs = []
+    for adaln in (None, (W, b)):
+        cache = m.new_kv_cache(3)
+        with torch.no_grad():
+            m.prefill(prefix[:, :4], classes, cache)
+            outs.append(m.decode_step(prefix[:, 4], torch.tensor([6]), classes, cache, block_adaln=adaln))  # x_5 sits at position 6
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ref = m.next_token_logits(prefix, classes)
+    torch.testing.assert_close(outs[1], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fid_cli_loads_every_generator_format(tmp_path):
+    from rearlib.sample import _load_any_generator
+    shipped = REPO / "data" / "checkpoints" / "generator_small_rear_seed0.pt"
+    m = _load_any_generator(str(shipped), None, torch.device("cpu"))
+    assert m.config.depth == 8 and not m.training
+    official = tmp_path / "official.pt"
+    torch.save(build_generator("tiny").state_dict(), official)
+    assert _load_any_generator(str(official), "tiny", torch.device("cpu")).config.hidden == 64
+    bad = tmp_path / "bad.pt"
+    torch.save({"nothing": torch.zeros(1)}, bad)
+    with pytest.raises(SystemExit, match="rearlib.train.*\n.*zoo.*\n.*official"):
+        _load_any_generator(str(bad), None, torch.device("cpu"))
