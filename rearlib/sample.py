@@ -209,7 +209,7 @@ def generate(model: Generator, classes, *, cfg_scale: float | None = None, cfg_p
              seed: int | None = None, generator: torch.Generator | None = None, image_seeds=None,
              use_cache: bool = True, fast: bool | str | None = None, dtype: torch.dtype | None = None,
              num_tokens: int | None = None, kv_buckets: int = 4, decode_attention: str | None = None,
-             progress: bool = False) -> torch.Tensor:
+             deterministic: bool = False, progress: bool = False) -> torch.Tensor:
     """Sample token sequences ``[B, num_tokens]`` (default N) for class labels ``classes`` ([B], in [0, M]).
 
     cfg_scale / cfg_power: guidance g and schedule power p (``None`` or 1.0 = no guidance). temperature: 1.0 as
@@ -221,6 +221,9 @@ def generate(model: Generator, classes, *, cfg_scale: float | None = None, cfg_p
     decode_attention: the fast path's attention kernel (``rearlib.model.DECODE_ATTENTION``; default on CUDA when
     compiled: "triton" (one CUDA graph, ``kv_buckets`` unused), else "flex"; "sdpa" when not compiled); the plain
     loop always uses SDPA. kv_buckets: attention-window buckets (one CUDA graph each) for the other kernels.
+    deterministic: compile the fast step in Inductor's deterministic mode (fixed reduction configs instead of
+    per-process benchmarking, which can change round-off and so flip a sampled token between processes); FID
+    sample generation turns it on. The measured speeds in the README are with it off.
     The model runs in eval mode (its mode is restored afterwards). Returns int64 tokens on the model's device.
     """
     model = _unwrap(model)
@@ -245,7 +248,8 @@ def generate(model: Generator, classes, *, cfg_scale: float | None = None, cfg_p
         if fast:
             dec = _get_fast_decoder(model, classes.numel(), use_cfg=use_cfg, top_k=top_k, top_p_on=top_p is not None,
                                     greedy=temperature == 0, dtype=dtype, compile_step=(fast != "graph"),
-                                    kv_buckets=kv_buckets, attention=decode_attention)
+                                    kv_buckets=kv_buckets, attention=decode_attention,
+                                    deterministic=bool(deterministic))
             return dec.run(classes, seeds, settings)
         return _plain_generate(model, classes, seeds, settings, dtype=dtype, use_cache=use_cache,
                                kv_buckets=kv_buckets, progress=progress)
@@ -389,7 +393,7 @@ class _FastDecoder:
     def __init__(self, model: Generator, B: int, *, use_cfg: bool, top_k, top_p_on: bool, greedy: bool,
                  dtype: torch.dtype, compile_step: bool, kv_buckets: int, compile_backend: str = "inductor",
                  use_graphs: bool | None = None, attention: str | None = None, fuse_adaln: bool = True,
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = None, deterministic: bool = False):
         dev = model.pos_embed.device
         cfg = model.config
         N, K = cfg.seq_len, cfg.codebook_size
@@ -436,7 +440,16 @@ class _FastDecoder:
             # _step_fn code object; the default limit (8) would silently fall back to eager in long sessions.
             cfg_dyn = dynamo.config
             cfg_dyn.cache_size_limit = max(cfg_dyn.cache_size_limit, 64)
-            fn = torch.compile(_step_fn, fullgraph=True, backend=compile_backend, mode=compile_mode)
+            # Inductor's deterministic mode: otherwise each process benchmarks reduction configs (block size,
+            # warps) and keeps the fastest, which changes the summation order. On two H200s one rank's images
+            # then differed from a one-process run in 96 of 150 cases (token flips; each process was consistent
+            # with its own cache). (mode= and options= exclude each other in torch.compile.)
+            import torch._inductor.config as inductor_cfg
+            if deterministic and (compile_mode is not None or not hasattr(inductor_cfg, "deterministic")):
+                raise ValueError("deterministic=True needs compile_mode=None and a torch with Inductor's "
+                                 "deterministic mode")
+            opts = {"deterministic": True} if deterministic and compile_backend == "inductor" else None
+            fn = torch.compile(_step_fn, fullgraph=True, backend=compile_backend, mode=compile_mode, options=opts)
         self.fn = fn
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
         if self.use_graphs and dev.type != "cuda":
@@ -537,7 +550,8 @@ def _get_fast_decoder(model, B, **key) -> _FastDecoder:
                 raise
             import warnings
 
-            fallbacks = ([{"attention": "flex"}] if key.get("attention") in (None, "triton") else []) + (
+            fallbacks = ([{"deterministic": False}] if key.get("deterministic") else []) + (
+                [{"attention": "flex"}] if key.get("attention") in (None, "triton") else []) + (
                 [{"attention": "reduce"}] if key.get("attention") in (None, "triton", "flex") else []) + [
                 {"compile_step": False, "attention": None}]
             for fb in fallbacks:
@@ -649,7 +663,8 @@ def generate_fid_samples(model: Generator, tokenizer, num_per_class: int, out_di
             full = idx + [idx[-1]] * pad  # padding rows repeat the last image (same seed -> same tokens; dropped)
             labels = torch.tensor([class_list[i // num_per_class] for i in full], device=device)
             tokens = generate(model, labels, cfg_scale=cfg_scale, cfg_power=cfg_power, temperature=temperature,
-                              top_k=top_k, top_p=top_p, image_seeds=image_seeds(seed, full), fast=fast)
+                              top_k=top_k, top_p=top_p, image_seeds=image_seeds(seed, full), fast=fast,
+                              deterministic=True)
             # Decode the whole padded batch: the decoder's kernels can depend on the batch size (cuDNN picks its
             # algorithm by shape), and a ragged last batch then moved pixels by one level between 1 and N ranks.
             images = tokenizer.decode(tokens)[:len(idx)]
@@ -872,13 +887,13 @@ def _fid_cli(a) -> None:
     validate_scale(a.scale)
     dist = torch.distributed
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before the process group, so NCCL binds this rank's GPU
     else:
         device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model = _load_any_generator(a.generator, a.preset, device, ema=a.ema)
     sc = SCALES[a.scale]
     g, p = a.cfg_scale, a.cfg_power

@@ -114,3 +114,12 @@ def test_fid_cli_loads_every_generator_format(tmp_path):
     torch.save({"nothing": torch.zeros(1)}, bad)
     with pytest.raises(SystemExit, match="rearlib.train.*\n.*zoo.*\n.*official"):
         _load_any_generator(str(bad), None, torch.device("cpu"))
+
+
+def test_deterministic_compile_excludes_a_compile_mode():
+    from rearlib.sample import _FastDecoder
+    m = build_generator("tiny").eval()
+    with pytest.raises(ValueError, match="deterministic"):
+        _FastDecoder(m, 2, use_cfg=False, top_k=None, top_p_on=False, greedy=False, dtype=torch.float32,
+                     compile_step=True, kv_buckets=1, use_graphs=False, deterministic=True,
+                     compile_mode="max-autotune")
