@@ -248,9 +248,12 @@ def profile_training(preset: str, variant: str, batch: int, device: torch.device
     return out
 
 
-def profile_sampling(preset: str, batch: int, device: torch.device, *, steps: int = 16, top: int = 25,
+def profile_sampling(preset: str, batch: int, device: torch.device, *, steps: int | None = None, top: int = 25,
                      cfg: bool = True) -> dict[str, Any]:
-    """Device-kernel breakdown of the compiled decode step (run without CUDA graphs so kernels are visible)."""
+    """Device-kernel breakdown of the compiled decode step (run without CUDA graphs so kernels are visible).
+
+    steps: decode steps profiled, default a whole image (N - 1), so attention over the growing prefix is
+    weighted as in real sampling (the first steps alone understate it)."""
     from torch.profiler import ProfilerActivity, profile
 
     from .model import build_generator
@@ -264,6 +267,7 @@ def profile_sampling(preset: str, batch: int, device: torch.device, *, steps: in
     dec = _FastDecoder(model, batch, use_cfg=cfg, top_k=None, top_p_on=False, greedy=False, dtype=torch.bfloat16,
                        compile_step=True, kv_buckets=4, use_graphs=False)
     classes = torch.arange(batch, device=device) % model.config.num_classes
+    steps = model.config.seq_len - 1 if steps is None else steps
     st = dict(num_tokens=steps + 1, use_cfg=cfg, cfg_scale=4.0, cfg_power=0.0, temperature=1.0, top_p=None)
     seeds = list(range(batch))
     with torch.no_grad():
