@@ -36,7 +36,7 @@ import torch
 
 from .experiments import atomic_write_text, hardware_info, resolve_device
 from .rear import get_rear_config
-from .train import DeviceBatches, DistInfo, Stepper, TrainConfig, build_model, concrete_device
+from .train import COMPILE_MODES, DeviceBatches, DistInfo, Stepper, TrainConfig, build_model, concrete_device
 
 #: Dense bf16 tensor-core peaks (FLOP/s) by GPU name fragment; MFU is left empty for other devices.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
@@ -61,14 +61,16 @@ def _sync(device: torch.device) -> None:
 
 def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: int, warmup: int,
                    device: torch.device, seed: int = 0, model_overrides: dict | None = None,
-                   peak: float | None = None) -> dict[str, Any]:
-    """Time ``steps`` optimizer steps of ``variant`` (a reAR preset name) on random data; returns one row."""
+                   peak: float | None = None, compile_mode: str | None = None) -> dict[str, Any]:
+    """Time ``steps`` optimizer steps of ``variant`` (a reAR preset name) on random data; returns one row.
+    compile_mode: a torch.compile mode for the fast path (rearlib.train.COMPILE_MODES; None = default)."""
     from .model import estimate_flops_per_token
 
     rear = get_rear_config(variant)
     # A long schedule keeps t ~ 0, so the noise is on (its cost does not depend on eps anyway).
     cfg = TrainConfig(model=preset, model_overrides=dict(model_overrides or {}), rear=rear, steps=1_000_000,
-                      batch_size=batch, warmup_steps=10, seed=seed, compile=fast, bf16=fast, fused_adamw=fast,
+                      batch_size=batch, warmup_steps=10, seed=seed,
+                      compile=(compile_mode or True) if fast else False, bf16=fast, fused_adamw=fast,
                       log_every=10**9, ckpt_every=10**9)
     from .model import get_config
     from .train import generator_overrides
@@ -109,7 +111,8 @@ def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: 
     sps = steps * batch / dt
     flops_tok = estimate_flops_per_token(model.config, training=True, align=rear.uses_alignment)
     row = {
-        "kind": "train", "preset": preset, "variant": variant, "path": _path_name(fast, device),
+        "kind": "train", "preset": preset, "variant": variant,
+        "path": _path_name(fast, device) + (f" [{compile_mode}]" if fast and compile_mode else ""),
         "batch": batch, "steps": steps, "samples_per_s": sps, "ms_per_step": 1e3 * dt / steps,
         "tflops_per_s": sps * mc.seq_len * flops_tok / 1e12,
         "mfu": (sps * mc.seq_len * flops_tok / peak) if peak else None,
@@ -287,7 +290,7 @@ def run(preset: str = "rear_b", batch: int = 128, *, variants=("ar", "rear"), st
         plain: bool = True, plain_steps: int | None = None, sampling: bool = True, sample_batch: int | None = None,
         sample_steps: int | None = None, sample_repeats: int = 2, sample_modes: list[str] | None = None,
         device: str = "auto", peak_tflops: float | None = None, model_overrides: dict | None = None,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, compile_mode: str | None = None) -> dict[str, Any]:
     """All measurements; returns {"rows": [...], "summary": {...}, "hardware": ..., "peak": ...}."""
     from tqdm.auto import tqdm
 
@@ -301,7 +304,8 @@ def run(preset: str = "rear_b", batch: int = 128, *, variants=("ar", "rear"), st
     for v, f in tqdm(jobs, desc="bench train", disable=not progress):
         n = steps if f or plain_steps is None else plain_steps
         rows.append(bench_training(preset, v, batch, fast=f, steps=n, warmup=warmup if f else min(warmup, 2),
-                                   device=dev, model_overrides=model_overrides, peak=peak))
+                                   device=dev, model_overrides=model_overrides, peak=peak,
+                                   compile_mode=compile_mode))
     if sampling:
         rows += bench_sampling(preset, sample_batch or batch, dev, steps=sample_steps, repeats=sample_repeats,
                                modes=sample_modes, model_overrides=model_overrides)
@@ -375,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-modes", default=None, help="comma list (rearlib.sample.benchmark_sampling modes)")
     p.add_argument("--model-set", nargs="*", default=[], metavar="K=V", help="GeneratorConfig overrides")
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode of the fast training path (default: torch's default)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="JSON path (a CSV is written beside it)")
     p.add_argument("--profile", action="store_true",
@@ -408,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
               plain=not a.no_plain, plain_steps=a.plain_steps, sampling=not a.no_sampling,
               sample_batch=a.sample_batch, sample_steps=a.sample_steps, sample_repeats=a.sample_repeats,
               sample_modes=a.sample_modes.split(",") if a.sample_modes else None, device=a.device,
-              peak_tflops=a.peak_tflops, model_overrides=_parse_kv(a.model_set))
+              peak_tflops=a.peak_tflops, model_overrides=_parse_kv(a.model_set), compile_mode=a.compile_mode)
     print(f"device: {res['hardware'].get('gpu') or 'cpu'}   peak used for MFU: {res['peak']}")
     print(format_table(res["rows"]))
     for k, v in res["summary"].items():

@@ -61,6 +61,8 @@ SCALES: dict[str, dict[str, Any]] = {
 
 # Fields that may differ between a checkpoint and the config used to resume it (they change no numbers).
 _RESUME_FREE_FIELDS = ("log_every", "ckpt_every", "snapshot_every")
+#: torch.compile modes TrainConfig.compile may name (True = "default").
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -86,7 +88,9 @@ class TrainConfig:
             ``model_step{step}.pt`` (weights + configs, the format of ``model.pt``; :func:`load_generator` reads it),
             e.g. for FID-against-steps curves. It changes no numbers of the run (a run may be resumed with another
             value), and its write time is excluded from ``train_time_s`` and samples/s.
-        compile, bf16, fused_adamw: CUDA fast paths (ignored on CPU, which always runs fp32 eager).
+        compile, bf16, fused_adamw: CUDA fast paths (ignored on CPU, which always runs fp32 eager). ``compile`` may
+            also name a ``torch.compile`` mode (:data:`COMPILE_MODES`, e.g. "max-autotune-no-cudagraphs"); True is
+            the default mode. It changes speed only (and float round-off).
     """
 
     model: str = "tiny"
@@ -107,7 +111,7 @@ class TrainConfig:
     ckpt_every: int = 500
     log_every: int = 20
     snapshot_every: int | None = None
-    compile: bool = True
+    compile: bool | str = True
     bf16: bool = True
     fused_adamw: bool = True
 
@@ -132,6 +136,9 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= end_lr <= lr, got lr={self.lr}, end_lr={self.end_lr}")
         if not 0 <= self.class_dropout < 1:
             raise ValueError(f"class_dropout must lie in [0, 1), got {self.class_dropout}")
+        if not (isinstance(self.compile, bool) or self.compile in COMPILE_MODES):
+            raise ValueError(f"TrainConfig.compile must be True/False or a torch.compile mode {COMPILE_MODES}, "
+                             f"got {self.compile!r}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be None or in (0, 1), got {self.ema_decay}")
         if len(self.betas) != 2:
@@ -595,8 +602,9 @@ class Stepper:
         """
         m: nn.Module = self.raw
         if self.fast and self.cfg.compile:
-            m = torch.compile(m)
-            self.loss_fn = torch.compile(self._loss)
+            mode = self.cfg.compile if isinstance(self.cfg.compile, str) else None
+            m = torch.compile(m, mode=mode)
+            self.loss_fn = torch.compile(self._loss, mode=mode)
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -971,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt-every", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES, help="torch.compile mode (speed only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--stop-at", type=int, default=None)
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop with a checkpoint after this")
@@ -1019,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, end_lr=args.end_lr,
         warmup_steps=args.warmup if args.warmup is not None else args.steps // 4, weight_decay=args.weight_decay,
         class_dropout=args.class_dropout, ema_decay=args.ema, seed=args.seed, ckpt_every=args.ckpt_every,
-        log_every=args.log_every, compile=not args.no_compile)
+        log_every=args.log_every, compile=False if args.no_compile else (args.compile_mode or True))
     res = train(cfg, tokens, labels, codebook, args.out, device=args.device, resume=not args.fresh,
                 stop_at=args.stop_at, time_limit_s=args.time_limit)
     if int(os.environ.get("RANK", "0")) == 0:

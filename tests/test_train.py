@@ -131,6 +131,9 @@ def test_bad_inputs_fail_early(tmp_path):
         train(cfg, tokens.float(), labels, cb, tmp_path / "f", device="cpu", progress=False)
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainConfig(steps=10, warmup_steps=20)
+    with pytest.raises(ValueError, match="torch.compile mode"):
+        TrainConfig(compile="fastest")
+    assert TrainConfig(compile="max-autotune-no-cudagraphs").compile == "max-autotune-no-cudagraphs"
 
 
 # ------------------------------------------------------------------------------------------------ the loop
