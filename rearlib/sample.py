@@ -415,17 +415,16 @@ class _FastDecoder:
         self.temp = torch.ones((), device=dev)
         self.top_p = torch.ones((), device=dev) if top_p_on else None
         self.buckets = _buckets(N + 1, kv_buckets)
+        from .kernels import triton_available  # lazy: importing Triton costs time that CPU users need not pay
         if attention is None:
             # Measured on an H200 (reAR-B, batch 128, CFG; reports/small/bench/): our Triton kernel 262 img/s,
             # FlexAttention 199 (16 window buckets), fused reductions 161 and SDPA 149 (4 buckets) in the compiled
             # step; eagerly SDPA is the fastest.
-            from .kernels import triton_available
             gpu_default = "triton" if triton_available() else "flex"
             attention = (gpu_default if dev.type == "cuda" else "reduce") if compile_step else "sdpa"
         if attention == "flex" and not (compile_step and dev.type == "cuda"):
             raise ValueError("attention='flex' needs a CUDA device and compile_step=True")
         if attention == "triton":
-            from .kernels import triton_available
             if dev.type != "cuda" or not triton_available():
                 raise ValueError("attention='triton' needs a CUDA device and Triton")
             self.buckets = [N + 1]  # the kernel reads exactly [0, pos]: one window (one graph) serves every step
@@ -550,17 +549,20 @@ def _get_fast_decoder(model, B, **key) -> _FastDecoder:
                 raise
             import warnings
 
-            fallbacks = ([{"deterministic": False}] if key.get("deterministic") else []) + (
-                [{"attention": "flex"}] if key.get("attention") in (None, "triton") else []) + (
-                [{"attention": "reduce"}] if key.get("attention") in (None, "triton", "flex") else []) + [
-                {"compile_step": False, "attention": None}]
+            att = key.get("attention")
+            fallbacks = [{"deterministic": False}] if key.get("deterministic") else []
+            if att in (None, "triton"):
+                fallbacks.append({"attention": "flex"})
+            if att in (None, "triton", "flex"):
+                fallbacks.append({"attention": "reduce"})
+            fallbacks.append({"compile_step": False, "attention": None})
             for fb in fallbacks:
                 warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {str(e)[:300]}); falling back "
                               f"to {fb} (slower)", RuntimeWarning)
                 try:
                     dec = _FastDecoder(model, B, **{**key, **fb})
                     break
-                except Exception as e2:  # noqa: PERF203 - at most two tries
+                except Exception as e2:  # noqa: PERF203 - a few tries at most
                     e = e2
             else:
                 raise e
@@ -871,9 +873,7 @@ def _load_any_generator(path: str, preset, device, *, ema: bool = False):
     loaders = [("a rearlib.train model/checkpoint", lambda: load_generator(path, device, ema=ema)),
                ("a shipped rearlib.zoo generator", lambda: load_shipped(path, device)),
                ("an official state dict", lambda: load_official_state_dict(path, preset, device=device))]
-    for what, load in loaders:
-        if ema and what != loaders[0][0]:
-            break  # only rearlib.train files keep EMA weights
+    for what, load in loaders[:1] if ema else loaders:  # only rearlib.train files keep EMA weights
         try:
             return load()
         except Exception as e:  # noqa: BLE001 - try the next format, report all
