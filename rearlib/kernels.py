@@ -1,4 +1,6 @@
-"""A Triton kernel for the sampler's hot spot: one query per (row, head) attending over a KV cache prefix.
+"""Triton kernels for two hot spots: the sampler's decode attention and the training step's dropout masks.
+
+**Decode attention** - one query per (row, head) attending over a KV cache prefix.
 
 A decode step of reAR-B (batch 128 with CFG = 256 rows, 16 heads) reads the whole K/V prefix of every row and
 layer: about 2.4 GB per step at the mean prefix of 129 positions, the largest memory traffic of sampling.
@@ -10,17 +12,32 @@ CUDA graph serves every step) with one program per (row, head) and an online sof
 as flash-decoding does (Dao et al.). It is registered as the custom op ``rearlib::decode_attention`` so that
 ``torch.compile`` keeps it in a full graph. :func:`decode_attention_reference` is the same function in plain
 PyTorch, used by the tests (the kernel itself also runs on CPU tensors under ``TRITON_INTERPRET=1``).
+
+**Dropout masks** - reAR-B draws 151M dropout decisions per block and training step (batch 128: after the
+attention projection, after the GELU and after fc2). TorchInductor (torch 2.11) generates each with its own
+Philox-4x32-10 call and keeps one of the four words: its fused GELU + dropout kernel took 470 us per block on an
+H200, about 4x the time its memory traffic needs. :func:`dropout_keep_mask` uses all four words of every call
+(``tl.randint4x``), and :func:`dropout` applies the mask as ``x * keep / (1 - p)``, a multiply Inductor fuses
+into the neighbouring kernels. The distribution is that of ``nn.Dropout`` (each element kept independently with
+probability 1 - p, to 2^-31); the random stream differs, and the kernel's seed comes from torch's CUDA generator,
+so ``torch.manual_seed`` and checkpointed RNG states reproduce it.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["decode_attention", "decode_attention_reference", "triton_available", "KERNEL_CONFIG"]
+__all__ = ["decode_attention", "decode_attention_reference", "dropout", "dropout_keep_mask", "register_ops",
+           "triton_available",
+           "KERNEL_CONFIG", "DROPOUT_BLOCK"]
 
 #: Launch configuration. Measured on an H200 (reAR-B decode shapes, see reports/small/bench/); ``block_n`` keys
 #: per loop iteration.
 KERNEL_CONFIG = {"block_n": 16, "num_warps": 1, "num_stages": 2}
+#: Philox calls per program of the dropout-mask kernel (each gives four mask elements).
+DROPOUT_BLOCK = 1024
+#: Where :func:`dropout` takes its masks from: "auto" = this module's kernel on CUDA, "torch" = F.dropout.
+DROPOUT_KERNELS = ("auto", "torch")
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run without this kernel.
     import triton
@@ -86,11 +103,96 @@ if triton is not None:
             num_stages=cfg["num_stages"])
         return out
 
+    @triton.jit
+    def _keep_mask_kernel(out_ptr, seed_ptr, n, p, BLOCK: tl.constexpr):
+        # Program i covers elements [4 BLOCK i, 4 BLOCK (i + 1)): Philox counter c = BLOCK i + lane gives the four
+        # words for lane + {0, 1, 2, 3} BLOCK, so each of the four stores is contiguous.
+        pid = tl.program_id(0)
+        lane = tl.arange(0, BLOCK)
+        # Two 31-bit draws make one 62-bit Philox key (see _dropout_seed).
+        seed = tl.load(seed_ptr).to(tl.int64) * 2147483648 + tl.load(seed_ptr + 1).to(tl.int64)
+        r0, r1, r2, r3 = tl.randint4x(seed, pid * BLOCK + lane)
+        base = pid.to(tl.int64) * (4 * BLOCK) + lane
+        tl.store(out_ptr + base, tl.random.uint_to_uniform_float(r0) >= p, mask=base < n)
+        tl.store(out_ptr + base + BLOCK, tl.random.uint_to_uniform_float(r1) >= p, mask=base + BLOCK < n)
+        tl.store(out_ptr + base + 2 * BLOCK, tl.random.uint_to_uniform_float(r2) >= p, mask=base + 2 * BLOCK < n)
+        tl.store(out_ptr + base + 3 * BLOCK, tl.random.uint_to_uniform_float(r3) >= p, mask=base + 3 * BLOCK < n)
+
+    def _launch_keep_mask(out, seed, p, launcher):
+        n = out.numel()
+        launcher(_keep_mask_kernel)[(triton.cdiv(n, 4 * DROPOUT_BLOCK),)](out, seed, n, p, BLOCK=DROPOUT_BLOCK,
+                                                                          num_warps=4)
+        return out
+
+
+_OPS_REGISTERED = False
+
+
+def register_ops() -> bool:
+    """Register the custom ops ``rearlib::decode_attention`` and ``rearlib::dropout_keep_mask`` (once; False without
+    Triton). Done on first use rather than at import: ``torch.library.triton_op`` imports TorchInductor (about 2 s),
+    which CPU users of the model need not pay. Call it outside ``torch.compile`` before the first compiled call
+    (the model's layers and the sampler do)."""
+    global _OPS_REGISTERED
+    if _OPS_REGISTERED or triton is None:
+        return triton is not None
+
     @torch.library.triton_op("rearlib::decode_attention", mutates_args=())
     def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                              scale: float) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=v.dtype, device=q.device)
         return _launch(q, k, v, pos, scale, out, torch.library.wrap_triton)
+
+    @torch.library.triton_op("rearlib::dropout_keep_mask", mutates_args=())
+    def _keep_mask_op(shape: list[int], seed: torch.Tensor, p: float) -> torch.Tensor:
+        out = torch.empty(shape, dtype=torch.bool, device=seed.device)
+        return _launch_keep_mask(out, seed, p, torch.library.wrap_triton)
+
+    _OPS_REGISTERED = True
+    return True
+
+
+def _dropout_seed(device: torch.device) -> torch.Tensor:
+    """Two draws in [0, 2^31) from torch's generator for ``device`` (a traceable op, so no host sync)."""
+    return torch.randint(0, 2 ** 31, (2,), device=device, dtype=torch.int64)
+
+
+def dropout_keep_mask(shape, p: float, device: torch.device | str = "cuda", *,
+                      seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of ``shape``, each element True (kept) independently with probability 1 - p.
+
+    ``seed``: int64 tensor of two values in [0, 2^31) on ``device`` (default: drawn from torch's generator).
+    Needs Triton and a CUDA device (see :func:`dropout_keep_mask_interpreted` for CPU tests).
+    """
+    if triton is None:
+        raise RuntimeError("dropout_keep_mask needs Triton; use torch.nn.functional.dropout")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    register_ops()
+    seed = _dropout_seed(torch.device(device)) if seed is None else seed
+    return torch.ops.rearlib.dropout_keep_mask([int(d) for d in shape], seed, float(p))
+
+
+def dropout_keep_mask_interpreted(shape, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The mask kernel launched directly on CPU tensors (needs ``TRITON_INTERPRET=1`` before Triton's import)."""
+    if triton is None:
+        raise RuntimeError("needs Triton")
+    out = torch.empty(list(shape), dtype=torch.bool, device=seed.device)
+    return _launch_keep_mask(out, seed, float(p), lambda kern: kern)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True, kernel: str = "auto") -> torch.Tensor:
+    """Inverted dropout, ``x * keep / (1 - p)``: as ``F.dropout(x, p, training)``, with the mask from
+    :func:`dropout_keep_mask` when ``kernel`` is "auto" and ``x`` is a CUDA tensor (Triton available), else from
+    ``F.dropout`` itself (CPU, or ``kernel="torch"``)."""
+    if kernel not in DROPOUT_KERNELS:
+        raise ValueError(f"dropout kernel must be one of {DROPOUT_KERNELS}, got {kernel!r}")
+    if not training or p == 0.0:
+        return x
+    if kernel == "torch" or triton is None or x.device.type != "cuda":
+        return torch.nn.functional.dropout(x, p, True)
+    keep = dropout_keep_mask(x.shape, p, x.device)
+    return x * keep * (1.0 / (1.0 - p))
 
 
 def _check(q, k, v, pos):
@@ -115,6 +217,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
         raise RuntimeError("decode_attention needs Triton; use another decode attention kernel")
     _check(q, k, v, pos)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    register_ops()
     return torch.ops.rearlib.decode_attention(q, k, v, pos, scale)
 
 

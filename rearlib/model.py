@@ -64,6 +64,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import DROPOUT_KERNELS, dropout, register_ops
+
 __all__ = [
     "GeneratorConfig",
     "GeneratorOutput",
@@ -94,6 +96,9 @@ class GeneratorConfig:
     codebook_size: K image-token ids. num_classes: M class labels (plus one null class).
     seq_len: N image tokens per image (raster order). mlp_ratio: MLP hidden = int(C * mlp_ratio).
     dropout: on the attention output projection and inside the MLP. attn_dropout: on attention probabilities.
+    dropout_kernel: where the ``dropout`` masks come from: "auto" = :func:`rearlib.kernels.dropout_keep_mask` on
+    CUDA (same distribution as ``nn.Dropout``, a different random stream, about 4x less Philox work), ``F.dropout``
+    elsewhere; "torch" = ``F.dropout`` everywhere. Speed only; attention-probability dropout stays in SDPA.
     encode_align_layer / decode_align_layer: 0-based block whose output feeds the encode ("EN") / decode ("DE")
     alignment head; ``None`` disables that head. They may be equal (the official code cannot do that).
     align_head: "silu3" = Linear(C,P)-SiLU-Linear(P,P)-SiLU-Linear(P,z) as in the released code (default);
@@ -112,6 +117,7 @@ class GeneratorConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     attn_dropout: float = 0.1
+    dropout_kernel: str = "auto"
     encode_align_layer: int | None = 0
     decode_align_layer: int | None = None
     align_head: str = "silu3"
@@ -137,6 +143,8 @@ class GeneratorConfig:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.dropout_kernel not in DROPOUT_KERNELS:
+            raise ValueError(f"dropout_kernel must be one of {DROPOUT_KERNELS}, got {self.dropout_kernel!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.pos_extra < 2 or self.time_extra < 2:
@@ -270,8 +278,21 @@ DECODE_ATTENTION = ("sdpa", "reduce", "flex", "triton")
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------------
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose masks come from :func:`rearlib.kernels.dropout` (the fast mask kernel on CUDA)."""
+
+    def __init__(self, p: float, kernel: str = "auto"):
+        super().__init__(p)
+        self.kernel = kernel
+        if kernel == "auto" and p > 0 and torch.cuda.is_available():
+            register_ops()  # here, outside torch.compile, not at the first (compiled) forward
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training, self.kernel)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, attn_drop: float, proj_drop: float):
+    def __init__(self, dim: int, heads: int, attn_drop: float, proj_drop: float, dropout_kernel: str = "auto"):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
@@ -279,7 +300,7 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=_LN_EPS)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = Dropout(proj_drop, dropout_kernel)
 
     def forward(self, x: torch.Tensor, cache: _CacheView | None = None) -> torch.Tensor:
         B, S, C = x.shape
@@ -342,13 +363,13 @@ def _flex_single_query_attention(q, k, v, pos):
 class Mlp(nn.Module):
     """fc1 -> GELU (erf) -> dropout -> fc2 -> dropout (timm's ``Mlp`` layout, names fc1/fc2)."""
 
-    def __init__(self, dim: int, hidden: int, drop: float):
+    def __init__(self, dim: int, hidden: int, drop: float, dropout_kernel: str = "auto"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = Dropout(drop, dropout_kernel)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = Dropout(drop, dropout_kernel)
 
     def forward(self, x):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
@@ -365,9 +386,9 @@ class Block(nn.Module):
         super().__init__()
         C = cfg.hidden
         self.norm1 = nn.LayerNorm(C, eps=_LN_EPS)
-        self.attn = Attention(C, cfg.heads, cfg.attn_dropout, cfg.dropout)
+        self.attn = Attention(C, cfg.heads, cfg.attn_dropout, cfg.dropout, cfg.dropout_kernel)
         self.norm2 = nn.LayerNorm(C, eps=_LN_EPS)
-        self.mlp = Mlp(C, cfg.mlp_hidden, cfg.dropout)
+        self.mlp = Mlp(C, cfg.mlp_hidden, cfg.dropout, cfg.dropout_kernel)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
     def forward(self, x, c, cache: _CacheView | None = None, mod: torch.Tensor | None = None):
@@ -558,14 +579,21 @@ class Generator(nn.Module):
         return x, cond
 
     def _logits(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        # The final adaLN and lm_head always run in float32 with autocast off: CFG multiplies the
-        # cond - uncond logit difference by up to ~22, which would amplify bf16 logit rounding (spacing 0.06 at
-        # |logit| ~ 10) into O(1) errors. It costs (2C^2 + CK) MACs per token, < 1% of the model.
+        # In eval mode (sampling, analysis) the final adaLN and lm_head run in float32 with autocast off: CFG
+        # multiplies the cond - uncond logit difference by up to ~22, which would amplify bf16 logit rounding
+        # (spacing 0.06 at |logit| ~ 10) into O(1) errors. It costs (2C^2 + CK) MACs per token, < 1% of the model.
+        # In training they follow the ambient autocast, as in the authors' code (the loss upcasts the logits):
+        # in float32 they took about 6% of a reAR-B bf16 training step.
+        if self.training and torch.is_autocast_enabled(h.device.type):
+            return self._head(h, cond)
         with torch.autocast(h.device.type, enabled=False):
-            h = self.adaln_before_head(h.float(), cond.float())
-            if self.config.tied_codebook:
-                return self.lm_head(h, self.codebook)
-            return self.lm_head(h)
+            return self._head(h.float(), cond.float())
+
+    def _head(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.adaln_before_head(h, cond)
+        if self.config.tied_codebook:
+            return self.lm_head(h, self.codebook)
+        return self.lm_head(h)
 
     # ---- full (teacher-forced) passes ------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, classes: torch.Tensor, *, align: bool = False) -> GeneratorOutput:

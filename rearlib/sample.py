@@ -29,6 +29,7 @@ is the authors' evaluation behaviour (recompute the whole prefix every step), ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -415,7 +416,7 @@ class _FastDecoder:
         self.temp = torch.ones((), device=dev)
         self.top_p = torch.ones((), device=dev) if top_p_on else None
         self.buckets = _buckets(N + 1, kv_buckets)
-        from .kernels import triton_available  # lazy: importing Triton costs time that CPU users need not pay
+        from .kernels import register_ops, triton_available
         if attention is None:
             # Measured on an H200 (reAR-B, batch 128, CFG; reports/small/bench/): our Triton kernel 262 img/s,
             # FlexAttention 199 (16 window buckets), fused reductions 161 and SDPA 149 (4 buckets) in the compiled
@@ -427,6 +428,7 @@ class _FastDecoder:
         if attention == "triton":
             if dev.type != "cuda" or not triton_available():
                 raise ValueError("attention='triton' needs a CUDA device and Triton")
+            register_ops()  # before the step is compiled
             self.buckets = [N + 1]  # the kernel reads exactly [0, pos]: one window (one graph) serves every step
         self.attention = attention
         self.static = dict(B=B, use_cfg=use_cfg, top_k=top_k, greedy=greedy, device_type=dev.type,
@@ -599,6 +601,22 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+@contextlib.contextmanager
+def _no_tf32():
+    """Full float32 convolutions and matmuls inside (TF32 flags restored after).
+
+    With TF32 (PyTorch's default for cuDNN convolutions) an H200 decoded the last two rows of a 64-image batch
+    differently from the same images at other rows (one grey level after rounding), so FID images changed with the
+    number of ranks, which moves images between rows. In float32 the decode did not depend on the row.
+    """
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 def _png_path(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / "images" / f"{index:06d}.png"
 
@@ -667,9 +685,11 @@ def generate_fid_samples(model: Generator, tokenizer, num_per_class: int, out_di
             tokens = generate(model, labels, cfg_scale=cfg_scale, cfg_power=cfg_power, temperature=temperature,
                               top_k=top_k, top_p=top_p, image_seeds=image_seeds(seed, full), fast=fast,
                               deterministic=True)
-            # Decode the whole padded batch: the decoder's kernels can depend on the batch size (cuDNN picks its
-            # algorithm by shape), and a ragged last batch then moved pixels by one level between 1 and N ranks.
-            images = tokenizer.decode(tokens)[:len(idx)]
+            # Decode the whole padded batch in float32: the decoder's kernels can depend on the batch size (cuDNN
+            # picks its algorithm by shape) and, with TF32, on an image's row (see _no_tf32); either moved pixels
+            # by one level between 1 and N ranks.
+            with _no_tf32():
+                images = tokenizer.decode(tokens)[:len(idx)]
             pending += [pool.submit(_save_png_atomic, arr, _png_path(out_dir, i))
                         for i, arr in zip(idx, _to_uint8(images))]
             generated += len(idx)
@@ -732,10 +752,12 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
                        kv_buckets: int = 4, seed: int = 0) -> dict:
     """Time token generation (tokenizer decoding excluded) for ``batch_size`` images with each path in ``modes``.
 
-    modes: subset of ("fast", "fast-sdpa", "fast-flex", "fast-triton", "graph", "cached", "no_cache");
-    default ("fast", "graph",
-    "cached", "no_cache") where available ("fast*" and "graph" need CUDA). "fast" is the compiled CUDA-graph step
-    with its default attention kernel, "fast-sdpa" / "fast-flex" the same step with that kernel instead. steps: tokens per image (default N); images/s is extrapolated to N tokens when
+    modes: subset of ("fast", "fast-sdpa", "fast-flex", "fast-triton", "fast-deterministic", "graph", "cached",
+    "no_cache"); default ("fast", "fast-triton", "graph", "cached", "no_cache") where available ("fast*" and "graph"
+    need CUDA). "fast" is the compiled CUDA-graph step with its default attention kernel, "fast-sdpa" /
+    "fast-flex" the same step with that kernel instead, "fast-deterministic" the step compiled in Inductor's
+    deterministic mode as FID generation uses it (``generate(deterministic=True)``). steps: tokens per image
+    (default N); images/s is extrapolated to N tokens when
     steps < N (``images_per_s_full``). Reports per mode: seconds per batch (median over ``repeats`` after
     ``warmup`` untimed runs, which include compilation/capture), ms/step, images/s, peak memory, and for the
     cached GPU paths the achieved bandwidth = (bytes a step must move, :func:`_decode_bytes_per_step`, at the
@@ -745,9 +767,10 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
     device = model.pos_embed.device
     N = model.config.seq_len
     steps = N if steps is None else int(steps)
-    avail = (("fast", "fast-sdpa", "fast-flex", "fast-triton", "graph", "cached", "no_cache") if device.type == "cuda"
-             else ("cached", "no_cache"))
-    modes = tuple(m for m in avail if m not in ("fast-sdpa", "fast-flex")) if modes is None else tuple(modes)
+    avail = (("fast", "fast-sdpa", "fast-flex", "fast-triton", "fast-deterministic", "graph", "cached", "no_cache")
+             if device.type == "cuda" else ("cached", "no_cache"))
+    optional = ("fast-sdpa", "fast-flex", "fast-deterministic")
+    modes = tuple(m for m in avail if m not in optional) if modes is None else tuple(modes)
     bad = [m for m in modes if m not in avail]
     if bad:
         raise ValueError(f"modes {bad} not available on {device.type}; available: {avail}")
@@ -765,7 +788,9 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
     for mode in modes:
         mkw = dict(kw, fast={"graph": "graph", "cached": False, "no_cache": False}.get(mode, True),
                    use_cache=mode != "no_cache")
-        if mode.startswith("fast-"):
+        if mode == "fast-deterministic":
+            mkw["deterministic"] = True
+        elif mode.startswith("fast-"):
             mkw["decode_attention"] = mode.split("-", 1)[1]
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -123,3 +123,78 @@ def test_deterministic_compile_excludes_a_compile_mode():
         _FastDecoder(m, 2, use_cfg=False, top_k=None, top_p_on=False, greedy=False, dtype=torch.float32,
                      compile_step=True, kv_buckets=1, use_graphs=False, deterministic=True,
                      compile_mode="max-autotune")
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_dropout_mask_kernel_in_the_interpreter():
+    """The mask kernel on CPU through Triton's interpreter: keep rate 1 - p within 5 binomial sigmas for three p,
+    a fixed seed gives a fixed mask, another seed an independent one, a length that is not a multiple of the
+    program size extends the mask without changing its prefix, and p = 0 keeps everything."""
+    code = textwrap.dedent("""
+        import torch
+        from rearlib.kernels import dropout_keep_mask_interpreted as mask
+        seed = torch.tensor([12345, 678], dtype=torch.int64)
+        n = 3 * 4096 + 77
+        for p in (0.1, 0.5, 0.9):
+            m = mask((3, n // 3), p, seed) if n % 3 == 0 else mask((n,), p, seed)
+            sigma = (p * (1 - p) / n) ** 0.5
+            assert m.dtype == torch.bool and m.numel() == n
+            assert abs(m.float().mean().item() - (1 - p)) < 5 * sigma, (p, m.float().mean())
+        a = mask((n,), 0.1, seed)
+        assert torch.equal(a, mask((n,), 0.1, seed))
+        b = mask((n,), 0.1, torch.tensor([12345, 679]))
+        agree = (a == b).float().mean().item()
+        assert abs(agree - (0.9 ** 2 + 0.1 ** 2)) < 0.02, agree  # independent streams
+        assert torch.equal(mask((n + 5000,), 0.1, seed)[:n], a)
+        assert mask((4, 33), 0.0, seed).all()
+        # no correlation between the four words of one Philox call (elements i and i + 1024 of a program)
+        x = mask((8 * 4096,), 0.5, seed).view(8, 4, 1024).float()
+        c = ((x[:, 0] - 0.5) * (x[:, 1] - 0.5)).mean().item() / 0.25
+        assert abs(c) < 5 / (8 * 1024) ** 0.5, c
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_dropout_routes_cpu_to_torch_and_checks_arguments():
+    from rearlib.kernels import dropout, dropout_keep_mask
+    x = torch.randn(64, 32)
+    torch.manual_seed(0)
+    got = dropout(x, 0.25, training=True)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, torch.nn.functional.dropout(x, 0.25, True), rtol=0, atol=0)
+    assert dropout(x, 0.25, training=False) is x and dropout(x, 0.0, training=True) is x
+    with pytest.raises(ValueError, match="dropout kernel"):
+        dropout(x, 0.1, kernel="fast")
+    if triton_available():
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            dropout_keep_mask((4,), 1.0, "cpu")
+    with pytest.raises(ValueError, match="dropout_kernel"):
+        build_generator("tiny", dropout_kernel="philox")
+
+
+def test_head_precision_follows_autocast_only_in_training():
+    """Training under bf16 autocast gives bf16 logits (the authors' code); eval keeps the float32 head (CFG)."""
+    m = build_generator("tiny")
+    tokens = torch.randint(0, m.config.codebook_size, (2, 6))
+    classes = torch.tensor([0, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.train()(tokens, classes).logits.dtype == torch.bfloat16
+        assert m.eval()(tokens, classes).logits.dtype == torch.float32
+    assert m.train()(tokens, classes).logits.dtype == torch.float32
+
+
+def test_fid_decode_runs_without_tf32_and_restores_the_flags():
+    from rearlib.sample import _no_tf32
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with _no_tf32():
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+                raise RuntimeError("inside")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
