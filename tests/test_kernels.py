@@ -198,3 +198,45 @@ def test_fid_decode_runs_without_tf32_and_restores_the_flags():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and Triton")
+def test_dropout_kernel_on_gpu_eager_and_compiled():
+    """On CUDA: keep rate 1 - p, kept values scaled by 1 / (1 - p), gradient = mask / (1 - p), the same mask again
+    after the same torch.manual_seed, both eagerly and under torch.compile; a compiled training step with it."""
+    from rearlib.kernels import dropout
+    x = torch.randn(1000, 3077, device="cuda", requires_grad=True)  # not a multiple of the program size
+    sigma = (0.1 * 0.9 / x.numel()) ** 0.5
+    compiled = torch.compile(lambda t: dropout(t, 0.1, True))
+    for fn in (lambda t: dropout(t, 0.1, True), compiled):
+        torch.manual_seed(5)
+        y = fn(x)
+        torch.manual_seed(5)
+        assert torch.equal(y, fn(x))
+        keep = y != 0
+        assert abs(keep.float().mean().item() - 0.9) < 5 * sigma
+        torch.testing.assert_close(y[keep], x[keep] / 0.9)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(g, keep.float() / 0.9)
+    m = build_generator("tiny").cuda().train()
+    step = torch.compile(lambda t, c: m(t, c).logits.float().logsumexp(-1).mean())
+    tokens = torch.randint(0, m.config.codebook_size, (8, 16), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = step(tokens, torch.arange(8, device="cuda") % 10)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fid_decode_does_not_depend_on_the_row_on_gpu():
+    """With TF32 off (as FID generation decodes), an image decodes to the same pixels at any row of the batch."""
+    from rearlib.sample import _no_tf32
+    from rearlib.tokenizer import get_tokenizer
+    tok = get_tokenizer("small", torch.device("cuda"), progress=False)
+    t = torch.randint(0, tok.codebook_size, (16, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad(), _no_tf32():
+        a = tok.decode(t)
+        b = tok.decode(torch.roll(t, 1, 0)).roll(-1, 0)
+    assert torch.equal(a, b)

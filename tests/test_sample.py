@@ -255,23 +255,30 @@ def test_benchmark_reports_both_paths_on_cpu(model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fast_path_on_gpu_agrees_with_the_plain_loop():
-    """Compiled + CUDA-graph path vs the eager cached loop in bf16 on the GPU (same noise; rare near-ties in
-    bf16 may flip a token and everything after it, so we require most images to be identical)."""
+    """Every compiled / CUDA-graph path vs the eager cached loop on the GPU, same noise. In float32 the paths differ
+    by round-off only, so nearly all images must be identical; in bf16 a near-tie can flip a token and everything
+    after it (the Triton kernel accumulates in float32, SDPA's bf16 kernels differently), so bf16 is only required
+    to reproduce itself and to agree on most tokens."""
     m = build_generator("tiny", seq_len=64).cuda()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_((torch.randn(p.shape, generator=g) * 0.2).cuda())
     c = torch.arange(16, device="cuda") % 11
-    b = generate(m, c, seed=0, cfg_scale=3.0, cfg_power=1.0, fast=False)
+    kw = dict(seed=0, cfg_scale=3.0, cfg_power=1.0)
+    ref32 = generate(m, c, **kw, fast=False, dtype=torch.float32)
+    ref16 = generate(m, c, **kw, fast=False)
     for fast, attention in ((True, None), (True, "flex"), (True, "reduce"), (True, "sdpa"), ("graph", None)):
-        kw = dict(seed=0, cfg_scale=3.0, cfg_power=1.0, fast=fast, decode_attention=attention)
-        a = generate(m, c, **kw)
-        assert (a == b).all(1).float().mean() >= 0.75, (fast, attention)
-        assert torch.equal(a, generate(m, c, **kw))
-    fp32 = generate(m, c, seed=0, cfg_scale=3.0, fast=False, dtype=torch.float32)
+        a32 = generate(m, c, **kw, fast=fast, decode_attention=attention, dtype=torch.float32)
+        same32 = (a32 == ref32).all(1).float().mean().item()
+        a16 = generate(m, c, **kw, fast=fast, decode_attention=attention)
+        tokens16 = (a16 == ref16).float().mean().item()
+        print(fast, attention, "fp32 identical images", same32, "bf16 identical tokens", tokens16)
+        assert same32 >= 0.9, (fast, attention, same32)
+        assert tokens16 >= 0.75, (fast, attention, tokens16)
+        assert torch.equal(a16, generate(m, c, **kw, fast=fast, decode_attention=attention))
     ref = generate(m, c, seed=0, cfg_scale=3.0, fast=False, use_cache=False, dtype=torch.float32)
-    assert (fp32 == ref).all(1).float().mean() >= 0.9
+    assert (generate(m, c, seed=0, cfg_scale=3.0, fast=False, dtype=torch.float32) == ref).all(1).float().mean() >= 0.9
 
 
 def test_progressive_generation_ends_with_the_plain_result(model):
