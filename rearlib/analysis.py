@@ -1082,12 +1082,12 @@ _EXPERIMENT_NAMES = {"A": "A", "exposure_bias": "A", "B": "B", "replacement": "B
                      "C": "C", "robustness": "C", "D": "D", "cka": "D", "cka_layers": "D"}
 
 
-
 def ci_of(x, *, level: float = 0.95) -> dict:
     """Mean and Student-t interval of a 1-D array (non-finite values dropped, as :func:`mean_ci`):
     ``{"mean", "lo", "hi", "n"}``."""
     s = mean_ci(pd.DataFrame({"v": np.asarray(x, float)}), by=[], values=["v"], level=level).iloc[0]
     return {"mean": s["mean"], "lo": s["ci_low"], "hi": s["ci_high"], "n": int(s["n"])}
+
 
 def paper_reference(experiment: str) -> pd.DataFrame:
     """The paper's numbers for an analysis, as a tidy DataFrame (rear_protocol.md §2.1-2.4).

@@ -64,7 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import DROPOUT_KERNELS, dropout, register_ops
+from .kernels import DROPOUT_KERNELS, decode_attention, dropout, register_ops
 
 __all__ = [
     "GeneratorConfig",
@@ -321,7 +321,6 @@ class Attention(nn.Module):
             cache.v.index_copy_(2, cache.pos, v.to(cache.v.dtype))
             kc, vc = cache.k[:, :, :cache.kv_len], cache.v[:, :, :cache.kv_len]
             if cache.attention == "triton":
-                from .kernels import decode_attention
                 o = decode_attention(q, cache.k, cache.v, cache.pos)
             elif cache.attention == "reduce":
                 o = _single_query_attention(q, kc, vc, cache.mask)

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from rearlib.kernels import register_ops, triton_available
 from rearlib.model import Generator
 
 __all__ = [
@@ -416,7 +417,6 @@ class _FastDecoder:
         self.temp = torch.ones((), device=dev)
         self.top_p = torch.ones((), device=dev) if top_p_on else None
         self.buckets = _buckets(N + 1, kv_buckets)
-        from .kernels import register_ops, triton_available
         if attention is None:
             # Measured on an H200 (reAR-B, batch 128, CFG; reports/small/bench/): our Triton kernel 262 img/s,
             # FlexAttention 199 (16 window buckets), fused reductions 161 and SDPA 149 (4 buckets) in the compiled
