@@ -548,15 +548,14 @@ def _ema_into(model: nn.Module, ckpt: dict[str, Any]) -> dict[str, torch.Tensor]
 
 
 def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
-    """load_state_dict(strict) with a message that lists every missing, unexpected or mis-shaped entry."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or shapes:
-        raise ValueError(f"state dict in {where} does not match the generator:\n  missing: {missing}\n"
-                         f"  unexpected: {unexpected}\n  shape mismatches: {shapes}")
+    """load_state_dict(strict), raising :class:`rearlib.model.StateDictMismatchError` (a ValueError) that names
+    ``where`` and lists every missing, unexpected or mis-shaped entry."""
+    from .model import StateDictMismatchError, check_state_dict
+
+    try:
+        check_state_dict(model, sd)
+    except StateDictMismatchError as err:
+        raise StateDictMismatchError(f"{where}: {err}") from None
     model.load_state_dict(sd, strict=True)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rearlib.train as T
-from rearlib.model import build_generator
+from rearlib.model import StateDictMismatchError, build_generator
 from rearlib.rear import get_rear_config
 from rearlib.train import (
     DeviceBatches,
@@ -183,6 +183,14 @@ def test_training_learns_and_writes_its_files(tmp_path):
         assert torch.allclose(model(x, c).logits, res["model"].eval()(x, c).logits)
     with pytest.raises(ValueError, match="no EMA"):
         load_generator(tmp_path / "run" / "model.pt", ema=True)
+    # a model file whose weights do not fit its config is refused with every bad entry and the file named
+    bad = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    bad["model"]["lm_head.weight"] = bad["model"]["lm_head.weight"][:-1]
+    del bad["model"]["cls_token"]
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(StateDictMismatchError, match=r"bad\.pt[\s\S]*missing keys \(1\): cls_token[\s\S]*"
+                                                     r"mis-shaped keys \(1\): lm_head\.weight"):
+        load_generator(tmp_path / "bad.pt")
     # a finished run is not retrained; a different config is refused
     again = train(cfg, tokens, labels, cb, tmp_path / "run", device="cpu", progress=False)
     assert again["history"] == on_disk["history"]
