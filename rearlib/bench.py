@@ -192,14 +192,40 @@ def bench_sampling(preset: str, batch: int, device: torch.device, *, steps: int 
     return rows
 
 
-def _kernel_table(prof, per: int, top: int) -> list[dict[str, Any]]:
-    """The ``top`` device kernels of a torch.profiler run by total time, per step (``per`` steps profiled)."""
+#: Kernel-name patterns of :func:`kernel_categories`, checked in this order (cuDNN attention names contain "sm90").
+KERNEL_CATEGORIES = (
+    ("attention", ("sdpa", "fmha", "flash", "attention", "dot_do_o")),  # dot_do_o: cuDNN's rowsum(dO * O)
+    ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
+    ("dropout masks (rearlib.kernels)", ("_keep_mask_kernel",)),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("Inductor-fused elementwise / reductions", ("triton_",)),
+)
+
+
+def kernel_categories(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Microseconds per step by kind of kernel (:data:`KERNEL_CATEGORIES`, else "other") over kernel rows
+    ``{"kernel", "us_per_step"}``, largest first. Rows named in parentheses (totals) are skipped."""
+    out: dict[str, float] = {}
+    for r in rows:
+        name = r["kernel"]
+        if name.startswith("("):
+            continue
+        low = name.lower()
+        cat = next((c for c, pats in KERNEL_CATEGORIES if any(p in low for p in pats)), "other")
+        out[cat] = out.get(cat, 0.0) + r["us_per_step"]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _kernel_table(prof, per: int, top: int) -> dict[str, Any]:
+    """``kernels``: the ``top`` device kernels of a torch.profiler run by total time, per step (``per`` steps
+    profiled), then their total; ``categories_us_per_step``: :func:`kernel_categories` over every kernel."""
     from torch.autograd import DeviceType
 
     rows = []
     for e in prof.key_averages():
-        if getattr(e, "device_type", None) != DeviceType.CUDA:
-            continue  # CPU-side ops (their device time would count the kernels a second time)
+        if getattr(e, "device_type", None) != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            continue  # CPU-side ops and annotated regions (e.g. "Optimizer.step#AdamW.step") would count the
+            # kernels inside them a second time
         t = getattr(e, "self_device_time_total", None)
         if t is None:
             t = getattr(e, "self_cuda_time_total", 0)
@@ -209,8 +235,9 @@ def _kernel_table(prof, per: int, top: int) -> list[dict[str, Any]]:
     total = sum(r["us_per_step"] for r in rows)
     for r in rows:
         r["share"] = r["us_per_step"] / total if total else None
-    return rows[:top] + [{"kernel": "(all device kernels)", "calls_per_step": sum(r["calls_per_step"] for r in rows),
-                          "us_per_step": total, "share": 1.0}]
+    table = rows[:top] + [{"kernel": "(all device kernels)", "calls_per_step": sum(r["calls_per_step"] for r in rows),
+                           "us_per_step": total, "share": 1.0}]
+    return {"kernels": table, "categories_us_per_step": kernel_categories(rows)}
 
 
 def profile_training(preset: str, variant: str, batch: int, device: torch.device, *, steps: int = 3,
@@ -245,7 +272,7 @@ def profile_training(preset: str, variant: str, batch: int, device: torch.device
         _sync(device)
     wall = (time.perf_counter() - t0) / steps
     out = {"kind": "train", "preset": preset, "variant": variant, "batch": batch,
-           "wall_ms_per_step_profiled": 1e3 * wall, "kernels": _kernel_table(prof, steps, top)}
+           "wall_ms_per_step_profiled": 1e3 * wall, **_kernel_table(prof, steps, top)}
     del stepper, model
     _release(device)
     return out
@@ -280,7 +307,7 @@ def profile_sampling(preset: str, batch: int, device: torch.device, *, steps: in
             dec.run(classes, seeds, st)
             _sync(device)
     out = {"kind": "sample", "preset": preset, "batch": batch, "cfg": cfg,
-           "kernels": _kernel_table(prof, steps, top)}
+           **_kernel_table(prof, steps, top)}
     del dec, model
     _release(device)
     return out
@@ -405,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in prof["kernels"]:
                 print(f"{r['us_per_step']:10.1f} us {r['calls_per_step']:7.1f}x {100 * (r['share'] or 0):5.1f}%  "
                       f"{r['kernel']}")
+            total = sum(prof["categories_us_per_step"].values()) or 1.0
+            print("by kind: " + ", ".join(f"{c} {us / 1e3:.1f} ms ({100 * us / total:.0f}%)"
+                                          for c, us in prof["categories_us_per_step"].items()))
         if a.out:
             atomic_write_text(Path(a.out), json.dumps(res, indent=2, default=str))
         return 0

@@ -286,3 +286,25 @@ def test_bench_smoke_on_cpu(tmp_path):
     assert json.loads(j.read_text())["rows"] and c.read_text().startswith("kind,")
     assert "samples_per_s" in bench.format_table(res["rows"])
     assert bench.peak_flops(torch.device("cpu"), 100.0)[0] == 1e14
+
+
+def test_kernel_categories_sort_profiled_names():
+    """The profile's kernel names (from an H200 run, reports/small/bench/) fall into the right kinds; cuDNN's
+    attention kernels contain "sm90" and must not count as GEMMs; totals rows are skipped."""
+    from rearlib.bench import kernel_categories
+
+    rows = [
+        {"kernel": "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", "us_per_step": 100.0},
+        {"kernel": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "us_per_step": 40.0},
+        {"kernel": "triton_poi_fused__to_copy_cat_mul_native_layer_norm_view_24", "us_per_step": 30.0},
+        {"kernel": "void cudnn::fusion::compute_dot_do_o<true>(void const*, void const*, void*)", "us_per_step": 1.0},
+        {"kernel": "_keep_mask_kernel", "us_per_step": 5.0},
+        {"kernel": "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizer>",
+         "us_per_step": 3.0},
+        {"kernel": "void at::native::reduce_kernel<128, 4>", "us_per_step": 2.0},
+        {"kernel": "(all device kernels)", "us_per_step": 180.0},
+    ]
+    cats = kernel_categories(rows)
+    assert cats == {"GEMM": 100.0, "attention": 41.0, "Inductor-fused elementwise / reductions": 30.0,
+                    "dropout masks (rearlib.kernels)": 5.0, "optimizer": 3.0, "other": 2.0}
+    assert list(cats) == sorted(cats, key=lambda c: -cats[c])
