@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .experiments import atomic_write_text, hardware_info, resolve_device
+from .experiments import atomic_write_text, hardware_info, resolve_device, tf32
 from .rear import get_rear_config
 from .train import COMPILE_MODES, DeviceBatches, DistInfo, Stepper, TrainConfig, build_model, concrete_device
 
@@ -81,13 +81,11 @@ def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: 
     tokens = torch.randint(0, mc.codebook_size, (m, mc.seq_len), generator=g).to(device)
     labels = torch.randint(0, mc.num_classes, (m,), generator=g).to(device)
     codebook = torch.randn(mc.codebook_size, mc.z_dim, generator=g).to(device)
-    prev_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if device.type == "cuda":
-        # fast: TF32 for anything left outside autocast (as train() does); plain: true fp32.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    try:
+    # fast: TF32 for anything left outside autocast (as train() does); plain: true fp32.
+    with tf32(fast):
         model = build_model(cfg, codebook, device)
         batches = DeviceBatches(tokens, labels, batch, seed=seed, rank=0, world=1)
         stepper = Stepper(cfg, model, codebook, batches, device, DistInfo())
@@ -105,9 +103,6 @@ def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: 
         _sync(device)
         dt = time.perf_counter() - t0
         loss = float(stats["loss"])
-    finally:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
     sps = steps * batch / dt
     flops_tok = estimate_flops_per_token(model.config, training=True, align=rear.uses_alignment)
     row = {

@@ -8,6 +8,7 @@ notebooks that need the same thing share it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -45,6 +46,19 @@ def resolve_device(device: str = "auto"):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
     return dev
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 for CUDA matmuls and cuDNN convolutions switched to ``enabled`` inside; both flags restored after."""
+    import torch
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 def _jsonable(obj: Any) -> Any:

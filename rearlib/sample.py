@@ -29,7 +29,6 @@ is the authors' evaluation behaviour (recompute the whole prefix every step), ke
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -42,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from rearlib.experiments import tf32
 from rearlib.kernels import register_ops, triton_available
 from rearlib.model import Generator
 
@@ -570,13 +570,15 @@ def _get_fast_decoder(model, B, **key) -> _FastDecoder:
                 raise e
     _FAST_DECODERS[k] = _FAST_DECODERS.pop(k, dec)  # most recently used last
     _LAST_FAST.clear()
-    _LAST_FAST.update(mode=dec.mode, buckets=list(dec.buckets), capture_seconds=dec.capture_seconds)
+    _LAST_FAST.update(mode=dec.mode, attention=dec.attention, buckets=list(dec.buckets),
+                      capture_seconds=dec.capture_seconds)
     return dec
 
 
 def last_fast_path_info() -> dict:
     """What the last fast-path ``generate`` actually ran: mode ("compiled+graphs", "graphs", "compiled", "eager"),
-    attention-window buckets and the compile+capture time of its decoder (0 when it was reused)."""
+    its attention kernel, attention-window buckets and the compile+capture time of its decoder (0 when it was
+    reused)."""
     return dict(_LAST_FAST)
 
 
@@ -601,20 +603,14 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-@contextlib.contextmanager
 def _no_tf32():
-    """Full float32 convolutions and matmuls inside (TF32 flags restored after).
+    """Full float32 convolutions and matmuls inside (:func:`rearlib.experiments.tf32`; flags restored after).
 
     With TF32 (PyTorch's default for cuDNN convolutions) an H200 decoded the last two rows of a 64-image batch
     differently from the same images at other rows (one grey level after rounding), so FID images changed with the
     number of ranks, which moves images between rows. In float32 the decode did not depend on the row.
     """
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    return tf32(False)
 
 
 def _png_path(out_dir: Path, index: int) -> Path:
@@ -784,6 +780,7 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
               "params": sum(p.numel() for p in model.parameters()), "modes": {}}
     buckets = _buckets(N + 1, kv_buckets)
     mean_window = sum(_bucket_for(t + 2, buckets) for t in range(1, steps)) / max(1, steps - 1)
+    exact_window = sum(t + 2 for t in range(1, steps)) / max(1, steps - 1)
     tokens_by_mode = {}
     for mode in modes:
         mkw = dict(kw, fast={"graph": "graph", "cached": False, "no_cache": False}.get(mode, True),
@@ -811,14 +808,14 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
         sec = sorted(times)[len(times) // 2]
         r = {"seconds_per_batch": sec, "ms_per_step": 1e3 * sec / steps, "images_per_s": batch_size / sec,
              "images_per_s_full": batch_size / (sec * N / steps), "warmup_seconds": setup}
-        if mode.startswith("fast") or mode == "graph":
-            r["path"] = last_fast_path_info().get("mode")
+        fast_info = last_fast_path_info() if mode.startswith("fast") or mode == "graph" else {}
+        if fast_info:
+            r["path"] = fast_info.get("mode")
         if device.type == "cuda":
             r["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             if mode != "no_cache":
                 # the Triton kernel reads exactly the prefix; the other kernels read their bucket's window
-                exact = "triton" in str(r.get("path"))
-                window = sum(t + 2 for t in range(1, steps)) / max(1, steps - 1) if exact else mean_window
+                window = exact_window if fast_info.get("attention") == "triton" else mean_window
                 bps = _decode_bytes_per_step(model, rows, window, dtype)
                 bw = bps / (sec / steps)
                 r.update(bytes_per_step=bps, achieved_bandwidth_tb_s=bw / 1e12, fraction_of_h200_bw=bw / H200_BANDWIDTH)
