@@ -23,9 +23,9 @@
 # FID here is computed with the in-project feature extractor and labeled `FID[rearlib-classifier]`; it is not the
 # Inception FID of the paper and the values are not comparable. One training seed per generator and several VA-π
 # runs per setting (VA-π seeds; three at `small`): a verdict needs every VA-π run to agree, and at most the
-# *direction* of the paper's effects can be reproduced. (With one run per setting, two runs of the same recipe
-# that differed only in their dropout random stream moved the no-CFG FIDs by up to 4 points and flipped the
-# reward-ablation verdict, so one run cannot carry a verdict.)
+# *direction* of the paper's effects can be reproduced. (VA-π on a GPU is not bit-reproducible: two runs of the
+# same recipe and seed on an H200 logged identical steps for the first 7-16 steps, then drifted apart, and ended
+# 1-6 points of no-CFG FID apart (AR + VA-π: 10.6 and 16.4). One run cannot carry a verdict.)
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
