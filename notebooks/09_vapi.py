@@ -204,15 +204,15 @@ panels = [("reward_mean", "mean reward"), ("mse_mean", "MSE ([-1, 1] images)"),
 win = max(1, SETTINGS["steps"] // 10)
 fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0))
 for ax, (col, label) in zip(axes, panels):
-    for run in RUNS:
+    for i, run in enumerate(RUNS):
         rs = [results[(run, vs)] for vs in VAPI_SEEDS]
         if col == "perceptual_mean" and rs[0]["perceptual_metric"] == "none":
-            continue
+            continue  # a fixed colour per setting, so that skipping a line here does not shift the others' colours
         # one line per setting: the mean over VA-π seeds, with the band between the lowest and highest seed
         curves = pd.concat([r["history_df"].set_index("step")[col].rolling(win, min_periods=1).mean()
                             for r in rs], axis=1)
-        line, = ax.plot(curves.index, curves.mean(axis=1), label=run)
-        ax.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1), color=line.get_color(), alpha=0.2)
+        ax.plot(curves.index, curves.mean(axis=1), color=f"C{i}", label=run)
+        ax.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1), color=f"C{i}", alpha=0.2)
     ax.set_xlabel("VA-π step")
     ax.set_ylabel(label, fontsize=8)
     ax.grid(alpha=0.3)
