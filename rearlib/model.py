@@ -304,17 +304,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: _CacheView | None = None) -> torch.Tensor:
         B, S, C = x.shape
-        qkv = self.qkv(x).view(B, S, 3, self.heads, self.head_dim)
-        if cache is None:
-            # QK-norm on the [B, S, H, d] views, then transpose: SDPA gets BSHD-strided q/k/v, so cuDNN writes O,
-            # dQ, dK and dV in that layout and no transposing copies surround the attention. Same math as the
-            # cached paths below; on one H200 it took reAR-B training from 746 to 800-803 samples/s (AR, A/B in
-            # one process, reports/small/bench/train_qknorm_layout_ab.json).
-            q, k, v = qkv.unbind(2)
-            q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = self.q_norm(q), self.k_norm(k)
+        # QK-norm on the [B, S, H, d] views, then transpose: SDPA gets BSHD-strided q/k/v, so in training cuDNN
+        # writes O, dQ, dK and dV in that layout and no transposing copies surround the attention (one H200:
+        # reAR-B training 746 -> 800-803 samples/s, reports/small/bench/train_qknorm_layout_ab.json). For a
+        # one-position decode step the transposed views have the memory layout of contiguous [B, H, 1, d].
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, self.head_dim).unbind(2)
+        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
         if cache is None:
             # Training / full recomputation: causal over the whole sequence (CLS and class token included).
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
