@@ -76,12 +76,6 @@ if n_images is not None:
 MODELS = ["ar", "rear"] if compare_rear else ["ar"]
 NAMES = {"ar": "AR", "rear": "reAR"}
 
-# Paper scale: check every asset before loading anything, and say what is missing.
-if ctx.scale == "paper":
-    from rearlib.assets import check_paper_assets
-
-    check_paper_assets({"ar_checkpoint": ar_checkpoint, **({"rear_checkpoint": rear_checkpoint} if compare_rear else {})}, maskgit_path, data_root, splits=("val",), need_lpips=True)
-
 # %% [markdown]
 # ## Models and images
 # `smoke`: the tiny tokenizer and generators trained on the CPU in seconds (cached under `artifacts/`).
@@ -89,26 +83,15 @@ if ctx.scale == "paper":
 # generators, trained on ShapeScenes-10. `paper`: MaskGIT-VQGAN and the authors' checkpoints on ImageNet val.
 
 # %%
-from rearlib.tokenizer import get_tokenizer
+from rearlib.assets import AnalysisAssets
 
-tok = get_tokenizer(ctx.scale, ctx.device, path=maskgit_path, data_root=data_root, progress=False)
-
-
-from rearlib import assets
-
-
-def load_generators(names):
-    return assets.load_generators(ctx.scale, names, tok, ctx.device, preset=generator_preset,
-                                  checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint})
-
-
-def load_images(split, n):
-    """(images [n, 3, R, R] in [0, 1] on CPU, labels [n], dataset description)."""
-    return assets.load_images(ctx.scale, tok, split, n, ctx.device, data_root=data_root)
-
-
-models = load_generators(MODELS)
-images, labels, data_desc = load_images("val", SETTINGS["images"])
+# At `paper` scale this first checks every input and names each missing one, before anything heavy is loaded.
+assets = AnalysisAssets(ctx.scale, ctx.device, variants=MODELS,
+                        checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint}, preset=generator_preset,
+                        maskgit_path=maskgit_path, data_root=data_root, need_lpips=True)
+tok = assets.tokenizer
+models = assets.generators(MODELS)
+images, labels, data_desc = assets.images("val", SETTINGS["images"])
 n_img = len(images)
 classifier = None
 if ctx.scale != "paper":

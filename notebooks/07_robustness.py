@@ -60,12 +60,6 @@ if n_images is not None:
     SETTINGS["images"] = int(n_images)
 NAMES = {"ar": "AR", "rear": "reAR"}
 
-# Paper scale: check every asset before loading anything, and say what is missing.
-if ctx.scale == "paper":
-    from rearlib.assets import check_paper_assets
-
-    check_paper_assets({"ar_checkpoint": ar_checkpoint, "rear_checkpoint": rear_checkpoint}, maskgit_path, data_root, splits=("train", "val"), need_lpips=False)
-
 # %% [markdown]
 # ## Models and token sequences
 # At `smoke` / `small` the "trained" tokens come from exactly the pipeline the zoo trained on
@@ -73,27 +67,15 @@ if ctx.scale == "paper":
 # centre-cropped (the authors trained on augmented crops of them).
 
 # %%
-from rearlib.tokenizer import get_tokenizer
+from rearlib.assets import AnalysisAssets
 
-tok = get_tokenizer(ctx.scale, ctx.device, path=maskgit_path, data_root=data_root, progress=False)
-
-
-from rearlib import assets
-
-
-def load_generators(names):
-    return assets.load_generators(ctx.scale, names, tok, ctx.device, preset=generator_preset,
-                                  checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint})
-
-
-def load_tokens(split, n):
-    """(GT tokens [n, N], labels [n], description) of the first n images of a split."""
-    return assets.load_tokens(ctx.scale, tok, split, n, ctx.device, data_root=data_root,
-                              batch_size=SETTINGS["batch_size"])
-
-
-models = load_generators(["ar", "rear"])
-sets = {"trained": load_tokens("train", SETTINGS["images"]), "unseen": load_tokens("val", SETTINGS["images"])}
+# At `paper` scale this first checks every input and names each missing one, before anything heavy is loaded.
+assets = AnalysisAssets(ctx.scale, ctx.device, checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint},
+                        preset=generator_preset, maskgit_path=maskgit_path, data_root=data_root,
+                        splits=("train", "val"), batch_size=SETTINGS["batch_size"])
+tok = assets.tokenizer
+models = assets.generators(["ar", "rear"])
+sets = {"trained": assets.tokens("train", SETTINGS["images"]), "unseen": assets.tokens("val", SETTINGS["images"])}
 n_img = {k: len(v[0]) for k, v in sets.items()}
 for k, (t, y, desc) in sets.items():
     print(f"{k}: {desc}, tokens {tuple(t.shape)}")

@@ -64,37 +64,19 @@ if not isinstance(n_folds, int) or n_folds < 2:
     raise ValueError(f"n_folds must be an integer >= 2 (folds give the confidence intervals), got {n_folds!r}")
 NAMES = {"ar": "AR", "rear": "reAR"}
 
-# Paper scale: check every asset before loading anything, and say what is missing.
-if ctx.scale == "paper":
-    from rearlib.assets import check_paper_assets
-
-    check_paper_assets({"ar_checkpoint": ar_checkpoint, "rear_checkpoint": rear_checkpoint}, maskgit_path, data_root, splits=("val",), need_lpips=False)
-
 # %% [markdown]
 # ## Models and token sequences
 
 # %%
-from rearlib.tokenizer import get_tokenizer
+from rearlib.assets import AnalysisAssets
 
-tok = get_tokenizer(ctx.scale, ctx.device, path=maskgit_path, data_root=data_root, progress=False)
-
-
-from rearlib import assets
-
-
-def load_generators(names):
-    return assets.load_generators(ctx.scale, names, tok, ctx.device, preset=generator_preset,
-                                  checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint})
-
-
-def load_tokens(split, n):
-    """(GT tokens [n, N], labels [n], description) of the first n images of a split."""
-    return assets.load_tokens(ctx.scale, tok, split, n, ctx.device, data_root=data_root,
-                              batch_size=SETTINGS["batch_size"])
-
-
-models = load_generators(["ar", "rear"])
-tokens, labels, data_desc = load_tokens("val", n_use)
+# At `paper` scale this first checks every input and names each missing one, before anything heavy is loaded.
+assets = AnalysisAssets(ctx.scale, ctx.device, checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint},
+                        preset=generator_preset, maskgit_path=maskgit_path, data_root=data_root,
+                        batch_size=SETTINGS["batch_size"])
+tok = assets.tokenizer
+models = assets.generators(["ar", "rear"])
+tokens, labels, data_desc = assets.tokens("val", n_use)
 n_img = len(tokens)
 depth = models["ar"].config.depth
 if models["rear"].config.depth != depth:

@@ -97,3 +97,39 @@ def load_tokens(scale: str, tokenizer, split: str, n: int, device, *, data_root=
                          f"were trained on")
     ds = get_tokens(scale, tokenizer, split=split, size=n, progress=False)
     return ds.tokens[:, 0].long(), ds.labels, f"ShapeScenes-10 {split}, images 0..{n - 1}"
+
+
+class AnalysisAssets:
+    """The tokenizer, generators and data of one diagnosis notebook (05-08) at ``scale``, loaded on ``device``.
+
+    At ``paper`` scale the constructor first checks every input the notebook needs (:func:`check_paper_assets`:
+    the checkpoints of ``variants``, the MaskGIT-VQGAN, ImageNet ``splits``, LPIPS if ``need_lpips``) and names
+    each missing one before anything heavy is loaded. ``checkpoints`` maps a variant ("ar", "rear") to the
+    authors' state dict (used at ``paper`` only); ``preset`` is their architecture.
+    """
+
+    def __init__(self, scale: str, device, *, variants=("ar", "rear"), checkpoints: dict | None = None,
+                 preset: str | None = None, maskgit_path=None, data_root=None, splits=("val",),
+                 need_lpips: bool = False, batch_size: int = 256):
+        from .tokenizer import get_tokenizer
+
+        self.scale, self.device, self.data_root, self.batch_size = scale, device, data_root, batch_size
+        self.checkpoints, self.preset = dict(checkpoints or {}), preset
+        if scale == "paper":
+            check_paper_assets({f"{v}_checkpoint": self.checkpoints.get(v) for v in variants}, maskgit_path,
+                               data_root, splits=splits, need_lpips=need_lpips)
+        self.tokenizer = get_tokenizer(scale, device, path=maskgit_path, data_root=data_root, progress=False)
+
+    def generators(self, names) -> dict:
+        """``{variant: generator}`` (see :func:`load_generators`)."""
+        return load_generators(self.scale, names, self.tokenizer, self.device, checkpoints=self.checkpoints,
+                               preset=self.preset)
+
+    def images(self, split: str, n: int):
+        """(images [n, 3, R, R] in [0, 1] on the CPU, labels [n], description) (see :func:`load_images`)."""
+        return load_images(self.scale, self.tokenizer, split, n, self.device, data_root=self.data_root)
+
+    def tokens(self, split: str, n: int):
+        """(ground-truth tokens [n, N], labels [n], description) (see :func:`load_tokens`)."""
+        return load_tokens(self.scale, self.tokenizer, split, n, self.device, data_root=self.data_root,
+                           batch_size=self.batch_size)

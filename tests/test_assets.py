@@ -41,3 +41,36 @@ def test_train_tokens_refuse_more_images_than_the_generators_saw():
 
     with pytest.raises(ValueError, match="exceeds"):
         assets.load_tokens("smoke", Tok(), "train", 10**6, "cpu")
+
+
+def test_analysis_assets_check_the_paper_inputs_before_loading_anything(tmp_path, monkeypatch):
+    import rearlib.tokenizer
+
+    monkeypatch.delenv("REARLIB_DATA", raising=False)
+    monkeypatch.delenv("REARLIB_MASKGIT_VQGAN", raising=False)
+
+    def no_load(*a, **k):
+        raise AssertionError("the tokenizer was loaded before the inputs were checked")
+
+    monkeypatch.setattr(rearlib.tokenizer, "get_tokenizer", no_load)
+    with pytest.raises(FileNotFoundError) as err:
+        assets.AnalysisAssets("paper", "cpu", variants=("ar",), checkpoints={"ar": None, "rear": None},
+                              maskgit_path=str(tmp_path / "none.bin"), data_root=str(tmp_path))
+    msg = str(err.value)
+    assert "ar_checkpoint=None" in msg and "rear_checkpoint" not in msg  # only the variants the notebook runs
+    assert "val/<wnid>" in msg
+
+
+def test_analysis_assets_load_what_the_functions_load(monkeypatch):
+    import rearlib.tokenizer
+
+    class Tok:
+        resolution = 32
+
+    monkeypatch.setattr(rearlib.tokenizer, "get_tokenizer", lambda *a, **k: Tok())
+    a = assets.AnalysisAssets("smoke", "cpu")
+    x, y, desc = a.images("val", 3)
+    ref_x, ref_y, ref_desc = assets.load_images("smoke", Tok(), "val", 3, "cpu")
+    assert torch.equal(x, ref_x) and torch.equal(y, ref_y) and desc == ref_desc
+    with pytest.raises(ValueError, match="exceeds"):
+        a.tokens("train", 10**6)
