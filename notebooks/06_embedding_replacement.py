@@ -89,7 +89,7 @@ assets = AnalysisAssets(ctx.scale, ctx.device, variants=MODELS,
                         checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint}, preset=generator_preset,
                         maskgit_path=maskgit_path, data_root=data_root, need_lpips=True)
 tok = assets.tokenizer
-models = assets.generators(MODELS)
+models = assets.generators()
 images, labels, data_desc = assets.images("val", SETTINGS["images"])
 n_img = len(images)
 classifier = None

@@ -74,7 +74,7 @@ assets = AnalysisAssets(ctx.scale, ctx.device, checkpoints={"ar": ar_checkpoint,
                         preset=generator_preset, maskgit_path=maskgit_path, data_root=data_root,
                         splits=("train", "val"), batch_size=SETTINGS["batch_size"])
 tok = assets.tokenizer
-models = assets.generators(["ar", "rear"])
+models = assets.generators()
 sets = {"trained": assets.tokens("train", SETTINGS["images"]), "unseen": assets.tokens("val", SETTINGS["images"])}
 n_img = {k: len(v[0]) for k, v in sets.items()}
 for k, (t, y, desc) in sets.items():

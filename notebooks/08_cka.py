@@ -75,7 +75,7 @@ assets = AnalysisAssets(ctx.scale, ctx.device, checkpoints={"ar": ar_checkpoint,
                         preset=generator_preset, maskgit_path=maskgit_path, data_root=data_root,
                         batch_size=SETTINGS["batch_size"])
 tok = assets.tokenizer
-models = assets.generators(["ar", "rear"])
+models = assets.generators()
 tokens, labels, data_desc = assets.tokens("val", n_use)
 n_img = len(tokens)
 depth = models["ar"].config.depth

@@ -114,16 +114,17 @@ class AnalysisAssets:
         from .tokenizer import get_tokenizer
 
         self.scale, self.device, self.data_root, self.batch_size = scale, device, data_root, batch_size
-        self.checkpoints, self.preset = dict(checkpoints or {}), preset
+        self.variants, self.checkpoints, self.preset = tuple(variants), dict(checkpoints or {}), preset
         if scale == "paper":
-            check_paper_assets({f"{v}_checkpoint": self.checkpoints.get(v) for v in variants}, maskgit_path,
+            check_paper_assets({f"{v}_checkpoint": self.checkpoints.get(v) for v in self.variants}, maskgit_path,
                                data_root, splits=splits, need_lpips=need_lpips)
         self.tokenizer = get_tokenizer(scale, device, path=maskgit_path, data_root=data_root, progress=False)
 
-    def generators(self, names) -> dict:
-        """``{variant: generator}`` (see :func:`load_generators`)."""
-        return load_generators(self.scale, names, self.tokenizer, self.device, checkpoints=self.checkpoints,
-                               preset=self.preset)
+    def generators(self, names=None) -> dict:
+        """``{variant: generator}`` for ``names`` (default: the constructor's ``variants``; see
+        :func:`load_generators`)."""
+        return load_generators(self.scale, self.variants if names is None else names, self.tokenizer, self.device,
+                               checkpoints=self.checkpoints, preset=self.preset)
 
     def images(self, split: str, n: int):
         """(images [n, 3, R, R] in [0, 1] on the CPU, labels [n], description) (see :func:`load_images`)."""
