@@ -64,7 +64,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import DROPOUT_KERNELS, decode_attention, dropout, register_ops
+from .fused_blocks import fused_block_stack
+from .kernels import DROPOUT_KERNELS, decode_attention, dropout, register_ops, triton_available
 
 __all__ = [
     "GeneratorConfig",
@@ -83,6 +84,9 @@ __all__ = [
 ]
 
 _LN_EPS = 1e-6
+#: GeneratorConfig.block_kernels: "auto" = the hand-scheduled block stack of :mod:`rearlib.fused_blocks` when
+#: training on CUDA under bf16 autocast; "module" = always the Block modules (compiled by torch.compile).
+BLOCK_KERNELS = ("auto", "module")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,6 +122,7 @@ class GeneratorConfig:
     dropout: float = 0.1
     attn_dropout: float = 0.1
     dropout_kernel: str = "auto"
+    block_kernels: str = "auto"
     encode_align_layer: int | None = 0
     decode_align_layer: int | None = None
     align_head: str = "silu3"
@@ -145,6 +150,8 @@ class GeneratorConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dropout_kernel not in DROPOUT_KERNELS:
             raise ValueError(f"dropout_kernel must be one of {DROPOUT_KERNELS}, got {self.dropout_kernel!r}")
+        if self.block_kernels not in BLOCK_KERNELS:
+            raise ValueError(f"block_kernels must be one of {BLOCK_KERNELS}, got {self.block_kernels!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.pos_extra < 2 or self.time_extra < 2:
@@ -620,8 +627,18 @@ class Generator(nn.Module):
                 dec = self.decode_align_mlp(feats[cfg.decode_align_layer])
         return GeneratorOutput(logits, enc, dec)
 
+    def _use_fused_stack(self, x: torch.Tensor, stop_after: int | None) -> bool:
+        cfg = self.config
+        return (cfg.block_kernels == "auto" and stop_after is None and self.training and x.is_cuda
+                and torch.is_grad_enabled() and torch.is_autocast_enabled("cuda")
+                and torch.get_autocast_dtype("cuda") == torch.bfloat16 and cfg.dropout_kernel == "auto"
+                and triton_available())
+
     def _run(self, tokens, classes, taps=(), stop_after: int | None = None):
         x, cond = self._embed(tokens, classes)
+        if self._use_fused_stack(x, stop_after):
+            x, feats = fused_block_stack(self.config, self.blocks, x, cond, taps)
+            return x, cond, feats
         feats = {}
         for i, blk in enumerate(self.blocks):
             x = blk(x, cond)

@@ -1,0 +1,582 @@
+"""A hand-scheduled forward and backward of the whole block stack, for training on CUDA in bf16.
+
+``torch.compile`` leaves the training step of reAR-B with about 48 ms per step of Inductor-generated elementwise
+and reduction kernels (one H200, reports/small/bench/profile_rear_b_session7.json), most of it in the backward of
+the adaLN sites: the LayerNorm backward, and one kernel that re-reads six tensors to assemble the [N, 6C]
+modulation gradient (``cat``) that the adaLN weight GEMM needs. This module computes *the same function* as
+:class:`rearlib.model.Block` stacked ``depth`` times, with
+
+* every GEMM in cuBLAS (``torch.addmm``/``mm``) and the attention in cuDNN (the aten ops behind
+  ``scaled_dot_product_attention``, dropout included), as before;
+* the adaLN modulation of *all* blocks as one GEMM, [N, C] x [C, depth * 6C], because every block reads the same
+  ``SiLU(cond)``; in the backward its weight gradient and its input gradient are again one GEMM each (K = N and
+  K = depth * 6C: the sum over blocks happens inside the GEMM's float32 accumulator);
+* one Triton kernel per *adaLN site* and direction. A site is ``x_new = x + gate * dropout(branch)`` followed by
+  ``a = LN(x_new) * (1 + scale) + shift`` (either part optional). The forward writes ``x_new`` (float32, the
+  residual stream as under autocast) and ``a`` (bf16). The backward reads each input once and writes the residual
+  gradient, the branch gradient and the gate/shift/scale gradients *directly into their columns of the modulation
+  gradient* (no ``cat``), plus per-program column sums for the LayerNorm affine and bias gradients. The residual
+  add that ends block i and the LayerNorm that starts block i + 1 are one site;
+* the QK-norm and the GELU (+ dropout) forward and backward as small ``torch.compile``d functions.
+
+Numerics: bf16 GEMM inputs with float32 accumulation, float32 LayerNorm statistics and residual stream, as the
+compiled module path; results agree with it to bf16 round-off (different summation orders), not bitwise. The
+dropout masks come from :func:`rearlib.kernels.dropout_keep_mask` as in the module path (same distribution; the
+draws happen in a different order, so the random stream differs).
+
+Used by :meth:`rearlib.model.Generator` in training when ``GeneratorConfig.block_kernels`` selects it (see there);
+everything else (embedding, head, loss, alignment heads) stays in the compiled module code. CPU runs (tests) use
+plain-PyTorch stand-ins for the Triton kernels and the attention, selected by ``backend="torch"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import dropout_keep_mask, triton, triton_available
+
+if triton is not None:
+    import triton.language as tl
+
+__all__ = ["SiteLN", "SiteResidual", "site_forward", "site_backward", "fused_block_stack", "BLOCK_PARAM_NAMES",
+           "SITE_CONFIG"]
+
+#: Names of one block's parameters in the order the stack function takes them (relative to the block module).
+BLOCK_PARAM_NAMES = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.q_norm.weight",
+                     "attn.q_norm.bias", "attn.k_norm.weight", "attn.k_norm.bias", "attn.proj.weight",
+                     "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                     "mlp.fc2.weight", "mlp.fc2.bias", "adaLN_modulation.1.weight", "adaLN_modulation.1.bias")
+_NP = len(BLOCK_PARAM_NAMES)
+
+#: Launch configuration of the site kernels: rows per program tile, warps, and (backward) the most programs.
+SITE_CONFIG = {"fwd_rows": 4, "fwd_warps": 8, "bwd_rows": 1, "bwd_warps": 8, "bwd_programs": 1056}
+
+#: Rows of the column-sum output of :func:`site_backward`.
+SUM_ROWS = ("ln_weight", "ln_bias", "shift", "scale", "gate", "branch")
+
+
+class SiteLN(NamedTuple):
+    """LayerNorm part of a site: affine weight/bias [C] (float32) and shift/scale [N, C] views (row stride any)."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    shift: torch.Tensor
+    scale: torch.Tensor
+    eps: float
+
+
+class SiteResidual(NamedTuple):
+    """Residual part: x_new = x + gate * branch * keep / (1 - p); keep None = no dropout."""
+    branch: torch.Tensor
+    keep: torch.Tensor | None
+    gate: torch.Tensor
+    p: float
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Site kernels
+# ----------------------------------------------------------------------------------------------------------------
+if triton is not None:
+    @triton.jit
+    def _site_fwd_kernel(x_ptr, br_ptr, keep_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr,
+                         xn_ptr, a_ptr, mean_ptr, rstd_ptr, N, C, s_mod, inv_keep, eps,
+                         HAS_RES: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_LN: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_C)
+        rmask = rows < N
+        cmask = cols < C
+        m = rmask[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)
+        off = r64[:, None] * C + cols[None, :]
+        moff = r64[:, None] * s_mod + cols[None, :]
+        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        if HAS_RES:
+            u = tl.load(br_ptr + off, mask=m, other=0.0).to(tl.float32)
+            if HAS_KEEP:
+                k = tl.load(keep_ptr + off, mask=m, other=0)
+                u = tl.where(k != 0, u * inv_keep, 0.0)
+            g = tl.load(gate_ptr + moff, mask=m, other=0.0).to(tl.float32)
+            x = x + g * u
+            tl.store(xn_ptr + off, x, mask=m)
+        if HAS_LN:
+            mean = tl.sum(x, 1) / C
+            xc = tl.where(m, x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+            w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+            b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
+            y = xc * rstd[:, None] * w[None, :] + b[None, :]
+            sc = tl.load(scale_ptr + moff, mask=m, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + moff, mask=m, other=0.0).to(tl.float32)
+            tl.store(a_ptr + off, (y * (1.0 + sc) + sh).to(a_ptr.dtype.element_ty), mask=m)
+            tl.store(mean_ptr + rows, mean, mask=rmask)
+            tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+    @triton.jit
+    def _site_bwd_kernel(dxn_ptr, da_ptr, xn_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr,
+                         br_ptr, keep_ptr, gate_ptr, dbr_ptr, dgate_ptr, dshift_ptr, dscale_ptr, sums_ptr,
+                         N, C, s_mod, s_dmod, inv_keep,
+                         HAS_RES: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_LN: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        acc_w = tl.zeros([BLOCK_C], tl.float32)
+        acc_b = tl.zeros([BLOCK_C], tl.float32)
+        acc_sh = tl.zeros([BLOCK_C], tl.float32)
+        acc_sc = tl.zeros([BLOCK_C], tl.float32)
+        acc_g = tl.zeros([BLOCK_C], tl.float32)
+        acc_br = tl.zeros([BLOCK_C], tl.float32)
+        if HAS_LN:
+            w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+            bb = tl.load(b_ptr + cols, mask=cmask, other=0.0)
+        for start in range(pid * ROWS, N, nprog * ROWS):
+            rows = start + tl.arange(0, ROWS)
+            rmask = rows < N
+            m = rmask[:, None] & cmask[None, :]
+            r64 = rows.to(tl.int64)
+            off = r64[:, None] * C + cols[None, :]
+            moff = r64[:, None] * s_mod + cols[None, :]
+            doff = r64[:, None] * s_dmod + cols[None, :]
+            dxn = tl.load(dxn_ptr + off, mask=m, other=0.0)
+            if HAS_LN:
+                da = tl.load(da_ptr + off, mask=m, other=0.0).to(tl.float32)
+                mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+                rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+                xhat = tl.where(m, (tl.load(xn_ptr + off, mask=m, other=0.0) - mean[:, None]) * rstd[:, None], 0.0)
+                y = xhat * w[None, :] + bb[None, :]
+                sc = tl.load(scale_ptr + moff, mask=m, other=0.0).to(tl.float32)
+                dsc = da * y
+                tl.store(dshift_ptr + doff, da.to(dshift_ptr.dtype.element_ty), mask=m)
+                tl.store(dscale_ptr + doff, dsc.to(dscale_ptr.dtype.element_ty), mask=m)
+                acc_sh += tl.sum(da, 0)
+                acc_sc += tl.sum(dsc, 0)
+                dy = da * (1.0 + sc)
+                acc_w += tl.sum(dy * xhat, 0)
+                acc_b += tl.sum(dy, 0)
+                g = dy * w[None, :]
+                c1 = tl.sum(g * xhat, 1) / C
+                c2 = tl.sum(g, 1) / C
+                dxn = dxn + tl.where(m, rstd[:, None] * (g - xhat * c1[:, None] - c2[:, None]), 0.0)
+                tl.store(dxn_ptr + off, dxn, mask=m)
+            if HAS_RES:
+                u = tl.load(br_ptr + off, mask=m, other=0.0).to(tl.float32)
+                gt = tl.load(gate_ptr + moff, mask=m, other=0.0).to(tl.float32)
+                dbr = dxn * gt
+                if HAS_KEEP:
+                    k = tl.load(keep_ptr + off, mask=m, other=0) != 0
+                    u = tl.where(k, u * inv_keep, 0.0)
+                    dbr = tl.where(k, dbr * inv_keep, 0.0)
+                dg = dxn * u
+                tl.store(dgate_ptr + doff, dg.to(dgate_ptr.dtype.element_ty), mask=m)
+                tl.store(dbr_ptr + off, dbr.to(dbr_ptr.dtype.element_ty), mask=m)
+                acc_g += tl.sum(dg, 0)
+                acc_br += tl.sum(dbr, 0)
+        base = sums_ptr + pid * 6 * C + cols
+        tl.store(base, acc_w, mask=cmask)
+        tl.store(base + C, acc_b, mask=cmask)
+        tl.store(base + 2 * C, acc_sh, mask=cmask)
+        tl.store(base + 3 * C, acc_sc, mask=cmask)
+        tl.store(base + 4 * C, acc_g, mask=cmask)
+        tl.store(base + 5 * C, acc_br, mask=cmask)
+
+
+def _mod_stride(*views: torch.Tensor | None) -> int:
+    strides = {v.stride(0) for v in views if v is not None}
+    if len(strides) > 1 or any(v is not None and v.stride(1) != 1 for v in views):
+        raise ValueError("modulation views must share one row stride and have unit column stride")
+    return strides.pop() if strides else 0
+
+
+def _hi(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or in float64 if it is (the CPU tests run the stand-ins in float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _use_kernel(x: torch.Tensor, interpret: bool) -> bool:
+    return interpret or (x.is_cuda and triton_available())
+
+
+def site_forward(x: torch.Tensor, res: SiteResidual | None, ln: SiteLN | None, *, out_dtype=torch.bfloat16,
+                 interpret: bool = False):
+    """Forward of one adaLN site over [N, C] rows. Returns ``(x_new, a, mean, rstd)``: ``x_new`` float32 (``x``
+    itself without ``res``), ``a`` in ``out_dtype`` and the float32 row statistics (None without ``ln``).
+
+    Triton on CUDA (or on CPU tensors with ``interpret=True`` under ``TRITON_INTERPRET=1``), else PyTorch."""
+    N, C = x.shape
+    if not _use_kernel(x, interpret):
+        return _site_forward_torch(x, res, ln, out_dtype)
+    xn = torch.empty(N, C, dtype=torch.float32, device=x.device) if res is not None else x
+    a = torch.empty(N, C, dtype=out_dtype, device=x.device) if ln is not None else None
+    mean = torch.empty(N, dtype=torch.float32, device=x.device) if ln is not None else None
+    rstd = torch.empty_like(mean) if ln is not None else None
+    dummy = x
+    s_mod = _mod_stride(res.gate if res else None, ln.shift if ln else None, ln.scale if ln else None)
+    keep = res.keep if res is not None else None
+    rows, warps = SITE_CONFIG["fwd_rows"], SITE_CONFIG["fwd_warps"]
+    _site_fwd_kernel[(triton.cdiv(N, rows),)](
+        x, res.branch if res else dummy, keep if keep is not None else dummy, res.gate if res else dummy,
+        ln.weight if ln else dummy, ln.bias if ln else dummy, ln.shift if ln else dummy, ln.scale if ln else dummy,
+        xn, a if ln else dummy, mean if ln else dummy, rstd if ln else dummy, N, C, s_mod,
+        1.0 / (1.0 - res.p) if res else 1.0, ln.eps if ln else 0.0,
+        HAS_RES=res is not None, HAS_KEEP=keep is not None, HAS_LN=ln is not None, ROWS=rows,
+        BLOCK_C=triton.next_power_of_2(C), num_warps=warps)
+    return xn, a, mean, rstd
+
+
+def site_backward(dxn: torch.Tensor, da: torch.Tensor | None, xn: torch.Tensor, mean, rstd,
+                  res: SiteResidual | None, ln: SiteLN | None, *, dgate: torch.Tensor | None = None,
+                  dshift: torch.Tensor | None = None, dscale: torch.Tensor | None = None,
+                  branch_dtype=torch.bfloat16, interpret: bool = False):
+    """Backward of :func:`site_forward`.
+
+    ``dxn`` (float32 [N, C], the gradient reaching ``x_new`` from later sites and taps) is updated *in place* to
+    the gradient of ``x``. ``da``: gradient of ``a``. The gate/shift/scale gradients are written into the given
+    [N, C] views (columns of the modulation gradient). Returns ``(dx, dbranch, sums)`` with ``sums`` [6, C] the
+    column sums in :data:`SUM_ROWS` order (LN weight/bias gradients, then the column sums of the shift, scale,
+    gate and branch gradients: the bias gradients of the layers that produced them); rows that do not apply are 0.
+    """
+    N, C = dxn.shape
+    if not _use_kernel(dxn, interpret):
+        return _site_backward_torch(dxn, da, xn, mean, rstd, res, ln, dgate, dshift, dscale, branch_dtype)
+    if dxn.dtype != torch.float32 or not dxn.is_contiguous():
+        raise ValueError("dxn must be a contiguous float32 tensor (it is updated in place)")
+    dbr = torch.empty(N, C, dtype=branch_dtype, device=dxn.device) if res is not None else None
+    rows, warps = SITE_CONFIG["bwd_rows"], SITE_CONFIG["bwd_warps"]
+    grid = max(1, min(triton.cdiv(N, rows), SITE_CONFIG["bwd_programs"]))
+    part = torch.empty(grid, 6, C, dtype=torch.float32, device=dxn.device)
+    d = dxn
+    s_mod = _mod_stride(res.gate if res else None, ln.scale if ln else None)
+    s_dmod = _mod_stride(dgate, dshift, dscale)
+    keep = res.keep if res is not None else None
+    _site_bwd_kernel[(grid,)](
+        dxn, da if ln else d, xn if ln else d, mean if ln else d, rstd if ln else d, ln.weight if ln else d,
+        ln.bias if ln else d, ln.scale if ln else d, res.branch if res else d, keep if keep is not None else d,
+        res.gate if res else d, dbr if res else d, dgate if res else d, dshift if ln else d, dscale if ln else d,
+        part, N, C, s_mod, s_dmod, 1.0 / (1.0 - res.p) if res else 1.0,
+        HAS_RES=res is not None, HAS_KEEP=keep is not None, HAS_LN=ln is not None, ROWS=rows,
+        BLOCK_C=triton.next_power_of_2(C), num_warps=warps)
+    return dxn, dbr, part.sum(0)
+
+
+def _residual_input(res: SiteResidual) -> torch.Tensor:
+    u = _hi(res.branch)
+    if res.keep is not None:
+        u = u * res.keep * (1.0 / (1.0 - res.p))
+    return u
+
+
+def _site_forward_torch(x, res, ln, out_dtype):
+    xn = x
+    if res is not None:
+        xn = _hi(x) + _hi(res.gate) * _residual_input(res)
+    a = mean = rstd = None
+    if ln is not None:
+        xf = _hi(xn)
+        mean = xf.mean(1)
+        rstd = torch.rsqrt((xf - mean[:, None]).pow(2).mean(1) + ln.eps)
+        y = (xf - mean[:, None]) * rstd[:, None] * ln.weight + ln.bias
+        a = (y * (1 + _hi(ln.scale)) + _hi(ln.shift)).to(out_dtype)
+    return xn, a, mean, rstd
+
+
+def _site_backward_torch(dxn, da, xn, mean, rstd, res, ln, dgate, dshift, dscale, branch_dtype):
+    C = dxn.shape[1]
+    sums = torch.zeros(6, C, dtype=dxn.dtype, device=dxn.device)
+    if ln is not None:
+        daf = _hi(da)
+        xhat = (_hi(xn) - mean[:, None]) * rstd[:, None]
+        y = xhat * ln.weight + ln.bias
+        dshift.copy_(daf)
+        dscale.copy_(daf * y)
+        dy = daf * (1 + _hi(ln.scale))
+        g = dy * ln.weight
+        dxn += rstd[:, None] * (g - xhat * (g * xhat).mean(1, keepdim=True) - g.mean(1, keepdim=True))
+        sums[0], sums[1], sums[2], sums[3] = (dy * xhat).sum(0), dy.sum(0), daf.sum(0), (daf * y).sum(0)
+    dbr = None
+    if res is not None:
+        u = _residual_input(res)
+        dbr_f = dxn * _hi(res.gate)
+        if res.keep is not None:
+            dbr_f = dbr_f * res.keep * (1.0 / (1.0 - res.p))
+        dgate.copy_(dxn * u)
+        dbr = dbr_f.to(branch_dtype)
+        sums[4], sums[5] = (dxn * u).sum(0), dbr_f.sum(0)
+    return dxn, dbr, sums
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QK-norm and GELU: forward and backward written out, compiled by Inductor on CUDA
+# ----------------------------------------------------------------------------------------------------------------
+def _ln_rows(x: torch.Tensor, eps: float):
+    xf = _hi(x)
+    mean = xf.mean(-1, keepdim=True)
+    xc = xf - mean
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    return xc * rstd, rstd
+
+
+def _qknorm_fwd(qkv, wq, bq, wk, bk, shape, eps: float, dtype):
+    B, S, H, d = shape
+    x = qkv.view(B, S, 3, H, d)
+    qn = (_ln_rows(x[:, :, 0], eps)[0] * wq + bq).to(dtype)
+    kn = (_ln_rows(x[:, :, 1], eps)[0] * wk + bk).to(dtype)
+    return qn, kn  # [B, S, H, d] contiguous
+
+
+def _qknorm_bwd(dq, dk, dv, qkv, wq, wk, shape, eps: float):
+    """dq/dk/dv [B, S, H, d] (any strides) -> dqkv [N, 3C] in qkv's dtype and the norms' weight/bias grads."""
+    B, S, H, d = shape
+    x = qkv.view(B, S, 3, H, d)
+
+    def one(dy, xin, w):
+        xhat, rstd = _ln_rows(xin, eps)
+        dyf = _hi(dy)
+        g = dyf * w
+        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True))
+        return dx.to(qkv.dtype), (dyf * xhat).sum((0, 1, 2)), dyf.sum((0, 1, 2))
+
+    dqx, dwq, dbq = one(dq, x[:, :, 0], wq)
+    dkx, dwk, dbk = one(dk, x[:, :, 1], wk)
+    dqkv = torch.stack([dqx, dkx, dv.to(qkv.dtype)], dim=2).view(B * S, 3 * H * d)
+    return dqkv, dwq, dbq, dwk, dbk, _hi(dqkv).sum(0)
+
+
+def _gelu_fwd(f, keep, inv_keep: float):
+    g = F.gelu(_hi(f))
+    if keep is not None:
+        g = g * keep * inv_keep
+    return g.to(f.dtype)
+
+
+def _gelu_bwd(dg, f, keep, inv_keep: float):
+    x = _hi(f)
+    d = _hi(dg)
+    if keep is not None:
+        d = d * keep * inv_keep
+    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    df = (d * (cdf + x * pdf)).to(f.dtype)
+    return df, _hi(df).sum(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    fn = {"qknorm_fwd": _qknorm_fwd, "qknorm_bwd": _qknorm_bwd, "gelu_fwd": _gelu_fwd, "gelu_bwd": _gelu_bwd}[name]
+    return torch.compile(fn, dynamic=False)
+
+
+def _helper(name: str, compiled: bool):
+    return _compiled(name) if compiled else {"qknorm_fwd": _qknorm_fwd, "qknorm_bwd": _qknorm_bwd,
+                                             "gelu_fwd": _gelu_fwd, "gelu_bwd": _gelu_bwd}[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------
+def _attention_fwd(q, k, v, p: float, backend: str):
+    """Causal attention of [B, H, S, d] views; returns (out [B, H, S, d], saved state for the backward)."""
+    if backend == "triton":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, p, True, False)
+        return res[0], (res[1], res[6], res[7])
+    if p > 0:
+        raise ValueError("the PyTorch stand-in of the fused stack has no attention dropout (tests use p = 0)")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
+
+
+def _attention_bwd(do, q, k, v, o, state, p: float, backend: str):
+    if backend == "triton":
+        lse, seed, offset = state
+        S = q.shape[2]
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            do, q, k, v, o, lse, seed, offset, None, None, None, S, S, p, True)
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+        return torch.autograd.grad(out, (qq, kk, vv), do)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stack
+# ----------------------------------------------------------------------------------------------------------------
+class _Plan(NamedTuple):
+    depth: int
+    heads: int
+    dropout: float
+    attn_dropout: float
+    eps: float
+    taps: tuple
+    dtype: torch.dtype
+    backend: str  # "triton" (CUDA) or "torch" (reference stand-ins)
+
+
+def _keep(plan: _Plan, shape, device):
+    if plan.dropout == 0.0:
+        return None
+    if plan.backend == "triton":
+        return dropout_keep_mask(shape, plan.dropout, device)
+    return torch.rand(shape, device=device) >= plan.dropout
+
+
+class _BlockStack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: _Plan, x0, cond, *params):
+        with torch.autocast(x0.device.type, enabled=False):
+            return _stack_forward(ctx, plan, x0, cond, params)
+
+    @staticmethod
+    def backward(ctx, dx_out, *dtaps):
+        with torch.autocast(dx_out.device.type, enabled=False):
+            return (None,) + _stack_backward(ctx, dx_out, dtaps)
+
+
+def _stack_forward(ctx, plan: _Plan, x0, cond, params):
+    B, S, C = x0.shape
+    N, D, H, dt = B * S, plan.depth, plan.heads, plan.dtype
+    d = C // H
+    compiled = plan.backend == "triton"
+    P = [params[i * _NP:(i + 1) * _NP] for i in range(D)]
+    W = [[t.to(dt) if t.dim() == 2 else t for t in p] for p in P]  # GEMM weights in the compute dtype, once
+    silu_c = F.silu(_hi(cond.reshape(N, C))).to(dt)
+    w_ada = torch.cat([w[16] for w in W])  # [D * 6C, C]
+    mod = torch.addmm(torch.cat([p[17] for p in P]).to(dt), silu_c, w_ada.t())  # [N, D * 6C]
+    chunk = lambda i, j: mod[:, (6 * i + j) * C:(6 * i + j + 1) * C]  # noqa: E731 - j: shift1 scale1 gate1 shift2 scale2 gate2
+    x = _hi(x0.reshape(N, C)).contiguous()
+    layers, outs = [], []
+    res = None
+    for i in range(D):
+        p, w = P[i], W[i]
+        ln1 = SiteLN(p[0], p[1], chunk(i, 0), chunk(i, 1), plan.eps)
+        x, a1, mean1, rstd1 = site_forward(x, res, ln1, out_dtype=dt)
+        if i > 0:
+            outs.append(x)  # output of block i - 1
+        qkv = torch.addmm(w[3].to(dt), a1, w[2].t())
+        qn, kn = _helper("qknorm_fwd", compiled)(qkv, p[4], p[5], p[6], p[7], (B, S, H, d), plan.eps, dt)
+        q, k = qn.transpose(1, 2), kn.transpose(1, 2)
+        v = qkv.view(B, S, 3, H, d)[:, :, 2].transpose(1, 2)
+        o, att = _attention_fwd(q, k, v, plan.attn_dropout, plan.backend)
+        o2 = o.transpose(1, 2).reshape(N, C)
+        pr = torch.addmm(w[9].to(dt), o2, w[8].t())
+        keep_p = _keep(plan, (N, C), x0.device)
+        ln2 = SiteLN(p[10], p[11], chunk(i, 3), chunk(i, 4), plan.eps)
+        x1, a2, mean2, rstd2 = site_forward(x, SiteResidual(pr, keep_p, chunk(i, 2), plan.dropout), ln2, out_dtype=dt)
+        f = torch.addmm(w[13].to(dt), a2, w[12].t())
+        keep_g = _keep(plan, (N, f.shape[1]), x0.device)
+        g = _helper("gelu_fwd", compiled)(f, keep_g, 1.0 / (1.0 - plan.dropout))
+        y = torch.addmm(w[15].to(dt), g, w[14].t())
+        keep_y = _keep(plan, (N, C), x0.device)
+        res = SiteResidual(y, keep_y, chunk(i, 5), plan.dropout)
+        layers.append(dict(xin=x, a1=a1, mean1=mean1, rstd1=rstd1, qkv=qkv, q=q, k=k, v=v, o=o, att=att, o2=o2,
+                           pr=pr, keep_p=keep_p, x1=x1, a2=a2, mean2=mean2, rstd2=rstd2, f=f, keep_g=keep_g, g=g,
+                           y=y, keep_y=keep_y))
+        x = x1
+    x, _, _, _ = site_forward(x, res, None, out_dtype=dt)
+    outs.append(x)
+    ctx.plan, ctx.shape, ctx.layers, ctx.last_res = plan, (B, S, C), layers, res
+    ctx.W, ctx.P_dtypes = W, [[t.dtype for t in p] for p in P]
+    ctx.silu_c, ctx.w_ada, ctx.mod, ctx.cond = silu_c, w_ada, mod, cond
+    ctx.x0_dtype = x0.dtype
+    # Outputs are kept as detached aliases: storing them as-is would tie the outputs to this node in a cycle.
+    for L, xo in zip(layers[1:], outs[:-1]):
+        L["xin"] = xo.detach()
+    taps = tuple(outs[t].view(B, S, C) for t in plan.taps)
+    return (outs[-1].view(B, S, C),) + taps
+
+
+def _stack_backward(ctx, dx_out, dtaps):
+    plan, (B, S, C), layers, W = ctx.plan, ctx.shape, ctx.layers, ctx.W
+    N, D, H, dt = B * S, plan.depth, plan.heads, plan.dtype
+    d = C // H
+    compiled = plan.backend == "triton"
+    inv = 1.0 / (1.0 - plan.dropout)
+    dmod = torch.empty(N, D * 6 * C, dtype=dt, device=dx_out.device)
+    dchunk = lambda i, j: dmod[:, (6 * i + j) * C:(6 * i + j + 1) * C]  # noqa: E731
+    mchunk = lambda i, j: ctx.mod[:, (6 * i + j) * C:(6 * i + j + 1) * C]  # noqa: E731
+    tap_grad = {t: g for t, g in zip(plan.taps, dtaps) if g is not None}
+    grads = [[None] * _NP for _ in range(D)]
+    bias_ada = torch.zeros(D, 6, C, dtype=torch.promote_types(dt, torch.float32), device=dx_out.device)
+
+    dx = _hi(dx_out.reshape(N, C)).clone(memory_format=torch.contiguous_format) if dx_out is not None else torch.zeros(N, C, device=dmod.device)
+    if D - 1 in tap_grad:
+        dx += _hi(tap_grad[D - 1].reshape(N, C))
+    res = ctx.last_res
+    _, dy, sums = site_backward(dx, None, None, None, None, res, None, dgate=dchunk(D - 1, 5), branch_dtype=dt)
+    bias_ada[D - 1, 5] = sums[4]
+    for i in range(D - 1, -1, -1):
+        L, w, gr = layers[i], W[i], grads[i]
+        # MLP
+        gr[15] = sums[5]
+        gr[14] = torch.mm(dy.t(), L["g"])
+        dg = torch.mm(dy, w[14])
+        df, gr[13] = _helper("gelu_bwd", compiled)(dg, L["f"], L["keep_g"], inv)
+        gr[12] = torch.mm(df.t(), L["a2"])
+        da2 = torch.mm(df, w[12])
+        del dg, df, dy
+        # LN2 site (with the attention branch's residual)
+        ln2 = SiteLN(w[10], w[11], mchunk(i, 3), mchunk(i, 4), plan.eps)
+        r2 = SiteResidual(L["pr"], L["keep_p"], mchunk(i, 2), plan.dropout)
+        _, dpr, sums = site_backward(dx, da2, L["x1"], L["mean2"], L["rstd2"], r2, ln2, dgate=dchunk(i, 2),
+                                     dshift=dchunk(i, 3), dscale=dchunk(i, 4), branch_dtype=dt)
+        gr[10], gr[11], gr[9] = sums[0], sums[1], sums[5]
+        bias_ada[i, 2], bias_ada[i, 3], bias_ada[i, 4] = sums[4], sums[2], sums[3]
+        # attention
+        gr[8] = torch.mm(dpr.t(), L["o2"])
+        do = torch.mm(dpr, w[8]).view(B, S, H, d).transpose(1, 2)
+        dq, dk, dv = _attention_bwd(do, L["q"], L["k"], L["v"], L["o"], L["att"], plan.attn_dropout, plan.backend)
+        del do, dpr
+        dqkv, gr[4], gr[5], gr[6], gr[7], gr[3] = _helper("qknorm_bwd", compiled)(
+            dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), L["qkv"], w[4], w[6], (B, S, H, d), plan.eps)
+        gr[2] = torch.mm(dqkv.t(), L["a1"])
+        da1 = torch.mm(dqkv, w[2])
+        del dq, dk, dv, dqkv
+        # LN1 site (with the previous block's MLP residual)
+        if i - 1 in tap_grad:
+            dx += _hi(tap_grad[i - 1].reshape(N, C))
+        ln1 = SiteLN(w[0], w[1], mchunk(i, 0), mchunk(i, 1), plan.eps)
+        res = None
+        if i > 0:
+            res = SiteResidual(layers[i - 1]["y"], layers[i - 1]["keep_y"], mchunk(i - 1, 5), plan.dropout)
+        _, dy, sums = site_backward(dx, da1, L["xin"], L["mean1"], L["rstd1"], res, ln1,
+                                    dgate=dchunk(i - 1, 5) if i > 0 else None, dshift=dchunk(i, 0),
+                                    dscale=dchunk(i, 1), branch_dtype=dt)
+        gr[0], gr[1] = sums[0], sums[1]
+        bias_ada[i, 0], bias_ada[i, 1] = sums[2], sums[3]
+        if i > 0:
+            bias_ada[i - 1, 5] = sums[4]
+    # adaLN of all blocks: one GEMM each for the weight and the input gradient
+    dw_ada = torch.mm(dmod.t(), ctx.silu_c)  # [D * 6C, C]
+    dsilu = _hi(torch.mm(dmod, ctx.w_ada))  # [N, C]
+    c = _hi(ctx.cond.reshape(N, C))
+    sig = torch.sigmoid(c)
+    dcond = (dsilu * (sig * (1 + c * (1 - sig)))).view(ctx.cond.shape).to(ctx.cond.dtype)
+    for i in range(D):
+        grads[i][16] = dw_ada[i * 6 * C:(i + 1) * 6 * C]
+        grads[i][17] = bias_ada[i].reshape(6 * C)
+    flat = []
+    for gr, dts in zip(grads, ctx.P_dtypes):
+        flat.extend(g.to(t) if g is not None else None for g, t in zip(gr, dts))
+    return (dx.view(B, S, C).to(ctx.x0_dtype), dcond) + tuple(flat)
+
+
+@torch.compiler.disable
+def fused_block_stack(config, blocks: Sequence[torch.nn.Module], x: torch.Tensor, cond: torch.Tensor,
+                      taps: Sequence[int] = (), *, dtype: torch.dtype = torch.bfloat16, backend: str = "triton"):
+    """Run ``blocks`` (the :class:`rearlib.model.Block` modules of a generator with ``config``) in training mode
+    on ``x`` [B, S, C] with the per-position condition ``cond`` [B, S, C]; returns ``(x_out, {tap: output of
+    block tap})`` as the module loop does. ``backend="triton"`` needs CUDA; ``"torch"`` is the plain-PyTorch
+    stand-in (no attention dropout) that the CPU tests compare with the modules."""
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    if backend == "triton" and not (x.is_cuda and triton_available()):
+        raise RuntimeError("the Triton block stack needs a CUDA tensor and Triton")
+    taps = tuple(sorted(set(int(t) for t in taps)))
+    plan = _Plan(len(blocks), config.heads, config.dropout, config.attn_dropout, blocks[0].norm1.eps, taps,
+                 dtype, backend)
+    params = [blk.get_parameter(n) for blk in blocks for n in BLOCK_PARAM_NAMES]
+    out = _BlockStack.apply(plan, x, cond, *params)
+    return out[0], dict(zip(taps, out[1:]))

@@ -1,0 +1,159 @@
+"""The hand-scheduled block stack (rearlib.fused_blocks) against the Block modules it replaces in training."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from rearlib.fused_blocks import SiteLN, SiteResidual, fused_block_stack, site_backward, site_forward
+from rearlib.kernels import triton_available
+from rearlib.model import build_generator
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _random_model(**overrides):
+    torch.manual_seed(0)
+    m = build_generator("tiny", dropout=0.0, attn_dropout=0.0, **overrides).double().train()
+    with torch.no_grad():  # adaLN-Zero starts as the identity; give every parameter a non-trivial value
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def test_stack_equals_the_block_modules_forward_and_backward():
+    """Outputs, taps and every gradient (block parameters, the input and the condition) of the fused stack equal
+    the Block modules' (float64, no dropout; the stand-ins for the Triton kernels and cuDNN are plain PyTorch)."""
+    m = _random_model()
+    tokens = torch.randint(0, m.config.codebook_size, (3, m.config.seq_len))
+    x0, c0 = m._embed(tokens, torch.tensor([0, 4, 10]))
+    x0, c0 = x0.detach(), c0.detach().expand_as(x0).contiguous()
+    taps = (0, 2, 3)
+    g = torch.Generator().manual_seed(1)
+    r_out, r_taps = torch.randn(x0.shape, generator=g, dtype=x0.dtype), {t: torch.randn(x0.shape, generator=g,
+                                                                                         dtype=x0.dtype) for t in taps}
+
+    def run(fused):
+        m.zero_grad(set_to_none=True)
+        x, c = x0.clone().requires_grad_(True), c0.clone().requires_grad_(True)
+        if fused:
+            out, feats = fused_block_stack(m.config, m.blocks, x, c, taps, dtype=torch.float64, backend="torch")
+        else:
+            h, feats = x, {}
+            for i, blk in enumerate(m.blocks):
+                h = blk(h, c)
+                if i in taps:
+                    feats[i] = h
+            out = h
+        loss = (out * r_out).sum() + sum((feats[t] * r_taps[t]).sum() for t in taps)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.blocks.named_parameters()}
+        return out.detach(), {t: f.detach() for t, f in feats.items()}, grads, x.grad, c.grad
+
+    want, got = run(False), run(True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    for t in taps:
+        torch.testing.assert_close(got[1][t], want[1][t], rtol=1e-10, atol=1e-10)
+    assert set(got[2]) == set(want[2])
+    for n in want[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-9, atol=1e-9, msg=n)
+    torch.testing.assert_close(got[3], want[3], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[4], want[4], rtol=1e-9, atol=1e-9)
+
+
+def test_site_stand_in_with_dropout_matches_autograd():
+    """The site's closed-form backward (here its PyTorch stand-in, which the kernel test below compares with the
+    Triton kernels) equals autograd through the plain formula, with a dropout mask on the residual branch."""
+    g = torch.Generator().manual_seed(0)
+    N, C, p = 7, 12, 0.25
+    x, br = torch.randn(N, C, generator=g, dtype=torch.float64), torch.randn(N, C, generator=g, dtype=torch.float64)
+    mod = torch.randn(N, 3 * C, generator=g, dtype=torch.float64) * 0.5
+    w, b = 1 + 0.1 * torch.randn(C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+    keep = torch.rand(N, C, generator=g) >= p
+    leaves = [t.clone().requires_grad_(True) for t in (x, br, mod, w, b)]
+    xl, brl, modl, wl, bl = leaves
+    xn = xl + modl[:, :C] * brl * keep / (1 - p)
+    a = torch.nn.functional.layer_norm(xn, (C,), wl, bl, 1e-6) * (1 + modl[:, 2 * C:]) + modl[:, C:2 * C]
+    dxn_in, da = torch.randn(N, C, generator=g, dtype=torch.float64), torch.randn(N, C, generator=g, dtype=torch.float64)
+    ((xn * dxn_in).sum() + (a * da).sum()).backward()
+
+    res = SiteResidual(br, keep, mod[:, :C], p)
+    ln = SiteLN(w, b, mod[:, C:2 * C], mod[:, 2 * C:], 1e-6)
+    xn2, a2, mean, rstd = site_forward(x, res, ln, out_dtype=torch.float64)
+    torch.testing.assert_close(xn2, xn.detach())
+    torch.testing.assert_close(a2, a.detach())
+    dmod = torch.zeros(N, 3 * C, dtype=torch.float64)
+    dx, dbr, sums = site_backward(dxn_in.clone(), da, xn2, mean, rstd, res, ln, dgate=dmod[:, :C],
+                                  dshift=dmod[:, C:2 * C], dscale=dmod[:, 2 * C:], branch_dtype=torch.float64)
+    torch.testing.assert_close(dx, xl.grad)
+    torch.testing.assert_close(dbr, brl.grad)
+    torch.testing.assert_close(dmod, modl.grad)
+    torch.testing.assert_close(sums[0], wl.grad)
+    torch.testing.assert_close(sums[1], bl.grad)
+    torch.testing.assert_close(sums[2:5], modl.grad.view(N, 3, C).sum(0)[[1, 2, 0]])
+    torch.testing.assert_close(sums[5], brl.grad.sum(0))
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_site_kernels_match_the_stand_ins_in_the_interpreter():
+    """The Triton site kernels, run on CPU by Triton's interpreter, against the PyTorch stand-ins: every flag
+    combination, a width that is not a power of two, bf16 activations, modulation views with a row stride."""
+    code = textwrap.dedent("""
+        import torch
+        from rearlib import fused_blocks as fb
+        fb.SITE_CONFIG.update(bwd_programs=3)  # several rows per program, so the column sums accumulate
+        g = torch.Generator().manual_seed(0)
+        worst = {}
+        N, C = 37, 48
+        for has_res, has_keep, has_ln in [(1, 1, 1), (1, 0, 1), (0, 0, 1), (1, 1, 0)]:
+            x = torch.randn(N, C, generator=g)
+            br = torch.randn(N, C, generator=g).bfloat16()
+            mod = (0.5 * torch.randn(N, 2, 6 * C, generator=g)).bfloat16()[:, 1]  # row stride 12 C
+            keep = (torch.rand(N, C, generator=g) >= 0.1) if has_keep else None
+            w, b = 1 + 0.1 * torch.randn(C, generator=g), 0.1 * torch.randn(C, generator=g)
+            res = fb.SiteResidual(br, keep, mod[:, 2 * C:3 * C], 0.1) if has_res else None
+            ln = fb.SiteLN(w, b, mod[:, :C], mod[:, C:2 * C], 1e-6) if has_ln else None
+            outs = [fb.site_forward(x, res, ln, interpret=k) for k in (False, True)]
+            for name, a, b_ in zip(("xn", "a", "mean", "rstd"), *outs):
+                if a is not None:
+                    worst[name] = max(worst.get(name, 0), (a.float() - b_.float()).abs().max().item())
+            xn, _, mean, rstd = outs[0]
+            da = torch.randn(N, C, generator=g).bfloat16() if has_ln else None
+            dxn = torch.randn(N, C, generator=g)
+            got = []
+            for k in (False, True):
+                dmod = torch.zeros(N, 2, 6 * C, dtype=torch.bfloat16)[:, 0]
+                dx, dbr, sums = fb.site_backward(dxn.clone(), da, xn, mean, rstd, res, ln, dgate=dmod[:, 5 * C:],
+                                                 dshift=dmod[:, 3 * C:4 * C], dscale=dmod[:, 4 * C:5 * C],
+                                                 interpret=k)
+                got.append((dx, dbr, sums, dmod.clone()))
+            for name, a, b_ in zip(("dx", "dbranch", "sums", "dmod"), *got):
+                if a is not None:
+                    worst[name] = max(worst.get(name, 0), (a.float() - b_.float()).abs().max().item())
+        print("worst", worst)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    worst = eval(r.stdout.split("worst")[-1])
+    assert set(worst) == {"xn", "a", "mean", "rstd", "dx", "dbranch", "sums", "dmod"}, worst
+    for name, tol in {"xn": 1e-5, "mean": 1e-5, "rstd": 1e-4, "dx": 1e-4, "sums": 1e-3}.items():
+        assert worst[name] < tol, worst
+    for name in ("a", "dbranch", "dmod"):  # bf16 outputs: at most one rounding apart (magnitudes < 8)
+        assert worst[name] <= 0.0625, worst
+
+
+def test_block_kernels_switch_and_cpu_training_uses_the_modules():
+    with pytest.raises(ValueError, match="block_kernels"):
+        build_generator("tiny", block_kernels="fast")
+    m = build_generator("tiny").train()
+    x = torch.zeros(2, 5, m.config.hidden)
+    assert not m._use_fused_stack(x, None)  # CPU
+    assert build_generator("tiny", block_kernels="module").config.block_kernels == "module"
+    with pytest.raises(RuntimeError, match="CUDA"):
+        fused_block_stack(m.config, m.blocks, x, x, ())
