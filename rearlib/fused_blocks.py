@@ -31,7 +31,6 @@ plain-PyTorch stand-ins for the Triton kernels and the attention, selected by ``
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -311,7 +310,7 @@ def _site_backward_torch(dxn, da, xn, mean, rstd, res, ln, dgate, dshift, dscale
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# QK-norm and GELU: forward and backward written out, compiled by Inductor on CUDA
+# QK-norm and GELU written out in PyTorch: the stand-ins for the Triton kernels below
 # ----------------------------------------------------------------------------------------------------------------
 def _ln_rows(x: torch.Tensor, eps: float):
     xf = _hi(x)
@@ -365,15 +364,207 @@ def _gelu_bwd(dg, f, keep, inv_keep: float):
     return df, _hi(df).sum(0)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(name: str):
-    fn = {"qknorm_fwd": _qknorm_fwd, "qknorm_bwd": _qknorm_bwd, "gelu_fwd": _gelu_fwd, "gelu_bwd": _gelu_bwd}[name]
-    return torch.compile(fn, dynamic=False)
+# ----------------------------------------------------------------------------------------------------------------
+# QK-norm kernels: rows of the qkv GEMM output viewed as [token, head, head_dim]
+# ----------------------------------------------------------------------------------------------------------------
+#: Launch configuration of the QK-norm kernels (tokens per tile, warps, most programs of the backward).
+QKNORM_CONFIG = {"fwd_tokens": 4, "fwd_warps": 8, "bwd_tokens": 1, "bwd_warps": 8, "bwd_programs": 1056}
+
+if triton is not None:
+    @triton.jit
+    def _ln_tile(x, w, b, m, eps, D: tl.constexpr):
+        mean = tl.sum(x, 2) / D
+        xc = tl.where(m, x - mean[:, :, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 2) / D + eps)
+        xhat = xc * rstd[:, :, None]
+        return xhat, rstd, xhat * w[None, None, :] + b[None, None, :]
+
+    @triton.jit
+    def _qknorm_fwd_kernel(qkv_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, qn_ptr, kn_ptr, NT, eps,
+                           H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
+                           T: tl.constexpr):
+        C = H * D
+        tok = tl.program_id(0) * T + tl.arange(0, T)
+        hh = tl.arange(0, HP)
+        jj = tl.arange(0, DP)
+        jm = jj < D
+        m = (tok < NT)[:, None, None] & (hh < H)[None, :, None] & jm[None, None, :]
+        t64 = tok.to(tl.int64)[:, None, None]
+        inner = hh[None, :, None] * D + jj[None, None, :]
+        src = t64 * (3 * C) + inner
+        dst = t64 * C + inner
+        x = tl.load(qkv_ptr + src, mask=m, other=0.0).to(tl.float32)
+        _, _, y = _ln_tile(x, tl.load(wq_ptr + jj, mask=jm, other=0.0), tl.load(bq_ptr + jj, mask=jm, other=0.0),
+                           m, eps, D)
+        tl.store(qn_ptr + dst, y.to(qn_ptr.dtype.element_ty), mask=m)
+        x = tl.load(qkv_ptr + src + C, mask=m, other=0.0).to(tl.float32)
+        _, _, y = _ln_tile(x, tl.load(wk_ptr + jj, mask=jm, other=0.0), tl.load(bk_ptr + jj, mask=jm, other=0.0),
+                           m, eps, D)
+        tl.store(kn_ptr + dst, y.to(kn_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _ln_tile_bwd(dy, x, w, m, eps, D: tl.constexpr):
+        xhat, rstd, _ = _ln_tile(x, w, w, m, eps, D)
+        g = dy * w[None, None, :]
+        c1 = tl.sum(g * xhat, 2) / D
+        c2 = tl.sum(g, 2) / D
+        dx = tl.where(m, rstd[:, :, None] * (g - xhat * c1[:, :, None] - c2[:, :, None]), 0.0)
+        return dx, xhat
+
+    @triton.jit
+    def _qknorm_bwd_kernel(dq_ptr, dk_ptr, dv_ptr, qkv_ptr, wq_ptr, wk_ptr, dqkv_ptr, part_ptr, NT, eps,
+                           H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
+                           T: tl.constexpr):
+        C = H * D
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        hh = tl.arange(0, HP)
+        jj = tl.arange(0, DP)
+        jm = jj < D
+        wq = tl.load(wq_ptr + jj, mask=jm, other=0.0)
+        wk = tl.load(wk_ptr + jj, mask=jm, other=0.0)
+        inner = hh[None, :, None] * D + jj[None, None, :]
+        acc_q = tl.zeros([HP, DP], tl.float32)   # column sums of dqkv (the qkv bias gradient)
+        acc_k = tl.zeros([HP, DP], tl.float32)
+        acc_v = tl.zeros([HP, DP], tl.float32)
+        acc_wq = tl.zeros([HP, DP], tl.float32)  # norm weight / bias gradients, per head
+        acc_bq = tl.zeros([HP, DP], tl.float32)
+        acc_wk = tl.zeros([HP, DP], tl.float32)
+        acc_bk = tl.zeros([HP, DP], tl.float32)
+        for start in range(pid * T, NT, nprog * T):
+            tok = start + tl.arange(0, T)
+            m = (tok < NT)[:, None, None] & (hh < H)[None, :, None] & jm[None, None, :]
+            t64 = tok.to(tl.int64)[:, None, None]
+            src = t64 * (3 * C) + inner
+            dst = t64 * C + inner
+            dy = tl.load(dq_ptr + dst, mask=m, other=0.0).to(tl.float32)
+            dx, xhat = _ln_tile_bwd(dy, tl.load(qkv_ptr + src, mask=m, other=0.0).to(tl.float32), wq, m, eps, D)
+            dxb = dx.to(dqkv_ptr.dtype.element_ty)
+            tl.store(dqkv_ptr + src, dxb, mask=m)
+            acc_q += tl.sum(dxb.to(tl.float32), 0)
+            acc_wq += tl.sum(dy * xhat, 0)
+            acc_bq += tl.sum(dy, 0)
+            dy = tl.load(dk_ptr + dst, mask=m, other=0.0).to(tl.float32)
+            dx, xhat = _ln_tile_bwd(dy, tl.load(qkv_ptr + src + C, mask=m, other=0.0).to(tl.float32), wk, m, eps, D)
+            dxb = dx.to(dqkv_ptr.dtype.element_ty)
+            tl.store(dqkv_ptr + src + C, dxb, mask=m)
+            acc_k += tl.sum(dxb.to(tl.float32), 0)
+            acc_wk += tl.sum(dy * xhat, 0)
+            acc_bk += tl.sum(dy, 0)
+            dv = tl.load(dv_ptr + dst, mask=m, other=0.0)
+            tl.store(dqkv_ptr + src + 2 * C, dv.to(dqkv_ptr.dtype.element_ty), mask=m)
+            acc_v += tl.sum(dv.to(tl.float32), 0)
+        base = part_ptr + pid * (7 * HP * DP) + hh[:, None] * DP + jj[None, :]
+        tl.store(base, acc_q)
+        tl.store(base + HP * DP, acc_k)
+        tl.store(base + 2 * HP * DP, acc_v)
+        tl.store(base + 3 * HP * DP, acc_wq)
+        tl.store(base + 4 * HP * DP, acc_bq)
+        tl.store(base + 5 * HP * DP, acc_wk)
+        tl.store(base + 6 * HP * DP, acc_bk)
 
 
-def _helper(name: str, compiled: bool):
-    return _compiled(name) if compiled else {"qknorm_fwd": _qknorm_fwd, "qknorm_bwd": _qknorm_bwd,
-                                             "gelu_fwd": _gelu_fwd, "gelu_bwd": _gelu_bwd}[name]
+def _bshd(t: torch.Tensor) -> torch.Tensor:
+    """A [B, S, H, d] tensor as the kernels read it (contiguous; cuDNN's gradients already are)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def qknorm_forward(qkv, wq, bq, wk, bk, shape, eps: float, dtype, *, interpret: bool = False):
+    """QK-norm of the q and k parts of ``qkv`` [N, 3C]: returns ``(qn, kn)`` [B, S, H, d] in ``dtype``."""
+    if not _use_kernel(qkv, interpret):
+        return _qknorm_fwd(qkv, wq, bq, wk, bk, shape, eps, dtype)
+    B, S, H, d = shape
+    qn = torch.empty(B, S, H, d, dtype=dtype, device=qkv.device)
+    kn = torch.empty_like(qn)
+    T = QKNORM_CONFIG["fwd_tokens"]
+    _qknorm_fwd_kernel[(triton.cdiv(B * S, T),)](
+        qkv, wq, bq, wk, bk, qn, kn, B * S, eps, H=H, D=d, HP=triton.next_power_of_2(H),
+        DP=triton.next_power_of_2(d), T=T, num_warps=QKNORM_CONFIG["fwd_warps"])
+    return qn, kn
+
+
+def qknorm_backward(dq, dk, dv, qkv, wq, wk, shape, eps: float, *, interpret: bool = False):
+    """Backward of :func:`qknorm_forward` plus the v gradient: dq/dk/dv [B, S, H, d] -> ``(dqkv [N, 3C], dwq,
+    dbq, dwk, dbk, dbqkv)`` (the norms' weight/bias gradients and the column sums of dqkv, the qkv bias gradient)."""
+    if not _use_kernel(qkv, interpret):
+        return _qknorm_bwd(dq, dk, dv, qkv, wq, wk, shape, eps)
+    B, S, H, d = shape
+    HP, DP = triton.next_power_of_2(H), triton.next_power_of_2(d)
+    dqkv = torch.empty_like(qkv)
+    T = QKNORM_CONFIG["bwd_tokens"]
+    grid = max(1, min(triton.cdiv(B * S, T), QKNORM_CONFIG["bwd_programs"]))
+    part = torch.empty(grid, 7, HP, DP, dtype=torch.float32, device=qkv.device)
+    _qknorm_bwd_kernel[(grid,)](_bshd(dq), _bshd(dk), _bshd(dv), qkv, wq, wk, dqkv, part, B * S, eps, H=H, D=d,
+                                HP=HP, DP=DP, T=T, num_warps=QKNORM_CONFIG["bwd_warps"])
+    s = part.sum(0)[:, :H, :d]
+    return dqkv, s[3].sum(0), s[4].sum(0), s[5].sum(0), s[6].sum(0), s[:3].reshape(3 * H * d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GELU (erf) + dropout kernels over the fc1 output [N, hidden]
+# ----------------------------------------------------------------------------------------------------------------
+#: Launch configuration of the GELU kernels (elements per forward program; backward rows x columns per tile, warps,
+#: most row programs per column block).
+GELU_CONFIG = {"fwd_block": 4096, "fwd_warps": 8, "bwd_cols": 1024, "bwd_warps": 4, "bwd_programs": 352}
+
+if triton is not None:
+    @triton.jit
+    def _gelu_fwd_kernel(f_ptr, keep_ptr, g_ptr, n, inv_keep, HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr):
+        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = off < n
+        x = tl.load(f_ptr + off, mask=m, other=0.0).to(tl.float32)
+        g = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        if HAS_KEEP:
+            g = tl.where(tl.load(keep_ptr + off, mask=m, other=0) != 0, g * inv_keep, 0.0)
+        tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gelu_bwd_kernel(dg_ptr, f_ptr, keep_ptr, df_ptr, part_ptr, N, M, inv_keep, HAS_KEEP: tl.constexpr,
+                         BC: tl.constexpr):
+        cb = tl.program_id(0)
+        pid = tl.program_id(1)
+        nprog = tl.num_programs(1)
+        cols = cb * BC + tl.arange(0, BC)
+        cm = cols < M
+        acc = tl.zeros([BC], tl.float32)
+        for r in range(pid, N, nprog):
+            off = (tl.full([1], 0, tl.int64) + r) * M + cols  # int64 rows (a plain int in the interpreter)
+            x = tl.load(f_ptr + off, mask=cm, other=0.0).to(tl.float32)
+            d = tl.load(dg_ptr + off, mask=cm, other=0.0).to(tl.float32)
+            if HAS_KEEP:
+                d = tl.where(tl.load(keep_ptr + off, mask=cm, other=0) != 0, d * inv_keep, 0.0)
+            cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+            df = (d * (cdf + x * pdf)).to(df_ptr.dtype.element_ty)
+            tl.store(df_ptr + off, df, mask=cm)
+            acc += df.to(tl.float32)
+        tl.store(part_ptr + pid * M + cols, acc, mask=cm)
+
+
+def gelu_forward(f, keep, inv_keep: float, *, interpret: bool = False):
+    """``GELU(f) * keep * inv_keep`` (erf GELU in float32, one rounding to ``f``'s dtype); keep None = no dropout."""
+    if not _use_kernel(f, interpret):
+        return _gelu_fwd(f, keep, inv_keep)
+    g = torch.empty_like(f)
+    B = GELU_CONFIG["fwd_block"]
+    _gelu_fwd_kernel[(triton.cdiv(f.numel(), B),)](f, keep if keep is not None else f, g, f.numel(), inv_keep,
+                                                    HAS_KEEP=keep is not None, BLOCK=B,
+                                                    num_warps=GELU_CONFIG["fwd_warps"])
+    return g
+
+
+def gelu_backward(dg, f, keep, inv_keep: float, *, interpret: bool = False):
+    """Gradient of :func:`gelu_forward` with respect to ``f``, and its column sums (the fc1 bias gradient)."""
+    if not _use_kernel(f, interpret):
+        return _gelu_bwd(dg, f, keep, inv_keep)
+    N, M = f.shape
+    df = torch.empty_like(f)
+    BC = GELU_CONFIG["bwd_cols"]
+    P = max(1, min(N, GELU_CONFIG["bwd_programs"]))
+    part = torch.empty(P, M, dtype=torch.float32, device=f.device)
+    _gelu_bwd_kernel[(triton.cdiv(M, BC), P)](dg, f, keep if keep is not None else f, df, part, N, M, inv_keep,
+                                              HAS_KEEP=keep is not None, BC=BC, num_warps=GELU_CONFIG["bwd_warps"])
+    return df, part.sum(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,12 +606,18 @@ class _Plan(NamedTuple):
     backend: str  # "triton" (CUDA) or "torch" (reference stand-ins)
 
 
-def _keep(plan: _Plan, shape, device):
+def _keep_masks(plan: _Plan, N: int, C: int, hidden: int, device):
+    """Every dropout mask of the step from one launch: per block (after proj [N, C], after the GELU [N, hidden],
+    after fc2 [N, C]) as contiguous pieces of one [depth, N * (2C + hidden)] buffer; None without dropout."""
     if plan.dropout == 0.0:
-        return None
+        return [(None, None, None)] * plan.depth
+    shape = (plan.depth, N * (2 * C + hidden))
     if plan.backend == "triton":
-        return dropout_keep_mask(shape, plan.dropout, device)
-    return torch.rand(shape, device=device) >= plan.dropout
+        buf = dropout_keep_mask(shape, plan.dropout, device)
+    else:
+        buf = torch.rand(shape, device=device) >= plan.dropout
+    cuts = (N * C, N * hidden, N * C)
+    return [tuple(t.view(N, -1) for t in row.split(cuts)) for row in buf]
 
 
 class _BlockStack(torch.autograd.Function):
@@ -439,7 +636,6 @@ def _stack_forward(ctx, plan: _Plan, x0, cond, params):
     B, S, C = x0.shape
     N, D, H, dt = B * S, plan.depth, plan.heads, plan.dtype
     d = C // H
-    compiled = plan.backend == "triton"
     P = [params[i * _NP:(i + 1) * _NP] for i in range(D)]
     W = [[t.to(dt) if t.dim() == 2 else t for t in p] for p in P]  # GEMM weights in the compute dtype, once
     silu_c = F.silu(_hi(cond.reshape(N, C))).to(dt)
@@ -449,6 +645,7 @@ def _stack_forward(ctx, plan: _Plan, x0, cond, params):
     x = _hi(x0.reshape(N, C)).contiguous()
     layers, outs = [], []
     res = None
+    masks = _keep_masks(plan, N, C, P[0][12].shape[0], x0.device)
     for i in range(D):
         p, w = P[i], W[i]
         ln1 = SiteLN(p[0], p[1], chunk(i, 0), chunk(i, 1), plan.eps)
@@ -456,20 +653,18 @@ def _stack_forward(ctx, plan: _Plan, x0, cond, params):
         if i > 0:
             outs.append(x)  # output of block i - 1
         qkv = torch.addmm(w[3].to(dt), a1, w[2].t())
-        qn, kn = _helper("qknorm_fwd", compiled)(qkv, p[4], p[5], p[6], p[7], (B, S, H, d), plan.eps, dt)
+        qn, kn = qknorm_forward(qkv, p[4], p[5], p[6], p[7], (B, S, H, d), plan.eps, dt)
         q, k = qn.transpose(1, 2), kn.transpose(1, 2)
         v = qkv.view(B, S, 3, H, d)[:, :, 2].transpose(1, 2)
         o, att = _attention_fwd(q, k, v, plan.attn_dropout, plan.backend)
         o2 = o.transpose(1, 2).reshape(N, C)
         pr = torch.addmm(w[9].to(dt), o2, w[8].t())
-        keep_p = _keep(plan, (N, C), x0.device)
+        keep_p, keep_g, keep_y = masks[i]
         ln2 = SiteLN(p[10], p[11], chunk(i, 3), chunk(i, 4), plan.eps)
         x1, a2, mean2, rstd2 = site_forward(x, SiteResidual(pr, keep_p, chunk(i, 2), plan.dropout), ln2, out_dtype=dt)
         f = torch.addmm(w[13].to(dt), a2, w[12].t())
-        keep_g = _keep(plan, (N, f.shape[1]), x0.device)
-        g = _helper("gelu_fwd", compiled)(f, keep_g, 1.0 / (1.0 - plan.dropout))
+        g = gelu_forward(f, keep_g, 1.0 / (1.0 - plan.dropout))
         y = torch.addmm(w[15].to(dt), g, w[14].t())
-        keep_y = _keep(plan, (N, C), x0.device)
         res = SiteResidual(y, keep_y, chunk(i, 5), plan.dropout)
         layers.append(dict(xin=x, a1=a1, mean1=mean1, rstd1=rstd1, qkv=qkv, q=q, k=k, v=v, o=o, att=att, o2=o2,
                            pr=pr, keep_p=keep_p, x1=x1, a2=a2, mean2=mean2, rstd2=rstd2, f=f, keep_g=keep_g, g=g,
@@ -492,7 +687,6 @@ def _stack_backward(ctx, dx_out, dtaps):
     plan, (B, S, C), layers, W = ctx.plan, ctx.shape, ctx.layers, ctx.W
     N, D, H, dt = B * S, plan.depth, plan.heads, plan.dtype
     d = C // H
-    compiled = plan.backend == "triton"
     inv = 1.0 / (1.0 - plan.dropout)
     dmod = torch.empty(N, D * 6 * C, dtype=dt, device=dx_out.device)
     dchunk = lambda i, j: dmod[:, (6 * i + j) * C:(6 * i + j + 1) * C]  # noqa: E731
@@ -513,7 +707,7 @@ def _stack_backward(ctx, dx_out, dtaps):
         gr[15] = sums[5]
         gr[14] = torch.mm(dy.t(), L["g"])
         dg = torch.mm(dy, w[14])
-        df, gr[13] = _helper("gelu_bwd", compiled)(dg, L["f"], L["keep_g"], inv)
+        df, gr[13] = gelu_backward(dg, L["f"], L["keep_g"], inv)
         gr[12] = torch.mm(df.t(), L["a2"])
         da2 = torch.mm(df, w[12])
         del dg, df, dy
@@ -529,7 +723,7 @@ def _stack_backward(ctx, dx_out, dtaps):
         do = torch.mm(dpr, w[8]).view(B, S, H, d).transpose(1, 2)
         dq, dk, dv = _attention_bwd(do, L["q"], L["k"], L["v"], L["o"], L["att"], plan.attn_dropout, plan.backend)
         del do, dpr
-        dqkv, gr[4], gr[5], gr[6], gr[7], gr[3] = _helper("qknorm_bwd", compiled)(
+        dqkv, gr[4], gr[5], gr[6], gr[7], gr[3] = qknorm_backward(
             dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), L["qkv"], w[4], w[6], (B, S, H, d), plan.eps)
         gr[2] = torch.mm(dqkv.t(), L["a1"])
         da1 = torch.mm(dqkv, w[2])

@@ -157,3 +157,61 @@ def test_block_kernels_switch_and_cpu_training_uses_the_modules():
     assert build_generator("tiny", block_kernels="module").config.block_kernels == "module"
     with pytest.raises(RuntimeError, match="CUDA"):
         fused_block_stack(m.config, m.blocks, x, x, ())
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_qknorm_kernels_match_the_stand_ins_in_the_interpreter():
+    """QK-norm forward and backward kernels (Triton's interpreter on CPU) against the PyTorch stand-ins: 3 heads
+    of width 12 (neither a power of two), bf16 qkv, non-contiguous incoming gradients, and the column sums."""
+    code = textwrap.dedent("""
+        import torch
+        from rearlib import fused_blocks as fb
+        fb.QKNORM_CONFIG.update(bwd_programs=4)
+        g = torch.Generator().manual_seed(0)
+        B, S, H, d = 2, 5, 3, 12
+        C = H * d
+        qkv = torch.randn(B * S, 3 * C, generator=g).bfloat16()
+        wq, bq, wk, bk = (1 + 0.2 * torch.randn(d, generator=g) for _ in range(4))
+        f = [fb.qknorm_forward(qkv, wq, bq, wk, bk, (B, S, H, d), 1e-6, torch.bfloat16, interpret=k) for k in (0, 1)]
+        worst = {"fwd": max((a.float() - b.float()).abs().max().item() for a, b in zip(*f))}
+        grads = [torch.randn(B, H, S, d, generator=g).bfloat16().transpose(1, 2) for _ in range(3)]  # strided
+        b_ = [fb.qknorm_backward(*grads, qkv, wq, wk, (B, S, H, d), 1e-6, interpret=k) for k in (0, 1)]
+        worst["dqkv"] = (b_[0][0].float() - b_[1][0].float()).abs().max().item()
+        worst["norm_grads"] = max((a - b).abs().max().item() for a, b in zip(b_[0][1:5], b_[1][1:5]))
+        # the qkv bias gradient is the column sum of the kernel's own (bf16) dqkv
+        worst["bias"] = (b_[1][5] - b_[1][0].float().sum(0)).abs().max().item()
+        assert b_[1][0].shape == qkv.shape and b_[1][5].shape == (3 * C,) and b_[1][1].shape == (d,)
+        print("worst", worst)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    worst = eval(r.stdout.split("worst")[-1])
+    assert worst["fwd"] <= 0.0625 and worst["dqkv"] <= 0.0625, worst  # one bf16 rounding (magnitudes < 8)
+    assert worst["norm_grads"] < 1e-4 and worst["bias"] < 1e-4, worst
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_gelu_kernels_match_the_stand_ins_in_the_interpreter():
+    code = textwrap.dedent("""
+        import torch
+        from rearlib import fused_blocks as fb
+        fb.GELU_CONFIG.update(fwd_block=64, bwd_cols=32, bwd_programs=3)  # several blocks, rows per program
+        g = torch.Generator().manual_seed(0)
+        N, M = 7, 80
+        f = (2 * torch.randn(N, M, generator=g)).bfloat16()
+        dg = torch.randn(N, M, generator=g).bfloat16()
+        worst = {}
+        for keep in (None, torch.rand(N, M, generator=g) >= 0.2):
+            a, b = (fb.gelu_forward(f, keep, 1.25, interpret=k) for k in (0, 1))
+            worst["fwd"] = max(worst.get("fwd", 0), (a.float() - b.float()).abs().max().item())
+            (da, sa), (db, sb) = (fb.gelu_backward(dg, f, keep, 1.25, interpret=k) for k in (0, 1))
+            worst["bwd"] = max(worst.get("bwd", 0), (da.float() - db.float()).abs().max().item())
+            worst["bias"] = max(worst.get("bias", 0), (sb - db.float().sum(0)).abs().max().item())
+        print("worst", worst)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    worst = eval(r.stdout.split("worst")[-1])
+    assert worst["fwd"] <= 0.0625 and worst["bwd"] <= 0.0625 and worst["bias"] < 1e-4, worst
