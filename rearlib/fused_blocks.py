@@ -42,8 +42,9 @@ from .kernels import dropout_keep_mask, triton, triton_available
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["SiteLN", "SiteResidual", "site_forward", "site_backward", "fused_block_stack", "BLOCK_PARAM_NAMES",
-           "SITE_CONFIG"]
+__all__ = ["SiteLN", "SiteResidual", "site_forward", "site_backward", "qknorm_forward", "qknorm_backward",
+           "gelu_forward", "gelu_backward", "fused_block_stack", "BLOCK_PARAM_NAMES", "SITE_CONFIG", "QKNORM_CONFIG",
+           "GELU_CONFIG"]
 
 #: Names of one block's parameters in the order the stack function takes them (relative to the block module).
 BLOCK_PARAM_NAMES = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.q_norm.weight",
@@ -270,17 +271,30 @@ def _residual_input(res: SiteResidual) -> torch.Tensor:
     return u
 
 
+def _ln_rows(x: torch.Tensor, eps: float):
+    """LayerNorm statistics over the last dim (at least float32): ``(xhat, mean, rstd)``, stats with keepdim."""
+    xf = _hi(x)
+    mean = xf.mean(-1, keepdim=True)
+    xc = xf - mean
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    return xc * rstd, mean, rstd
+
+
+def _ln_input_grad(g: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """Gradient of a LayerNorm's input given ``g`` = the gradient of ``xhat`` (rstd broadcastable, keepdim)."""
+    return rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True))
+
+
 def _site_forward_torch(x, res, ln, out_dtype):
     xn = x
     if res is not None:
         xn = _hi(x) + _hi(res.gate) * _residual_input(res)
     a = mean = rstd = None
     if ln is not None:
-        xf = _hi(xn)
-        mean = xf.mean(1)
-        rstd = torch.rsqrt((xf - mean[:, None]).pow(2).mean(1) + ln.eps)
-        y = (xf - mean[:, None]) * rstd[:, None] * ln.weight + ln.bias
+        xhat, mean, rstd = _ln_rows(xn, ln.eps)
+        y = xhat * ln.weight + ln.bias
         a = (y * (1 + _hi(ln.scale)) + _hi(ln.shift)).to(out_dtype)
+        mean, rstd = mean.squeeze(1), rstd.squeeze(1)
     return xn, a, mean, rstd
 
 
@@ -295,7 +309,7 @@ def _site_backward_torch(dxn, da, xn, mean, rstd, res, ln, dgate, dshift, dscale
         dscale.copy_(daf * y)
         dy = daf * (1 + _hi(ln.scale))
         g = dy * ln.weight
-        dxn += rstd[:, None] * (g - xhat * (g * xhat).mean(1, keepdim=True) - g.mean(1, keepdim=True))
+        dxn += _ln_input_grad(g, xhat, rstd[:, None])
         sums[0], sums[1], sums[2], sums[3] = (dy * xhat).sum(0), dy.sum(0), daf.sum(0), (daf * y).sum(0)
     dbr = None
     if res is not None:
@@ -312,14 +326,6 @@ def _site_backward_torch(dxn, da, xn, mean, rstd, res, ln, dgate, dshift, dscale
 # ----------------------------------------------------------------------------------------------------------------
 # QK-norm and GELU written out in PyTorch: the stand-ins for the Triton kernels below
 # ----------------------------------------------------------------------------------------------------------------
-def _ln_rows(x: torch.Tensor, eps: float):
-    xf = _hi(x)
-    mean = xf.mean(-1, keepdim=True)
-    xc = xf - mean
-    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
-    return xc * rstd, rstd
-
-
 def _qknorm_fwd(qkv, wq, bq, wk, bk, shape, eps: float, dtype):
     B, S, H, d = shape
     x = qkv.view(B, S, 3, H, d)
@@ -334,10 +340,9 @@ def _qknorm_bwd(dq, dk, dv, qkv, wq, wk, shape, eps: float):
     x = qkv.view(B, S, 3, H, d)
 
     def one(dy, xin, w):
-        xhat, rstd = _ln_rows(xin, eps)
+        xhat, _, rstd = _ln_rows(xin, eps)
         dyf = _hi(dy)
-        g = dyf * w
-        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True))
+        dx = _ln_input_grad(dyf * w, xhat, rstd)
         return dx.to(qkv.dtype), (dyf * xhat).sum((0, 1, 2)), dyf.sum((0, 1, 2))
 
     dqx, dwq, dbq = one(dq, x[:, :, 0], wq)
@@ -695,7 +700,7 @@ def _stack_backward(ctx, dx_out, dtaps):
     grads = [[None] * _NP for _ in range(D)]
     bias_ada = torch.zeros(D, 6, C, dtype=torch.promote_types(dt, torch.float32), device=dx_out.device)
 
-    dx = _hi(dx_out.reshape(N, C)).clone(memory_format=torch.contiguous_format) if dx_out is not None else torch.zeros(N, C, device=dmod.device)
+    dx = _hi(dx_out.reshape(N, C)).clone(memory_format=torch.contiguous_format)  # grads are materialised
     if D - 1 in tap_grad:
         dx += _hi(tap_grad[D - 1].reshape(N, C))
     res = ctx.last_res
