@@ -53,8 +53,12 @@ BLOCK_PARAM_NAMES = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.
                      "mlp.fc2.weight", "mlp.fc2.bias", "adaLN_modulation.1.weight", "adaLN_modulation.1.bias")
 _NP = len(BLOCK_PARAM_NAMES)
 
-#: Launch configuration of the site kernels: rows per program tile, warps, and (backward) the most programs.
-SITE_CONFIG = {"fwd_rows": 4, "fwd_warps": 8, "bwd_rows": 1, "bwd_warps": 8, "bwd_programs": 1056}
+#: Launch configuration of the site kernels: rows per program tile, warps, and the backward's programs per SM
+#: (``bwd_programs``, when set, is an absolute count instead). Measured on an H200 at reAR-B shapes
+#: (reports/small/bench/train_speed_session9.json): 3 programs of 8 warps per SM is what fits in the registers at
+#: once, so 3 x 132 programs run in one wave (0.247 ms per site) where 1056 ran in 2.7 (0.263 ms).
+SITE_CONFIG = {"fwd_rows": 4, "fwd_warps": 8, "bwd_rows": 1, "bwd_warps": 8, "bwd_programs_per_sm": 3,
+               "bwd_programs": None}
 
 #: Rows of the column-sum output of :func:`site_backward`.
 SUM_ROWS = ("ln_weight", "ln_bias", "shift", "scale", "gate", "branch")
@@ -202,6 +206,16 @@ def _use_kernel(x: torch.Tensor, interpret: bool) -> bool:
     return interpret or (x.is_cuda and triton_available())
 
 
+def _programs(cfg: dict, device: torch.device, units: int) -> int:
+    """Programs of a persistent (grid-stride) backward kernel: ``cfg["bwd_programs"]`` if set, else
+    ``bwd_programs_per_sm`` per streaming multiprocessor (8 in all on CPU, for the interpreter); at most ``units``."""
+    n = cfg["bwd_programs"]
+    if n is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        n = cfg["bwd_programs_per_sm"] * sms if device.type == "cuda" else 8
+    return max(1, min(units, n))
+
+
 def site_forward(x: torch.Tensor, res: SiteResidual | None, ln: SiteLN | None, *, out_dtype=torch.bfloat16,
                  interpret: bool = False):
     """Forward of one adaLN site over [N, C] rows. Returns ``(x_new, a, mean, rstd)``: ``x_new`` float32 (``x``
@@ -248,7 +262,7 @@ def site_backward(dxn: torch.Tensor, da: torch.Tensor | None, xn: torch.Tensor, 
         raise ValueError("dxn must be a contiguous float32 tensor (it is updated in place)")
     dbr = torch.empty(N, C, dtype=branch_dtype, device=dxn.device) if res is not None else None
     rows, warps = SITE_CONFIG["bwd_rows"], SITE_CONFIG["bwd_warps"]
-    grid = max(1, min(triton.cdiv(N, rows), SITE_CONFIG["bwd_programs"]))
+    grid = _programs(SITE_CONFIG, dxn.device, triton.cdiv(N, rows))
     part = torch.empty(grid, 6, C, dtype=torch.float32, device=dxn.device)
     d = dxn
     s_mod = _mod_stride(res.gate if res else None, ln.scale if ln else None)
@@ -372,8 +386,11 @@ def _gelu_bwd(dg, f, keep, inv_keep: float):
 # ----------------------------------------------------------------------------------------------------------------
 # QK-norm kernels: rows of the qkv GEMM output viewed as [token, head, head_dim]
 # ----------------------------------------------------------------------------------------------------------------
-#: Launch configuration of the QK-norm kernels (tokens per tile, warps, most programs of the backward).
-QKNORM_CONFIG = {"fwd_tokens": 4, "fwd_warps": 8, "bwd_tokens": 1, "bwd_warps": 8, "bwd_programs": 1056}
+#: Launch configuration of the QK-norm kernels (tokens per tile, warps, backward programs per SM or in all, and
+#: the backward's software-pipelining stages). H200, reAR-B shapes: 4 warps x 8 programs per SM with 3 stages took
+#: 0.183 ms per call where 8 warps x 1056 programs took 0.227 (reports/small/bench/train_speed_session9.json).
+QKNORM_CONFIG = {"fwd_tokens": 4, "fwd_warps": 8, "bwd_tokens": 1, "bwd_warps": 4, "bwd_programs_per_sm": 8,
+                 "bwd_programs": None, "bwd_stages": 3}
 
 if triton is not None:
     @triton.jit
@@ -497,28 +514,48 @@ def qknorm_backward(dq, dk, dv, qkv, wq, wk, shape, eps: float, *, interpret: bo
     HP, DP = triton.next_power_of_2(H), triton.next_power_of_2(d)
     dqkv = torch.empty_like(qkv)
     T = QKNORM_CONFIG["bwd_tokens"]
-    grid = max(1, min(triton.cdiv(B * S, T), QKNORM_CONFIG["bwd_programs"]))
+    grid = _programs(QKNORM_CONFIG, qkv.device, triton.cdiv(B * S, T))
     part = torch.empty(grid, 7, HP, DP, dtype=torch.float32, device=qkv.device)
     _qknorm_bwd_kernel[(grid,)](_bshd(dq), _bshd(dk), _bshd(dv), qkv, wq, wk, dqkv, part, B * S, eps, H=H, D=d,
-                                HP=HP, DP=DP, T=T, num_warps=QKNORM_CONFIG["bwd_warps"])
+                                HP=HP, DP=DP, T=T, num_warps=QKNORM_CONFIG["bwd_warps"],
+                                num_stages=QKNORM_CONFIG["bwd_stages"])
     s = part.sum(0)[:, :H, :d]
-    return dqkv, s[3].sum(0), s[4].sum(0), s[5].sum(0), s[6].sum(0), s[:3].reshape(3 * H * d)
+    norms = s[3:].sum(1)  # the four norm-parameter gradients, summed over heads in one reduction
+    return dqkv, norms[0], norms[1], norms[2], norms[3], s[:3].reshape(3 * H * d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # GELU (erf) + dropout kernels over the fc1 output [N, hidden]
 # ----------------------------------------------------------------------------------------------------------------
-#: Launch configuration of the GELU kernels (elements per forward program; backward rows x columns per tile, warps,
-#: most row programs per column block).
-GELU_CONFIG = {"fwd_block": 4096, "fwd_warps": 8, "bwd_cols": 1024, "bwd_warps": 4, "bwd_programs": 352}
+#: Launch configuration of the GELU kernels (elements per forward program; backward columns per tile, warps, row
+#: programs per column block: per SM, or in all when ``bwd_programs`` is set). H200, reAR-B shapes
+#: (reports/small/bench/train_speed_session9.json): the backward took 0.238 ms per call with 8 warps x 8 programs
+#: per SM against 0.274 with 4 warps x 352 programs.
+GELU_CONFIG = {"fwd_block": 8192, "fwd_warps": 8, "bwd_cols": 1024, "bwd_warps": 8, "bwd_programs_per_sm": 8,
+               "bwd_programs": None}
 
 if triton is not None:
+    @triton.jit
+    def _normal_cdf(x):
+        """Phi(x) = erfc(-x / sqrt 2) / 2 in float32 through the erfc approximation of Numerical Recipes (Press et
+        al., ``erfcc``: fractional error below 1.2e-7 for every argument), one exp and one reciprocal. libdevice's
+        erf made the GELU kernels compute-bound: on an H200 the forward took 0.182-0.189 ms per reAR-B call with it,
+        0.152-0.160 with this, and 0.126 as a plain copy of the same bytes. Measured there on a grid over [-12, 12]: max
+        absolute error of Phi 2.0e-7 (libdevice's erf: 6.9e-8), relative error 1.3e-5 down to x = -10 (libdevice:
+        flushes to 0 below about -9); both far below the bf16 rounding of the GELU output."""
+        z = tl.abs(x) * 0.7071067811865476
+        t = 1.0 / (1.0 + 0.5 * z)
+        p = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (
+            0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
+        half_erfc = 0.5 * t * tl.exp(p - z * z)
+        return tl.where(x >= 0, 1.0 - half_erfc, half_erfc)
+
     @triton.jit
     def _gelu_fwd_kernel(f_ptr, keep_ptr, g_ptr, n, inv_keep, HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr):
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = off < n
         x = tl.load(f_ptr + off, mask=m, other=0.0).to(tl.float32)
-        g = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        g = x * _normal_cdf(x)
         if HAS_KEEP:
             g = tl.where(tl.load(keep_ptr + off, mask=m, other=0) != 0, g * inv_keep, 0.0)
         tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=m)
@@ -538,16 +575,16 @@ if triton is not None:
             d = tl.load(dg_ptr + off, mask=cm, other=0.0).to(tl.float32)
             if HAS_KEEP:
                 d = tl.where(tl.load(keep_ptr + off, mask=cm, other=0) != 0, d * inv_keep, 0.0)
-            cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
             pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
-            df = (d * (cdf + x * pdf)).to(df_ptr.dtype.element_ty)
+            df = (d * (_normal_cdf(x) + x * pdf)).to(df_ptr.dtype.element_ty)
             tl.store(df_ptr + off, df, mask=cm)
             acc += df.to(tl.float32)
         tl.store(part_ptr + pid * M + cols, acc, mask=cm)
 
 
 def gelu_forward(f, keep, inv_keep: float, *, interpret: bool = False):
-    """``GELU(f) * keep * inv_keep`` (erf GELU in float32, one rounding to ``f``'s dtype); keep None = no dropout."""
+    """``GELU(f) * keep * inv_keep`` (erf GELU in float32, one rounding to ``f``'s dtype); keep None = no dropout.
+    The kernel's Phi is :func:`_normal_cdf` (relative error ~1e-7); the stand-in uses ``torch.erf``."""
     if not _use_kernel(f, interpret):
         return _gelu_fwd(f, keep, inv_keep)
     g = torch.empty_like(f)
@@ -565,7 +602,7 @@ def gelu_backward(dg, f, keep, inv_keep: float, *, interpret: bool = False):
     N, M = f.shape
     df = torch.empty_like(f)
     BC = GELU_CONFIG["bwd_cols"]
-    P = max(1, min(N, GELU_CONFIG["bwd_programs"]))
+    P = _programs(GELU_CONFIG, f.device, N)
     part = torch.empty(P, M, dtype=torch.float32, device=f.device)
     _gelu_bwd_kernel[(triton.cdiv(M, BC), P)](dg, f, keep if keep is not None else f, df, part, N, M, inv_keep,
                                               HAS_KEEP=keep is not None, BC=BC, num_warps=GELU_CONFIG["bwd_warps"])
@@ -637,15 +674,53 @@ class _BlockStack(torch.autograd.Function):
             return (None,) + _stack_backward(ctx, dx_out, dtaps)
 
 
+#: Parameter indices (in :data:`BLOCK_PARAM_NAMES`) of the GEMM weights and biases the stack uses in the compute
+#: dtype: qkv, proj, fc1, fc2 (weight, bias) and the adaLN modulation's.
+_GEMM_PARAMS = (2, 3, 8, 9, 12, 13, 14, 15)
+
+
+def _compute_dtype_params(P, dt):
+    """Copies in ``dt`` of every GEMM weight and bias of the stack, from one multi-tensor copy (``_foreach_copy_``
+    converts dtypes in a single kernel on CUDA, where per-tensor casts were 216 launches per reAR-B step). The
+    adaLN weights and biases of all blocks land in one [D * 6C, C] matrix and one [D * 6C] vector (the single
+    modulation GEMM's operands). Returns ``(W, w_ada, b_ada)``, ``W[i]`` block i's parameters with those replaced."""
+    D, (sixC, C) = len(P), P[0][16].shape
+    dev = P[0][16].device
+    w_ada = torch.empty(D * sixC, C, dtype=dt, device=dev)
+    b_ada = torch.empty(D * sixC, dtype=dt, device=dev)
+    W, src, dst = [], [], []
+    for i, p in enumerate(P):
+        w = list(p)
+        for j in _GEMM_PARAMS:
+            w[j] = torch.empty(p[j].shape, dtype=dt, device=dev)
+        w[16], w[17] = w_ada[i * sixC:(i + 1) * sixC], b_ada[i * sixC:(i + 1) * sixC]
+        for j in _GEMM_PARAMS + (16, 17):
+            src.append(p[j])
+            dst.append(w[j])
+        W.append(w)
+    torch._foreach_copy_(dst, src)
+    return W, w_ada, b_ada
+
+
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # mm with a float32 output from bf16 inputs (CUDA)
+
+
+def _mm_hi(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` returned in float32 (at least): on CUDA cuBLAS writes the float32 accumulator directly, without a
+    bf16 rounding and a separate cast kernel (the weight gradients' parameters are float32)."""
+    if _MM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return _hi(torch.mm(a, b))
+
+
 def _stack_forward(ctx, plan: _Plan, x0, cond, params):
     B, S, C = x0.shape
     N, D, H, dt = B * S, plan.depth, plan.heads, plan.dtype
     d = C // H
     P = [params[i * _NP:(i + 1) * _NP] for i in range(D)]
-    W = [[t.to(dt) if t.dim() == 2 else t for t in p] for p in P]  # GEMM weights in the compute dtype, once
+    W, w_ada, b_ada = _compute_dtype_params(P, dt)
     silu_c = F.silu(_hi(cond.reshape(N, C))).to(dt)
-    w_ada = torch.cat([w[16] for w in W])  # [D * 6C, C]
-    mod = torch.addmm(torch.cat([p[17] for p in P]).to(dt), silu_c, w_ada.t())  # [N, D * 6C]
+    mod = torch.addmm(b_ada, silu_c, w_ada.t())  # [N, D * 6C]
     chunk = lambda i, j: mod[:, (6 * i + j) * C:(6 * i + j + 1) * C]  # noqa: E731 - j: shift1 scale1 gate1 shift2 scale2 gate2
     x = _hi(x0.reshape(N, C)).contiguous()
     layers, outs = [], []
@@ -657,19 +732,19 @@ def _stack_forward(ctx, plan: _Plan, x0, cond, params):
         x, a1, mean1, rstd1 = site_forward(x, res, ln1, out_dtype=dt)
         if i > 0:
             outs.append(x)  # output of block i - 1
-        qkv = torch.addmm(w[3].to(dt), a1, w[2].t())
+        qkv = torch.addmm(w[3], a1, w[2].t())
         qn, kn = qknorm_forward(qkv, p[4], p[5], p[6], p[7], (B, S, H, d), plan.eps, dt)
         q, k = qn.transpose(1, 2), kn.transpose(1, 2)
         v = qkv.view(B, S, 3, H, d)[:, :, 2].transpose(1, 2)
         o, att = _attention_fwd(q, k, v, plan.attn_dropout, plan.backend)
         o2 = o.transpose(1, 2).reshape(N, C)
-        pr = torch.addmm(w[9].to(dt), o2, w[8].t())
+        pr = torch.addmm(w[9], o2, w[8].t())
         keep_p, keep_g, keep_y = masks[i]
         ln2 = SiteLN(p[10], p[11], chunk(i, 3), chunk(i, 4), plan.eps)
         x1, a2, mean2, rstd2 = site_forward(x, SiteResidual(pr, keep_p, chunk(i, 2), plan.dropout), ln2, out_dtype=dt)
-        f = torch.addmm(w[13].to(dt), a2, w[12].t())
+        f = torch.addmm(w[13], a2, w[12].t())
         g = gelu_forward(f, keep_g, 1.0 / (1.0 - plan.dropout))
-        y = torch.addmm(w[15].to(dt), g, w[14].t())
+        y = torch.addmm(w[15], g, w[14].t())
         res = SiteResidual(y, keep_y, chunk(i, 5), plan.dropout)
         layers.append(dict(xin=x, a1=a1, mean1=mean1, rstd1=rstd1, qkv=qkv, q=q, k=k, v=v, o=o, att=att, o2=o2,
                            pr=pr, keep_p=keep_p, x1=x1, a2=a2, mean2=mean2, rstd2=rstd2, f=f, keep_g=keep_g, g=g,
@@ -698,22 +773,24 @@ def _stack_backward(ctx, dx_out, dtaps):
     mchunk = lambda i, j: ctx.mod[:, (6 * i + j) * C:(6 * i + j + 1) * C]  # noqa: E731
     tap_grad = {t: g for t, g in zip(plan.taps, dtaps) if g is not None}
     grads = [[None] * _NP for _ in range(D)]
-    bias_ada = torch.zeros(D, 6, C, dtype=torch.promote_types(dt, torch.float32), device=dx_out.device)
+    # adaLN bias gradients [block][shift1 scale1 gate1 shift2 scale2 gate2]: column sums from the site kernels,
+    # gathered into one tensor at the end (one kernel, not 6 D copies)
+    ada_bias = [[None] * 6 for _ in range(D)]
 
     dx = _hi(dx_out.reshape(N, C)).clone(memory_format=torch.contiguous_format)  # grads are materialised
     if D - 1 in tap_grad:
         dx += _hi(tap_grad[D - 1].reshape(N, C))
     res = ctx.last_res
     _, dy, sums = site_backward(dx, None, None, None, None, res, None, dgate=dchunk(D - 1, 5), branch_dtype=dt)
-    bias_ada[D - 1, 5] = sums[4]
+    ada_bias[D - 1][5] = sums[4]
     for i in range(D - 1, -1, -1):
         L, w, gr = layers[i], W[i], grads[i]
         # MLP
         gr[15] = sums[5]
-        gr[14] = torch.mm(dy.t(), L["g"])
+        gr[14] = _mm_hi(dy.t(), L["g"])
         dg = torch.mm(dy, w[14])
         df, gr[13] = gelu_backward(dg, L["f"], L["keep_g"], inv)
-        gr[12] = torch.mm(df.t(), L["a2"])
+        gr[12] = _mm_hi(df.t(), L["a2"])
         da2 = torch.mm(df, w[12])
         del dg, df, dy
         # LN2 site (with the attention branch's residual)
@@ -722,15 +799,15 @@ def _stack_backward(ctx, dx_out, dtaps):
         _, dpr, sums = site_backward(dx, da2, L["x1"], L["mean2"], L["rstd2"], r2, ln2, dgate=dchunk(i, 2),
                                      dshift=dchunk(i, 3), dscale=dchunk(i, 4), branch_dtype=dt)
         gr[10], gr[11], gr[9] = sums[0], sums[1], sums[5]
-        bias_ada[i, 2], bias_ada[i, 3], bias_ada[i, 4] = sums[4], sums[2], sums[3]
+        ada_bias[i][2], ada_bias[i][3], ada_bias[i][4] = sums[4], sums[2], sums[3]
         # attention
-        gr[8] = torch.mm(dpr.t(), L["o2"])
+        gr[8] = _mm_hi(dpr.t(), L["o2"])
         do = torch.mm(dpr, w[8]).view(B, S, H, d).transpose(1, 2)
         dq, dk, dv = _attention_bwd(do, L["q"], L["k"], L["v"], L["o"], L["att"], plan.attn_dropout, plan.backend)
         del do, dpr
         dqkv, gr[4], gr[5], gr[6], gr[7], gr[3] = qknorm_backward(
             dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), L["qkv"], w[4], w[6], (B, S, H, d), plan.eps)
-        gr[2] = torch.mm(dqkv.t(), L["a1"])
+        gr[2] = _mm_hi(dqkv.t(), L["a1"])
         da1 = torch.mm(dqkv, w[2])
         del dq, dk, dv, dqkv
         # LN1 site (with the previous block's MLP residual)
@@ -744,18 +821,19 @@ def _stack_backward(ctx, dx_out, dtaps):
                                     dgate=dchunk(i - 1, 5) if i > 0 else None, dshift=dchunk(i, 0),
                                     dscale=dchunk(i, 1), branch_dtype=dt)
         gr[0], gr[1] = sums[0], sums[1]
-        bias_ada[i, 0], bias_ada[i, 1] = sums[2], sums[3]
+        ada_bias[i][0], ada_bias[i][1] = sums[2], sums[3]
         if i > 0:
-            bias_ada[i - 1, 5] = sums[4]
+            ada_bias[i - 1][5] = sums[4]
     # adaLN of all blocks: one GEMM each for the weight and the input gradient
-    dw_ada = torch.mm(dmod.t(), ctx.silu_c)  # [D * 6C, C]
-    dsilu = _hi(torch.mm(dmod, ctx.w_ada))  # [N, C]
+    dw_ada = _mm_hi(dmod.t(), ctx.silu_c)  # [D * 6C, C]
+    dsilu = _mm_hi(dmod, ctx.w_ada)  # [N, C]
     c = _hi(ctx.cond.reshape(N, C))
     sig = torch.sigmoid(c)
     dcond = (dsilu * (sig * (1 + c * (1 - sig)))).view(ctx.cond.shape).to(ctx.cond.dtype)
+    bias_ada = torch.stack([t for row in ada_bias for t in row]).view(D, 6 * C)
     for i in range(D):
         grads[i][16] = dw_ada[i * 6 * C:(i + 1) * 6 * C]
-        grads[i][17] = bias_ada[i].reshape(6 * C)
+        grads[i][17] = bias_ada[i]
     flat = []
     for gr, dts in zip(grads, ctx.P_dtypes):
         flat.extend(g.to(t) if g is not None else None for g, t in zip(gr, dts))

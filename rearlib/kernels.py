@@ -14,11 +14,15 @@ as flash-decoding does (Dao et al.). It is registered as the custom op ``rearlib
 PyTorch, used by the tests (the kernel itself also runs on CPU tensors under ``TRITON_INTERPRET=1``).
 
 **Dropout masks** - reAR-B draws 151M dropout decisions per block and training step (batch 128: after the
-attention projection, after the GELU and after fc2). :func:`dropout_keep_mask` makes them with all four words of
-every Philox-4x32-10 call (``tl.randint4x``), and :func:`dropout` applies the mask as ``x * keep / (1 - p)``, a
-multiply Inductor fuses into the neighbouring kernels. The distribution is that of ``nn.Dropout`` (each element
-kept independently with probability 1 - p, to 2^-31); the random stream differs, and the kernel's seed comes from
-torch's CUDA generator, so ``torch.manual_seed`` and checkpointed RNG states reproduce it.
+attention projection, after the GELU and after fc2). :func:`dropout_keep_mask` makes them from every Philox-4x32-10
+call (``tl.randint4x``): four 32-bit words, each split into two 16-bit uniform draws, so eight decisions per call.
+The kernel is bound by Philox's arithmetic, not by its stores: on an H200 the 3.65G decisions of a reAR-B step took
+4.14 ms with one decision per word and 2.37 ms with two (reports/small/bench/train_speed_session9.json).
+:func:`dropout` applies the mask as ``x * keep / (1 - p)``, a multiply Inductor fuses into the neighbouring kernels.
+The distribution is that of ``nn.Dropout`` up to the 16-bit resolution of p: each element is kept independently
+with probability 1 - round(65536 p) / 65536 (:func:`keep_threshold`; 0.89999390 for p = 0.1). The random stream
+differs, and the kernel's seed comes from torch's CUDA generator, so ``torch.manual_seed`` and checkpointed RNG
+states reproduce it.
 
 Measured on an H200 (torch 2.11, reports/small/bench/): in the compiled reAR-B training step the kernels that
 carry dropout took 44.1 ms per step with Inductor's own random numbers and 37.3 ms with these masks, mask kernel
@@ -31,13 +35,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["decode_attention", "decode_attention_reference", "dropout", "dropout_keep_mask", "register_ops",
-           "triton_available", "KERNEL_CONFIG", "DROPOUT_BLOCK", "DROPOUT_KERNELS"]
+__all__ = ["decode_attention", "decode_attention_reference", "dropout", "dropout_keep_mask", "keep_threshold",
+           "register_ops", "triton_available", "KERNEL_CONFIG", "DROPOUT_BLOCK", "DROPOUT_KERNELS"]
 
 #: Launch configuration. Measured on an H200 (reAR-B decode shapes, see reports/small/bench/); ``block_n`` keys
 #: per loop iteration.
 KERNEL_CONFIG = {"block_n": 16, "num_warps": 1, "num_stages": 2}
-#: Philox calls per program of the dropout-mask kernel (each gives four mask elements).
+#: Philox calls per program of the dropout-mask kernel (each gives eight mask elements, two per 32-bit word).
 DROPOUT_BLOCK = 1024
 #: Where :func:`dropout` takes its masks from: "auto" = this module's kernel on CUDA, "torch" = F.dropout.
 DROPOUT_KERNELS = ("auto", "torch")
@@ -107,24 +111,30 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _keep_mask_kernel(out_ptr, seed_ptr, n, p, BLOCK: tl.constexpr):
-        # Program i covers elements [4 BLOCK i, 4 BLOCK (i + 1)): Philox counter c = BLOCK i + lane gives the four
-        # words for lane + {0, 1, 2, 3} BLOCK, so each of the four stores is contiguous.
+    def _store_halves(out_ptr, base, n, word, thresh, BLOCK: tl.constexpr):
+        # The low and the high 16 bits of one Philox word are two independent uniform draws in [0, 65536).
+        tl.store(out_ptr + base, (word & 0xFFFF).to(tl.int32) >= thresh, mask=base < n)
+        tl.store(out_ptr + base + BLOCK, (word >> 16).to(tl.int32) >= thresh, mask=base + BLOCK < n)
+
+    @triton.jit
+    def _keep_mask_kernel(out_ptr, seed_ptr, n, thresh, BLOCK: tl.constexpr):
+        # Program i covers elements [8 BLOCK i, 8 BLOCK (i + 1)): Philox counter c = BLOCK i + lane gives the four
+        # words whose halves are elements lane + {0, ..., 7} BLOCK, so each of the eight stores is contiguous.
         pid = tl.program_id(0)
         lane = tl.arange(0, BLOCK)
         # Two 31-bit draws make one 62-bit Philox key (see _dropout_seed).
         seed = tl.load(seed_ptr).to(tl.int64) * 2147483648 + tl.load(seed_ptr + 1).to(tl.int64)
         r0, r1, r2, r3 = tl.randint4x(seed, pid * BLOCK + lane)
-        base = pid.to(tl.int64) * (4 * BLOCK) + lane
-        tl.store(out_ptr + base, tl.random.uint_to_uniform_float(r0) >= p, mask=base < n)
-        tl.store(out_ptr + base + BLOCK, tl.random.uint_to_uniform_float(r1) >= p, mask=base + BLOCK < n)
-        tl.store(out_ptr + base + 2 * BLOCK, tl.random.uint_to_uniform_float(r2) >= p, mask=base + 2 * BLOCK < n)
-        tl.store(out_ptr + base + 3 * BLOCK, tl.random.uint_to_uniform_float(r3) >= p, mask=base + 3 * BLOCK < n)
+        base = pid.to(tl.int64) * (8 * BLOCK) + lane
+        _store_halves(out_ptr, base, n, r0, thresh, BLOCK)
+        _store_halves(out_ptr, base + 2 * BLOCK, n, r1, thresh, BLOCK)
+        _store_halves(out_ptr, base + 4 * BLOCK, n, r2, thresh, BLOCK)
+        _store_halves(out_ptr, base + 6 * BLOCK, n, r3, thresh, BLOCK)
 
     def _launch_keep_mask(out, seed, p, launcher):
         n = out.numel()
-        launcher(_keep_mask_kernel)[(triton.cdiv(n, 4 * DROPOUT_BLOCK),)](out, seed, n, p, BLOCK=DROPOUT_BLOCK,
-                                                                          num_warps=4)
+        launcher(_keep_mask_kernel)[(triton.cdiv(n, 8 * DROPOUT_BLOCK),)](out, seed, n, keep_threshold(p),
+                                                                          BLOCK=DROPOUT_BLOCK, num_warps=4)
         return out
 
 
@@ -155,6 +165,12 @@ def register_ops() -> bool:
     return True
 
 
+def keep_threshold(p: float) -> int:
+    """The mask kernel keeps an element when its 16-bit draw is >= this: round(65536 p), so the keep probability
+    is 1 - round(65536 p) / 65536, within 2^-17 of 1 - p (0.1 -> 0.89999390)."""
+    return int(round(p * 65536))
+
+
 def _dropout_seed(device: torch.device) -> torch.Tensor:
     """Two draws in [0, 2^31) from torch's generator for ``device`` (a traceable op, so no host sync)."""
     return torch.randint(0, 2 ** 31, (2,), device=device, dtype=torch.int64)
@@ -162,7 +178,8 @@ def _dropout_seed(device: torch.device) -> torch.Tensor:
 
 def dropout_keep_mask(shape, p: float, device: torch.device | str = "cuda", *,
                       seed: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool mask of ``shape``, each element True (kept) independently with probability 1 - p.
+    """Bool mask of ``shape``, each element True (kept) independently with probability 1 - p (to 2^-17, see
+    :func:`keep_threshold`).
 
     ``seed``: int64 tensor of two values in [0, 2^31) on ``device`` (default: drawn from torch's generator).
     Needs Triton and a CUDA device (see :func:`dropout_keep_mask_interpreted` for CPU tests).

@@ -101,8 +101,9 @@ class GeneratorConfig:
     seq_len: N image tokens per image (raster order). mlp_ratio: MLP hidden = int(C * mlp_ratio).
     dropout: on the attention output projection and inside the MLP. attn_dropout: on attention probabilities.
     dropout_kernel: where the ``dropout`` masks come from: "auto" = :func:`rearlib.kernels.dropout_keep_mask` on
-    CUDA (same distribution as ``nn.Dropout``, a different random stream, four mask elements per Philox call), ``F.dropout``
-    elsewhere; "torch" = ``F.dropout`` everywhere. Speed only; attention-probability dropout stays in SDPA.
+    CUDA (the distribution of ``nn.Dropout`` with p to 2^-17, a different random stream, eight mask elements per
+    Philox call), ``F.dropout`` elsewhere; "torch" = ``F.dropout`` everywhere. Speed only; attention-probability
+    dropout stays in SDPA.
     block_kernels: "auto" = in CUDA training under bf16 autocast the blocks run as :func:`rearlib.fused_blocks.
     fused_block_stack` (same function, hand-scheduled: one adaLN GEMM for all blocks, Triton kernels; +7% samples/s
     on reAR-B); "module" = always the Block modules. Speed only.
