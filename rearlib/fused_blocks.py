@@ -206,6 +206,10 @@ def _use_kernel(x: torch.Tensor, interpret: bool) -> bool:
     return interpret or (x.is_cuda and triton_available())
 
 
+def _pow2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
 def _programs(cfg: dict, device: torch.device, units: int) -> int:
     """Programs of a persistent (grid-stride) backward kernel: ``cfg["bwd_programs"]`` if set, else
     ``bwd_programs_per_sm`` per streaming multiprocessor (8 in all on CPU, for the interpreter); at most ``units``."""
@@ -214,6 +218,19 @@ def _programs(cfg: dict, device: torch.device, units: int) -> int:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         n = cfg["bwd_programs_per_sm"] * sms if device.type == "cuda" else 8
     return max(1, min(units, n))
+
+
+def _use_partials(parts: torch.Tensor | None, sums: torch.Tensor) -> torch.Tensor:
+    """Stand-ins: their exact sums as the partials of a single program (``parts[0]``, the rest zero)."""
+    parts.zero_()
+    parts[0].copy_(sums)
+    return parts
+
+
+def site_backward_partials(N: int, C: int, device, kernels: bool = True) -> tuple:
+    """Shape of one :func:`site_backward` call's unreduced column sums ([programs, 6, C]; 1 program for the
+    stand-ins): the stack collects them for all sites and reduces them once (not one reduction kernel per site)."""
+    return (_programs(SITE_CONFIG, device, -(-N // SITE_CONFIG["bwd_rows"])) if kernels else 1, 6, C)
 
 
 def site_forward(x: torch.Tensor, res: SiteResidual | None, ln: SiteLN | None, *, out_dtype=torch.bfloat16,
@@ -246,7 +263,7 @@ def site_forward(x: torch.Tensor, res: SiteResidual | None, ln: SiteLN | None, *
 def site_backward(dxn: torch.Tensor, da: torch.Tensor | None, xn: torch.Tensor, mean, rstd,
                   res: SiteResidual | None, ln: SiteLN | None, *, dgate: torch.Tensor | None = None,
                   dshift: torch.Tensor | None = None, dscale: torch.Tensor | None = None,
-                  branch_dtype=torch.bfloat16, interpret: bool = False):
+                  branch_dtype=torch.bfloat16, interpret: bool = False, parts: torch.Tensor | None = None):
     """Backward of :func:`site_forward`.
 
     ``dxn`` (float32 [N, C], the gradient reaching ``x_new`` from later sites and taps) is updated *in place* to
@@ -254,16 +271,20 @@ def site_backward(dxn: torch.Tensor, da: torch.Tensor | None, xn: torch.Tensor, 
     [N, C] views (columns of the modulation gradient). Returns ``(dx, dbranch, sums)`` with ``sums`` [6, C] the
     column sums in :data:`SUM_ROWS` order (LN weight/bias gradients, then the column sums of the shift, scale,
     gate and branch gradients: the bias gradients of the layers that produced them); rows that do not apply are 0.
+    ``parts`` ([programs, 6, C] float32, see :func:`site_backward_partials`): write the per-program partial sums
+    there and return them unreduced in place of ``sums``.
     """
     N, C = dxn.shape
     if not _use_kernel(dxn, interpret):
-        return _site_backward_torch(dxn, da, xn, mean, rstd, res, ln, dgate, dshift, dscale, branch_dtype)
+        dx, dbr, sums = _site_backward_torch(dxn, da, xn, mean, rstd, res, ln, dgate, dshift, dscale, branch_dtype)
+        return dx, dbr, (sums if parts is None else _use_partials(parts, sums))
     if dxn.dtype != torch.float32 or not dxn.is_contiguous():
         raise ValueError("dxn must be a contiguous float32 tensor (it is updated in place)")
     dbr = torch.empty(N, C, dtype=branch_dtype, device=dxn.device) if res is not None else None
     rows, warps = SITE_CONFIG["bwd_rows"], SITE_CONFIG["bwd_warps"]
-    grid = _programs(SITE_CONFIG, dxn.device, triton.cdiv(N, rows))
-    part = torch.empty(grid, 6, C, dtype=torch.float32, device=dxn.device)
+    part = parts if parts is not None else torch.empty(site_backward_partials(N, C, dxn.device), dtype=torch.float32,
+                                                       device=dxn.device)
+    grid = part.shape[0]
     d = dxn
     s_mod = _mod_stride(res.gate if res else None, ln.scale if ln else None)
     s_dmod = _mod_stride(dgate, dshift, dscale)
@@ -275,7 +296,7 @@ def site_backward(dxn: torch.Tensor, da: torch.Tensor | None, xn: torch.Tensor, 
         part, N, C, s_mod, s_dmod, 1.0 / (1.0 - res.p) if res else 1.0,
         HAS_RES=res is not None, HAS_KEEP=keep is not None, HAS_LN=ln is not None, ROWS=rows,
         BLOCK_C=triton.next_power_of_2(C), num_warps=warps)
-    return dxn, dbr, part.sum(0)
+    return dxn, dbr, (part if parts is not None else part.sum(0))
 
 
 def _residual_input(res: SiteResidual) -> torch.Tensor:
@@ -349,7 +370,8 @@ def _qknorm_fwd(qkv, wq, bq, wk, bk, shape, eps: float, dtype):
 
 
 def _qknorm_bwd(dq, dk, dv, qkv, wq, wk, shape, eps: float):
-    """dq/dk/dv [B, S, H, d] (any strides) -> dqkv [N, 3C] in qkv's dtype and the norms' weight/bias grads."""
+    """dq/dk/dv [B, S, H, d] (any strides) -> dqkv [N, 3C] in qkv's dtype and the column sums [7, H, d] the kernel
+    accumulates (see :func:`qknorm_param_grads`)."""
     B, S, H, d = shape
     x = qkv.view(B, S, 3, H, d)
 
@@ -357,12 +379,12 @@ def _qknorm_bwd(dq, dk, dv, qkv, wq, wk, shape, eps: float):
         xhat, _, rstd = _ln_rows(xin, eps)
         dyf = _hi(dy)
         dx = _ln_input_grad(dyf * w, xhat, rstd)
-        return dx.to(qkv.dtype), (dyf * xhat).sum((0, 1, 2)), dyf.sum((0, 1, 2))
+        return dx.to(qkv.dtype), (dyf * xhat).sum((0, 1)), dyf.sum((0, 1))
 
     dqx, dwq, dbq = one(dq, x[:, :, 0], wq)
     dkx, dwk, dbk = one(dk, x[:, :, 1], wk)
     dqkv = torch.stack([dqx, dkx, dv.to(qkv.dtype)], dim=2).view(B * S, 3 * H * d)
-    return dqkv, dwq, dbq, dwk, dbk, _hi(dqkv).sum(0)
+    return dqkv, torch.cat([_hi(dqkv).sum(0).view(3, H, d), torch.stack([dwq, dbq, dwk, dbk])])
 
 
 def _gelu_fwd(f, keep, inv_keep: float):
@@ -505,23 +527,49 @@ def qknorm_forward(qkv, wq, bq, wk, bk, shape, eps: float, dtype, *, interpret: 
     return qn, kn
 
 
-def qknorm_backward(dq, dk, dv, qkv, wq, wk, shape, eps: float, *, interpret: bool = False):
+def qknorm_param_grads(s: torch.Tensor, H: int, d: int):
+    """``(dwq, dbq, dwk, dbk, dbqkv)`` from the program-summed column sums ``s`` [..., 7, >= H, >= d] of the
+    QK-norm backward (rows: the q, k, v parts of dqkv's column sums, then the q and k norms' weight and bias
+    gradients per head); leading dimensions (blocks) are kept."""
+    s = s[..., :H, :d]
+    norms = s[..., 3:, :, :].sum(-2)  # the norm parameters are shared by the heads
+    return (norms[..., 0, :], norms[..., 1, :], norms[..., 2, :], norms[..., 3, :],
+            s[..., :3, :, :].reshape(*s.shape[:-3], 3 * H * d))
+
+
+def qknorm_backward_partials(N: int, H: int, d: int, device, kernels: bool = True) -> tuple:
+    """Shape of one :func:`qknorm_backward` call's unreduced column sums: [programs, 7, H, d] padded to powers
+    of two (1 program for the stand-ins)."""
+    T = QKNORM_CONFIG["bwd_tokens"]
+    return (_programs(QKNORM_CONFIG, device, -(-N // T)) if kernels else 1, 7, _pow2(H), _pow2(d))
+
+
+def qknorm_backward(dq, dk, dv, qkv, wq, wk, shape, eps: float, *, interpret: bool = False,
+                    parts: torch.Tensor | None = None):
     """Backward of :func:`qknorm_forward` plus the v gradient: dq/dk/dv [B, S, H, d] -> ``(dqkv [N, 3C], dwq,
-    dbq, dwk, dbk, dbqkv)`` (the norms' weight/bias gradients and the column sums of dqkv, the qkv bias gradient)."""
-    if not _use_kernel(qkv, interpret):
-        return _qknorm_bwd(dq, dk, dv, qkv, wq, wk, shape, eps)
+    dbq, dwk, dbk, dbqkv)`` (the norms' weight/bias gradients and the column sums of dqkv, the qkv bias gradient).
+    With ``parts`` (see :func:`qknorm_backward_partials`): ``(dqkv, parts)``, the per-program column sums
+    unreduced, for :func:`qknorm_param_grads` after summing over programs."""
     B, S, H, d = shape
+    if not _use_kernel(qkv, interpret):
+        dqkv, s7 = _qknorm_bwd(dq, dk, dv, qkv, wq, wk, shape, eps)
+        if parts is None:
+            return (dqkv,) + qknorm_param_grads(s7, H, d)
+        padded = torch.zeros(parts.shape[1:], dtype=s7.dtype, device=s7.device)
+        padded[:, :H, :d] = s7
+        return dqkv, _use_partials(parts, padded)
     HP, DP = triton.next_power_of_2(H), triton.next_power_of_2(d)
     dqkv = torch.empty_like(qkv)
     T = QKNORM_CONFIG["bwd_tokens"]
-    grid = _programs(QKNORM_CONFIG, qkv.device, triton.cdiv(B * S, T))
-    part = torch.empty(grid, 7, HP, DP, dtype=torch.float32, device=qkv.device)
+    part = parts if parts is not None else torch.empty(qknorm_backward_partials(B * S, H, d, qkv.device),
+                                                       dtype=torch.float32, device=qkv.device)
+    grid = part.shape[0]
     _qknorm_bwd_kernel[(grid,)](_bshd(dq), _bshd(dk), _bshd(dv), qkv, wq, wk, dqkv, part, B * S, eps, H=H, D=d,
                                 HP=HP, DP=DP, T=T, num_warps=QKNORM_CONFIG["bwd_warps"],
                                 num_stages=QKNORM_CONFIG["bwd_stages"])
-    s = part.sum(0)[:, :H, :d]
-    norms = s[3:].sum(1)  # the four norm-parameter gradients, summed over heads in one reduction
-    return dqkv, norms[0], norms[1], norms[2], norms[3], s[:3].reshape(3 * H * d)
+    if parts is not None:
+        return dqkv, part
+    return (dqkv,) + qknorm_param_grads(part.sum(0), H, d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -595,18 +643,26 @@ def gelu_forward(f, keep, inv_keep: float, *, interpret: bool = False):
     return g
 
 
-def gelu_backward(dg, f, keep, inv_keep: float, *, interpret: bool = False):
-    """Gradient of :func:`gelu_forward` with respect to ``f``, and its column sums (the fc1 bias gradient)."""
+def gelu_backward_partials(N: int, M: int, device, kernels: bool = True) -> tuple:
+    """Shape of one :func:`gelu_backward` call's unreduced column sums ([programs, M]; 1 for the stand-in)."""
+    return (_programs(GELU_CONFIG, device, N) if kernels else 1, M)
+
+
+def gelu_backward(dg, f, keep, inv_keep: float, *, interpret: bool = False, parts: torch.Tensor | None = None):
+    """Gradient of :func:`gelu_forward` with respect to ``f``, and its column sums (the fc1 bias gradient); with
+    ``parts`` (see :func:`gelu_backward_partials`) the per-program column sums, unreduced."""
     if not _use_kernel(f, interpret):
-        return _gelu_bwd(dg, f, keep, inv_keep)
+        df, sums = _gelu_bwd(dg, f, keep, inv_keep)
+        return df, (sums if parts is None else _use_partials(parts, sums))
     N, M = f.shape
     df = torch.empty_like(f)
     BC = GELU_CONFIG["bwd_cols"]
-    P = _programs(GELU_CONFIG, f.device, N)
-    part = torch.empty(P, M, dtype=torch.float32, device=f.device)
+    part = parts if parts is not None else torch.empty(gelu_backward_partials(N, M, f.device), dtype=torch.float32,
+                                                       device=f.device)
+    P = part.shape[0]
     _gelu_bwd_kernel[(triton.cdiv(M, BC), P)](dg, f, keep if keep is not None else f, df, part, N, M, inv_keep,
                                               HAS_KEEP=keep is not None, BC=BC, num_warps=GELU_CONFIG["bwd_warps"])
-    return df, part.sum(0)
+    return df, (part if parts is not None else part.sum(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -773,40 +829,43 @@ def _stack_backward(ctx, dx_out, dtaps):
     mchunk = lambda i, j: ctx.mod[:, (6 * i + j) * C:(6 * i + j + 1) * C]  # noqa: E731
     tap_grad = {t: g for t, g in zip(plan.taps, dtaps) if g is not None}
     grads = [[None] * _NP for _ in range(D)]
-    # adaLN bias gradients [block][shift1 scale1 gate1 shift2 scale2 gate2]: column sums from the site kernels,
-    # gathered into one tensor at the end (one kernel, not 6 D copies)
-    ada_bias = [[None] * 6 for _ in range(D)]
+    # The column sums (LayerNorm, bias and adaLN-bias gradients) stay per-program partials until the end, where one
+    # reduction per kernel type replaces one per call (~120 reduction launches per reAR-B step). Sites are numbered
+    # in the order they run: 0 = after the last block, then block i's LN2 site k2(i) and LN1 site k2(i) + 1.
+    dev, kern = dx_out.device, plan.backend == "triton"
+    f32 = dict(dtype=torch.promote_types(dt, torch.float32), device=dev)  # float64 in the CPU tests
+    site_parts = torch.empty((2 * D + 1,) + site_backward_partials(N, C, dev, kern), **f32)
+    gelu_parts = torch.empty((D,) + gelu_backward_partials(N, layers[0]["f"].shape[1], dev, kern), **f32)
+    qk_parts = torch.empty((D,) + qknorm_backward_partials(N, H, d, dev, kern), **f32)
+    k2 = lambda i: 2 * (D - 1 - i) + 1  # noqa: E731
 
     dx = _hi(dx_out.reshape(N, C)).clone(memory_format=torch.contiguous_format)  # grads are materialised
     if D - 1 in tap_grad:
         dx += _hi(tap_grad[D - 1].reshape(N, C))
     res = ctx.last_res
-    _, dy, sums = site_backward(dx, None, None, None, None, res, None, dgate=dchunk(D - 1, 5), branch_dtype=dt)
-    ada_bias[D - 1][5] = sums[4]
+    _, dy, _ = site_backward(dx, None, None, None, None, res, None, dgate=dchunk(D - 1, 5), branch_dtype=dt,
+                             parts=site_parts[0])
     for i in range(D - 1, -1, -1):
         L, w, gr = layers[i], W[i], grads[i]
         # MLP
-        gr[15] = sums[5]
         gr[14] = _mm_hi(dy.t(), L["g"])
         dg = torch.mm(dy, w[14])
-        df, gr[13] = gelu_backward(dg, L["f"], L["keep_g"], inv)
+        df, _ = gelu_backward(dg, L["f"], L["keep_g"], inv, parts=gelu_parts[i])
         gr[12] = _mm_hi(df.t(), L["a2"])
         da2 = torch.mm(df, w[12])
         del dg, df, dy
         # LN2 site (with the attention branch's residual)
         ln2 = SiteLN(w[10], w[11], mchunk(i, 3), mchunk(i, 4), plan.eps)
         r2 = SiteResidual(L["pr"], L["keep_p"], mchunk(i, 2), plan.dropout)
-        _, dpr, sums = site_backward(dx, da2, L["x1"], L["mean2"], L["rstd2"], r2, ln2, dgate=dchunk(i, 2),
-                                     dshift=dchunk(i, 3), dscale=dchunk(i, 4), branch_dtype=dt)
-        gr[10], gr[11], gr[9] = sums[0], sums[1], sums[5]
-        ada_bias[i][2], ada_bias[i][3], ada_bias[i][4] = sums[4], sums[2], sums[3]
+        _, dpr, _ = site_backward(dx, da2, L["x1"], L["mean2"], L["rstd2"], r2, ln2, dgate=dchunk(i, 2),
+                                  dshift=dchunk(i, 3), dscale=dchunk(i, 4), branch_dtype=dt, parts=site_parts[k2(i)])
         # attention
         gr[8] = _mm_hi(dpr.t(), L["o2"])
         do = torch.mm(dpr, w[8]).view(B, S, H, d).transpose(1, 2)
         dq, dk, dv = _attention_bwd(do, L["q"], L["k"], L["v"], L["o"], L["att"], plan.attn_dropout, plan.backend)
         del do, dpr
-        dqkv, gr[4], gr[5], gr[6], gr[7], gr[3] = qknorm_backward(
-            dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), L["qkv"], w[4], w[6], (B, S, H, d), plan.eps)
+        dqkv, _ = qknorm_backward(dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), L["qkv"], w[4], w[6],
+                                  (B, S, H, d), plan.eps, parts=qk_parts[i])
         gr[2] = _mm_hi(dqkv.t(), L["a1"])
         da1 = torch.mm(dqkv, w[2])
         del dq, dk, dv, dqkv
@@ -817,20 +876,27 @@ def _stack_backward(ctx, dx_out, dtaps):
         res = None
         if i > 0:
             res = SiteResidual(layers[i - 1]["y"], layers[i - 1]["keep_y"], mchunk(i - 1, 5), plan.dropout)
-        _, dy, sums = site_backward(dx, da1, L["xin"], L["mean1"], L["rstd1"], res, ln1,
-                                    dgate=dchunk(i - 1, 5) if i > 0 else None, dshift=dchunk(i, 0),
-                                    dscale=dchunk(i, 1), branch_dtype=dt)
-        gr[0], gr[1] = sums[0], sums[1]
-        ada_bias[i][0], ada_bias[i][1] = sums[2], sums[3]
-        if i > 0:
-            ada_bias[i - 1][5] = sums[4]
+        _, dy, _ = site_backward(dx, da1, L["xin"], L["mean1"], L["rstd1"], res, ln1,
+                                 dgate=dchunk(i - 1, 5) if i > 0 else None, dshift=dchunk(i, 0),
+                                 dscale=dchunk(i, 1), branch_dtype=dt, parts=site_parts[k2(i) + 1])
+    # the column sums, rows as in SUM_ROWS: ln_weight ln_bias shift scale gate branch
+    sums = site_parts.sum(1)  # [2D + 1, 6, C]
+    gelu_sums = gelu_parts.sum(1)
+    dwq, dbq, dwk, dbk, dbqkv = qknorm_param_grads(qk_parts.sum(1), H, d)
+    ada_bias = []  # [block][shift1 scale1 gate1 shift2 scale2 gate2], gathered by one stack below
+    for i in range(D):
+        gr, s2, s1 = grads[i], sums[k2(i)], sums[k2(i) + 1]
+        s_res = sums[0] if i == D - 1 else sums[k2(i + 1) + 1]  # the site holding block i's MLP residual
+        gr[0], gr[1], gr[10], gr[11], gr[9], gr[15] = s1[0], s1[1], s2[0], s2[1], s2[5], s_res[5]
+        gr[3], gr[4], gr[5], gr[6], gr[7], gr[13] = dbqkv[i], dwq[i], dbq[i], dwk[i], dbk[i], gelu_sums[i]
+        ada_bias += [s1[2], s1[3], s2[4], s2[2], s2[3], s_res[4]]
     # adaLN of all blocks: one GEMM each for the weight and the input gradient
     dw_ada = _mm_hi(dmod.t(), ctx.silu_c)  # [D * 6C, C]
     dsilu = _mm_hi(dmod, ctx.w_ada)  # [N, C]
     c = _hi(ctx.cond.reshape(N, C))
     sig = torch.sigmoid(c)
     dcond = (dsilu * (sig * (1 + c * (1 - sig)))).view(ctx.cond.shape).to(ctx.cond.dtype)
-    bias_ada = torch.stack([t for row in ada_bias for t in row]).view(D, 6 * C)
+    bias_ada = torch.stack(ada_bias).view(D, 6 * C)
     for i in range(D):
         grads[i][16] = dw_ada[i * 6 * C:(i + 1) * 6 * C]
         grads[i][17] = bias_ada[i]

@@ -135,6 +135,14 @@ def test_site_kernels_match_the_stand_ins_in_the_interpreter():
             for name, a, b_ in zip(("dx", "dbranch", "sums", "dmod"), *got):
                 if a is not None:
                     worst[name] = max(worst.get(name, 0), (a.float() - b_.float()).abs().max().item())
+            # unreduced per-program sums (what the stack collects) add up to the same column sums
+            parts = torch.full(fb.site_backward_partials(N, C, x.device), float("nan"))
+            dmod = torch.zeros(N, 2, 6 * C, dtype=torch.bfloat16)[:, 0]
+            _, _, out = fb.site_backward(dxn.clone(), da, xn, mean, rstd, res, ln, dgate=dmod[:, 5 * C:],
+                                         dshift=dmod[:, 3 * C:4 * C], dscale=dmod[:, 4 * C:5 * C], interpret=True,
+                                         parts=parts)
+            assert out is parts and parts.shape[0] == 3
+            worst["sums"] = max(worst["sums"], (parts.sum(0) - got[1][2]).abs().max().item())
         print("worst", worst)
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
@@ -180,6 +188,11 @@ def test_qknorm_kernels_match_the_stand_ins_in_the_interpreter():
         worst["norm_grads"] = max((a - b).abs().max().item() for a, b in zip(b_[0][1:5], b_[1][1:5]))
         # the qkv bias gradient is the column sum of the kernel's own (bf16) dqkv
         worst["bias"] = (b_[1][5] - b_[1][0].float().sum(0)).abs().max().item()
+        parts = torch.full(fb.qknorm_backward_partials(B * S, H, d, qkv.device), float("nan"))
+        _, out = fb.qknorm_backward(*grads, qkv, wq, wk, (B, S, H, d), 1e-6, interpret=True, parts=parts)
+        assert out is parts and parts.shape == (4, 7, 4, 16)
+        worst["bias"] = max(worst["bias"], max((a - b).abs().max().item() for a, b in
+                                               zip(fb.qknorm_param_grads(parts.sum(0), H, d), b_[1][1:])))
         assert b_[1][0].shape == qkv.shape and b_[1][5].shape == (3 * C,) and b_[1][1].shape == (d,)
         print("worst", worst)
     """)
