@@ -17,12 +17,16 @@ modulation gradient (``cat``) that the adaLN weight GEMM needs. This module comp
   gradient, the branch gradient and the gate/shift/scale gradients *directly into their columns of the modulation
   gradient* (no ``cat``), plus per-program column sums for the LayerNorm affine and bias gradients. The residual
   add that ends block i and the LayerNorm that starts block i + 1 are one site;
-* the QK-norm and the GELU (+ dropout) forward and backward as small ``torch.compile``d functions.
+* Triton kernels for the QK-norm and the GELU (+ dropout), forward and backward, the bias gradients again as
+  per-program column sums; all column sums of a step are reduced once, at the end of the backward;
+* the GEMM weights cast to bf16 by one multi-tensor copy, and the weight gradients written in float32 by cuBLAS.
 
 Numerics: bf16 GEMM inputs with float32 accumulation, float32 LayerNorm statistics and residual stream, as the
 compiled module path; results agree with it to bf16 round-off (different summation orders), not bitwise. The
-dropout masks come from :func:`rearlib.kernels.dropout_keep_mask` as in the module path (same distribution; the
-draws happen in a different order, so the random stream differs).
+GELU kernels use an erfc approximation (relative error ~1e-7, see ``_normal_cdf``) instead of libdevice's erf.
+The dropout masks come from :func:`rearlib.kernels.dropout_keep_mask` as in the module path (same distribution; the
+draws happen in a different order, so the random stream differs). Measurements: reports/small/bench/
+train_fused_blocks_session8.json and train_speed_session9.json.
 
 Used by :meth:`rearlib.model.Generator` in training when ``GeneratorConfig.block_kernels`` selects it (see there);
 everything else (embedding, head, loss, alignment heads) stays in the compiled module code. CPU runs (tests) use

@@ -1,0 +1,139 @@
+# Session 9 diagnosis on one H200: where the fused reAR-B step idles, where the host sync is, and kernel sweeps.
+import json, os, sys, time, traceback, math, gzip
+import torch
+OUT = os.environ.get("OUT", "/tmp/out")
+os.makedirs(OUT, exist_ok=True)
+dev = torch.device("cuda")
+res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+parts = sys.argv[1].split(",") if len(sys.argv) > 1 else ["cpu", "sync", "trace", "micro"]
+
+
+def save():
+    json.dump(res, open(f"{OUT}/diag.json", "w"), indent=1, default=str)
+
+
+from rearlib.rear import get_rear_config
+from rearlib.train import TrainConfig, DeviceBatches, Stepper, DistInfo, build_model, generator_overrides
+from rearlib.model import get_config
+from rearlib.bench import _release
+import rearlib.fused_blocks as fb
+
+
+def make(variant, batch=128, preset="rear_b"):
+    rear = get_rear_config(variant)
+    cfg = TrainConfig(model=preset, rear=rear, steps=1_000_000, batch_size=batch, warmup_steps=10,
+                      log_every=10**9, ckpt_every=10**9)
+    mc = get_config(preset, **generator_overrides(cfg))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, mc.codebook_size, (4 * batch, mc.seq_len), generator=g).to(dev)
+    labels = torch.randint(0, mc.num_classes, (4 * batch,), generator=g).to(dev)
+    codebook = torch.randn(mc.codebook_size, mc.z_dim, generator=g).to(dev)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = build_model(cfg, codebook, dev)
+    st = Stepper(cfg, model, codebook, DeviceBatches(tokens, labels, batch, seed=0, rank=0, world=1), dev, DistInfo())
+    st.wrap()
+    model.train()
+    for s in range(5):
+        st.step(s)
+    torch.cuda.synchronize()
+    return st
+
+
+# ---- CPU enqueue time vs GPU time per step; CPU time inside the stack's forward/backward
+_acc = {"fwd": 0.0, "bwd": 0.0}
+_of, _ob = fb._stack_forward, fb._stack_backward
+
+
+def _tf(*a, **k):
+    t = time.perf_counter(); r = _of(*a, **k); _acc["fwd"] += time.perf_counter() - t; return r
+
+
+def _tb(*a, **k):
+    t = time.perf_counter(); r = _ob(*a, **k); _acc["bwd"] += time.perf_counter() - t; return r
+
+
+if "cpu" in parts:
+    fb._stack_forward, fb._stack_backward = _tf, _tb
+    out = {}
+    for variant in ("rear", "ar"):
+        st = make(variant)
+        rows = []
+        for s in range(5, 13):
+            _acc["fwd"] = _acc["bwd"] = 0.0
+            torch.cuda.synchronize(); t0 = time.perf_counter(); st.step(s); t1 = time.perf_counter()
+            torch.cuda.synchronize(); t2 = time.perf_counter()
+            rows.append({"cpu_ms": 1e3 * (t1 - t0), "wall_ms": 1e3 * (t2 - t0), "stack_fwd_cpu_ms": 1e3 * _acc["fwd"],
+                         "stack_bwd_cpu_ms": 1e3 * _acc["bwd"]})
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        for s in range(13, 33):
+            st.step(s)
+        torch.cuda.synchronize()
+        out[variant] = {"synced_steps": rows, "pipelined_ms_per_step": 1e3 * (time.perf_counter() - t0) / 20}
+        print(variant, json.dumps(out[variant]), flush=True)
+        del st; _release(dev)
+    res["cpu_vs_gpu"] = out
+    fb._stack_forward, fb._stack_backward = _of, _ob
+    save()
+
+if "sync" in parts:
+    st = make("ar")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        st.step(6)
+        res["sync_tb"] = "no error"
+    except Exception:
+        res["sync_tb"] = traceback.format_exc()[-6000:]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(res["sync_tb"][-3000:], flush=True)
+    del st; _release(dev); save()
+
+if "trace" in parts:
+    from torch.profiler import ProfilerActivity, profile
+    for variant in ("rear",):
+        st = make(variant)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for s in range(6, 9):
+                st.step(s)
+            torch.cuda.synchronize()
+        path = f"/tmp/trace_{variant}.json"
+        prof.export_chrome_trace(path)
+        ev = json.load(open(path))["traceEvents"]
+        kern = sorted([e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e],
+                      key=lambda e: e["ts"])
+        launch = {e["args"].get("correlation"): e for e in ev if e.get("cat") == "cuda_runtime" and "args" in e}
+        cpuops = [e for e in ev if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
+        gaps = []
+        for a, b in zip(kern, kern[1:]):
+            g = b["ts"] - (a["ts"] + a["dur"])
+            if g > 20:
+                L = launch.get(b["args"].get("correlation"))
+                lt = L["ts"] if L else None
+                enc = sorted([c for c in cpuops if lt is not None and c["ts"] <= lt <= c["ts"] + c["dur"]],
+                             key=lambda c: c["dur"])
+                gaps.append({"gap_us": g, "prev": a["name"][:70], "next": b["name"][:70],
+                             "launch_before_prev_end_us": (a["ts"] + a["dur"] - lt) if lt else None,
+                             "cpu_ops_at_launch": [c["name"][:60] for c in enc[:4]]})
+        total_gap = sum(max(0, b["ts"] - (a["ts"] + a["dur"])) for a, b in zip(kern, kern[1:]))
+        span = kern[-1]["ts"] + kern[-1]["dur"] - kern[0]["ts"]
+        busy = sum(e["dur"] for e in kern)
+        gaps.sort(key=lambda r: -r["gap_us"])
+        res[f"trace_{variant}"] = {"steps": 3, "span_ms": span / 1e3, "kernel_ms": busy / 1e3,
+                                   "gap_ms_total": total_gap / 1e3, "n_gaps_over_20us": len(gaps),
+                                   "gap_ms_over_20us": sum(g["gap_us"] for g in gaps) / 1e3, "top": gaps[:40]}
+        print(json.dumps({k: v for k, v in res[f"trace_{variant}"].items() if k != "top"}), flush=True)
+        for g in gaps[:25]:
+            print(g, flush=True)
+        with open(path, "rb") as f, gzip.open(f"{OUT}/trace_{variant}.json.gz", "wb") as z:
+            z.write(f.read())
+        del st, prof; _release(dev); save()
+
+if "micro" in parts:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import micro  # noqa: F401 - runs the sweeps
+    except Exception:
+        res["micro_error"] = traceback.format_exc()[-3000:]
+        print(res["micro_error"], flush=True)
+    save()
+print("done", flush=True)
