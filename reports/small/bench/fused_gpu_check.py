@@ -2,6 +2,12 @@
 import json, os, time, torch
 import torch.nn.functional as F
 from rearlib.model import build_generator
+import rearlib.model as M
+from rearlib import fused_blocks as NEW
+try:  # an earlier stack to compare with (see session9/README.md), when present
+    from rearlib import fused_blocks_old as OLD
+except ImportError:
+    OLD = None
 dev = "cuda"
 out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": []}
 for preset, B in (("small", 8), ("rear_b", 4)):
@@ -15,6 +21,8 @@ for preset, B in (("small", 8), ("rear_b", 4)):
     tokens = torch.randint(0, cfg.codebook_size, (B, cfg.seq_len), device=dev)
     classes = torch.randint(0, cfg.num_classes, (B,), device=dev)
     def run(kernels, amp):
+        M.fused_block_stack = OLD.fused_block_stack if kernels == "old" else NEW.fused_block_stack
+        kernels = "auto" if kernels == "old" else kernels
         m.config = cfg.replace(block_kernels=kernels)
         m.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -24,7 +32,7 @@ for preset, B in (("small", 8), ("rear_b", 4)):
         loss.backward()
         return loss.item(), {n: p.grad.detach().float().clone() for n, p in m.named_parameters() if p.grad is not None}
     ref_loss, ref = run("module", False)
-    for kernels in ("module", "auto"):
+    for kernels in ("module", "auto") + (("old",) if OLD else ()):
         t = time.time(); loss, g = run(kernels, True)
         rel = {n: ((g[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)).item() for n in ref}
         worst = sorted(rel.items(), key=lambda kv: -kv[1])[:5]
