@@ -218,13 +218,12 @@ def _programs(cfg: dict, device: torch.device, units: int) -> int:
     """Programs of a persistent (grid-stride) backward kernel: ``cfg["bwd_programs"]`` if set, else
     ``bwd_programs_per_sm`` per streaming multiprocessor (8 in all on CPU, for the interpreter); at most ``units``."""
     n = cfg["bwd_programs"]
-    if n is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        n = cfg["bwd_programs_per_sm"] * sms if device.type == "cuda" else 8
-    return max(1, min(units, n))
+    if n is None and device.type == "cuda":
+        n = cfg["bwd_programs_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(units, 8 if n is None else n))
 
 
-def _use_partials(parts: torch.Tensor | None, sums: torch.Tensor) -> torch.Tensor:
+def _use_partials(parts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """Stand-ins: their exact sums as the partials of a single program (``parts[0]``, the rest zero)."""
     parts.zero_()
     parts[0].copy_(sums)
