@@ -308,3 +308,11 @@ def test_kernel_categories_sort_profiled_names():
     assert cats == {"GEMM": 100.0, "attention": 41.0, "Inductor-fused elementwise / reductions": 30.0,
                     "dropout masks (rearlib.kernels)": 5.0, "optimizer": 3.0, "other": 2.0}
     assert list(cats) == sorted(cats, key=lambda c: -cats[c])
+
+
+def test_host_sync_count_only_counts_sync_debug_reports():
+    from rearlib.bench import count_sync_reports
+    msgs = ["Synchronization debug mode is a prototype feature and does not detect every synchronization",
+            "called a synchronizing CUDA operation", "some other warning",
+            "Tensor.item(): called a synchronizing CUDA operation"]
+    assert count_sync_reports(msgs) == 2 and count_sync_reports([]) == 0
