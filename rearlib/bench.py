@@ -59,17 +59,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: int, warmup: int,
-                   device: torch.device, seed: int = 0, model_overrides: dict | None = None,
-                   peak: float | None = None, compile_mode: str | None = None) -> dict[str, Any]:
-    """Time ``steps`` optimizer steps of ``variant`` (a reAR preset name) on random data; returns one row.
-    compile_mode: a torch.compile mode for the fast path (rearlib.train.COMPILE_MODES; None = default)."""
-    from .model import estimate_flops_per_token
-
-    rear = get_rear_config(variant)
+def training_stepper(preset: str, variant: str, batch: int, device: torch.device, *, fast: bool = True,
+                     seed: int = 0, model_overrides: dict | None = None, compile_mode: str | None = None) -> Stepper:
+    """The training step ``train()`` runs (:class:`rearlib.train.Stepper`, wrapped, model in train mode) for
+    ``variant`` (a reAR preset name) of model ``preset`` on random tokens, labels and codebook held on ``device``.
+    fast: bf16 autocast + ``torch.compile`` (``compile_mode``, rearlib.train.COMPILE_MODES; None = default) + fused
+    AdamW, else eager fp32. Build it under :func:`rearlib.experiments.tf32` as the timing code does."""
     # A long schedule keeps t ~ 0, so the noise is on (its cost does not depend on eps anyway).
-    cfg = TrainConfig(model=preset, model_overrides=dict(model_overrides or {}), rear=rear, steps=1_000_000,
-                      batch_size=batch, warmup_steps=10, seed=seed,
+    cfg = TrainConfig(model=preset, model_overrides=dict(model_overrides or {}), rear=get_rear_config(variant),
+                      steps=1_000_000, batch_size=batch, warmup_steps=10, seed=seed,
                       compile=(compile_mode or True) if fast else False, bf16=fast, fused_adamw=fast,
                       log_every=10**9, ckpt_every=10**9)
     from .model import get_config
@@ -81,16 +79,31 @@ def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: 
     tokens = torch.randint(0, mc.codebook_size, (m, mc.seq_len), generator=g).to(device)
     labels = torch.randint(0, mc.num_classes, (m,), generator=g).to(device)
     codebook = torch.randn(mc.codebook_size, mc.z_dim, generator=g).to(device)
+    model = build_model(cfg, codebook, device)
+    stepper = Stepper(cfg, model, codebook, DeviceBatches(tokens, labels, batch, seed=seed, rank=0, world=1),
+                      device, DistInfo())
+    stepper.wrap()
+    model.train()
+    return stepper
+
+
+def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: int, warmup: int,
+                   device: torch.device, seed: int = 0, model_overrides: dict | None = None,
+                   peak: float | None = None, compile_mode: str | None = None) -> dict[str, Any]:
+    """Time ``steps`` optimizer steps of ``variant`` (a reAR preset name) on random data; returns one row.
+    compile_mode: a torch.compile mode for the fast path (rearlib.train.COMPILE_MODES; None = default)."""
+    from .model import estimate_flops_per_token
+
+    rear = get_rear_config(variant)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     # fast: TF32 for anything left outside autocast (as train() does); plain: true fp32.
     with tf32(fast):
-        model = build_model(cfg, codebook, device)
-        batches = DeviceBatches(tokens, labels, batch, seed=seed, rank=0, world=1)
-        stepper = Stepper(cfg, model, codebook, batches, device, DistInfo())
-        stepper.wrap()
-        model.train()
+        stepper = training_stepper(preset, variant, batch, device, fast=fast, seed=seed,
+                                   model_overrides=model_overrides, compile_mode=compile_mode)
+        model = stepper.raw
+        mc = model.config
         t0 = time.perf_counter()
         for s in range(warmup):
             stepper.step(s)
@@ -116,7 +129,7 @@ def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: 
         "params": sum(p.numel() for p in model.parameters()),
         "flops_per_sample": mc.seq_len * flops_tok,
     }
-    del stepper, model, batches
+    del stepper, model
     _release(device)
     return row
 
@@ -248,35 +261,20 @@ def profile_training(preset: str, variant: str, batch: int, device: torch.device
     """Device-kernel breakdown of the fast training step (torch.profiler over ``steps`` steps after warm-up)."""
     from torch.profiler import ProfilerActivity, profile
 
-    rear = get_rear_config(variant)
-    cfg = TrainConfig(model=preset, rear=rear, steps=1_000_000, batch_size=batch, warmup_steps=10,
-                      log_every=10**9, ckpt_every=10**9)
-    from .model import get_config
-    from .train import generator_overrides
-
-    mc = get_config(preset, **generator_overrides(cfg))
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, mc.codebook_size, (4 * batch, mc.seq_len), generator=g).to(device)
-    labels = torch.randint(0, mc.num_classes, (4 * batch,), generator=g).to(device)
-    codebook = torch.randn(mc.codebook_size, mc.z_dim, generator=g).to(device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = build_model(cfg, codebook, device)
-    stepper = Stepper(cfg, model, codebook, DeviceBatches(tokens, labels, batch, seed=0, rank=0, world=1), device,
-                      DistInfo())
-    stepper.wrap()
-    model.train()
-    for s in range(warmup):
-        stepper.step(s)
-    _sync(device)
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for s in range(warmup, warmup + steps):
+    with tf32(True):
+        stepper = training_stepper(preset, variant, batch, device)
+        for s in range(warmup):
             stepper.step(s)
         _sync(device)
-    wall = (time.perf_counter() - t0) / steps
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for s in range(warmup, warmup + steps):
+                stepper.step(s)
+            _sync(device)
+        wall = (time.perf_counter() - t0) / steps
     out = {"kind": "train", "preset": preset, "variant": variant, "batch": batch,
            "wall_ms_per_step_profiled": 1e3 * wall, **_kernel_table(prof, steps, top)}
-    del stepper, model
+    del stepper
     _release(device)
     return out
 

@@ -316,3 +316,12 @@ def test_host_sync_count_only_counts_sync_debug_reports():
             "called a synchronizing CUDA operation", "some other warning",
             "Tensor.item(): called a synchronizing CUDA operation"]
     assert count_sync_reports(msgs) == 2 and count_sync_reports([]) == 0
+
+
+def test_profile_training_runs_on_cpu_and_leaves_tf32_as_it_was():
+    from rearlib.bench import profile_training
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    r = profile_training("tiny", "rear", 4, torch.device("cpu"), steps=1, warmup=1)
+    assert r["variant"] == "rear" and r["wall_ms_per_step_profiled"] > 0
+    assert r["kernels"][-1]["kernel"] == "(all device kernels)"  # no CUDA kernels on the CPU, only the total row
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

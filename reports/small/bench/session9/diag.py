@@ -12,27 +12,14 @@ def save():
     json.dump(res, open(f"{OUT}/diag.json", "w"), indent=1, default=str)
 
 
-from rearlib.rear import get_rear_config
-from rearlib.train import TrainConfig, DeviceBatches, Stepper, DistInfo, build_model, generator_overrides
-from rearlib.model import get_config
-from rearlib.bench import _release
+from rearlib.bench import _release, training_stepper
 import rearlib.fused_blocks as fb
+
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train() runs the fast path
 
 
 def make(variant, batch=128, preset="rear_b"):
-    rear = get_rear_config(variant)
-    cfg = TrainConfig(model=preset, rear=rear, steps=1_000_000, batch_size=batch, warmup_steps=10,
-                      log_every=10**9, ckpt_every=10**9)
-    mc = get_config(preset, **generator_overrides(cfg))
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, mc.codebook_size, (4 * batch, mc.seq_len), generator=g).to(dev)
-    labels = torch.randint(0, mc.num_classes, (4 * batch,), generator=g).to(dev)
-    codebook = torch.randn(mc.codebook_size, mc.z_dim, generator=g).to(dev)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = build_model(cfg, codebook, dev)
-    st = Stepper(cfg, model, codebook, DeviceBatches(tokens, labels, batch, seed=0, rank=0, world=1), dev, DistInfo())
-    st.wrap()
-    model.train()
+    st = training_stepper(preset, variant, batch, dev)
     for s in range(5):
         st.step(s)
     torch.cuda.synchronize()
