@@ -259,7 +259,7 @@ def site_forward(x: torch.Tensor, res: SiteResidual | None, ln: SiteLN | None, *
         xn, a if ln else dummy, mean if ln else dummy, rstd if ln else dummy, N, C, s_mod,
         1.0 / (1.0 - res.p) if res else 1.0, ln.eps if ln else 0.0,
         HAS_RES=res is not None, HAS_KEEP=keep is not None, HAS_LN=ln is not None, ROWS=rows,
-        BLOCK_C=triton.next_power_of_2(C), num_warps=warps)
+        BLOCK_C=_pow2(C), num_warps=warps)
     return xn, a, mean, rstd
 
 
@@ -298,7 +298,7 @@ def site_backward(dxn: torch.Tensor, da: torch.Tensor | None, xn: torch.Tensor, 
         res.gate if res else d, dbr if res else d, dgate if res else d, dshift if ln else d, dscale if ln else d,
         part, N, C, s_mod, s_dmod, 1.0 / (1.0 - res.p) if res else 1.0,
         HAS_RES=res is not None, HAS_KEEP=keep is not None, HAS_LN=ln is not None, ROWS=rows,
-        BLOCK_C=triton.next_power_of_2(C), num_warps=warps)
+        BLOCK_C=_pow2(C), num_warps=warps)
     return dxn, dbr, (part if parts is not None else part.sum(0))
 
 
@@ -525,8 +525,8 @@ def qknorm_forward(qkv, wq, bq, wk, bk, shape, eps: float, dtype, *, interpret: 
     kn = torch.empty_like(qn)
     T = QKNORM_CONFIG["fwd_tokens"]
     _qknorm_fwd_kernel[(triton.cdiv(B * S, T),)](
-        qkv, wq, bq, wk, bk, qn, kn, B * S, eps, H=H, D=d, HP=triton.next_power_of_2(H),
-        DP=triton.next_power_of_2(d), T=T, num_warps=QKNORM_CONFIG["fwd_warps"])
+        qkv, wq, bq, wk, bk, qn, kn, B * S, eps, H=H, D=d, HP=_pow2(H),
+        DP=_pow2(d), T=T, num_warps=QKNORM_CONFIG["fwd_warps"])
     return qn, kn
 
 
@@ -561,12 +561,11 @@ def qknorm_backward(dq, dk, dv, qkv, wq, wk, shape, eps: float, *, interpret: bo
         padded = torch.zeros(parts.shape[1:], dtype=s7.dtype, device=s7.device)
         padded[:, :H, :d] = s7
         return dqkv, _use_partials(parts, padded)
-    HP, DP = triton.next_power_of_2(H), triton.next_power_of_2(d)
     dqkv = torch.empty_like(qkv)
     T = QKNORM_CONFIG["bwd_tokens"]
     part = parts if parts is not None else torch.empty(qknorm_backward_partials(B * S, H, d, qkv.device),
                                                        dtype=torch.float32, device=qkv.device)
-    grid = part.shape[0]
+    grid, _, HP, DP = part.shape  # the kernel's padded head tile is the partials' layout
     _qknorm_bwd_kernel[(grid,)](_bshd(dq), _bshd(dk), _bshd(dv), qkv, wq, wk, dqkv, part, B * S, eps, H=H, D=d,
                                 HP=HP, DP=DP, T=T, num_warps=QKNORM_CONFIG["bwd_warps"],
                                 num_stages=QKNORM_CONFIG["bwd_stages"])
