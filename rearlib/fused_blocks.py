@@ -41,6 +41,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from .flash_attention import attention_dropout_bits, attention_seed, flash_attention_backward, flash_attention_forward
 from .kernels import dropout_keep_mask, triton, triton_available
 
 if triton is not None:
@@ -670,9 +671,18 @@ def gelu_backward(dg, f, keep, inv_keep: float, *, interpret: bool = False, part
 # ----------------------------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------------------------
-def _attention_fwd(q, k, v, p: float, backend: str):
+#: Attention kernels of the Triton stack: "flash" = :mod:`rearlib.flash_attention` (default; measured faster at
+#: reAR-B shapes, reports/small/bench/session10/), "cudnn" = the aten ops behind ``scaled_dot_product_attention``.
+ATTENTION_KERNELS = ("flash", "cudnn")
+DEFAULT_ATTENTION = "flash"
+
+
+def _attention_fwd(q, k, v, p: float, plan, bits=None):
     """Causal attention of [B, H, S, d] views; returns (out [B, H, S, d], saved state for the backward)."""
-    if backend == "triton":
+    if plan.backend == "triton" and plan.attention == "flash":
+        o, lse, bits = flash_attention_forward(q, k, v, p, bits)
+        return o, (lse, bits)
+    if plan.backend == "triton":
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, p, True, False)
         return res[0], (res[1], res[6], res[7])
     if p > 0:
@@ -680,8 +690,11 @@ def _attention_fwd(q, k, v, p: float, backend: str):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
 
 
-def _attention_bwd(do, q, k, v, o, state, p: float, backend: str):
-    if backend == "triton":
+def _attention_bwd(do, q, k, v, o, state, p: float, plan):
+    if plan.backend == "triton" and plan.attention == "flash":
+        lse, bits = state
+        return flash_attention_backward(do, q, k, v, o, lse, bits, p)  # dq in float32: the QK-norm kernel reads it
+    if plan.backend == "triton":
         lse, seed, offset = state
         S = q.shape[2]
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
@@ -704,6 +717,7 @@ class _Plan(NamedTuple):
     taps: tuple
     dtype: torch.dtype
     backend: str  # "triton" (CUDA) or "torch" (reference stand-ins)
+    attention: str  # with "triton": "flash" or "cudnn" (ATTENTION_KERNELS)
 
 
 def _keep_masks(plan: _Plan, N: int, C: int, hidden: int, device):
@@ -784,6 +798,9 @@ def _stack_forward(ctx, plan: _Plan, x0, cond, params):
     layers, outs = [], []
     res = None
     masks = _keep_masks(plan, N, C, P[0][12].shape[0], x0.device)
+    att_bits = [None] * D  # the attention-dropout decisions of every block, from one launch
+    if plan.backend == "triton" and plan.attention == "flash" and plan.attn_dropout > 0:
+        att_bits = attention_dropout_bits(B, H, S, plan.attn_dropout, attention_seed(x0.device, D))
     for i in range(D):
         p, w = P[i], W[i]
         ln1 = SiteLN(p[0], p[1], chunk(i, 0), chunk(i, 1), plan.eps)
@@ -794,7 +811,7 @@ def _stack_forward(ctx, plan: _Plan, x0, cond, params):
         qn, kn = qknorm_forward(qkv, p[4], p[5], p[6], p[7], (B, S, H, d), plan.eps, dt)
         q, k = qn.transpose(1, 2), kn.transpose(1, 2)
         v = qkv.view(B, S, 3, H, d)[:, :, 2].transpose(1, 2)
-        o, att = _attention_fwd(q, k, v, plan.attn_dropout, plan.backend)
+        o, att = _attention_fwd(q, k, v, plan.attn_dropout, plan, att_bits[i])
         o2 = o.transpose(1, 2).reshape(N, C)
         pr = torch.addmm(w[9], o2, w[8].t())
         keep_p, keep_g, keep_y = masks[i]
@@ -864,7 +881,7 @@ def _stack_backward(ctx, dx_out, dtaps):
         # attention
         gr[8] = _mm_hi(dpr.t(), L["o2"])
         do = torch.mm(dpr, w[8]).view(B, S, H, d).transpose(1, 2)
-        dq, dk, dv = _attention_bwd(do, L["q"], L["k"], L["v"], L["o"], L["att"], plan.attn_dropout, plan.backend)
+        dq, dk, dv = _attention_bwd(do, L["q"], L["k"], L["v"], L["o"], L["att"], plan.attn_dropout, plan)
         del do, dpr
         dqkv, _ = qknorm_backward(dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), L["qkv"], w[4], w[6],
                                   (B, S, H, d), plan.eps, parts=qk_parts[i])
@@ -910,18 +927,23 @@ def _stack_backward(ctx, dx_out, dtaps):
 
 @torch.compiler.disable
 def fused_block_stack(config, blocks: Sequence[torch.nn.Module], x: torch.Tensor, cond: torch.Tensor,
-                      taps: Sequence[int] = (), *, dtype: torch.dtype = torch.bfloat16, backend: str = "triton"):
+                      taps: Sequence[int] = (), *, dtype: torch.dtype = torch.bfloat16, backend: str = "triton",
+                      attention: str | None = None):
     """Run ``blocks`` (the :class:`rearlib.model.Block` modules of a generator with ``config``) in training mode
     on ``x`` [B, S, C] with the per-position condition ``cond`` [B, S, C]; returns ``(x_out, {tap: output of
     block tap})`` as the module loop does. ``backend="triton"`` needs CUDA; ``"torch"`` is the plain-PyTorch
-    stand-in (no attention dropout) that the CPU tests compare with the modules."""
+    stand-in (no attention dropout) that the CPU tests compare with the modules. ``attention``: the Triton
+    backend's attention kernels (:data:`ATTENTION_KERNELS`; None = :data:`DEFAULT_ATTENTION`)."""
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    attention = DEFAULT_ATTENTION if attention is None else attention
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
     if backend == "triton" and not (x.is_cuda and triton_available()):
         raise RuntimeError("the Triton block stack needs a CUDA tensor and Triton")
     taps = tuple(sorted(set(int(t) for t in taps)))
     plan = _Plan(len(blocks), config.heads, config.dropout, config.attn_dropout, blocks[0].norm1.eps, taps,
-                 dtype, backend)
+                 dtype, backend, attention)
     params = [blk.get_parameter(n) for blk in blocks for n in BLOCK_PARAM_NAMES]
     out = _BlockStack.apply(plan, x, cond, *params)
     return out[0], dict(zip(taps, out[1:]))
