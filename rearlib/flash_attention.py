@@ -40,8 +40,10 @@ __all__ = ["flash_attention_forward", "flash_attention_backward", "attention_dro
 
 #: Tiles and launch settings. Forward: ``fwd_m`` query rows per program, ``fwd_n`` keys per loop step. Backward:
 #: each program owns ``bwd_tile`` keys (dK, dV: loop over query tiles of ``bwd_loop``) and then ``bwd_tile``
-#: queries (dQ: loop over key tiles of ``bwd_loop``), so the causal work per program is balanced.
-FLASH_CONFIG = {"fwd_m": 64, "fwd_n": 32, "fwd_warps": 4, "fwd_stages": 2,
+#: queries (dQ: loop over key tiles of ``bwd_loop``), so the causal work per program is balanced; with
+#: ``atomic_dq`` the dQ contributions are added in the first loop instead. ``bits_*``: tile of the mask kernel.
+#: Chosen from a sweep on an H200 at reAR-B shapes (reports/small/bench/session10/flash_micro.json).
+FLASH_CONFIG = {"fwd_m": 64, "fwd_n": 32, "fwd_warps": 4, "fwd_stages": 3,
                 "bwd_tile": 64, "bwd_loop": 64, "bwd_warps": 4, "bwd_stages": 2, "delta_rows": 64,
                 "atomic_dq": True, "bits_rows": 32, "bits_words": 4}
 

@@ -6,8 +6,9 @@ the adaLN sites: the LayerNorm backward, and one kernel that re-reads six tensor
 modulation gradient (``cat``) that the adaLN weight GEMM needs. This module computes *the same function* as
 :class:`rearlib.model.Block` stacked ``depth`` times, with
 
-* every GEMM in cuBLAS (``torch.addmm``/``mm``) and the attention in cuDNN (the aten ops behind
-  ``scaled_dot_product_attention``, dropout included), as before;
+* every GEMM in cuBLAS (``torch.addmm``/``mm``), as before; the attention, dropout included, in the Triton kernels
+  of :mod:`rearlib.flash_attention` (default, faster at reAR-B shapes) or in cuDNN (``attention="cudnn"``: the aten
+  ops behind ``scaled_dot_product_attention``);
 * the adaLN modulation of *all* blocks as one GEMM, [N, C] x [C, depth * 6C], because every block reads the same
   ``SiLU(cond)``; in the backward its weight gradient and its input gradient are again one GEMM each (K = N and
   K = depth * 6C: the sum over blocks happens inside the GEMM's float32 accumulator);
