@@ -72,6 +72,11 @@ if triton is not None:
         return (draw.to(tl.int32) >= thresh).to(tl.int32) << t
 
     @triton.jit
+    def _load_seed(seed_ptr):
+        # Two 31-bit draws make one 62-bit Philox key (as rearlib.kernels' mask kernel).
+        return tl.load(seed_ptr).to(tl.int64) * 2147483648 + tl.load(seed_ptr + 1).to(tl.int64)
+
+    @triton.jit
     def _bits_kernel(out_ptr, seed_ptr, S, NW, BH, thresh, RT: tl.constexpr, WT: tl.constexpr):
         # Program (row tile, word tile, layer * BH + bh): word w of row i holds keys 32 w .. 32 w + 31, byte j of
         # it from the Philox call with counter ((i * NW + w) * 4 + j, b * H + h). Tiles wholly above the causal
@@ -82,8 +87,7 @@ if triton is not None:
             lbh = tl.program_id(2)
             layer = lbh // BH
             bh = lbh % BH
-            key = tl.load(seed_ptr + 2 * layer).to(tl.int64) * 2147483648 + tl.load(seed_ptr + 2 * layer + 1).to(
-                tl.int64)
+            key = _load_seed(seed_ptr + 2 * layer)
             rows = rt + tl.arange(0, RT)
             w = wt + tl.arange(0, WT)
             c0 = ((rows[:, None] * NW + w[None, :]) * 4).to(tl.uint32)
