@@ -14,13 +14,14 @@ backward read) and returned as [B, H, S, d] views of it. The log-sum-exp is kept
 
 **Attention dropout.** Each probability is kept with probability 1 - round(65536 p) / 65536 (16-bit draws, as
 :func:`rearlib.kernels.keep_threshold`) and the kept ones are scaled by 1 / (1 - p); the softmax normaliser is
-that of the undropped probabilities, as in ``F.dropout(softmax(s))``. The decisions are not stored: element
-(b, h, i, j) is one 16-bit half of a Philox-4x32-10 word with key ``seed``, counter (i * ceil(S / 8) + j // 8,
-b * H + h, 0, 0), so one Philox call serves eight neighbouring keys and the forward and both backward phases
-regenerate the same mask whatever their tile sizes. :func:`attention_keep_mask` writes that mask out (tests).
+that of the undropped probabilities, as in ``F.dropout(softmax(s))``. :func:`attention_dropout_bits` draws the
+decisions of a step once (all blocks in one launch; Philox-4x32-10, key ``seed``, counter ((i * ceil(S / 32) + w)
+* 4 + byte, b * H + h), eight 16-bit draws per call) and packs them 32 per int32 word, key 32 w + t in bit t of
+word (b * H + h, i, w); the forward and the backward read one or two words per row and key tile.
+:func:`unpack_keep` expands them to a bool mask (tests).
 The random stream differs from cuDNN's; the distribution is the same up to the 16-bit resolution of p.
 
-CPU runs execute the kernels under Triton's interpreter (``interpret=True`` with ``TRITON_INTERPRET=1``);
+CPU runs execute the kernels under Triton's interpreter (CPU tensors with ``TRITON_INTERPRET=1``);
 :func:`attention_reference` is the same function in plain PyTorch for the tests.
 """
 
