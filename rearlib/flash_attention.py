@@ -36,17 +36,20 @@ from .kernels import keep_threshold, triton
 if triton is not None:
     import triton.language as tl
 
+    from .kernels import _philox_byte, _philox_key
+
 __all__ = ["flash_attention_forward", "flash_attention_backward", "attention_dropout_bits", "unpack_keep",
            "attention_reference", "attention_seed", "FLASH_CONFIG"]
 
 #: Tiles and launch settings. Forward: ``fwd_m`` query rows per program, ``fwd_n`` keys per loop step. Backward:
 #: each program owns ``bwd_tile`` keys (dK, dV: loop over query tiles of ``bwd_loop``) and then ``bwd_tile``
 #: queries (dQ: loop over key tiles of ``bwd_loop``), so the causal work per program is balanced; with
-#: ``atomic_dq`` the dQ contributions are added in the first loop instead. ``bits_*``: tile of the mask kernel.
+#: ``atomic_dq`` the dQ contributions are added in the first loop instead. ``bits_*``: words per program and
+#: warps of the mask kernel.
 #: Chosen from a sweep on an H200 at reAR-B shapes (reports/small/bench/session10/flash_micro.json).
 FLASH_CONFIG = {"fwd_m": 64, "fwd_n": 32, "fwd_warps": 4, "fwd_stages": 3,
                 "bwd_tile": 64, "bwd_loop": 64, "bwd_warps": 4, "bwd_stages": 2, "delta_rows": 64,
-                "atomic_dq": True, "bits_rows": 32, "bits_words": 4}
+                "atomic_dq": True, "bits_block": 128, "bits_warps": 2}
 
 _LOG2E = 1.4426950408889634
 
@@ -60,43 +63,27 @@ def attention_seed(device, n: int | None = None) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _byte(seed, c0, c1, thresh):
-        # One Philox call: four words split into eight 16-bit draws, decision t in bit t of the result.
-        z = c0 * 0
-        r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, z, z)
-        return (_bit(r0 & 0xFFFF, thresh, 0) | _bit(r0 >> 16, thresh, 1) | _bit(r1 & 0xFFFF, thresh, 2)
-                | _bit(r1 >> 16, thresh, 3) | _bit(r2 & 0xFFFF, thresh, 4) | _bit(r2 >> 16, thresh, 5)
-                | _bit(r3 & 0xFFFF, thresh, 6) | _bit(r3 >> 16, thresh, 7))
-
-    @triton.jit
-    def _bit(draw, thresh, t: tl.constexpr):
-        return (draw.to(tl.int32) >= thresh).to(tl.int32) << t
-
-    @triton.jit
-    def _load_seed(seed_ptr):
-        # Two 31-bit draws make one 62-bit Philox key (as rearlib.kernels' mask kernel).
-        return tl.load(seed_ptr).to(tl.int64) * 2147483648 + tl.load(seed_ptr + 1).to(tl.int64)
-
-    @triton.jit
-    def _bits_kernel(out_ptr, seed_ptr, S, NW, BH, thresh, RT: tl.constexpr, WT: tl.constexpr):
-        # Program (row tile, word tile, layer * BH + bh): word w of row i holds keys 32 w .. 32 w + 31, byte j of
-        # it from the Philox call with counter ((i * NW + w) * 4 + j, b * H + h). Tiles wholly above the causal
-        # diagonal are never read by the attention kernels and are skipped.
-        rt = tl.program_id(0) * RT
-        wt = tl.program_id(1) * WT
-        if wt * 32 <= rt + RT - 1:
-            lbh = tl.program_id(2)
-            layer = lbh // BH
-            bh = lbh % BH
-            key = _load_seed(seed_ptr + 2 * layer)
-            rows = rt + tl.arange(0, RT)
-            w = wt + tl.arange(0, WT)
-            c0 = ((rows[:, None] * NW + w[None, :]) * 4).to(tl.uint32)
-            c1 = c0 * 0 + bh.to(tl.uint32)
-            word = (_byte(key, c0, c1, thresh) | (_byte(key, c0 + 1, c1, thresh) << 8)
-                    | (_byte(key, c0 + 2, c1, thresh) << 16) | (_byte(key, c0 + 3, c1, thresh) << 24))
-            m = (rows < S)[:, None] & (w < NW)[None, :]
-            tl.store(out_ptr + lbh.to(tl.int64) * S * NW + rows[:, None] * NW + w[None, :], word, mask=m)
+    def _bits_kernel(out_ptr, seed_ptr, S, NW, BH, T, thresh, BLOCK: tl.constexpr):
+        # Program (f tile, layer * BH + bh). Only the T words a causal attention reads are drawn: rows 32 g ..
+        # 32 g + 31 need words 0 .. g, so word number f (row-major over that triangle) lies in row group g with
+        # 16 g (g + 1) <= f < 16 (g + 1) (g + 2). Word w of row i holds keys 32 w .. 32 w + 31, byte j of it from
+        # the Philox call with counter ((i * NW + w) * 4 + j, b * H + h).
+        f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        lbh = tl.program_id(1)
+        layer = lbh // BH
+        bh = lbh % BH
+        g = ((tl.sqrt(1.0 + f.to(tl.float32) * 0.25) - 1.0) * 0.5).to(tl.int32)
+        g = tl.where(16 * (g + 1) * (g + 2) <= f, g + 1, g)  # float rounding: at most one off either way
+        g = tl.where(16 * g * (g + 1) > f, g - 1, g)
+        r = f - 16 * g * (g + 1)
+        rows = 32 * g + r // (g + 1)
+        w = r - (rows - 32 * g) * (g + 1)
+        key = _philox_key(seed_ptr + 2 * layer)
+        c0 = ((rows * NW + w) * 4).to(tl.uint32)
+        c1 = c0 * 0 + bh.to(tl.uint32)
+        word = (_philox_byte(key, c0, c1, thresh) | (_philox_byte(key, c0 + 1, c1, thresh) << 8)
+                | (_philox_byte(key, c0 + 2, c1, thresh) << 16) | (_philox_byte(key, c0 + 3, c1, thresh) << 24))
+        tl.store(out_ptr + lbh.to(tl.int64) * S * NW + rows * NW + w, word, mask=f < T)
 
     @triton.jit
     def _keep(mbase, rows, start_n, NW, rm, BN: tl.constexpr):
@@ -294,9 +281,11 @@ def attention_dropout_bits(B: int, H: int, S: int, p: float, seed: torch.Tensor)
     L = seed.shape[0] if seed.dim() == 2 else None
     NW = -(-S // 32)
     out = torch.empty(((L,) if L else ()) + (B * H, S, NW), dtype=torch.int32, device=seed.device)
-    RT, WT = FLASH_CONFIG["bits_rows"], FLASH_CONFIG["bits_words"]
-    _bits_kernel[(triton.cdiv(S, RT), triton.cdiv(NW, WT), (L or 1) * B * H)](
-        out, seed, S, NW, B * H, keep_threshold(p), RT=RT, WT=WT, num_warps=4)
+    full, rem = divmod(S, 32)
+    T = 16 * full * (full + 1) + rem * (full + 1)  # words on or below the diagonal (see _bits_kernel)
+    BLOCK = FLASH_CONFIG["bits_block"]
+    _bits_kernel[(triton.cdiv(T, BLOCK), (L or 1) * B * H)](
+        out, seed, S, NW, B * H, T, keep_threshold(p), BLOCK=BLOCK, num_warps=FLASH_CONFIG["bits_warps"])
     return out
 
 

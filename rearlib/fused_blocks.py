@@ -25,8 +25,10 @@ modulation gradient (``cat``) that the adaLN weight GEMM needs. This module comp
 Numerics: bf16 GEMM inputs with float32 accumulation, float32 LayerNorm statistics and residual stream, as the
 compiled module path; results agree with it to bf16 round-off (different summation orders), not bitwise. The
 GELU kernels use an erfc approximation (relative error ~1e-7, see ``_normal_cdf``) instead of libdevice's erf.
-The dropout masks come from :func:`rearlib.kernels.dropout_keep_mask` as in the module path (same distribution; the
-draws happen in a different order, so the random stream differs). Measurements: reports/small/bench/
+The dropout masks come from :func:`rearlib.kernels.dropout_keep_bits`, one bit per decision (the module path
+uses the byte masks of :func:`rearlib.kernels.dropout_keep_mask`: same distribution and 16-bit draws, different
+counters, so the random stream differs); the site and GELU kernels are bound by memory traffic, and the bits cut
+their mask reads to an eighth. Measurements: reports/small/bench/
 train_fused_blocks_session8.json and train_speed_session9.json.
 
 Used by :meth:`rearlib.model.Generator` in training when ``GeneratorConfig.block_kernels`` selects it (see there);
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .flash_attention import attention_dropout_bits, attention_seed, flash_attention_backward, flash_attention_forward
-from .kernels import dropout_keep_mask, triton, triton_available
+from .kernels import dropout_keep_bits, pack_keep, triton, triton_available, unpack_keep
 
 if triton is not None:
     import triton.language as tl
@@ -80,7 +82,8 @@ class SiteLN(NamedTuple):
 
 
 class SiteResidual(NamedTuple):
-    """Residual part: x_new = x + gate * branch * keep / (1 - p); keep None = no dropout."""
+    """Residual part: x_new = x + gate * branch * keep / (1 - p). ``keep``: the dropout decisions of the [N, C]
+    branch packed 32 per int32 word in row-major order (:func:`rearlib.kernels.pack_keep`), None = no dropout."""
     branch: torch.Tensor
     keep: torch.Tensor | None
     gate: torch.Tensor
@@ -92,10 +95,35 @@ class SiteResidual(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------
 if triton is not None:
     @triton.jit
+    def _kept(keep_ptr, off, m):
+        # Dropout decision of element ``off`` (flat row-major index) from the packed words (kernels.pack_keep):
+        # bit off % 32 of word off // 32, one gathered load per element (rows that do not start on a word).
+        return ((tl.load(keep_ptr + (off >> 5), mask=m, other=0) >> (off & 31).to(tl.int32)) & 1) != 0
+
+    @triton.jit
+    def _unpack_words(words, R: tl.constexpr, W: tl.constexpr):
+        # [R, W] words -> [R, 32 W] decisions (bit t of word w = column 32 w + t): one load per 32 elements.
+        bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+        return tl.reshape(bits, [R, 32 * W]) != 0
+
+    @triton.jit
+    def _kept_rows(keep_ptr, r64, rmask, C, off, m, R: tl.constexpr, BLOCK_C: tl.constexpr,
+                   ALIGNED: tl.constexpr):
+        # Decisions of the [R, BLOCK_C] tile of rows r64 of an [N, C] tensor. ALIGNED (C % 32 == 0): every row is
+        # whole words, loaded as an [R, BLOCK_C / 32] tile and expanded in registers.
+        if ALIGNED:
+            wi = tl.arange(0, BLOCK_C // 32)
+            words = tl.load(keep_ptr + r64[:, None] * (C // 32) + wi[None, :],
+                            mask=rmask[:, None] & (wi[None, :] * 32 < C), other=0)
+            return _unpack_words(words, R, BLOCK_C // 32)
+        else:
+            return _kept(keep_ptr, off, m)
+
+    @triton.jit
     def _site_fwd_kernel(x_ptr, br_ptr, keep_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr,
                          xn_ptr, a_ptr, mean_ptr, rstd_ptr, N, C, s_mod, inv_keep, eps,
                          HAS_RES: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_LN: tl.constexpr,
-                         ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGNED: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_C)
         rmask = rows < N
@@ -108,8 +136,7 @@ if triton is not None:
         if HAS_RES:
             u = tl.load(br_ptr + off, mask=m, other=0.0).to(tl.float32)
             if HAS_KEEP:
-                k = tl.load(keep_ptr + off, mask=m, other=0)
-                u = tl.where(k != 0, u * inv_keep, 0.0)
+                u = tl.where(_kept_rows(keep_ptr, r64, rmask, C, off, m, ROWS, BLOCK_C, ALIGNED), u * inv_keep, 0.0)
             g = tl.load(gate_ptr + moff, mask=m, other=0.0).to(tl.float32)
             x = x + g * u
             tl.store(xn_ptr + off, x, mask=m)
@@ -131,7 +158,7 @@ if triton is not None:
                          br_ptr, keep_ptr, gate_ptr, dbr_ptr, dgate_ptr, dshift_ptr, dscale_ptr, sums_ptr,
                          N, C, s_mod, s_dmod, inv_keep,
                          HAS_RES: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_LN: tl.constexpr,
-                         ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGNED: tl.constexpr):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         cols = tl.arange(0, BLOCK_C)
@@ -179,7 +206,7 @@ if triton is not None:
                 gt = tl.load(gate_ptr + moff, mask=m, other=0.0).to(tl.float32)
                 dbr = dxn * gt
                 if HAS_KEEP:
-                    k = tl.load(keep_ptr + off, mask=m, other=0) != 0
+                    k = _kept_rows(keep_ptr, r64, rmask, C, off, m, ROWS, BLOCK_C, ALIGNED)
                     u = tl.where(k, u * inv_keep, 0.0)
                     dbr = tl.where(k, dbr * inv_keep, 0.0)
                 dg = dxn * u
@@ -210,6 +237,13 @@ def _hi(t: torch.Tensor) -> torch.Tensor:
 
 def _use_kernel(x: torch.Tensor, interpret: bool) -> bool:
     return interpret or (x.is_cuda and triton_available())
+
+
+def _check_keep(keep: torch.Tensor | None, n: int) -> None:
+    if keep is not None and (keep.dtype != torch.int32 or keep.numel() * 32 < n):
+        raise ValueError(f"dropout decisions must be packed 32 per int32 word (rearlib.kernels.pack_keep): "
+                         f"expected >= {-(-n // 32)} int32 words for {n} elements, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
 
 
 def _pow2(n: int) -> int:
@@ -245,6 +279,7 @@ def site_forward(x: torch.Tensor, res: SiteResidual | None, ln: SiteLN | None, *
 
     Triton on CUDA (or on CPU tensors with ``interpret=True`` under ``TRITON_INTERPRET=1``), else PyTorch."""
     N, C = x.shape
+    _check_keep(res.keep if res is not None else None, N * C)
     if not _use_kernel(x, interpret):
         return _site_forward_torch(x, res, ln, out_dtype)
     xn = torch.empty(N, C, dtype=torch.float32, device=x.device) if res is not None else x
@@ -261,7 +296,7 @@ def site_forward(x: torch.Tensor, res: SiteResidual | None, ln: SiteLN | None, *
         xn, a if ln else dummy, mean if ln else dummy, rstd if ln else dummy, N, C, s_mod,
         1.0 / (1.0 - res.p) if res else 1.0, ln.eps if ln else 0.0,
         HAS_RES=res is not None, HAS_KEEP=keep is not None, HAS_LN=ln is not None, ROWS=rows,
-        BLOCK_C=_pow2(C), num_warps=warps)
+        BLOCK_C=_pow2(C), ALIGNED=C % 32 == 0, num_warps=warps)
     return xn, a, mean, rstd
 
 
@@ -280,6 +315,7 @@ def site_backward(dxn: torch.Tensor, da: torch.Tensor | None, xn: torch.Tensor, 
     there and return them unreduced in place of ``sums``.
     """
     N, C = dxn.shape
+    _check_keep(res.keep if res is not None else None, N * C)
     if not _use_kernel(dxn, interpret):
         dx, dbr, sums = _site_backward_torch(dxn, da, xn, mean, rstd, res, ln, dgate, dshift, dscale, branch_dtype)
         return dx, dbr, (sums if parts is None else _use_partials(parts, sums))
@@ -300,14 +336,19 @@ def site_backward(dxn: torch.Tensor, da: torch.Tensor | None, xn: torch.Tensor, 
         res.gate if res else d, dbr if res else d, dgate if res else d, dshift if ln else d, dscale if ln else d,
         part, N, C, s_mod, s_dmod, 1.0 / (1.0 - res.p) if res else 1.0,
         HAS_RES=res is not None, HAS_KEEP=keep is not None, HAS_LN=ln is not None, ROWS=rows,
-        BLOCK_C=_pow2(C), num_warps=warps)
+        BLOCK_C=_pow2(C), ALIGNED=C % 32 == 0, num_warps=warps)
     return dxn, dbr, (part if parts is not None else part.sum(0))
+
+
+def _keep_like(keep: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The packed decisions ``keep`` as a 0/1 tensor shaped like ``t`` (the stand-ins multiply by it)."""
+    return unpack_keep(keep, t.shape).to(_hi(t).dtype)
 
 
 def _residual_input(res: SiteResidual) -> torch.Tensor:
     u = _hi(res.branch)
     if res.keep is not None:
-        u = u * res.keep * (1.0 / (1.0 - res.p))
+        u = u * _keep_like(res.keep, u) * (1.0 / (1.0 - res.p))
     return u
 
 
@@ -356,7 +397,7 @@ def _site_backward_torch(dxn, da, xn, mean, rstd, res, ln, dgate, dshift, dscale
         u = _residual_input(res)
         dbr_f = dxn * _hi(res.gate)
         if res.keep is not None:
-            dbr_f = dbr_f * res.keep * (1.0 / (1.0 - res.p))
+            dbr_f = dbr_f * _keep_like(res.keep, dbr_f) * (1.0 / (1.0 - res.p))
         dgate.copy_(dxn * u)
         dbr = dbr_f.to(branch_dtype)
         sums[4], sums[5] = (dxn * u).sum(0), dbr_f.sum(0)
@@ -395,7 +436,7 @@ def _qknorm_bwd(dq, dk, dv, qkv, wq, wk, shape, eps: float):
 def _gelu_fwd(f, keep, inv_keep: float):
     g = F.gelu(_hi(f))
     if keep is not None:
-        g = g * keep * inv_keep
+        g = g * _keep_like(keep, g) * inv_keep
     return g.to(f.dtype)
 
 
@@ -403,7 +444,7 @@ def _gelu_bwd(dg, f, keep, inv_keep: float):
     x = _hi(f)
     d = _hi(dg)
     if keep is not None:
-        d = d * keep * inv_keep
+        d = d * _keep_like(keep, d) * inv_keep
     cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
     pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
     df = (d * (cdf + x * pdf)).to(f.dtype)
@@ -604,29 +645,43 @@ if triton is not None:
 
     @triton.jit
     def _gelu_fwd_kernel(f_ptr, keep_ptr, g_ptr, n, inv_keep, HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr):
-        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        # The flat block is an [BLOCK / 32, 32] tile, so that each row of it is one word of dropout decisions.
+        W: tl.constexpr = BLOCK // 32
+        wi = tl.program_id(0).to(tl.int64) * W + tl.arange(0, W)
+        off = wi[:, None] * 32 + tl.arange(0, 32)[None, :]
         m = off < n
         x = tl.load(f_ptr + off, mask=m, other=0.0).to(tl.float32)
         g = x * _normal_cdf(x)
         if HAS_KEEP:
-            g = tl.where(tl.load(keep_ptr + off, mask=m, other=0) != 0, g * inv_keep, 0.0)
+            words = tl.load(keep_ptr + wi, mask=wi * 32 < n, other=0)
+            g = tl.where(((words[:, None] >> tl.arange(0, 32)[None, :]) & 1) != 0, g * inv_keep, 0.0)
         tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _gelu_bwd_kernel(dg_ptr, f_ptr, keep_ptr, df_ptr, part_ptr, N, M, inv_keep, HAS_KEEP: tl.constexpr,
-                         BC: tl.constexpr):
+                         BC: tl.constexpr, ALIGNED: tl.constexpr):
+        # Columns [cb BC, (cb + 1) BC) of rows pid, pid + nprog, ... as [BC / 32, 32] tiles (rows of 32 columns:
+        # one word of decisions each when M % 32 == 0).
         cb = tl.program_id(0)
         pid = tl.program_id(1)
         nprog = tl.num_programs(1)
-        cols = cb * BC + tl.arange(0, BC)
+        W: tl.constexpr = BC // 32
+        wi = cb * W + tl.arange(0, W)
+        cols = wi[:, None] * 32 + tl.arange(0, 32)[None, :]
         cm = cols < M
-        acc = tl.zeros([BC], tl.float32)
+        acc = tl.zeros([W, 32], tl.float32)
         for r in range(pid, N, nprog):
-            off = (tl.full([1], 0, tl.int64) + r) * M + cols  # int64 rows (a plain int in the interpreter)
+            r64 = tl.full([1], 0, tl.int64) + r  # int64 rows (a plain int in the interpreter)
+            off = r64[:, None] * M + cols
             x = tl.load(f_ptr + off, mask=cm, other=0.0).to(tl.float32)
             d = tl.load(dg_ptr + off, mask=cm, other=0.0).to(tl.float32)
             if HAS_KEEP:
-                d = tl.where(tl.load(keep_ptr + off, mask=cm, other=0) != 0, d * inv_keep, 0.0)
+                if ALIGNED:
+                    words = tl.load(keep_ptr + r64 * (M // 32) + wi, mask=wi * 32 < M, other=0)
+                    k = ((words[:, None] >> tl.arange(0, 32)[None, :]) & 1) != 0
+                else:
+                    k = _kept(keep_ptr, off, cm)
+                d = tl.where(k, d * inv_keep, 0.0)
             pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
             df = (d * (_normal_cdf(x) + x * pdf)).to(df_ptr.dtype.element_ty)
             tl.store(df_ptr + off, df, mask=cm)
@@ -635,8 +690,10 @@ if triton is not None:
 
 
 def gelu_forward(f, keep, inv_keep: float, *, interpret: bool = False):
-    """``GELU(f) * keep * inv_keep`` (erf GELU in float32, one rounding to ``f``'s dtype); keep None = no dropout.
+    """``GELU(f) * keep * inv_keep`` (erf GELU in float32, one rounding to ``f``'s dtype). ``keep``: the dropout
+    decisions packed 32 per int32 word (row-major, :func:`rearlib.kernels.pack_keep`), None = no dropout.
     The kernel's Phi is :func:`_normal_cdf` (relative error ~1e-7); the stand-in uses ``torch.erf``."""
+    _check_keep(keep, f.numel())
     if not _use_kernel(f, interpret):
         return _gelu_fwd(f, keep, inv_keep)
     g = torch.empty_like(f)
@@ -655,6 +712,7 @@ def gelu_backward_partials(N: int, M: int, device, kernels: bool = True) -> tupl
 def gelu_backward(dg, f, keep, inv_keep: float, *, interpret: bool = False, parts: torch.Tensor | None = None):
     """Gradient of :func:`gelu_forward` with respect to ``f``, and its column sums (the fc1 bias gradient); with
     ``parts`` (see :func:`gelu_backward_partials`) the per-program column sums, unreduced."""
+    _check_keep(keep, f.numel())
     if not _use_kernel(f, interpret):
         df, sums = _gelu_bwd(dg, f, keep, inv_keep)
         return df, (sums if parts is None else _use_partials(parts, sums))
@@ -665,7 +723,8 @@ def gelu_backward(dg, f, keep, inv_keep: float, *, interpret: bool = False, part
                                                        device=f.device)
     P = part.shape[0]
     _gelu_bwd_kernel[(triton.cdiv(M, BC), P)](dg, f, keep if keep is not None else f, df, part, N, M, inv_keep,
-                                              HAS_KEEP=keep is not None, BC=BC, num_warps=GELU_CONFIG["bwd_warps"])
+                                              HAS_KEEP=keep is not None, BC=BC, ALIGNED=M % 32 == 0,
+                                              num_warps=GELU_CONFIG["bwd_warps"])
     return df, (part if parts is not None else part.sum(0))
 
 
@@ -722,17 +781,20 @@ class _Plan(NamedTuple):
 
 
 def _keep_masks(plan: _Plan, N: int, C: int, hidden: int, device):
-    """Every dropout mask of the step from one launch: per block (after proj [N, C], after the GELU [N, hidden],
-    after fc2 [N, C]) as contiguous pieces of one [depth, N * (2C + hidden)] buffer; None without dropout."""
+    """Every dropout mask of the step from one launch, packed 32 decisions per int32 word
+    (:func:`rearlib.kernels.dropout_keep_bits`): per block (after proj [N, C], after the GELU [N, hidden], after
+    fc2 [N, C]) as flat word pieces of one [depth, words] buffer; None without dropout."""
     if plan.dropout == 0.0:
         return [(None, None, None)] * plan.depth
-    shape = (plan.depth, N * (2 * C + hidden))
+    sizes = (N * C, N * hidden, N * C)
+    words = [-(-n // 32) for n in sizes]
     if plan.backend == "triton":
-        buf = dropout_keep_mask(shape, plan.dropout, device)
+        seed = torch.randint(0, 2 ** 31, (2,), device=device, dtype=torch.int64)
+        buf = dropout_keep_bits(plan.depth * sum(words) * 32, plan.dropout, seed).view(plan.depth, -1)
     else:
-        buf = torch.rand(shape, device=device) >= plan.dropout
-    cuts = (N * C, N * hidden, N * C)
-    return [tuple(t.view(N, -1) for t in row.split(cuts)) for row in buf]
+        buf = torch.stack([torch.cat([pack_keep(torch.rand(n, device=device) >= plan.dropout) for n in sizes])
+                           for _ in range(plan.depth)])
+    return [tuple(row.split(words)) for row in buf]
 
 
 class _BlockStack(torch.autograd.Function):

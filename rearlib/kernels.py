@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["decode_attention", "decode_attention_reference", "dropout", "dropout_keep_mask", "keep_threshold",
+__all__ = ["decode_attention", "decode_attention_reference", "dropout", "dropout_keep_mask", "dropout_keep_bits",
+           "pack_keep", "unpack_keep", "keep_threshold",
            "register_ops", "triton_available", "KERNEL_CONFIG", "DROPOUT_BLOCK", "DROPOUT_KERNELS"]
 
 #: Launch configuration. Measured on an H200 (reAR-B decode shapes, see reports/small/bench/); ``block_n`` keys
@@ -43,6 +44,8 @@ __all__ = ["decode_attention", "decode_attention_reference", "dropout", "dropout
 KERNEL_CONFIG = {"block_n": 16, "num_warps": 1, "num_stages": 2}
 #: Philox calls per program of the dropout-mask kernel (each gives eight mask elements, two per 32-bit word).
 DROPOUT_BLOCK = 1024
+#: Words (32 decisions, four Philox calls) per program of the packed dropout-mask kernel.
+DROPOUT_BITS_BLOCK = 256
 #: Where :func:`dropout` takes its masks from: "auto" = this module's kernel on CUDA, "torch" = F.dropout.
 DROPOUT_KERNELS = ("auto", "torch")
 
@@ -111,6 +114,38 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _philox_key(seed_ptr):
+        # Two 31-bit draws make one 62-bit Philox key (see _dropout_seed).
+        return tl.load(seed_ptr).to(tl.int64) * 2147483648 + tl.load(seed_ptr + 1).to(tl.int64)
+
+    @triton.jit
+    def _bit(draw, thresh, t: tl.constexpr):
+        return (draw.to(tl.int32) >= thresh).to(tl.int32) << t
+
+    @triton.jit
+    def _philox_byte(key, c0, c1, thresh):
+        # One Philox-4x32-10 call at counter (c0, c1, 0, 0): four words split into eight 16-bit draws, decision t
+        # (draw >= thresh: kept) in bit t of the result.
+        z = c0 * 0
+        r0, r1, r2, r3 = tl.random.philox(key, c0, c1, z, z)
+        return (_bit(r0 & 0xFFFF, thresh, 0) | _bit(r0 >> 16, thresh, 1) | _bit(r1 & 0xFFFF, thresh, 2)
+                | _bit(r1 >> 16, thresh, 3) | _bit(r2 & 0xFFFF, thresh, 4) | _bit(r2 >> 16, thresh, 5)
+                | _bit(r3 & 0xFFFF, thresh, 6) | _bit(r3 >> 16, thresh, 7))
+
+    @triton.jit
+    def _keep_bits_kernel(out_ptr, seed_ptr, nwords, thresh, BLOCK: tl.constexpr):
+        # Word j holds elements 32 j .. 32 j + 31; its byte b comes from the Philox call at counter 4 j + b (a
+        # 64-bit counter split into (c0, c1)).
+        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        key = _philox_key(seed_ptr)
+        c = 4 * j
+        c0 = (c & 0xFFFFFFFF).to(tl.uint32)
+        c1 = (c >> 32).to(tl.uint32)
+        word = (_philox_byte(key, c0, c1, thresh) | (_philox_byte(key, c0 + 1, c1, thresh) << 8)
+                | (_philox_byte(key, c0 + 2, c1, thresh) << 16) | (_philox_byte(key, c0 + 3, c1, thresh) << 24))
+        tl.store(out_ptr + j, word, mask=j < nwords)
+
+    @triton.jit
     def _store_halves(out_ptr, base, n, word, thresh, BLOCK: tl.constexpr):
         # The low and the high 16 bits of one Philox word are two independent uniform draws in [0, 65536).
         tl.store(out_ptr + base, (word & 0xFFFF).to(tl.int32) >= thresh, mask=base < n)
@@ -122,9 +157,7 @@ if triton is not None:
         # words whose halves are elements lane + {0, ..., 7} BLOCK, so each of the eight stores is contiguous.
         pid = tl.program_id(0)
         lane = tl.arange(0, BLOCK)
-        # Two 31-bit draws make one 62-bit Philox key (see _dropout_seed).
-        seed = tl.load(seed_ptr).to(tl.int64) * 2147483648 + tl.load(seed_ptr + 1).to(tl.int64)
-        r0, r1, r2, r3 = tl.randint4x(seed, pid * BLOCK + lane)
+        r0, r1, r2, r3 = tl.randint4x(_philox_key(seed_ptr), pid * BLOCK + lane)
         base = pid.to(tl.int64) * (8 * BLOCK) + lane
         _store_halves(out_ptr, base, n, r0, thresh, BLOCK)
         _store_halves(out_ptr, base + 2 * BLOCK, n, r1, thresh, BLOCK)
@@ -199,6 +232,43 @@ def dropout_keep_mask_interpreted(shape, p: float, seed: torch.Tensor) -> torch.
         raise RuntimeError("needs Triton")
     out = torch.empty(list(shape), dtype=torch.bool, device=seed.device)
     return _launch_keep_mask(out, seed, float(p), lambda kern: kern)
+
+
+def dropout_keep_bits(n: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``n`` dropout decisions packed 32 per word: int32 [ceil(n / 32)], bit t of word j = element 32 j + t kept
+    (probability 1 - round(65536 p) / 65536, :func:`keep_threshold`), drawn on ``seed``'s device.
+
+    The fused block stack reads these instead of :func:`dropout_keep_mask`'s bytes: its GELU and site kernels are
+    bound by memory traffic, and a bit per decision is an eighth of the mask bytes they read. Word j's byte b is
+    the Philox-4x32-10 call at counter 4 j + b (key ``seed``, two values in [0, 2^31); see
+    :func:`_dropout_seed`), each call's four words split into eight 16-bit draws, draw t -> bit t. CUDA tensors,
+    or CPU tensors under ``TRITON_INTERPRET=1`` (tests). :func:`pack_keep` / :func:`unpack_keep` convert."""
+    if triton is None:
+        raise RuntimeError("dropout_keep_bits needs Triton")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    words = -(-int(n) // 32)
+    out = torch.empty(words, dtype=torch.int32, device=seed.device)
+    _keep_bits_kernel[(triton.cdiv(words, DROPOUT_BITS_BLOCK),)](out, seed, words, keep_threshold(p),
+                                                                 BLOCK=DROPOUT_BITS_BLOCK, num_warps=4)
+    return out
+
+
+def pack_keep(keep: torch.Tensor) -> torch.Tensor:
+    """A bool mask (any shape, read in row-major order) as :func:`dropout_keep_bits` words: int32 [ceil(n / 32)]."""
+    flat = keep.reshape(-1).to(torch.int64)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 32)]).view(-1, 32)
+    words = (flat << torch.arange(32, device=flat.device)).sum(1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def unpack_keep(words: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_keep`: the first prod(shape) decisions of ``words`` as a bool tensor of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    bits = (words.reshape(-1, 1) >> torch.arange(32, device=words.device, dtype=torch.int32)) & 1
+    return bits.reshape(-1)[:n].view(*shape).bool()
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True, kernel: str = "auto") -> torch.Tensor:

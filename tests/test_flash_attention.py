@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from philox_reference import kept
 from rearlib import flash_attention as fa
 from rearlib.kernels import triton_available
 
@@ -68,6 +69,37 @@ def test_flash_kernels_match_float64_attention_in_the_interpreter():
         assert worst[name] < 1e-5, worst
     # 264192 causal decisions at keep probability 0.75: 5 standard deviations are 0.0042
     assert abs(worst["keep_rate"] - 0.75) < 0.0042, worst
+
+
+@needs_triton
+def test_dropout_decisions_follow_the_documented_philox_counters():
+    """Every causal decision of attention_dropout_bits equals an independent numpy Philox evaluated at the
+    documented counter ((i * ceil(S / 32) + w) * 4 + byte, b * H + h), draw t of a call kept iff >= the 16-bit
+    threshold; this pins the kernel's enumeration of the causal words (S not a multiple of 32, several groups)."""
+    import numpy as np
+
+    from rearlib.kernels import keep_threshold
+
+    code = textwrap.dedent("""
+        import torch
+        from rearlib import flash_attention as fa
+        bits = fa.attention_dropout_bits(2, 3, 75, 0.3, torch.tensor([[11, 22], [1234567, 89]]))
+        print("keep", fa.unpack_keep(bits, 75).to(torch.uint8).flatten().tolist())
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    L, BH, S = 2, 6, 75
+    got = np.array(eval(r.stdout.split("keep")[-1]), dtype=bool).reshape(L, BH, S, S)
+    NW, thresh = -(-S // 32), keep_threshold(0.3)
+    i, j = np.tril_indices(S)
+    w, t = j // 32, j % 32
+    for layer, (a, b) in enumerate([(11, 22), (1234567, 89)]):
+        key = a * 2 ** 31 + b
+        for bh in range(BH):
+            c0 = ((i * NW + w) * 4 + t // 8).astype(np.uint64)
+            expected = kept(c0, np.full_like(c0, bh), key, t % 8, thresh)
+            assert np.array_equal(got[layer, bh][i, j], expected), (layer, bh)
 
 
 def test_flash_attention_rejects_bad_inputs():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rearlib.fused_blocks import SiteLN, SiteResidual, fused_block_stack, site_backward, site_forward
-from rearlib.kernels import triton_available
+from rearlib.kernels import pack_keep, triton_available
 from rearlib.model import build_generator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -66,6 +66,37 @@ def test_stack_equals_the_block_modules_forward_and_backward():
     torch.testing.assert_close(got[4], want[4], rtol=1e-9, atol=1e-9)
 
 
+def test_stack_draws_packed_dropout_masks_per_block():
+    """The stack's dropout masks: per block three flat word pieces (after proj [N, C], after the GELU [N, hidden],
+    after fc2 [N, C]) of ceil(n / 32) int32 words, keep rate 1 - p; a stack with dropout runs forward and
+    backward (stand-ins) and its output differs from the deterministic one."""
+    from rearlib.fused_blocks import _keep_masks, _Plan
+    from rearlib.kernels import unpack_keep
+
+    plan = _Plan(3, 2, 0.25, 0.0, 1e-6, (), torch.float64, "torch", "flash")
+    N, C, hidden = 70, 12, 48
+    torch.manual_seed(0)
+    masks = _keep_masks(plan, N, C, hidden, torch.device("cpu"))
+    assert len(masks) == 3
+    rates = []
+    for block in masks:
+        assert [m.dtype for m in block] == [torch.int32] * 3
+        assert [m.numel() for m in block] == [-(-N * C // 32), -(-N * hidden // 32), -(-N * C // 32)]
+        rates += [unpack_keep(m, (n,)).double().mean().item() for m, n in zip(block, (N * C, N * hidden, N * C))]
+    assert abs(sum(rates) / len(rates) - 0.75) < 0.02, rates
+    assert _keep_masks(plan._replace(dropout=0.0), N, C, hidden, torch.device("cpu")) == [(None, None, None)] * 3
+
+    m = _random_model()
+    tokens = torch.randint(0, m.config.codebook_size, (2, m.config.seq_len))
+    x0, c0 = m._embed(tokens, torch.tensor([0, 4]))
+    x0, c0 = x0.detach().requires_grad_(True), c0.detach().expand_as(x0).contiguous()
+    plain, _ = fused_block_stack(m.config, m.blocks, x0, c0, dtype=torch.float64, backend="torch")
+    cfg = m.config.__class__(**{**m.config.__dict__, "dropout": 0.25})
+    out, _ = fused_block_stack(cfg, m.blocks, x0, c0, dtype=torch.float64, backend="torch")
+    out.sum().backward()
+    assert torch.isfinite(x0.grad).all() and not torch.allclose(out, plain)
+
+
 def test_site_stand_in_with_dropout_matches_autograd():
     """The site's closed-form backward (here its PyTorch stand-in, which the kernel test below compares with the
     Triton kernels) equals autograd through the plain formula, with a dropout mask on the residual branch."""
@@ -82,7 +113,7 @@ def test_site_stand_in_with_dropout_matches_autograd():
     dxn_in, da = torch.randn(N, C, generator=g, dtype=torch.float64), torch.randn(N, C, generator=g, dtype=torch.float64)
     ((xn * dxn_in).sum() + (a * da).sum()).backward()
 
-    res = SiteResidual(br, keep, mod[:, :C], p)
+    res = SiteResidual(br, pack_keep(keep), mod[:, :C], p)
     ln = SiteLN(w, b, mod[:, C:2 * C], mod[:, 2 * C:], 1e-6)
     xn2, a2, mean, rstd = site_forward(x, res, ln, out_dtype=torch.float64)
     torch.testing.assert_close(xn2, xn.detach())
@@ -105,18 +136,21 @@ def test_site_kernels_match_the_stand_ins_in_the_interpreter():
     combination, a width that is not a power of two, bf16 activations, modulation views with a row stride."""
     code = textwrap.dedent("""
         import torch
+        from rearlib.kernels import pack_keep
         from rearlib import fused_blocks as fb
         fb.SITE_CONFIG.update(bwd_programs=3)  # several rows per program, so the column sums accumulate
         g = torch.Generator().manual_seed(0)
         worst = {}
-        N, C = 37, 48
-        for has_res, has_keep, has_ln in [(1, 1, 1), (1, 0, 1), (0, 0, 1), (1, 1, 0)]:
+        N = 37
+        # C = 64: rows of whole dropout words (loaded as word tiles); C = 48: rows that start inside a word
+        for has_res, has_keep, has_ln, C in [(1, 1, 1, 48), (1, 1, 1, 64), (1, 0, 1, 48), (0, 0, 1, 48),
+                                             (1, 1, 0, 48), (1, 1, 0, 64)]:
             x = torch.randn(N, C, generator=g)
             br = torch.randn(N, C, generator=g).bfloat16()
             mod = (0.5 * torch.randn(N, 2, 6 * C, generator=g)).bfloat16()[:, 1]  # row stride 12 C
             keep = (torch.rand(N, C, generator=g) >= 0.1) if has_keep else None
             w, b = 1 + 0.1 * torch.randn(C, generator=g), 0.1 * torch.randn(C, generator=g)
-            res = fb.SiteResidual(br, keep, mod[:, 2 * C:3 * C], 0.1) if has_res else None
+            res = fb.SiteResidual(br, pack_keep(keep) if has_keep else None, mod[:, 2 * C:3 * C], 0.1) if has_res else None
             ln = fb.SiteLN(w, b, mod[:, :C], mod[:, C:2 * C], 1e-6) if has_ln else None
             outs = [fb.site_forward(x, res, ln, interpret=k) for k in (False, True)]
             for name, a, b_ in zip(("xn", "a", "mean", "rstd"), *outs):
@@ -208,14 +242,16 @@ def test_qknorm_kernels_match_the_stand_ins_in_the_interpreter():
 def test_gelu_kernels_match_the_stand_ins_in_the_interpreter():
     code = textwrap.dedent("""
         import torch
+        from rearlib.kernels import pack_keep
         from rearlib import fused_blocks as fb
         fb.GELU_CONFIG.update(fwd_block=64, bwd_cols=32, bwd_programs=3)  # several blocks, rows per program
         g = torch.Generator().manual_seed(0)
-        N, M = 7, 80
-        f = (2 * torch.randn(N, M, generator=g)).bfloat16()
-        dg = torch.randn(N, M, generator=g).bfloat16()
+        N = 7
         worst = {}
-        for keep in (None, torch.rand(N, M, generator=g) >= 0.2):
+        for M, drop in [(80, False), (80, True), (96, True)]:  # 96: rows of whole dropout words
+            f = (2 * torch.randn(N, M, generator=g)).bfloat16()
+            dg = torch.randn(N, M, generator=g).bfloat16()
+            keep = pack_keep(torch.rand(N, M, generator=g) >= 0.2) if drop else None
             a, b = (fb.gelu_forward(f, keep, 1.25, interpret=k) for k in (0, 1))
             worst["fwd"] = max(worst.get("fwd", 0), (a.float() - b.float()).abs().max().item())
             (da, sa), (db, sb) = (fb.gelu_backward(dg, f, keep, 1.25, interpret=k) for k in (0, 1))

@@ -6,10 +6,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from rearlib.kernels import decode_attention_reference, triton_available
+from philox_reference import kept
+from rearlib.kernels import decode_attention_reference, keep_threshold, pack_keep, triton_available, unpack_keep
 from rearlib.model import build_generator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -156,6 +158,43 @@ def test_dropout_mask_kernel_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_pack_keep_round_trips_and_orders_bits():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(7, 12), (3, 32), (1,), (5, 33)]:
+        keep = torch.rand(shape, generator=g) >= 0.3
+        words = pack_keep(keep)
+        assert words.dtype == torch.int32 and words.numel() == -(-keep.numel() // 32)
+        assert torch.equal(unpack_keep(words, shape), keep)
+    one = torch.zeros(70, dtype=torch.bool)
+    one[[33, 31]] = True
+    assert pack_keep(one).tolist() == [-2 ** 31, 2, 0]  # element 32 j + t is bit t of word j
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_packed_dropout_bits_follow_philox_in_the_interpreter():
+    """dropout_keep_bits (several programs, a length that is not a multiple of 32) against an independent numpy
+    Philox-4x32-10 at the documented counters (word j, byte b: counter 4 j + b; draw t of a call -> bit 8 b + t);
+    p = 0 keeps everything."""
+    code = textwrap.dedent("""
+        import torch
+        from rearlib import kernels
+        kernels.DROPOUT_BITS_BLOCK = 16
+        w = kernels.dropout_keep_bits(3000, 0.3, torch.tensor([1234567, 89]))
+        assert w.dtype == torch.int32 and w.numel() == 94
+        assert kernels.unpack_keep(kernels.dropout_keep_bits(100, 0.0, torch.tensor([1, 2])), (100,)).all()
+        print("keep", kernels.unpack_keep(w, (3000,)).to(torch.uint8).tolist())
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = np.array(eval(r.stdout.split("keep")[-1]), dtype=bool)
+    e = np.arange(3000)
+    c0 = (4 * (e // 32) + (e % 32) // 8).astype(np.uint64)
+    expected = kept(c0, np.zeros_like(c0), 1234567 * 2 ** 31 + 89, e % 8, keep_threshold(0.3))
+    assert np.array_equal(got, expected)
+    assert 0.65 < got.mean() < 0.75
 
 
 def test_dropout_routes_cpu_to_torch_and_checks_arguments():
