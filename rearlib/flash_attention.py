@@ -44,11 +44,12 @@ __all__ = ["flash_attention_forward", "flash_attention_backward", "attention_dro
 #: Tiles and launch settings. Forward: ``fwd_m`` query rows per program, ``fwd_n`` keys per loop step. Backward:
 #: each program owns ``bwd_tile`` keys (dK, dV: loop over query tiles of ``bwd_loop``) and then ``bwd_tile``
 #: queries (dQ: loop over key tiles of ``bwd_loop``), so the causal work per program is balanced; with
-#: ``atomic_dq`` the dQ contributions are added in the first loop instead. ``bits_*``: words per program and
-#: warps of the mask kernel.
+#: ``atomic_dq`` the dQ contributions are added in the first loop instead. ``fwd_tail`` / ``bwd_tail``: query rows
+#: per tile for the ragged end past the last full ``fwd_m`` / ``bwd_loop`` tile (S = 258 leaves 2 rows; the
+#: backward uses it with dropout only). ``bits_*``: words per program and warps of the mask kernel.
 #: Chosen from a sweep on an H200 at reAR-B shapes (reports/small/bench/session10/flash_micro.json).
-FLASH_CONFIG = {"fwd_m": 64, "fwd_n": 32, "fwd_warps": 4, "fwd_stages": 3,
-                "bwd_tile": 64, "bwd_loop": 64, "bwd_warps": 4, "bwd_stages": 2, "delta_rows": 64,
+FLASH_CONFIG = {"fwd_m": 64, "fwd_n": 32, "fwd_warps": 4, "fwd_stages": 3, "fwd_tail": 16,
+                "bwd_tile": 64, "bwd_loop": 64, "bwd_tail": 16, "bwd_warps": 4, "bwd_stages": 2, "delta_rows": 64,
                 "atomic_dq": True, "bits_block": 128, "bits_warps": 2}
 
 _LOG2E = 1.4426950408889634
@@ -101,10 +102,10 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
                     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-                    S, qk_scale, inv_keep,
+                    S, row0, qk_scale, inv_keep,
                     H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     DROPOUT: tl.constexpr):
-        start_m = tl.program_id(0) * BM
+        start_m = row0 + tl.program_id(0) * BM
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = bh % H
@@ -158,11 +159,42 @@ if triton is not None:
         tl.store(delta_ptr + bh.to(tl.int64) * S + rows, delta, mask=rows < S)
 
     @triton.jit
+    def _bwd_rows(dk, dv, k, v, keys, km, start, start_m, q_base, do_base, lse_ptr, delta_ptr, stat, mbase, NW,
+                  dq_ptr, g_base, sqs, sds, sgs, dd, dm, S, qk_scale, sm_scale, inv_keep, BL: tl.constexpr,
+                  BT: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+        # One query tile [start_m, start_m + BL) of the dK/dV loop: its contributions to the program's dK and dV
+        # (returned) and, with ATOMIC_DQ, its dQ added to the float32 buffer.
+        rows = start_m + tl.arange(0, BL)
+        rm = rows < S
+        rd = rm[:, None] & dm[None, :]
+        q = tl.load(q_base + rows[:, None] * sqs + dd[None, :], mask=rd, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sds + dd[None, :], mask=rd, other=0.0)
+        lse = tl.load(lse_ptr + stat + rows, mask=rm, other=0.0)
+        delta = tl.load(delta_ptr + stat + rows, mask=rm, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BL, BT]
+        valid = (keys[None, :] <= rows[:, None]) & km[None, :] & rm[:, None]
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _keep(mbase, rows, start, NW, rm, BT)
+            pd = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            pd = p
+        dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk += tl.dot(tl.trans(ds), q)
+        if ATOMIC_DQ:
+            tl.atomic_add(dq_ptr + g_base + rows[:, None] * sgs + dd[None, :], tl.dot(ds, k) * sm_scale, mask=rd,
+                          sem="relaxed")
+        return dk, dv
+
+    @triton.jit
     def _bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dq_ptr, dk_ptr, dv_ptr,
                     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sgb, sgh, sgs,
                     S, qk_scale, sm_scale, inv_keep,
                     H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr,
-                    DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                    BLT: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
         # Program j: dK, dV of keys [j BT, (j + 1) BT), looping over the query tiles that see them. dQ: either
         # added there into a float32 buffer (ATOMIC_DQ), or computed afterwards for queries [j BT, (j + 1) BT) by
         # a loop over the key tiles they see (recomputing scores and dP). Gradients are written as [B, S, H, d]
@@ -189,30 +221,21 @@ if triton is not None:
         v = tl.load(v_base + keys[:, None] * svs + dd[None, :], mask=kd, other=0.0)
         dk = tl.zeros([BT, DP], tl.float32)
         dv = tl.zeros([BT, DP], tl.float32)
-        for start_m in range((start // BL) * BL, S, BL):
-            rows = start_m + tl.arange(0, BL)
-            rm = rows < S
-            rd = rm[:, None] & dm[None, :]
-            q = tl.load(q_base + rows[:, None] * sqs + dd[None, :], mask=rd, other=0.0)
-            do = tl.load(do_base + rows[:, None] * sds + dd[None, :], mask=rd, other=0.0)
-            lse = tl.load(lse_ptr + stat + rows, mask=rm, other=0.0)
-            delta = tl.load(delta_ptr + stat + rows, mask=rm, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BL, BT]
-            valid = (keys[None, :] <= rows[:, None]) & km[None, :] & rm[:, None]
-            p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            if DROPOUT:
-                keep = _keep(mbase, rows, start, NW, rm, BT)
-                pd = tl.where(keep, p * inv_keep, 0.0)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            else:
-                pd = p
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
-            ds = (p * (dp - delta[:, None])).to(q.dtype)
-            dk += tl.dot(tl.trans(ds), q)
-            if ATOMIC_DQ:
-                tl.atomic_add(dq_ptr + g_base + rows[:, None] * sgs + dd[None, :], tl.dot(ds, k) * sm_scale, mask=rd,
-                              sem="relaxed")
+        # Query tiles of BL rows; with BLT < BL only up to the last full one, then the ragged end in tiles of BLT
+        # rows (S = 258: the two rows past 256 cost a 16-row tile per key tile, not a 64-row one).
+        if BLT < BL:
+            s_full = (S // BL) * BL
+        else:
+            s_full = S
+        for start_m in range((start // BL) * BL, s_full, BL):
+            dk, dv = _bwd_rows(dk, dv, k, v, keys, km, start, start_m, q_base, do_base, lse_ptr, delta_ptr, stat,
+                               mbase, NW, dq_ptr, g_base, sqs, sds, sgs, dd, dm, S, qk_scale, sm_scale, inv_keep,
+                               BL, BT, DROPOUT, ATOMIC_DQ)
+        if BLT < BL:
+            for start_m in range(tl.maximum((start // BLT) * BLT, s_full), S, BLT):
+                dk, dv = _bwd_rows(dk, dv, k, v, keys, km, start, start_m, q_base, do_base, lse_ptr, delta_ptr,
+                                   stat, mbase, NW, dq_ptr, g_base, sqs, sds, sgs, dd, dm, S, qk_scale, sm_scale,
+                                   inv_keep, BLT, BT, DROPOUT, ATOMIC_DQ)
         g_off = g_base + keys[:, None] * sgs + dd[None, :]
         tl.store(dk_ptr + g_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kd)
         tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=kd)
@@ -312,11 +335,14 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     cfg = FLASH_CONFIG
     o = _bshd(B, H, S, D, v)
     lse = torch.empty(B * H, S, dtype=torch.float32, device=q.device)
-    BM = cfg["fwd_m"]
-    _fwd_kernel[(triton.cdiv(S, BM), B * H)](
-        q, k, v, o, lse, bits if drop else lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        S, _LOG2E / math.sqrt(D), inv_keep, H=H, D=D, DP=triton.next_power_of_2(D), BM=BM,
-        BN=cfg["fwd_n"], DROPOUT=drop, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+    # Full tiles of fwd_m query rows, then the ragged end (S % fwd_m rows) in tiles of fwd_tail rows.
+    s_full = S - S % cfg["fwd_m"]
+    for row0, BM, rows in ((0, cfg["fwd_m"], s_full), (s_full, cfg["fwd_tail"], S - s_full)):
+        if rows:
+            _fwd_kernel[(triton.cdiv(rows, BM), B * H)](
+                q, k, v, o, lse, bits if drop else lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                S, row0, _LOG2E / math.sqrt(D), inv_keep, H=H, D=D, DP=triton.next_power_of_2(D), BM=BM,
+                BN=cfg["fwd_n"], DROPOUT=drop, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     return o, lse, bits
 
 
@@ -344,11 +370,15 @@ def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
           else _bshd(B, H, S, D, q))
     dk, dv = _bshd(B, H, S, D, q), _bshd(B, H, S, D, q)
     BT = cfg["bwd_tile"]
+    # The ragged-end loop is used with dropout only: on an H200 at reAR-B shapes it made the backward faster with
+    # dropout 0.1 (0.477-0.480 against 0.492-0.507 ms) and slower without (0.484-0.494 against 0.441-0.459 ms;
+    # reports/small/bench/session11/tail_micro.json).
+    tail = cfg["bwd_tail"] if drop else cfg["bwd_loop"]
     _bwd_kernel[(triton.cdiv(S, BT), B * H)](
         q, k, v, do, lse, delta, bits if drop else lse, dq, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), S, _LOG2E / math.sqrt(D),
-        1.0 / math.sqrt(D), inv_keep, H=H, D=D, DP=DP, BT=BT, BL=cfg["bwd_loop"], DROPOUT=drop,
-        ATOMIC_DQ=atomic, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+        1.0 / math.sqrt(D), inv_keep, H=H, D=D, DP=DP, BT=BT, BL=cfg["bwd_loop"], BLT=tail,
+        DROPOUT=drop, ATOMIC_DQ=atomic, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     return dq, dk, dv
 
 

@@ -29,7 +29,7 @@ def test_flash_kernels_match_float64_attention_in_the_interpreter():
         from rearlib import flash_attention as fa
         torch.manual_seed(0)
         worst = {}
-        for (B, H, S, D, p) in [(2, 3, 37, 48, 0.0), (2, 3, 37, 48, 0.25), (1, 2, 70, 16, 0.1)]:
+        for (B, H, S, D, p) in [(2, 3, 37, 48, 0.0), (2, 3, 37, 48, 0.25), (1, 2, 70, 16, 0.1), (1, 1, 128, 16, 0.1)]:
             f = torch.float64
             q = torch.randn(B, S, H, D, dtype=f).transpose(1, 2)
             k = torch.randn(B, S, H, D, dtype=f).transpose(1, 2)

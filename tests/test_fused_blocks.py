@@ -150,7 +150,8 @@ def test_site_kernels_match_the_stand_ins_in_the_interpreter():
             mod = (0.5 * torch.randn(N, 2, 6 * C, generator=g)).bfloat16()[:, 1]  # row stride 12 C
             keep = (torch.rand(N, C, generator=g) >= 0.1) if has_keep else None
             w, b = 1 + 0.1 * torch.randn(C, generator=g), 0.1 * torch.randn(C, generator=g)
-            res = fb.SiteResidual(br, pack_keep(keep) if has_keep else None, mod[:, 2 * C:3 * C], 0.1) if has_res else None
+            packed = pack_keep(keep) if has_keep else None
+            res = fb.SiteResidual(br, packed, mod[:, 2 * C:3 * C], 0.1) if has_res else None
             ln = fb.SiteLN(w, b, mod[:, :C], mod[:, C:2 * C], 1e-6) if has_ln else None
             outs = [fb.site_forward(x, res, ln, interpret=k) for k in (False, True)]
             for name, a, b_ in zip(("xn", "a", "mean", "rstd"), *outs):
