@@ -371,8 +371,8 @@ def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dk, dv = _bshd(B, H, S, D, q), _bshd(B, H, S, D, q)
     BT = cfg["bwd_tile"]
     # The ragged-end loop is used with dropout only: on an H200 at reAR-B shapes it made the backward faster with
-    # dropout 0.1 (0.477-0.480 against 0.492-0.507 ms) and slower without (0.484-0.494 against 0.441-0.459 ms;
-    # reports/small/bench/session11/tail_micro.json).
+    # dropout 0.1 (0.454-0.480 against 0.467-0.507 ms) and slower without (0.484-0.494 against 0.441-0.459 ms;
+    # reports/small/bench/session11/tail_micro_run*.json).
     tail = cfg["bwd_tail"] if drop else cfg["bwd_loop"]
     _bwd_kernel[(triton.cdiv(S, BT), B * H)](
         q, k, v, do, lse, delta, bits if drop else lse, dq, dk, dv,

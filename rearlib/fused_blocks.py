@@ -136,7 +136,8 @@ if triton is not None:
         if HAS_RES:
             u = tl.load(br_ptr + off, mask=m, other=0.0).to(tl.float32)
             if HAS_KEEP:
-                u = tl.where(_kept_rows(keep_ptr, r64, rmask, C, off, m, ROWS, BLOCK_C, ALIGNED), u * inv_keep, 0.0)
+                k = _kept_rows(keep_ptr, r64, rmask, C, off, m, ROWS, BLOCK_C, ALIGNED)
+                u = tl.where(k, u * inv_keep, 0.0)
             g = tl.load(gate_ptr + moff, mask=m, other=0.0).to(tl.float32)
             x = x + g * u
             tl.store(xn_ptr + off, x, mask=m)
