@@ -1,12 +1,13 @@
 # site kernel launch-config sweep at reAR-B training shapes (N = 128 * 258, C = 768), one H200
 import json, os, time, torch
 from rearlib import fused_blocks as fb
+from rearlib.kernels import pack_keep
 dev = "cuda"; N, C = 128 * 258, 768
 g = torch.Generator(device=dev).manual_seed(0)
 x = torch.randn(N, C, device=dev, generator=g)
 br = torch.randn(N, C, device=dev, generator=g).bfloat16()
 mod = (0.5 * torch.randn(N, 24 * 6 * C, device=dev, generator=g, dtype=torch.bfloat16))
-keep = torch.rand(N, C, device=dev, generator=g) >= 0.1
+keep = pack_keep(torch.rand(N, C, device=dev, generator=g) >= 0.1)  # bytes when it ran (session 8); bits since session 11
 w, b = torch.ones(C, device=dev), torch.zeros(C, device=dev)
 res = fb.SiteResidual(br, keep, mod[:, 2 * C:3 * C], 0.1)
 ln = fb.SiteLN(w, b, mod[:, 3 * C:4 * C], mod[:, 4 * C:5 * C], 1e-6)
