@@ -245,7 +245,9 @@ def test_dropout_kernel_on_gpu_eager_and_compiled():
     """On CUDA: keep rate 1 - p, kept values scaled by 1 / (1 - p), gradient = mask / (1 - p), the same mask again
     after the same torch.manual_seed, both eagerly and under torch.compile; a compiled training step with it."""
     from rearlib.kernels import dropout
-    x = torch.randn(1000, 3077, device="cuda", requires_grad=True)  # not a multiple of the program size
+    # Not a multiple of the program size. Nonzero values: ``y != 0`` below marks the kept elements, and CUDA's randn
+    # gives exact zeros (a uniform draw of 1.0) often enough at 3M elements to fail ~1 run in 10.
+    x = (torch.rand(1000, 3077, device="cuda") + 0.5).requires_grad_(True)
     sigma = (0.1 * 0.9 / x.numel()) ** 0.5
     compiled = torch.compile(lambda t: dropout(t, 0.1, True))
     for fn in (lambda t: dropout(t, 0.1, True), compiled):
@@ -265,6 +267,33 @@ def test_dropout_kernel_on_gpu_eager_and_compiled():
         loss = step(tokens, torch.arange(8, device="cuda") % 10)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and Triton")
+def test_packed_mask_kernels_on_gpu_follow_philox():
+    """The compiled (not interpreted) mask kernels of the training stack against the numpy Philox reference: the
+    packed dropout words (several programs, a ragged end) and the causal attention-dropout words (S = 258, two
+    layers from one launch)."""
+    from rearlib import flash_attention as fa
+    from rearlib.kernels import dropout_keep_bits
+
+    dev = torch.device("cuda")
+    n = 100_003
+    got = unpack_keep(dropout_keep_bits(n, 0.1, torch.tensor([987654, 321], device=dev)), (n,)).cpu().numpy()
+    e = np.arange(n)
+    c0 = (4 * (e // 32) + (e % 32) // 8).astype(np.uint64)
+    assert np.array_equal(got, kept(c0, np.zeros_like(c0), 987654 * 2 ** 31 + 321, e % 8, keep_threshold(0.1)))
+
+    B, H, S = 2, 3, 258
+    seeds = [(5, 6), (2 ** 31 - 1, 12345)]
+    keep = fa.unpack_keep(fa.attention_dropout_bits(B, H, S, 0.1, torch.tensor(seeds, device=dev)), S).cpu().numpy()
+    i, j = np.tril_indices(S)
+    c0 = ((i * (-(-S // 32)) + j // 32) * 4 + (j % 32) // 8).astype(np.uint64)
+    for layer, (a, b) in enumerate(seeds):
+        for bh in range(B * H):
+            want = kept(c0, np.full_like(c0, bh), a * 2 ** 31 + b, (j % 32) % 8, keep_threshold(0.1))
+            assert np.array_equal(keep[layer, bh][i, j], want), (layer, bh)
 
 
 @pytest.mark.gpu
