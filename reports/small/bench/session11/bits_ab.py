@@ -4,7 +4,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import fa_old
 from rearlib import flash_attention as fa, fused_blocks
-from rearlib.bench import _release, bench_training, peak_flops
+from common import cuda_ms, step_rows
 OUT = os.environ.get("OUT", "/tmp/out")
 dev = torch.device("cuda")
 res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "micro": [], "rows": []}
@@ -18,14 +18,7 @@ eq = all(torch.equal(fa.unpack_keep(new[l, :64], S)[:, causal], fa.unpack_keep(o
 res["equal_causal_decisions"] = eq
 print("equal", eq, flush=True)
 def timeit(fn, n=20, inner=5):
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) / inner)
-    ts.sort(); return ts[len(ts) // 2]
+    return cuda_ms(fn, n, inner)
 cfgs = [(64, 2), (128, 4), (64, 1), (32, 1), (128, 2), (256, 4), (256, 8)]
 for rep in range(2):
     res["micro"].append({"kernel": "old tiles 32x4", "ms": timeit(lambda: fa_old.attention_dropout_bits(B, H, S, 0.1, seed))})
@@ -38,14 +31,8 @@ save()
 best = min((r for r in res["micro"] if r["kernel"].startswith("tri")), key=lambda r: r["ms"])["kernel"].split()
 fa.FLASH_CONFIG["bits_block"], fa.FLASH_CONFIG["bits_warps"] = int(best[2]), int(best[4])
 res["chosen"] = best
-peak, _ = peak_flops(dev)
-for spec in sys.argv[1:]:
-    variant, which = spec.split(":")
+def switch(which):
     fused_blocks.attention_dropout_bits = fa.attention_dropout_bits if which == "new" else fa_old.attention_dropout_bits
-    r = bench_training("rear_b", variant, 128, fast=True, steps=30, warmup=5, device=dev, peak=peak)
-    r["mask_kernel"] = which
-    print(json.dumps({k: r[k] for k in ("mask_kernel", "variant", "samples_per_s", "ms_per_step", "peak_mem_gib",
-                                        "mfu", "host_syncs_per_step", "loss")}), flush=True)
-    res["rows"].append(r)
-    _release(dev)
-    save()
+
+
+step_rows(sys.argv[1:], switch, "mask_kernel", res, save, dev)

@@ -2,20 +2,14 @@
 import json, os, sys
 import torch
 sys.path.insert(0, os.path.dirname(__file__))
+from common import cuda_ms
 import fb_old
 from rearlib import fused_blocks as fb
 from rearlib.kernels import pack_keep
 OUT = os.environ.get("OUT", "/tmp/out")
 dev = torch.device("cuda")
 def timeit(fn, n=10, inner=5):
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) / inner)
-    ts.sort(); return ts[len(ts) // 2]
+    return cuda_ms(fn, n, inner)
 N, C, M = 33024, 768, 3072
 g = torch.Generator(device=dev).manual_seed(0)
 r = lambda *s, dt=torch.bfloat16: torch.randn(*s, device=dev, generator=g).to(dt)

@@ -5,21 +5,14 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import fa_old
 from rearlib import flash_attention as fa, fused_blocks
-from rearlib.bench import _release, bench_training, peak_flops
+from common import cuda_ms, step_rows
 OUT = os.environ.get("OUT", "/tmp/out")
 dev = torch.device("cuda")
 res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "micro": {}, "maxdiff": {}, "rows": []}
 def save():
     json.dump(res, open(f"{OUT}/tail_ab.json", "w"), indent=1, default=str)
 def timeit(fn, n=20, inner=5):
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) / inner)
-    ts.sort(); return ts[len(ts) // 2]
+    return cuda_ms(fn, n, inner)
 B, H, S, D = 128, 16, 258, 48
 g = torch.Generator(device=dev).manual_seed(0)
 mk = lambda: torch.randn(B, S, H, D, device=dev, generator=g).to(torch.bfloat16).transpose(1, 2)
@@ -37,15 +30,10 @@ for p in (0.0, 0.1):
     res["maxdiff"][f"p{p}"] = [float((a.float() - b.float()).abs().max()) for a, b in zip(outs[("old", p)], outs[("new", p)])]
 print(json.dumps(res, indent=0), flush=True)
 save()
-peak, _ = peak_flops(dev)
-for spec in sys.argv[1:]:
-    variant, which = spec.split(":")
+def switch(which):
     m = fa if which == "new" else fa_old
-    fused_blocks.flash_attention_forward, fused_blocks.flash_attention_backward = m.flash_attention_forward, m.flash_attention_backward
-    r = bench_training("rear_b", variant, 128, fast=True, steps=30, warmup=5, device=dev, peak=peak)
-    r["flash"] = which
-    print(json.dumps({k: r[k] for k in ("flash", "variant", "samples_per_s", "ms_per_step", "peak_mem_gib",
-                                        "mfu", "host_syncs_per_step", "loss")}), flush=True)
-    res["rows"].append(r)
-    _release(dev)
-    save()
+    fused_blocks.flash_attention_forward, fused_blocks.flash_attention_backward = (m.flash_attention_forward,
+                                                                                   m.flash_attention_backward)
+
+
+step_rows(sys.argv[1:], switch, "flash", res, save, dev)

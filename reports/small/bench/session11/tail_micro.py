@@ -2,19 +2,13 @@
 import json, os, sys
 import torch
 sys.path.insert(0, os.path.dirname(__file__))
+from common import cuda_ms
 import fa_old
 from rearlib import flash_attention as fa
 OUT = os.environ.get("OUT", "/tmp/out")
 dev = torch.device("cuda")
 def timeit(fn, n=20, inner=5):
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) / inner)
-    ts.sort(); return ts[len(ts) // 2]
+    return cuda_ms(fn, n, inner)
 B, H, S, D = 128, 16, 258, 48
 g = torch.Generator(device=dev).manual_seed(0)
 mk = lambda: torch.randn(B, S, H, D, device=dev, generator=g).to(torch.bfloat16).transpose(1, 2)
