@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from .kernels import keep_threshold, triton
+from .kernels import _dropout_seed, keep_threshold, triton
 
 if triton is not None:
     import triton.language as tl
@@ -58,8 +58,7 @@ _LOG2E = 1.4426950408889634
 def attention_seed(device, n: int | None = None) -> torch.Tensor:
     """Philox keys for the dropout masks: int64 [2] (or [n, 2]: one key per call, from one launch) of draws in
     [0, 2^31) from torch's generator on ``device`` (no host sync; ``torch.manual_seed`` reproduces them)."""
-    shape = (2,) if n is None else (n, 2)
-    return torch.randint(0, 2 ** 31, shape, device=device, dtype=torch.int64)
+    return _dropout_seed(device, n)
 
 
 if triton is not None:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .flash_attention import attention_dropout_bits, attention_seed, flash_attention_backward, flash_attention_forward
-from .kernels import dropout_keep_bits, pack_keep, triton, triton_available, unpack_keep
+from .kernels import _dropout_seed, dropout_keep_bits, pack_keep, triton, triton_available, unpack_keep
 
 if triton is not None:
     import triton.language as tl
@@ -790,8 +790,7 @@ def _keep_masks(plan: _Plan, N: int, C: int, hidden: int, device):
     sizes = (N * C, N * hidden, N * C)
     words = [-(-n // 32) for n in sizes]
     if plan.backend == "triton":
-        seed = torch.randint(0, 2 ** 31, (2,), device=device, dtype=torch.int64)
-        buf = dropout_keep_bits(plan.depth * sum(words) * 32, plan.dropout, seed).view(plan.depth, -1)
+        buf = dropout_keep_bits(plan.depth * sum(words) * 32, plan.dropout, _dropout_seed(device)).view(plan.depth, -1)
     else:
         buf = torch.stack([torch.cat([pack_keep(torch.rand(n, device=device) >= plan.dropout) for n in sizes])
                            for _ in range(plan.depth)])

@@ -207,9 +207,10 @@ def keep_threshold(p: float) -> int:
     return int(round(p * 65536))
 
 
-def _dropout_seed(device: torch.device) -> torch.Tensor:
-    """Two draws in [0, 2^31) from torch's generator for ``device`` (a traceable op, so no host sync)."""
-    return torch.randint(0, 2 ** 31, (2,), device=device, dtype=torch.int64)
+def _dropout_seed(device: torch.device, n: int | None = None) -> torch.Tensor:
+    """Philox keys of the mask kernels: two draws in [0, 2^31) from torch's generator for ``device`` (a traceable
+    op, so no host sync), int64 [2], or [n, 2] for n keys from one draw."""
+    return torch.randint(0, 2 ** 31, (2,) if n is None else (n, 2), device=device, dtype=torch.int64)
 
 
 def dropout_keep_mask(shape, p: float, device: torch.device | str = "cuda", *,
