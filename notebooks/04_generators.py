@@ -97,7 +97,10 @@ VARIANTS = {"AR": "ar", "reAR": "rear"}
 models = {name: get_generator(ctx.scale, v, tokenizer=tok, seed=generator_seed, device=dev, progress=False)
           for name, v in VARIANTS.items()}
 classifier = get_classifier(ctx.scale, dev)
-evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed)
+# FID / KID / precision-recall here still use the in-project classifier, asked for by name and labeled
+# "[rearlib-classifier]": these generators' committed evaluations were scored with it. rearlib's default extractor
+# is the Inception-v3 FID network (rearlib.inception).
+evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=EXTRACTOR_NAME)
 for name, m in models.items():
     c = m.config
     print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, {c.depth} blocks x {c.hidden}, "

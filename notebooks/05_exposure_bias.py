@@ -24,7 +24,8 @@
 # failure), reported separately from the paper's claims.
 #
 # The perceptual axis is LPIPS-VGG only when its ImageNet backbone weights are in the local torch cache;
-# otherwise it is the labeled substitute `DFD[rearlib-classifier]` (notebook 03), **not LPIPS**. Every axis and
+# otherwise it is ST-LPIPS(alex), shift-tolerant LPIPS from the `stlpips-pytorch` wheel (notebook 03), a learned
+# metric of the same family that is **not LPIPS**: directions compare with the paper, magnitudes do not. Every axis and
 # table carries the name of the metric actually computed.
 
 # %% tags=["parameters"]
@@ -98,7 +99,7 @@ if ctx.scale != "paper":
     from rearlib.features import get_classifier
 
     classifier = get_classifier(ctx.scale, ctx.device)
-metric_name, why = M.perceptual_metric_name("lpips-vgg")
+metric_name, why = M.perceptual_metric_name("auto")
 ctx.note(f"perceptual metric: {metric_name} ({why})")
 n_params = {v: sum(p.numel() for p in m.parameters()) for v, m in models.items()}
 size_desc = f"~{n_params['ar'] / 1e6:.1f}M-parameter"
@@ -117,7 +118,7 @@ print(f"tokenizer {type(tok).__name__}: {tok.resolution}px -> {tok.grid_size} to
 
 # %%
 RUN = dict(ratios=SETTINGS["ratios"], repeats=SETTINGS["repeats"], batch_size=SETTINGS["batch_size"],
-           generator=ctx.seed, classifier=classifier, scale=ctx.scale, perceptual="lpips-vgg",
+           generator=ctx.seed, classifier=classifier, scale=ctx.scale, perceptual="auto",
            metrics=("psnr", "ssim", "perceptual") if extra_metrics else ("psnr", "perceptual"),
            references=("image", "reconstruction") if extra_metrics else ("image",))
 frames = []

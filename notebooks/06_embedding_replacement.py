@@ -26,7 +26,8 @@
 # teacher-forced on itself (`ppl`; its change from r′ = 0 is `ppl_delta`, the paper's ΔPerplexity), and
 # `ppl_tf` = the replaced tokens scored in the GT context they were predicted in. The paper uses vanilla AR; we
 # also run reAR as a comparison. The perceptual metric is LPIPS-VGG only if its weights are cached locally,
-# otherwise the labeled substitute `DFD[rearlib-classifier]` (**not LPIPS**); axes carry the metric's name.
+# otherwise ST-LPIPS(alex), shift-tolerant LPIPS (a learned metric of the same family, **not LPIPS**: directions
+# compare with the paper, magnitudes do not); axes carry the metric's name.
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
@@ -97,7 +98,7 @@ if ctx.scale != "paper":
     from rearlib.features import get_classifier
 
     classifier = get_classifier(ctx.scale, ctx.device)
-metric_name, why = M.perceptual_metric_name("lpips-vgg")
+metric_name, why = M.perceptual_metric_name("auto")
 ctx.note(f"perceptual metric: {metric_name} ({why})")
 n_params = {v: sum(p.numel() for p in m.parameters()) for v, m in models.items()}
 size_desc = f"~{n_params['ar'] / 1e6:.1f}M-parameter"
@@ -116,7 +117,7 @@ print(f"tokenizer {type(tok).__name__}: {tok.resolution}px -> {tok.grid_size} to
 # %%
 RUN = dict(r_primes=SETTINGS["r_primes"], modes=A.REPLACEMENT_MODES, repeats=SETTINGS["repeats"],
            batch_size=SETTINGS["batch_size"], generator=ctx.seed, classifier=classifier, scale=ctx.scale,
-           perceptual="lpips-vgg",
+           perceptual="auto",
            metrics=("psnr", "ssim", "perceptual") if extra_metrics else ("psnr", "perceptual"),
            references=("image", "reconstruction") if extra_metrics else ("image",))
 frames = []

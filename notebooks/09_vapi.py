@@ -104,7 +104,10 @@ VARIANTS = {"AR": "ar", "reAR": "rear"}
 base_models = {name: get_generator(ctx.scale, v, tokenizer=tok, seed=generator_seed, device=dev, progress=False)
                for name, v in VARIANTS.items()}
 classifier = get_classifier(ctx.scale, dev)
-evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed)
+# FID / KID / precision-recall here still use the in-project classifier, asked for by name and labeled
+# "[rearlib-classifier]": these generators' committed evaluations were scored with it. rearlib's default extractor
+# is the Inception-v3 FID network (rearlib.inception).
+evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=EXTRACTOR_NAME)
 base_cfg = vapi.config_for_scale(ctx.scale, seed=ctx.seed)
 perceptual_fn = vapi.make_perceptual_fn(base_cfg.perceptual, scale=ctx.scale, device=dev, classifier=classifier)
 PERC = perceptual_fn.metric_name

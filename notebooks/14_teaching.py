@@ -24,8 +24,8 @@
 # generators trained on the embedded ShapeScenes-10 dataset); nothing is downloaded. Sliders update when you
 # release them. The last section runs without anyone clicking (papermill / CI): it writes tables, a figure and
 # the measured response times. The perceptual distance is LPIPS-VGG only if its weights are cached on this
-# machine; otherwise it is the labeled substitute `DFD[rearlib-classifier]` (a feature distance in our own
-# classifier, **not LPIPS**), and every label says which one you see.
+# machine; otherwise it is ST-LPIPS(alex), shift-tolerant LPIPS whose networks ship in a PyPI wheel (a learned
+# metric of the same family, **not LPIPS**), and every label says which one you see.
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper

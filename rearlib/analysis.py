@@ -66,8 +66,8 @@ Image metrics (A and B)
     Decoded images are compared with the real image (columns ``psnr``, ``ssim``, ``perceptual``; the paper's
     definition) and with the tokenizer's reconstruction of x (``psnr_recon``, ``ssim_recon``,
     ``perceptual_recon``). PSNR (L = 255) and SSIM on uint8 images via :mod:`rearlib.metrics`; ``perceptual`` is
-    :func:`rearlib.metrics.perceptual_distance` - LPIPS when its weights are available, otherwise a labeled
-    substitute - and the column ``perceptual_metric`` holds the name of what was computed. Identical images give
+    :func:`rearlib.metrics.perceptual_distance` - LPIPS-VGG when its ImageNet trunk is on disk, otherwise
+    ST-LPIPS(alex) - and the column ``perceptual_metric`` holds the name of what was computed. Identical images give
     PSNR = +inf (use :func:`mean_ci`, which reports non-finite values separately).
 
 Randomness
@@ -330,13 +330,13 @@ _IMAGE_METRICS = ("psnr", "ssim", "perceptual")
 
 
 def image_metrics(decoded: torch.Tensor, reference: torch.Tensor, *, which: Sequence[str] = _IMAGE_METRICS,
-                  perceptual: str | Callable | None = "lpips-vgg", classifier=None, scale: str = "smoke"):
+                  perceptual: str | Callable | None = "auto", classifier=None, scale: str = "smoke"):
     """Per-image metrics of ``decoded`` vs ``reference`` (float ``[B, 3, H, W]`` in [0, 1]).
 
     Returns ``({"psnr": [B], "ssim": [B], "perceptual": [B]} float64 CPU tensors, perceptual metric name)``;
     metrics not in ``which`` are NaN. ``perceptual``: a ``prefer`` string for
-    :func:`rearlib.metrics.perceptual_distance` (``"lpips-vgg"``, ``"lpips-alex"``, ``"lpips-squeeze"``,
-    ``"dfd"``; ``classifier`` / ``scale`` are passed on for the DFD substitute), a callable ``(a, b) ->
+    :func:`rearlib.metrics.perceptual_distance` (one of :data:`rearlib.metrics.PERCEPTUAL_CHOICES`, default
+    ``"auto"``; ``classifier`` / ``scale`` are passed on for the ``"dfd"`` diagnostic), a callable ``(a, b) ->
     (values [B], name)``, or None (skipped, name ``"none"``).
     """
     from rearlib import metrics as M
@@ -528,7 +528,7 @@ def exposure_bias(model, tokenizer, data, labels, *, images=None, ratios=RATIOS,
                   repeats: int = 1, sampling: str = "multinomial", temperature: float = 1.0,
                   cfg_scale: float | None = None, cfg_power: float = 0.0, generator=None, batch_size: int = 64,
                   use_cache: bool = True, dtype: torch.dtype | None = None, metrics: Sequence[str] = _IMAGE_METRICS,
-                  perceptual: str | Callable | None = "lpips-vgg", classifier=None, scale: str = "smoke",
+                  perceptual: str | Callable | None = "auto", classifier=None, scale: str = "smoke",
                   references=("image", "reconstruction"), image_ids=None, return_outputs: bool = False,
                   progress: bool = True):
     """Experiment A (module docstring): perfect vs imperfect context at GT ratios ``ratios``.
@@ -690,7 +690,7 @@ def _sequence_log_probs(model, seqs, labels, others, batch_size, dtype):
 def embedding_replacement(model, tokenizer, data, labels, *, images=None, r_primes=R_PRIMES,
                           modes=REPLACEMENT_MODES, repeats: int = 1, generator=None, batch_size: int = 64,
                           dtype: torch.dtype | None = None, metrics: Sequence[str] = _IMAGE_METRICS,
-                          perceptual: str | Callable | None = "lpips-vgg", classifier=None, scale: str = "smoke",
+                          perceptual: str | Callable | None = "auto", classifier=None, scale: str = "smoke",
                           references=("image", "reconstruction"), image_ids=None, return_outputs: bool = False,
                           progress: bool = True):
     """Experiment B (module docstring): teacher-forced argmax predictions whose wrong tokens are replaced with

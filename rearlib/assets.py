@@ -39,7 +39,8 @@ def check_paper_assets(checkpoints: dict, maskgit_path=None, data_root=None, spl
     if need_lpips:
         name, why = perceptual_metric_name("lpips-vgg")
         if not name.startswith("LPIPS"):
-            problems.append(f"LPIPS is needed at paper scale (no in-project classifier exists for ImageNet): {why}")
+            problems.append(f"LPIPS-VGG, the paper's perceptual metric, is needed to compare magnitudes at paper "
+                            f"scale: {why}")
     if problems:
         raise FileNotFoundError("paper scale cannot run:\n  - " + "\n  - ".join(problems))
 

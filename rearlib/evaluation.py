@@ -7,17 +7,20 @@ One :class:`Evaluator` per (scale, tokenizer, classifier, device) does what note
   ``rearlib.sample.generate_fid_samples`` would make them), temperature 1, no top-k / top-p, CFG on the
   power-cosine schedule. Batches have one fixed shape (the last is padded with repeats of its last image, which
   are dropped), so the GPU sampler captures its CUDA graphs once per model and CFG on/off.
-* :meth:`Evaluator.score`: FID / IS / KID / precision / recall through torch-fidelity against held-out real
-  images (the ``val`` split, never used in training), with the **in-project feature extractor**
-  (``rearlib-classifier``); every key is labeled by :func:`rearlib.metrics.metric_label`, e.g.
-  ``"FID[rearlib-classifier]"``, never plain "FID". Plus class consistency (the classifier's argmax equals the
-  requested class).
+* :meth:`Evaluator.score`: FID / KID / precision / recall through torch-fidelity against held-out real
+  images (the ``val`` split, never used in training), with the evaluator's ``extractor``: by default the
+  Inception-v3 FID network (:mod:`rearlib.inception`; keys "FID", "KID", ...; no IS, the network has no
+  logits), or by name the in-project classifier (keys "FID[rearlib-classifier]", "IS[rearlib-classifier]", ...,
+  a diagnostic). Plus class consistency (the in-project classifier's argmax equals the requested class), a
+  secondary column.
 * :meth:`Evaluator.evaluate`: sample + score, cached as a small JSON **record** under
   ``artifacts/eval_records/<hash>/record.json``. The hash is of the record *key*: what was evaluated (a
   ``model_key``: for trained runs the *recipe* hash of :func:`rearlib.zoo.run_hash` and the step, see
   :func:`run_model_key`; never a hash of the weights, so a record made on a GPU machine whose weights are gone
   still completes a notebook elsewhere), the tokenizer and classifier identities, the reference set, the
-  number of samples, (g, p), the sampling seed, the temperature, the scale's sampler setting and the scale.
+  number of samples, (g, p), the sampling seed, the temperature, the scale's sampler setting and the scale, and
+  the FID extractor's name and identity (records scored with the classifier keep their original key, which has
+  only the classifier's identity).
   When the record exists the model is never loaded: ``model`` may be a zero-argument callable that is only
   called on a miss.
 
@@ -129,7 +132,9 @@ class Evaluator:
     Args:
         scale: "smoke" or "small" (the settings of :data:`SCALES`; keyword arguments override them).
         tokenizer: decodes sampled tokens; its ``identity()`` is part of every key.
-        classifier: the feature extractor (``rearlib.features.get_classifier``); its ``identity`` is in every key.
+        classifier: the in-project classifier (``rearlib.features.get_classifier``) for class consistency (and for
+            FID when ``extractor="rearlib-classifier"``); its ``identity`` is in every key.
+        extractor: the feature extractor of FID / KID / precision / recall (:data:`rearlib.metrics.EXTRACTORS`).
         device: where sampling and scoring run.
         data_seed: seed of the embedded dataset (the reference images are ``val`` images 0..n_ref-1 of it).
         progress: tqdm bars while sampling.
@@ -137,7 +142,9 @@ class Evaluator:
 
     def __init__(self, scale: str, tokenizer, classifier, device, *, n_ref: int | None = None,
                  batch: int | None = None, sampler: str | bool | None = "scale", data_seed: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, extractor: str | None = None):
+        from . import metrics as M
+
         if scale not in SCALES:
             raise ValueError(f"no evaluation settings for scale {scale!r}; available: {', '.join(SCALES)}")
         s = SCALES[scale]
@@ -154,10 +161,24 @@ class Evaluator:
         self.resolution = int(tokenizer.resolution)
         self.tokenizer_id = tokenizer.identity()
         self.classifier_id = classifier.identity
+        self.extractor = M.check_extractor(extractor or M.DEFAULT_EXTRACTOR)
+        self.extractor_id = self._extractor_identity()
         self.reference = {"dataset": "ShapeScenes-10", "split": "val", "n": self.n_ref,
                           "resolution": self.resolution, "seed": self.data_seed}
         self.reference_name = f"embedded-val-r{self.resolution}-n{self.n_ref}-seed{self.data_seed}"
         self._ref_u8: torch.Tensor | None = None
+
+    def _extractor_identity(self) -> str | None:
+        if self.extractor == "rearlib-classifier":
+            return None  # the classifier's identity is already in every key
+        if self.extractor == "inception-v3-fid":
+            from .inception import weights_info
+
+            return f"sha256-{weights_info()['sha256'][:12]}"
+        return self.extractor
+
+    def _key_extractor(self) -> dict:
+        return {} if self.extractor_id is None else {"extractor": {"name": self.extractor, "id": self.extractor_id}}
 
     # -- reference ---------------------------------------------------------------------------------------
     @property
@@ -203,10 +224,10 @@ class Evaluator:
         from . import metrics as M
         from .features import class_consistency
 
-        dm = M.distribution_metrics(images_u8, self.reference_u8, classifier=self.classifier, device=self.device,
-                                    cache_name=self.reference_name,
+        dm = M.distribution_metrics(images_u8, self.reference_u8, extractor=self.extractor,
+                                    classifier=self.classifier, device=self.device, cache_name=self.reference_name,
                                     reference_name=f"ShapeScenes-10 val n={self.n_ref}")
-        row = {dm["labels"][k]: dm[k] for k in ("fid", "isc_mean", "kid_mean", "precision", "recall")}
+        row = {dm["labels"][k]: dm[k] for k in ("fid", "isc_mean", "kid_mean", "precision", "recall") if k in dm}
         row["class consistency"] = class_consistency(images_u8.float() / 255, labels,
                                                      self.classifier)["class_consistency"]
         row.update({"n generated": dm["n_generated"], "n reference": dm["n_reference"]})
@@ -222,7 +243,7 @@ class Evaluator:
         return {"scale": self.scale, "model": model_key, "tokenizer": self.tokenizer_id,
                 "classifier": self.classifier_id, "reference": self.reference, "n_per_class": int(n_per_class),
                 "cfg_scale": g, "cfg_power": p, "sample_seed": int(sample_seed), "temperature": 1.0,
-                "sampler": self.sampler or "default"}
+                "sampler": self.sampler or "default", **self._key_extractor()}
 
     def has(self, model_key: dict, **settings) -> bool:
         """Whether the record of this evaluation exists (nothing is loaded or created)."""
@@ -297,7 +318,7 @@ class Evaluator:
         if not isinstance(subject, dict) or not subject:
             raise ValueError(f"subject must be a non-empty dict naming the image set, got {subject!r}")
         return {"scale": self.scale, "images": subject, "n": int(n_images), "tokenizer": self.tokenizer_id,
-                "classifier": self.classifier_id, "reference": self.reference}
+                "classifier": self.classifier_id, "reference": self.reference, **self._key_extractor()}
 
     @torch.no_grad()
     def time_sampler(self, model, cfg_scale: float | None, cfg_power: float = 0.0, seed: int = 10_000) -> float:

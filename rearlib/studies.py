@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .experiments import artifacts_root, atomic_write_bytes, config_hash, resolve_device, validate_scale
+from .metrics import EXTRACTORS, metric_label
 
 STUDIES = ("main", "noise", "embedding", "scaling")
 RECIPES = ("main", "ablation")
@@ -60,6 +61,12 @@ RECIPES = ("main", "ablation")
 #: main study's CFG sweep. Estimates (``est_*``, for planning and the time limit only): training samples/s of the
 #: base size (measured on one H200 in session 1: 9.5k AR, 9.0k reAR), per-run overhead (compile, data, load),
 #: seconds per evaluation without / with CFG (sampling + scoring), per-model sampler setup.
+#: FID extractor of the studies' evaluations. The committed records of these recipes were scored with the in-project
+#: classifier, and their tables say so ("FID[rearlib-classifier]"); they move to the Inception FID network together
+#: with the longer recipes, which retrain every row. ``Workspace(extractor=...)`` and ``run --extractor`` choose
+#: another one.
+STUDIES_EXTRACTOR = "rearlib-classifier"
+
 SCALES: dict[str, dict[str, Any]] = {
     "smoke": dict(
         recipes={"main": {}, "ablation": dict(steps=12, warmup_steps=2, log_every=6, ckpt_every=12,
@@ -70,7 +77,8 @@ SCALES: dict[str, dict[str, Any]] = {
                "medium": dict(hidden=96, depth=6, heads=4, projector_dim=192, decode_align_layer=4)},
         seeds=(0, 1, 2), cfg_scales=(3.0,), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
         scaling_sizes=("xs", "tiny", "medium"),
-        est_train_sps=120.0, est_run_overhead_s=3.0, est_eval_s=(1.0, 1.2), est_model_s=0.5),
+        est_train_sps=120.0, est_run_overhead_s=3.0, est_eval_s=(1.0, 1.2), est_model_s=0.5,
+        extractor=STUDIES_EXTRACTOR),
     "small": dict(
         # 1000-step ablations (1.3 passes over the 200k training views) and two scaling sizes: what one
         # session's H200 time affords for all four studies (measured: a 5000-step run 181 s, an evaluation 12 s);
@@ -82,7 +90,8 @@ SCALES: dict[str, dict[str, Any]] = {
                "medium": dict(hidden=384, depth=12, heads=6, projector_dim=768, decode_align_layer=9)},
         seeds=(0, 1, 2), cfg_scales=(1.5, 2.0, 3.0), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
         scaling_sizes=("xs", "small"),
-        est_train_sps=9000.0, est_run_overhead_s=25.0, est_eval_s=(14.0, 16.0), est_model_s=4.0),
+        est_train_sps=9000.0, est_run_overhead_s=25.0, est_eval_s=(14.0, 16.0), est_model_s=4.0,
+        extractor=STUDIES_EXTRACTOR),
 }
 
 #: The paper's numbers (rear_protocol.md §3; reAR-S, ImageNet 256, Inception FID, 50k samples).
@@ -407,7 +416,8 @@ class Workspace:
     ``sample_seed``: the base sampling seed S (reported numbers use S + 1, see the module docstring).
     """
 
-    def __init__(self, scale: str, device="auto", *, sample_seed: int = 0, progress: bool = True):
+    def __init__(self, scale: str, device="auto", *, sample_seed: int = 0, progress: bool = True,
+                 extractor: str | None = None):
         import torch
 
         from .evaluation import SCALES as EVAL_SCALES
@@ -424,8 +434,9 @@ class Workspace:
         self.progress = progress
         self.tok = get_tokenizer(scale, self.device, progress=False)
         self.classifier = get_classifier(scale, self.device)
+        self.extractor = extractor or self.st["extractor"]
         self.evaluator = Evaluator(scale, self.tok, self.classifier, self.device, data_seed=DATA[scale]["seed"],
-                                   progress=progress)
+                                   progress=progress, extractor=self.extractor)
         self.n_per_class = EVAL_SCALES[scale]["n_per_class"]
         self.select_seed, self.report_seed = sample_seed, sample_seed + 1
         self._resolved: dict[RunSpec, Resolved] = {}
@@ -556,7 +567,7 @@ class Workspace:
                 rec = load_record(self._eval_item("main", run, run.steps, g, p, self.select_seed, "select").key)
                 if rec is None:
                     return None
-                fid = _fid(rec["row"])
+                fid = float(rec["row"][metric_label("fid", self.extractor)])
                 if best is None or fid < best[0]:
                     best = (fid, g, p)
         return best[1], best[2]
@@ -620,13 +631,6 @@ def _model_config(cfg):
     return get_config(cfg.model, **generator_overrides(cfg))
 
 
-def _fid(row: dict) -> float:
-    from .features import EXTRACTOR_NAME
-    from .metrics import metric_label
-
-    return float(row[metric_label("fid", EXTRACTOR_NAME)])
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Running the plan
 # ----------------------------------------------------------------------------------------------------------------
@@ -636,7 +640,8 @@ def _fmt_s(s: float | None) -> str:
 
 def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: int = 0,
                 time_limit_s: float | None = None, whole_runs: bool = False, progress: bool = True,
-                t_start: float | None = None, ws: Workspace | None = None, log=print) -> dict:
+                t_start: float | None = None, ws: Workspace | None = None, extractor: str | None = None,
+                log=print) -> dict:
     """Train and evaluate whatever is missing, in order, stopping cleanly before ``time_limit_s``.
 
     ``t_start``: the ``time.monotonic()`` the limit counts from (default: now). Returns {"stopped": bool,
@@ -644,7 +649,7 @@ def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: i
     """
     t0 = time.monotonic() if t_start is None else t_start
     deadline = None if time_limit_s is None else t0 + float(time_limit_s)
-    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress)
+    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress, extractor=extractor)
     reserve = ws.st["est_run_overhead_s"] + 5.0  # checkpoint write, model load, the last log window
     table: list[dict] = []
     stopped, reason = False, ""
@@ -739,9 +744,9 @@ def _all_items(ws: Workspace, study: str) -> list[Item]:
 
 
 def status(scale: str, study: str = "all", *, sample_seed: int = 0, device="cpu", ws: Workspace | None = None,
-           log=print) -> dict:
+           extractor: str | None = None, log=print) -> dict:
     """Print what is done and missing (and the estimated GPU time of the missing work); nothing is computed."""
-    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=False)
+    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=False, extractor=extractor)
     rows, est_total = [], 0.0
     trained_est: set[str] = set()  # shared runs and records are counted once, by the first study that needs them
     counted: set[str] = set()
@@ -798,7 +803,7 @@ def provenance_note(result: dict) -> str:
 
 
 def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, compute: bool = True,
-            progress: bool = True, ws: Workspace | None = None) -> dict:
+            progress: bool = True, ws: Workspace | None = None, extractor: str | None = None) -> dict:
     """Everything a study notebook shows, from records; missing records are computed first when ``compute``.
 
     Returns {"runs": DataFrame (one row per run: spec, layers, training record), "evals": DataFrame (one row
@@ -812,7 +817,7 @@ def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, comp
 
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; allowed: {', '.join(STUDIES)}")
-    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress)
+    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress, extractor=extractor)
     missing = [it for it in ws.items(study) if it.pending or not ws.is_done(it)]
     if missing and compute:
         if scale != "smoke" and ws.device.type != "cuda":
@@ -976,6 +981,8 @@ def main(argv=None) -> int:
         p.add_argument("--study", default="all", choices=STUDIES + ("all",))
         p.add_argument("--sample-seed", type=int, default=0, help="base sampling seed S (reports use S + 1)")
         p.add_argument("--device", default="auto" if cmd == "run" else "cpu")
+        p.add_argument("--extractor", default=None, choices=EXTRACTORS,
+                       help=f"FID feature extractor (default: the scale's, {STUDIES_EXTRACTOR})")
         if cmd == "run":
             p.add_argument("--time-limit", type=float, default=None,
                            help="seconds from the start of this command; stop cleanly before it")
@@ -1004,11 +1011,11 @@ def main(argv=None) -> int:
         # notebook 04); one thread is faster and predictable.
         torch.set_num_threads(1)
     if args.command == "status":
-        status(args.scale, args.study, sample_seed=args.sample_seed, device=dev)
+        status(args.scale, args.study, sample_seed=args.sample_seed, device=dev, extractor=args.extractor)
         return 0
     res = run_studies(args.scale, args.study, device=dev, sample_seed=args.sample_seed,
                       time_limit_s=args.time_limit, whole_runs=args.whole_runs, progress=not args.no_progress,
-                      t_start=t_start)
+                      t_start=t_start, extractor=args.extractor)
     print("\nitem table:")
     for row in res["items"]:
         print(f"  {row['study']:<9} {row['run']:<22} {row['what']:<34} {row['status']:<26} "

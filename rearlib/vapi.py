@@ -21,8 +21,8 @@ codebook size K) and class labels c_b, with G = ``group_size``:
 3. **Reward** (protocol §1.4, :func:`compute_rewards`): every sample is decoded by the frozen tokenizer,
    Î = decode(x^{(g)}_b), and R = -(w_mse · MSE(Î, I) + w_p · D_p(Î, I)), with MSE the per-image mean over C×H×W
    of squared differences of the images mapped to [-1, 1] (i.e. 4× the MSE in [0, 1] units) and D_p a per-image
-   perceptual distance (LPIPS-VGG in the paper's code; here :func:`rearlib.metrics.perceptual_distance`, which
-   falls back to a labeled substitute when LPIPS weights are not on disk, or any callable).
+   perceptual distance (LPIPS-VGG in the paper's code; here :func:`rearlib.metrics.perceptual_distance`: LPIPS-VGG
+   where its ImageNet trunk is on disk, else ST-LPIPS(alex), named as such; or any callable).
 4. **Advantages** (:func:`group_advantages`): A_{b,g} = clip((R_{b,g} - mean_g R_b) / (std_g R_b + 1e-8), ±5),
    std the unbiased (n - 1) standard deviation over the G samples of image b only (no batch normalisation).
 5. **Update** (protocol §1.6, :func:`vapi_loss`): a train-mode teacher-forced pass on the **same** contexts
@@ -110,11 +110,13 @@ class VAPIConfig:
     Reward:
         reward_mse_weight: w_mse (code: 1.0; not in the paper). MSE on images in [-1, 1], per image.
         reward_perceptual_weight: w_p = λ_p (code: 1.0; not in the paper). 0 disables the perceptual term.
-            λ_p = 1 balances LPIPS (typical values 0.1-0.6) against MSE on [-1, 1]; the DFD substitute of
-            :mod:`rearlib.metrics` lives on another scale (a sum over layers, up to 2 per layer), so with it the
-            same weight is a different reward - report the metric name with every result.
-        perceptual: preferred perceptual metric for :func:`make_perceptual_fn` ("lpips-vgg" as the code; falls
-            back to a labeled substitute when the LPIPS weights are not on disk).
+            λ_p = 1 balances LPIPS (typical values 0.1-0.6) against MSE on [-1, 1]; ST-LPIPS lives on a smaller
+            scale and the classifier distance "dfd" on a much larger one (a sum over layers, up to 2 per layer),
+            so the same weight is a different reward - report the metric name with every result.
+        perceptual: perceptual metric for :func:`make_perceptual_fn`, one of
+            :data:`rearlib.metrics.PERCEPTUAL_CHOICES`. "auto" (default): LPIPS-VGG, the code's metric, when its
+            weights are on disk, else ST-LPIPS(alex). "dfd" (the in-project classifier) only by name: it shares its
+            network with the classifier-based FID, so a reward on it optimises that evaluator's features.
     Modes (the code's choice is the default):
         rollout_mode: "eval" (code: sampling forward in eval(), no grad, bf16) or "train" (dropout and class-label
             dropout active while sampling, as a LlamaGen GPT in train mode would do).
@@ -150,7 +152,7 @@ class VAPIConfig:
     noise_kernel: str = "code"
     reward_mse_weight: float = 1.0
     reward_perceptual_weight: float = 1.0
-    perceptual: str = "lpips-vgg"
+    perceptual: str = "auto"
     rollout_mode: str = "eval"
     update_mode: str = "train"
     class_dropout: float = 0.1
@@ -702,19 +704,20 @@ def build_optimizer(model: nn.Module, cfg: VAPIConfig, device: torch.device | No
                              fused=True if device.type == "cuda" else None)
 
 
-def make_perceptual_fn(prefer: str = "lpips-vgg", *, scale: str = "smoke", device=None, classifier=None,
+def make_perceptual_fn(prefer: str = "auto", *, scale: str = "smoke", device=None, classifier=None,
                        allow_substitute: bool = True, batch_size: int = 64) -> Callable:
     """A perceptual-distance callable for the reward, backed by :func:`rearlib.metrics.perceptual_distance`.
 
-    LPIPS-``net`` when its weights are on disk; otherwise (``allow_substitute``) the labeled substitute of
-    :mod:`rearlib.metrics` (DFD on the in-project classifier of ``scale``, loaded once here rather than on every
-    call). The returned function maps (a, b) [M, 3, H, W] in [0, 1] to distances [M] (float32 on a's device) and
-    carries ``metric_name`` (e.g. "LPIPS-VGG" or "DFD[rearlib-classifier]") and ``reason``.
+    ``prefer`` as there: "auto" is LPIPS-VGG when its weights are on disk, else ST-LPIPS(alex); an LPIPS named
+    explicitly falls back to ST-LPIPS(alex) only with ``allow_substitute``; "dfd" uses the in-project classifier
+    of ``scale`` (loaded once here rather than on every call). The returned function maps (a, b)
+    [M, 3, H, W] in [0, 1] to distances [M] (float32 on a's device) and carries ``metric_name`` (e.g. "LPIPS-VGG"
+    or "ST-LPIPS(alex)") and ``reason``.
     """
     from . import metrics
 
-    name, reason = metrics.perceptual_metric_name(prefer)
-    if name == metrics.DFD_NAME and prefer.lower() != "dfd" and not allow_substitute:
+    choice, name, reason = metrics.resolve_perceptual(prefer)
+    if prefer.lower().startswith("lpips-") and not choice.startswith("lpips-") and not allow_substitute:
         raise metrics.LPIPSUnavailable(reason)
     if name == metrics.DFD_NAME and classifier is None:
         from .features import get_classifier

@@ -39,7 +39,7 @@ codebook vector of code k):
   (Experiment A) for one image; the other chosen positions are written by the model too, and CTR is measured.
 * **Image metrics** of a decoded image against the original image (the paper's definition, not against the
   tokenizer's reconstruction): PSNR (dB, L = 255) and SSIM on uint8 images, and a perceptual distance - LPIPS-VGG
-  when its weights are cached locally, otherwise the labeled substitute ``DFD[rearlib-classifier]`` (not LPIPS) -
+  when its weights are cached locally, otherwise ST-LPIPS(alex), a shift-tolerant LPIPS whose weights ship on PyPI -
   all through :func:`rearlib.analysis.image_metrics`.
 * **Context errors** (:meth:`ARvsReAR.context_errors`, the paper's App. C.1 robustness probe on one image): k of
   the context tokens x_1..x_{N-1} (x_N is context for nothing) are replaced by random codes; each model predicts
@@ -295,8 +295,8 @@ class Lab:
     images / labels: the image source ([n, 3, R, R] float in [0, 1] and [n] labels); by default ShapeScenes-10
     ``split`` images 0..n_images-1 rendered lazily with ``data_seed``. class_names: names of the labels
     (default ``rearlib.data.CLASS_NAMES`` when there are 10 classes, else the numbers). classifier: the
-    in-project classifier (for the DFD substitute and to name the class of samples / uploads). perceptual:
-    ``prefer`` of :func:`rearlib.metrics.perceptual_distance`. num_threads: intra-op threads while computing
+    in-project classifier (to name the class of samples / uploads, and for ``perceptual="dfd"``). perceptual:
+    ``prefer`` of :func:`rearlib.metrics.perceptual_distance` (default ``"auto"``). num_threads: intra-op threads while computing
     (an int; ``"auto"``: the faster of 1 and torch's current count, measured once (:meth:`_pick_threads`); None:
     leave torch's setting alone).
     """
@@ -305,7 +305,7 @@ class Lab:
 
     def __init__(self, tokenizer, generators: dict, *, images=None, labels=None, n_images: int = 256,
                  data_seed: int = 0, split: str = "val", class_names: Sequence[str] | None = None,
-                 classifier=None, perceptual: str = "lpips-vgg", scale: str = "small",
+                 classifier=None, perceptual: str = "auto", scale: str = "small",
                  num_threads: int | str | None = 1):
         from rearlib.analysis import codebook_neighbours
         from rearlib.metrics import perceptual_metric_name
@@ -353,8 +353,7 @@ class Lab:
         self.num_threads = self._pick_threads(num_threads)
         self.metric_name, self.metric_reason = perceptual_metric_name(perceptual)
         if self.metric_name.startswith("DFD") and self.classifier is None:
-            raise ValueError(f"the perceptual metric falls back to {self.metric_name} ({self.metric_reason}), "
-                             f"which needs classifier=")
+            raise ValueError(f"the perceptual metric {self.metric_name} ({self.metric_reason}) needs classifier=")
         with _compute_mode(self.num_threads):
             self.neighbours = codebook_neighbours(tokenizer.codebook.detach().float().cpu())
         self._cache: dict = {}
@@ -516,9 +515,9 @@ class Lab:
 
         ref = reference.reshape(1, *reference.shape[-3:]).expand(decoded.shape[0], -1, -1, -1)
         with self.compute(), warnings.catch_warnings():
-            # The substitute's warning would repeat what the lab already says (metric_name / metric_reason) and
+            # A fallback's warning would repeat what the lab already says (metric_name / metric_reason) and
             # every widget label shows: which metric this is.
-            warnings.filterwarnings("ignore", message=".*Using the substitute DFD", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*which is not LPIPS", category=UserWarning)
             vals, name = image_metrics(decoded.to(self.device), ref.to(self.device), perceptual=self.perceptual,
                                        classifier=self.classifier, scale=self.scale)
         out = {k: [float(x) for x in v] for k, v in vals.items()}
@@ -950,9 +949,18 @@ def _model_label(name: str | None) -> str:
     return {"ar": "AR", "rear": "reAR"}.get(name, str(name))
 
 
+def _metric_note(name: str) -> str:
+    """What a reader should know about the perceptual metric shown (empty for LPIPS itself)."""
+    if name.startswith("ST-LPIPS"):
+        return "(ST-LPIPS: shift-tolerant LPIPS, a learned perceptual metric of the LPIPS family; not LPIPS itself)"
+    if name.startswith("DFD"):
+        return "(a feature distance in the in-project classifier, <b>not</b> LPIPS)"
+    return ""
+
+
 def _metrics_table(r: SurgeryResult, lab: Lab) -> str:
-    sub = "" if not r.perceptual_metric.startswith("DFD") else \
-        " <small>(substitute: LPIPS weights are not cached here; this is <b>not</b> LPIPS)</small>"
+    sub = _metric_note(r.perceptual_metric)
+    sub = f" <small>{sub}</small>" if sub else ""
     rows = [("CTR (correct-token ratio)", "100%", f"{r.ctr:.1%}"),
             ("PSNR vs original (dB, higher is better)", _fmt(r.recon_psnr, 2), _fmt(r.psnr, 2)),
             ("SSIM vs original (higher is better)", _fmt(r.recon_ssim, 3), _fmt(r.ssim, 3)),
@@ -1076,7 +1084,8 @@ class SameCTR(_Component):
                 cap.value = ""
         self.plot.value = self._plot.png(df)
         name = df["perceptual_metric"].iloc[0]
-        note = " (a substitute, <b>not</b> LPIPS)" if name.startswith("DFD") else ""
+        note = _metric_note(name)
+        note = f" {note}" if note else ""
         self.table.value = (f"<small>k = {int(df.k.iloc[0])} of {self.lab.N} tokens wrong in every image: the same "
                             f"CTR of {df.ctr.iloc[0]:.1%}.<br>Perceptual distance: {name}{note}.</small>")
         return df
@@ -1295,7 +1304,8 @@ def _context_table(df: pd.DataFrame) -> str:
         f"<tr><td>{_model_label(r.model)}</td><td>{r.condition}</td><td>{r.ctr:.1%}</td>"
         f"<td>{'–' if math.isnan(r.ctr_after_error) else f'{r.ctr_after_error:.1%}'}</td>"
         f"<td>{_fmt(r.psnr, 2)}</td><td>{_fmt(r.perceptual, 3)}</td></tr>" for r in df.itertuples())
-    note = " (substitute, not LPIPS)" if name.startswith("DFD") else ""
+    note = _metric_note(name)
+    note = f" {note}" if note else ""
     return (f"<table cellpadding='3'>{head}{body}</table><small>Each model predicts every token from the "
             f"(clean or corrupted) tokens before it; images decode those predictions. 'Right after an error': the "
             f"tokens that directly follow a corrupted one (clean rows: the same tokens, clean context). "

@@ -70,7 +70,7 @@ def test_sample_set_classes_seeds_and_padding(parts):
 
 def test_evaluate_caches_by_recipe_and_never_loads_on_a_hit(parts, records_root):
     tok, clf, model = parts
-    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False)
+    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False, extractor="rearlib-classifier")
     calls = []
 
     def loader():
@@ -107,7 +107,7 @@ def test_evaluate_caches_by_recipe_and_never_loads_on_a_hit(parts, records_root)
 
 def test_records_do_not_depend_on_the_loading_model_or_device_key(parts, records_root):
     tok, clf, model = parts
-    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False)
+    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False, extractor="rearlib-classifier")
     key = ev.key(run_model_key("r", 1), n_per_class=2)
     assert "device" not in json.dumps(key) and key["sampler"] == "default" and key["scale"] == "smoke"
     assert key["tokenizer"] == tok.identity() and key["classifier"] == clf.identity
@@ -118,7 +118,7 @@ def test_fixed_image_sets_are_cached(parts, records_root):
     from rearlib.data import render_batch
 
     tok, clf, _ = parts
-    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False)
+    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False, extractor="rearlib-classifier")
     calls = []
 
     def make():
@@ -130,6 +130,24 @@ def test_fixed_image_sets_are_cached(parts, records_root):
     assert a == b and calls == [1] and a["n generated"] == 20
     with pytest.raises(ValueError, match="expected 19"):
         ev.evaluate_images({"kind": "real", "split": "train", "other": 1}, make, 19)
+
+
+def test_default_extractor_is_the_inception_fid_network(parts, records_root):
+    """Without an extractor named, FID / KID / precision / recall come from the Inception-v3 FID network, carry
+    their plain names, and the extractor's identity is in the key; IS is absent (the network has no logits)."""
+    from rearlib.inception import KNOWN_SHA256
+
+    tok, clf, model = parts
+    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False)
+    classifier_ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False,
+                              extractor="rearlib-classifier")
+    key = ev.key(run_model_key("r", 1), n_per_class=2)
+    assert key["extractor"] == {"name": "inception-v3-fid", "id": f"sha256-{KNOWN_SHA256[:12]}"}
+    assert "extractor" not in classifier_ev.key(run_model_key("r", 1), n_per_class=2)
+    row = ev.evaluate(run_model_key("r", 1), model, n_per_class=2)
+    assert {"FID", "KID", "Precision", "Recall", "class consistency"} <= set(row)
+    assert not any(k.startswith("IS") or "rearlib-classifier" in k for k in row)
+    assert row["FID"] > 0 and row["n generated"] == 20 and row["n reference"] == 16
 
 
 def test_bad_inputs(parts):

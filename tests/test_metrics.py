@@ -176,25 +176,70 @@ def test_image_metric_input_checks(images):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# LPIPS availability and the labeled substitute
+# Perceptual metrics: LPIPS when its trunk is cached, else ST-LPIPS (weights in the stlpips-pytorch wheel)
 # ----------------------------------------------------------------------------------------------------------
-def test_lpips_unavailable_offline_gives_labeled_substitute(images, empty_hub, no_network, random_extractor):
+def test_lpips_unavailable_offline_gives_st_lpips(images, empty_hub, no_network, random_extractor):
     st = M.lpips_status("vgg")
     assert not st["available"] and "vgg16" in st["reason"] and str(empty_hub) in st["backbone_file"]
-    assert M.perceptual_metric_name("lpips-vgg")[0] == M.DFD_NAME
-    clf = Classifier((16, 32, 64), 10, 32, 2)
-    clf.load_state_dict(torch.load(random_extractor, weights_only=True)["state_dict"])
+    assert M.perceptual_metric_name("auto")[0] == "ST-LPIPS(alex)"
+    assert M.perceptual_metric_name("lpips-vgg")[0] == "ST-LPIPS(alex)"
+    values, metric = M.perceptual_distance(images[:4], images[4:8])  # "auto": no warning, it is the default
+    assert metric == "ST-LPIPS(alex)" and values.shape == (4,) and (values > 0).all()
     M._warned.clear()
-    with pytest.warns(UserWarning, match="NOT LPIPS"):
-        values, metric = M.perceptual_distance(images[:4], images[4:8], prefer="lpips-vgg", classifier=clf.eval())
-    assert metric == M.DFD_NAME and "LPIPS" not in metric
-    assert values.shape == (4,) and (values > 0).all()
+    with pytest.warns(UserWarning, match="not LPIPS"):
+        _, metric = M.perceptual_distance(images[:4], images[4:8], prefer="lpips-vgg")
+    assert metric == "ST-LPIPS(alex)"
     with pytest.raises(M.LPIPSUnavailable, match="vgg16"):
         M.perceptual_distance(images[:4], images[4:8], prefer="lpips-vgg", allow_substitute=False)
     with pytest.raises(M.LPIPSUnavailable):
         M.load_lpips("alex")
-    with pytest.raises(ValueError, match="prefer"):
+    with pytest.raises(ValueError, match="perceptual metric must be one of"):
         M.perceptual_distance(images[:1], images[:1], prefer="lpips-resnet")
+    # the classifier distance only when asked for by name
+    clf = Classifier((16, 32, 64), 10, 32, 2)
+    clf.load_state_dict(torch.load(random_extractor, weights_only=True)["state_dict"])
+    values, metric = M.perceptual_distance(images[:4], images[4:8], prefer="dfd", classifier=clf.eval())
+    assert metric == M.DFD_NAME
+
+
+@pytest.mark.parametrize("net", M.ST_LPIPS_NETS)
+def test_st_lpips_is_a_distance_that_grows_with_damage(images, net, no_network):
+    """ST-LPIPS from the packaged networks: zero on identical images, symmetric, and monotone in pixel noise and
+    blur on structured images (the checks notebook 03 makes at scale)."""
+    import torchvision.transforms.functional as TF
+
+    a = images[:12]
+    zero = M.st_lpips_distance(a, a, net)
+    assert torch.allclose(zero, torch.zeros(12, dtype=torch.float64), atol=1e-7)
+    b = images[12:24]
+    assert torch.allclose(M.st_lpips_distance(a, b, net), M.st_lpips_distance(b, a, net), atol=1e-6)
+    noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
+    by_noise = [M.st_lpips_distance(a, (a + s * noise).clamp(0, 1), net).mean().item() for s in (0.02, 0.05, 0.1, 0.2)]
+    assert all(x < y for x, y in zip(by_noise, by_noise[1:])), by_noise
+    by_blur = [M.st_lpips_distance(a, TF.gaussian_blur(a, [7, 7], [s, s]), net).mean().item() for s in (0.5, 1.0, 2.0)]
+    assert all(x < y for x, y in zip(by_blur, by_blur[1:])), by_blur
+    assert M.perceptual_distance(a, b, prefer=f"st-lpips-{net}").metric == f"ST-LPIPS({net})"
+
+
+def test_st_lpips_loads_strictly_and_names_its_weights(tmp_path, monkeypatch, images):
+    with pytest.raises(ValueError, match="at least 32x32"):
+        M.st_lpips_distance(images[:2, :, :16, :16], images[2:4, :, :16, :16])
+    with pytest.raises(ValueError, match="ST-LPIPS net"):
+        M.st_lpips_weights_file("squeeze")
+    real = M.st_lpips_weights_file("alex")
+    state = torch.load(real, map_location="cpu", weights_only=True)
+    del state["lin2.model.1.weight"]
+    broken = tmp_path / "alex_shift_tolerant.pth"
+    torch.save(state, broken)
+    monkeypatch.setenv(M.ST_LPIPS_ENV["alex"], str(broken))
+    M._st_lpips_models.clear()
+    with pytest.raises(ValueError, match="lin2.model.1.weight"):
+        M.load_st_lpips("alex")
+    monkeypatch.setenv(M.ST_LPIPS_ENV["alex"], str(tmp_path / "missing.pth"))
+    st = M.st_lpips_status("alex")
+    assert not st["available"] and M.ST_LPIPS_ENV["alex"] in st["reason"]
+    with pytest.raises(M.LPIPSUnavailable, match="missing.pth"):
+        M.st_lpips_distance(images[:2], images[2:4])
 
 
 def test_lpips_from_cached_backbone(tmp_path, monkeypatch, no_network):
@@ -244,7 +289,8 @@ def test_dfd_properties(images, random_extractor):
 # Distribution metrics (torch-fidelity)
 # ----------------------------------------------------------------------------------------------------------
 def test_fid_self_zero_and_monotone_in_shift(images, random_extractor, tmp_path):
-    kw = dict(classifier=random_extractor, isc=False, kid=False, prc=False, cache_root=tmp_path)
+    kw = dict(extractor="rearlib-classifier", classifier=random_extractor, isc=False, kid=False, prc=False,
+              cache_root=tmp_path)
     ref = images[32:]
     self_fid = M.distribution_metrics(ref, ref, **kw)["fid"]
     fids = [M.distribution_metrics((images[:32] + d).clamp(0, 1), ref, **kw)["fid"] for d in (0.0, 0.05, 0.1, 0.2)]
@@ -256,8 +302,9 @@ def test_wrapper_agrees_with_direct_torch_fidelity(images, random_extractor, tmp
     import torch_fidelity
 
     gen, ref = images[:40], images[24:]
-    ours = M.distribution_metrics(gen, ref, classifier=random_extractor, kid_subset_size=16, kid_subsets=10,
-                                  isc_splits=4, cache_root=tmp_path, cache_name="unit-ref")
+    ours = M.distribution_metrics(gen, ref, extractor="rearlib-classifier", classifier=random_extractor,
+                                  kid_subset_size=16, kid_subsets=10, isc_splits=4, cache_root=tmp_path,
+                                  cache_name="unit-ref")
     u8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
     direct = torch_fidelity.calculate_metrics(
         input1=M.UInt8Images(u8(gen)), input2=M.UInt8Images(u8(ref)), cuda=False, fid=True, isc=True, kid=True,
@@ -273,8 +320,9 @@ def test_wrapper_agrees_with_direct_torch_fidelity(images, random_extractor, tmp
     # the named reference was cached, keyed by extractor identity and content; a second call reuses it
     cached = list(tmp_path.glob("unit-ref__*"))
     assert cached and all(ours["extractor_id"] in p.name for p in cached)
-    again = M.distribution_metrics(gen, ref, classifier=random_extractor, kid_subset_size=16, kid_subsets=10,
-                                   isc_splits=4, cache_root=tmp_path, cache_name="unit-ref")
+    again = M.distribution_metrics(gen, ref, extractor="rearlib-classifier", classifier=random_extractor,
+                                   kid_subset_size=16, kid_subsets=10, isc_splits=4, cache_root=tmp_path,
+                                   cache_name="unit-ref")
     assert again["fid"] == pytest.approx(ours["fid"], rel=1e-9)
 
 
@@ -292,8 +340,8 @@ def test_npz_reference_statistics_path(images, random_extractor, tmp_path):
     stats = fid_features_to_statistics(pool)
     npz = tmp_path / "ref_batch.npz"
     np.savez(npz, arr_0=u8.permute(0, 2, 3, 1).numpy(), mu=stats["mu"], sigma=stats["sigma"])
-    kw = dict(classifier=random_extractor, isc=False, kid=True, prc=True, kid_subset_size=16, kid_subsets=5,
-              cache_root=tmp_path)
+    kw = dict(extractor="rearlib-classifier", classifier=random_extractor, isc=False, kid=True, prc=True,
+              kid_subset_size=16, kid_subsets=5, cache_root=tmp_path)
     via_stats = M.distribution_metrics(gen, str(npz), **kw)
     via_images = M.distribution_metrics(gen, ref, **kw)
     assert "mu/sigma" in via_stats["fid_reference"] and via_stats["reference"] == "ref_batch"
@@ -304,15 +352,17 @@ def test_npz_reference_statistics_path(images, random_extractor, tmp_path):
         M.distribution_metrics(gen, str(npz), **kw)
 
 
-def test_inception_absent_is_detected_offline(images, empty_hub, no_network, random_extractor, tmp_path):
+def test_torch_fidelity_download_is_never_attempted(images, empty_hub, no_network, random_extractor, tmp_path):
     assert not M.inception_available()
     with pytest.raises(FileNotFoundError, match="not on this machine"):
         M.distribution_metrics(images[:8], images[8:16], extractor="inception-v3-compat", cache_root=tmp_path)
-    r = M.distribution_metrics(images[:8], images[8:16], extractor="auto", classifier=random_extractor,
+    r = M.distribution_metrics(images[:8], images[8:16], extractor="rearlib-classifier", classifier=random_extractor,
                                isc=False, kid=False, prc=False, cache_root=tmp_path)
     assert r["extractor"] == "rearlib-classifier" and r["labels"]["fid"] == "FID[rearlib-classifier]"
     with pytest.raises(ValueError, match="extractor"):
         M.distribution_metrics(images[:8], images[8:16], extractor="clip")
+    with pytest.raises(ValueError, match="extractor"):
+        M.distribution_metrics(images[:8], images[8:16], extractor="auto")
 
 
 # ----------------------------------------------------------------------------------------------------------

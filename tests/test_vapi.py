@@ -211,6 +211,20 @@ def test_make_perceptual_fn_uses_metrics_and_labels_substitute():
     assert rr.perceptual_metric == DFD_NAME
 
 
+def test_reward_default_perceptual_term_is_not_the_evaluator():
+    """By default the reward's perceptual term is LPIPS-VGG or ST-LPIPS, never the in-project classifier whose
+    features also give the classifier-based FID."""
+    from rearlib.metrics import resolve_perceptual
+    from rearlib.vapi import make_perceptual_fn
+
+    assert VAPIConfig().perceptual == "auto"
+    fn = make_perceptual_fn()
+    assert fn.metric_name == resolve_perceptual("auto")[1]
+    assert fn.metric_name.startswith(("LPIPS", "ST-LPIPS")) and "classifier" not in fn.metric_name
+    a = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(fn(a, a), torch.zeros(2), atol=1e-6) and bool((fn(a, a.flip(0)) > 0).all())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Advantages
 # ------------------------------------------------------------------------------------------------------------
