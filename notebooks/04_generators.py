@@ -24,7 +24,7 @@
 #    (how often the classifier recognises the requested class). Without CFG, and with a small sweep of g and p.
 #
 # One training seed per variant here: a difference between AR and reAR can at most reproduce the *direction* of
-# the paper's result, and how much it would move with another training seed is unknown (issue 7 adds seeds).
+# the paper's result, and how much it would move with another training seed is unknown (notebook 10 trains three seeds per variant).
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
@@ -389,7 +389,7 @@ fid0 = nocfg[nocfg["sample_seed"] == ctx.seed].set_index("model")[FID]
 cfg_rows = gen[gen["setting"] != "no CFG"]
 best = cfg_rows.loc[cfg_rows.groupby("model")[FID].idxmin()].set_index("model")
 smoke_note = "smoke scale: numbers are not meaningful" if ctx.is_smoke else ""
-seed_note = (f"one training seed per variant (training-seed spread unknown; issue 7 adds seeds); sampling noise "
+seed_note = (f"one training seed per variant (training-seed spread unknown here; notebook 10 trains three seeds per variant); sampling noise "
              f"(|ΔFID| between two sampling seeds) {noise:.3g}; {n_fid} samples per evaluation"
              + (" (reduced to fit the time budget)" if reduced else ""))
 
@@ -425,7 +425,7 @@ ctx.claim(claim="reAR lowers FID relative to plain AR with CFG (each at its best
 gpus = set(records["GPU"])
 if ctx.is_smoke or len(gpus) != 1 or "CPU" in gpus or not math.isfinite(cost_ratio):
     cost_verdict = "not tested"
-else:  # the paper's overhead is +0.37%; issue 4 asks for at most +1%
+else:  # the paper's overhead is +0.37%; our target is at most +1%
     cost_verdict = ("reproduced" if cost_ratio <= 1.01 else
                     "direction reproduced" if cost_ratio <= 1.05 else "not reproduced")
 ctx.claim(claim="reAR's regularization adds almost no training cost",

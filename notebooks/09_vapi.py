@@ -451,7 +451,7 @@ ctx.claim(claim="VA-π on top of reAR (both attack the generator-tokenizer gap)"
           ours=f"{FID} no CFG: reAR {spread(fids('reAR', 'no CFG'))} -> {spread(fids('reAR + VA-π', 'no CFG'))}, "
                f"AR + VA-π {spread(fids('AR + VA-π', 'no CFG'))}; with CFG: reAR {spread(fids('reAR', CFGL))} -> "
                f"{spread(fids('reAR + VA-π', CFGL))}",
-          verdict="not tested", note=join("no paper claim to test; reported for the comparison issue 9 asks for",
+          verdict="not tested", note=join("no paper claim to test; reported for comparison",
                                           smoke_note))
 
 ablation = {r: fids(r, "no CFG") for r in ("AR + VA-π (MSE only)", "AR + VA-π (perceptual only)", "AR + VA-π")}

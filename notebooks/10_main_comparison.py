@@ -79,7 +79,7 @@ print(f"{len(runs)} runs, {len(evals)} evaluations; floor (real train images, sa
 # From each run's training record: steps, train time (checkpoint writes excluded), steady-state samples/s (after
 # the first logging window, which holds compilation), GPU. The cost of reAR over AR is the ratio of time per epoch
 # = samples/s of AR / samples/s of reAR, taken per training seed (the two runs of a seed ran on the same kind of
-# GPU; seed 0 is the zoo's shipped pair, trained in an earlier session).
+# GPU; seed 0 is the zoo's shipped pair, trained separately).
 
 # %%
 show_runs = runs[["model", "seed", "steps", "batch", "params", "train time (s)", "samples/s", "GPU", "final loss",
@@ -269,6 +269,6 @@ ctx.claim(claim="reAR's regularization adds almost no training cost",
                f"pairs; per seed {', '.join(f'{x:.3f}' for x in cost['ratio'])}) on {', '.join(sorted(gpus))}",
           verdict=cost_verdict,
           note=join("steady-state samples/s of separate runs; thresholds <= +1% reproduced, <= +5% direction "
-                    "reproduced; seed 0 is the shipped pair trained in an earlier session", smoke_note))
+                    "reproduced; seed 0 is the shipped pair, trained separately", smoke_note))
 print(f"total {time.time() - t_start:.1f} s")
 pd.DataFrame(ctx.claims)[["claim", "ours", "verdict"]]

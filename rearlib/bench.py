@@ -158,8 +158,8 @@ def count_host_syncs(stepper: Stepper, step: int, device: torch.device) -> int |
 def count_sync_reports(messages) -> int:
     """How many of the warning ``messages`` are CUDA sync-debug reports ("called a synchronizing CUDA operation").
     Only those count: the first ``set_sync_debug_mode`` call of a process emits another warning that mentions
-    synchronisation, which earlier counted as one sync in the first row of every run (session 9: "error" mode
-    raised nothing in that step)."""
+    synchronisation, which earlier counted as one sync in the first row of every run ("error" mode raised
+    nothing in that step: benchmarks/training_step/first_row_sync.py)."""
     return sum("called a synchronizing cuda operation" in m.lower() for m in messages)
 
 

@@ -2,7 +2,7 @@
 
 reAR's blocks attend over S = 258 positions with 16 heads of d = 48. At that shape cuDNN's fused attention (the
 kernel behind ``scaled_dot_product_attention``) reaches about 33 TFLOP/s on an H200: 22.8 ms of a 148 ms reAR-B
-step (reports/small/bench/train_speed_session9.json). These kernels compute the same function with the
+step (reports/small/bench/train_fused_blocks_tuning.json). These kernels compute the same function with the
 FlashAttention-2 schedule (Dao, 2023; the Triton tutorial's split of the backward into a dK/dV and a dQ phase in
 one program): scores and softmax statistics in float32, probabilities rounded to the input dtype for the two
 value products, the head dimension padded to a power of two inside the tile (48 -> 64).
@@ -47,7 +47,7 @@ __all__ = ["flash_attention_forward", "flash_attention_backward", "attention_dro
 #: ``atomic_dq`` the dQ contributions are added in the first loop instead. ``fwd_tail`` / ``bwd_tail``: query rows
 #: per tile for the ragged end past the last full ``fwd_m`` / ``bwd_loop`` tile (S = 258 leaves 2 rows; the
 #: backward uses it with dropout only). ``bits_*``: words per program and warps of the mask kernel.
-#: Chosen from a sweep on an H200 at reAR-B shapes (reports/small/bench/session10/flash_micro.json).
+#: Chosen from a sweep on an H200 at reAR-B shapes (reports/small/bench/attention_flash_micro.json).
 FLASH_CONFIG = {"fwd_m": 64, "fwd_n": 32, "fwd_warps": 4, "fwd_stages": 3, "fwd_tail": 16,
                 "bwd_tile": 64, "bwd_loop": 64, "bwd_tail": 16, "bwd_warps": 4, "bwd_stages": 2, "delta_rows": 64,
                 "atomic_dq": True, "bits_block": 128, "bits_warps": 2}
@@ -371,7 +371,7 @@ def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     BT = cfg["bwd_tile"]
     # The ragged-end loop is used with dropout only: on an H200 at reAR-B shapes it made the backward faster with
     # dropout 0.1 (0.454-0.480 against 0.467-0.507 ms) and slower without (0.484-0.494 against 0.441-0.459 ms;
-    # reports/small/bench/session11/tail_micro_run*.json).
+    # reports/small/bench/attention_tail_tiles_micro_run*.json).
     tail = cfg["bwd_tail"] if drop else cfg["bwd_loop"]
     _bwd_kernel[(triton.cdiv(S, BT), B * H)](
         q, k, v, do, lse, delta, bits if drop else lse, dq, dk, dv,

@@ -1,7 +1,7 @@
 """A hand-scheduled forward and backward of the whole block stack, for training on CUDA in bf16.
 
 ``torch.compile`` leaves the training step of reAR-B with about 48 ms per step of Inductor-generated elementwise
-and reduction kernels (one H200, reports/small/bench/profile_rear_b_session7.json), most of it in the backward of
+and reduction kernels (one H200, reports/small/bench/profile_rear_b_modules_bshd.json), most of it in the backward of
 the adaLN sites: the LayerNorm backward, and one kernel that re-reads six tensors to assemble the [N, 6C]
 modulation gradient (``cat``) that the adaLN weight GEMM needs. This module computes *the same function* as
 :class:`rearlib.model.Block` stacked ``depth`` times, with
@@ -29,7 +29,7 @@ The dropout masks come from :func:`rearlib.kernels.dropout_keep_bits`, one bit p
 uses the byte masks of :func:`rearlib.kernels.dropout_keep_mask`: same distribution and 16-bit draws, different
 counters, so the random stream differs); the site and GELU kernels are bound by memory traffic, and the bits cut
 their mask reads to an eighth. Measurements: reports/small/bench/
-train_fused_blocks_session8.json and train_speed_session9.json.
+train_fused_blocks_ab.json and train_fused_blocks_tuning.json; see docs/performance.md.
 
 Used by :meth:`rearlib.model.Generator` in training when ``GeneratorConfig.block_kernels`` selects it (see there);
 everything else (embedding, head, loss, alignment heads) stays in the compiled module code. CPU runs (tests) use
@@ -63,7 +63,7 @@ _NP = len(BLOCK_PARAM_NAMES)
 
 #: Launch configuration of the site kernels: rows per program tile, warps, and the backward's programs per SM
 #: (``bwd_programs``, when set, is an absolute count instead). Measured on an H200 at reAR-B shapes
-#: (reports/small/bench/train_speed_session9.json): 3 programs of 8 warps per SM is what fits in the registers at
+#: (reports/small/bench/train_fused_blocks_tuning.json): 3 programs of 8 warps per SM is what fits in the registers at
 #: once, so 3 x 132 programs run in one wave (0.247 ms per site) where 1056 ran in 2.7 (0.263 ms).
 SITE_CONFIG = {"fwd_rows": 4, "fwd_warps": 8, "bwd_rows": 1, "bwd_warps": 8, "bwd_programs_per_sm": 3,
                "bwd_programs": None}
@@ -457,7 +457,7 @@ def _gelu_bwd(dg, f, keep, inv_keep: float):
 # ----------------------------------------------------------------------------------------------------------------
 #: Launch configuration of the QK-norm kernels (tokens per tile, warps, backward programs per SM or in all, and
 #: the backward's software-pipelining stages). H200, reAR-B shapes: 4 warps x 8 programs per SM with 3 stages took
-#: 0.183 ms per call where 8 warps x 1056 programs took 0.227 (reports/small/bench/train_speed_session9.json).
+#: 0.183 ms per call where 8 warps x 1056 programs took 0.227 (reports/small/bench/train_fused_blocks_tuning.json).
 QKNORM_CONFIG = {"fwd_tokens": 4, "fwd_warps": 8, "bwd_tokens": 1, "bwd_warps": 4, "bwd_programs_per_sm": 8,
                  "bwd_programs": None, "bwd_stages": 3}
 
@@ -623,7 +623,7 @@ def qknorm_backward(dq, dk, dv, qkv, wq, wk, shape, eps: float, *, interpret: bo
 # ----------------------------------------------------------------------------------------------------------------
 #: Launch configuration of the GELU kernels (elements per forward program; backward columns per tile, warps, row
 #: programs per column block: per SM, or in all when ``bwd_programs`` is set). H200, reAR-B shapes
-#: (reports/small/bench/train_speed_session9.json): the backward took 0.238 ms per call with 8 warps x 8 programs
+#: (reports/small/bench/train_fused_blocks_tuning.json): the backward took 0.238 ms per call with 8 warps x 8 programs
 #: per SM against 0.274 with 4 warps x 352 programs.
 GELU_CONFIG = {"fwd_block": 8192, "fwd_warps": 8, "bwd_cols": 1024, "bwd_warps": 8, "bwd_programs_per_sm": 8,
                "bwd_programs": None}
@@ -733,7 +733,8 @@ def gelu_backward(dg, f, keep, inv_keep: float, *, interpret: bool = False, part
 # Attention
 # ----------------------------------------------------------------------------------------------------------------
 #: Attention kernels of the Triton stack: "flash" = :mod:`rearlib.flash_attention` (default; measured faster at
-#: reAR-B shapes, reports/small/bench/session10/), "cudnn" = the aten ops behind ``scaled_dot_product_attention``.
+#: reAR-B shapes on an H200, reports/small/bench/attention_flash_vs_cudnn_step.json), "cudnn" = the aten ops
+#: behind ``scaled_dot_product_attention``.
 ATTENTION_KERNELS = ("flash", "cudnn")
 DEFAULT_ATTENTION = "flash"
 

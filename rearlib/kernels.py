@@ -17,11 +17,12 @@ PyTorch, used by the tests (the kernel itself also runs on CPU tensors under ``T
 attention projection, after the GELU and after fc2). :func:`dropout_keep_mask` makes them from every Philox-4x32-10
 call (``tl.randint4x``): four 32-bit words, each split into two 16-bit uniform draws, so eight decisions per call.
 The kernel is bound by Philox's arithmetic, not by its stores: on an H200 the 3.65G decisions of a reAR-B step took
-4.14 ms with one decision per word and 2.37 ms with two (reports/small/bench/train_speed_session9.json).
+4.14 ms with one decision per word and 2.37 ms with two (reports/small/bench/train_fused_blocks_tuning.json).
 :func:`dropout` applies the mask as ``x * keep / (1 - p)``, a multiply Inductor fuses into the neighbouring kernels.
 The fused block stack (:mod:`rearlib.fused_blocks`) reads the same kind of decisions packed one bit each
 (:func:`dropout_keep_bits`, :func:`pack_keep`, :func:`unpack_keep`): 1.87 against 2.41 ms per reAR-B step for the
-mask kernel, and an eighth of the mask bytes for its memory-bound kernels (reports/small/bench/session11/).
+mask kernel, and an eighth of the mask bytes for its memory-bound kernels (measured on an H200, see
+docs/performance.md and reports/small/bench/dropout_bits_ab_run2.json).
 The distribution is that of ``nn.Dropout`` up to the 16-bit resolution of p: each element is kept independently
 with probability 1 - round(65536 p) / 65536 (:func:`keep_threshold`; 0.89999390 for p = 0.1). The random stream
 differs, and the kernel's seed comes from torch's CUDA generator, so ``torch.manual_seed`` and checkpointed RNG

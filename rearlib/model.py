@@ -106,7 +106,7 @@ class GeneratorConfig:
     dropout stays in SDPA.
     block_kernels: "auto" = in CUDA training under bf16 autocast the blocks run as :func:`rearlib.fused_blocks.
     fused_block_stack` (same function, hand-scheduled: one adaLN GEMM for all blocks, Triton kernels; +7% samples/s
-    on reAR-B in one A/B, more after session 9, see the README); "module" = always the Block modules. Speed only.
+    on reAR-B in one A/B, more once tuned, see docs/performance.md); "module" = always the Block modules. Speed only.
     encode_align_layer / decode_align_layer: 0-based block whose output feeds the encode ("EN") / decode ("DE")
     alignment head; ``None`` disables that head. They may be equal (the official code cannot do that).
     align_head: "silu3" = Linear(C,P)-SiLU-Linear(P,P)-SiLU-Linear(P,z) as in the released code (default);

@@ -1,4 +1,4 @@
-"""The training studies of issue 7 at our scale: what to train, what to evaluate, and a resumable CLI.
+"""The training studies of notebooks 10-13 at our scale: what to train, what to evaluate, and a resumable CLI.
 
 Studies (``shared/paper/rear_protocol.md`` §3):
 
@@ -59,7 +59,7 @@ RECIPES = ("main", "ablation")
 #: (``base_size`` = the preset itself); a non-base size names its default DE block (3/4 depth, as the paper's
 #: 15 of 20 and 18 of 24). noise_rows / embedding rows: see :func:`study_specs`. cfg_scales x cfg_powers: the
 #: main study's CFG sweep. Estimates (``est_*``, for planning and the time limit only): training samples/s of the
-#: base size (measured on one H200 in session 1: 9.5k AR, 9.0k reAR), per-run overhead (compile, data, load),
+#: base size (measured on one H200: 9.5k AR, 9.0k reAR), per-run overhead (compile, data, load),
 #: seconds per evaluation without / with CFG (sampling + scoring), per-model sampler setup.
 #: FID extractor of the studies' evaluations. The committed records of these recipes were scored with the in-project
 #: classifier, and their tables say so ("FID[rearlib-classifier]"); they move to the Inception FID network together
