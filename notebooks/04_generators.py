@@ -5,8 +5,8 @@
 # model zoo (`rearlib.zoo`):
 #
 # * **AR**: next-token cross-entropy only.
-# * **reAR**: the same loss plus the paper's two regularizers (protocol §1.5-1.7): noisy context (tokens of the
-#   teacher-forcing input replaced by random codes with a per-sequence rate ε ~ U(0, max(0, 1 - 4t/3))) and
+# * **reAR**: the same loss plus the paper's two regularizers (docs/paper.md, reAR §1.5-§1.7): noisy context (tokens of
+#   the teacher-forcing input replaced by random codes with a per-sequence rate ε ~ U(0, max(0, 1 - 4t/3))) and
 #   codebook-embedding alignment (an encode head at block 0 predicting the current token's code vector, a decode
 #   head at 3/4 depth predicting the next token's code vector, cosine loss, weight 1).
 #
@@ -16,7 +16,7 @@
 # 2. **Teacher-forced** token metrics on held-out tokens: cross-entropy, perplexity and the correct-token ratio
 #    (CTR: the argmax prediction given the true prefix equals the true token).
 # 3. **Samples**: class-conditional grids with identical seeds, without and with classifier-free guidance (CFG)
-#    on the power-cosine schedule s_t = 1 + (g - 1)(1 - cos(π (t/N)^p))/2 (protocol §1.9).
+#    on the power-cosine schedule s_t = 1 + (g - 1)(1 - cos(π (t/N)^p))/2 (docs/paper.md, reAR §1.9).
 # 4. **Distribution metrics** of generated images against held-out real images: FID / IS / KID / precision /
 #    recall through torch-fidelity, with the **in-project feature extractor** (`rearlib-classifier`, a CNN trained
 #    on ShapeScenes-10; every number is labeled `FID[rearlib-classifier]`, never "FID" alone: it is not the

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 05 · Exposure bias: a correct token in the wrong place costs more
 #
-# reAR's first diagnosis (paper §3.1, Fig. 3a; App. B, Fig. 8a-d; protocol `rear_protocol.md` §2.1). Take the
+# reAR's first diagnosis (paper §3.1, Fig. 3a; App. B, Fig. 8a-d; `docs/paper.md`, reAR §2.1). Take the
 # ground-truth (GT) token sequence of a real image and force exactly ⌊rN⌋ of its tokens into an otherwise
 # **sampled** sequence:
 #
@@ -15,7 +15,7 @@
 # imperfect protocol worse at every CTR (LPIPS higher by 0.04-0.11, PSNR lower by up to 1 dB), even where its
 # perplexity is lower.
 #
-# Our choices where the paper is silent (§6 of the protocol): multinomial sampling at temperature 1 without
+# Our choices where the paper is silent (`docs/paper.md`, reAR §6): multinomial sampling at temperature 1 without
 # CFG, the image's own class as the condition, validation images, the *measured* CTR on the x-axis (ratio r is
 # recorded), and as "perplexity" the perplexity of the evaluated sequence under the model given its own prefix
 # (`ppl`; the GT tokens' perplexity given the same prefix is kept as `ppl_gt`). Both protocols share their
@@ -192,7 +192,7 @@ plt.show()
 # %% [markdown]
 # ## Image quality against perplexity (Fig. 8c-d)
 # Perplexity here is that of the evaluated sequence under the model given its own prefix. The paper's values
-# span about 1450-1950 (above K = 1024, hence this reading, §6.5); ours are on our model's scale and are not
+# span about 1450-1950 (above K = 1024, hence this reading, reAR §6 item 5); ours are on our model's scale and are not
 # comparable. Each point is one r (labeled), mean and 95% CI on both axes.
 
 # %%
@@ -389,7 +389,7 @@ def fmt(e, d=3):
 
 if ctx.scale == "paper":
     SETTING_REASONS = ("with the paper's tokenizer and the authors' checkpoints, a difference points to the choices "
-                       "the paper leaves open (protocol §6: which checkpoint, sampling temperature and CFG, image "
+                       "the paper leaves open (docs/paper.md, reAR §6: which checkpoint, sampling temperature and CFG, image "
                        "selection, LPIPS backbone).")
 else:
     SETTING_REASONS = (

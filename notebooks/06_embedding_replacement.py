@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 06 · Embedding unawareness: same CTR, better images
 #
-# reAR's second diagnosis (paper §3.1, Fig. 3b; App. B, Fig. 7 and 8e-g; protocol `rear_protocol.md` §2.2).
+# reAR's second diagnosis (paper §3.1, Fig. 3b; App. B, Fig. 7 and 8e-g; `docs/paper.md`, reAR §2.2).
 # The generator is trained with cross-entropy over token *ids*: to it, every wrong id is equally wrong. The
 # tokenizer's decoder sees code *vectors*: a wrong id whose vector is close to the true one decodes to nearly
 # the right pixels. The experiment:
@@ -20,8 +20,8 @@
 # a **uniformly random** code and by the **farthest** code (lowest cosine). If embedding distance is what
 # matters, at equal CTR nearest < random < farthest in perceptual distance.
 #
-# Our choices (protocol §6.6-6.7): "embedding similarity" = mean cosine between the codebook vectors of the
-# evaluated and the true token over the *wrong* positions (`emb_sim_wrong`; over all positions: `emb_sim_all`);
+# Our choices (`docs/paper.md`, reAR §6 items 6-7): "embedding similarity" = mean cosine between the codebook vectors
+# of the evaluated and the true token over the *wrong* positions (`emb_sim_wrong`; over all positions: `emb_sim_all`);
 # nearest neighbours precomputed per code, ties to the lowest id; perplexity = that of the replaced sequence
 # teacher-forced on itself (`ppl`; its change from r′ = 0 is `ppl_delta`, the paper's ΔPerplexity), and
 # `ppl_tf` = the replaced tokens scored in the GT context they were predicted in. The paper uses vanilla AR; we
@@ -347,7 +347,7 @@ base = W[(W.model == "AR") & (W["mode"] == "nearest") & (W.r_prime == 0.0)].iloc
 frac_changed = (at("AR", "nearest", r_max, "n_changed") / at("AR", "nearest", r_max, "n_wrong")).mean()
 if ctx.scale == "paper":
     SETTING_REASONS = ("with the paper's tokenizer and the authors' checkpoints, a difference points to the choices "
-                       "the paper leaves open (protocol §6: which checkpoint, the definition of embedding "
+                       "the paper leaves open (docs/paper.md, reAR §6: which checkpoint, the definition of embedding "
                        "similarity and perplexity, image selection, LPIPS backbone).")
 else:
     SETTING_REASONS = (

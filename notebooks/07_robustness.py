@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 07 · Robustness of next-token prediction: AR vs reAR
 #
-# Paper App. C.1, Fig. 9a (protocol `rear_protocol.md` §2.3). reAR trains on *noisy* context (a fraction of the
+# Paper App. C.1, Fig. 9a (`docs/paper.md`, reAR §2.3). reAR trains on *noisy* context (a fraction of the
 # input tokens replaced at random, annealed to zero) and aligns hidden states with the tokenizer's code
 # vectors. If that works, the model should (a) predict the next token a little better on images it has never
 # seen, i.e. generalize better, and (b) lose less accuracy when part of its context is wrong, the situation it

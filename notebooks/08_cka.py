@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 08 · Where do hidden states look like code vectors? A CKA layer analysis
 #
-# Paper App. C.2, Fig. 9b-c (protocol `rear_protocol.md` §2.4). reAR aligns two hidden layers of the generator
+# Paper App. C.2, Fig. 9b-c (`docs/paper.md`, reAR §2.4). reAR aligns two hidden layers of the generator
 # with the tokenizer's codebook: an early layer with the **current** token's code vector (encoding, "EN") and a
 # late layer with the **next** token's code vector (decoding, "DE"). The paper picks EN at layer 0 and DE at
 # about ¾ depth (layer 15 of 20) because of this analysis: linear CKA (Eq. 13) between every block's output and
@@ -14,9 +14,9 @@
 # and reAR raises both curves where it aligns them (encoded 0.39 → 0.74 at layer 0, decoded 0.099 → 0.130 at
 # layer 15).
 #
-# Our choices (§6.9): clean validation input, image-token positions only (CLS and class positions excluded),
-# block outputs before the final adaLN, all positions of every image pooled (rows = positions), linear CKA
-# accumulated exactly in float64. For confidence intervals the images are split into disjoint folds and CKA
+# Our choices (`docs/paper.md`, reAR §6 item 9): clean validation input, image-token positions only (CLS and class
+# positions excluded), block outputs before the final adaLN, all positions of every image pooled (rows = positions),
+# linear CKA accumulated exactly in float64. For confidence intervals the images are split into disjoint folds and CKA
 # is computed per fold; points are the mean over folds with a 95% t-interval (the all-images value is saved
 # too). AR and reAR see the same images and folds, so their differences are paired per fold.
 

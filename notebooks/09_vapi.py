@@ -2,7 +2,7 @@
 # # 09 · VA-π: closing the generator-tokenizer gap after training
 #
 # reAR changes *training* so that a generator copes with its own imperfect prefixes and knows the geometry of the
-# codebook. **VA-π** (Liao et al., arXiv 2512.19680; `shared/paper/vapi_protocol.md`) attacks the same gap
+# codebook. **VA-π** (Liao et al., arXiv 2512.19680; `docs/paper.md`, Part II) attacks the same gap
 # *after* training, in pixel space: for a real image with ground-truth tokens x*, the generator predicts every
 # token from the true prefix (teacher forcing), G token sequences are drawn independently per position, each is
 # decoded by the frozen tokenizer and rewarded with R = -(MSE + λ_p · perceptual distance) against the real image;

@@ -14,8 +14,8 @@
 # the training recipe; the GPU work runs as `python -m rearlib.studies run --scale small --study main`.
 #
 # * **Without CFG**: 10k samples per training seed, sampling seed S + 1.
-# * **With CFG** (power-cosine schedule, protocol §1.9): a sweep of g x p on training seed 0 with sampling seed S
-#   (*selection*), then each variant's best (g, p) on all three training seeds with sampling seed S + 1 (the
+# * **With CFG** (power-cosine schedule, `docs/paper.md`, reAR §1.9): a sweep of g x p on training seed 0 with sampling
+#   seed S (*selection*), then each variant's best (g, p) on all three training seeds with sampling seed S + 1 (the
 #   *reported* numbers, free of the selection's optimism).
 # * Metrics: FID / IS / KID / precision / recall against 10k held-out real images with the **in-project feature
 #   extractor** (a classifier trained on ShapeScenes-10): every such number is labeled `[rearlib-classifier]`; it

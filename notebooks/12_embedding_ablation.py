@@ -12,17 +12,18 @@
 #
 # **Our setup.** The zoo's base generator (8 blocks x 256 at `small`; its default is EN@0 + DE@6) with the
 # studies' ablation recipe (2000 steps at batch 256 at `small`: a shortened schedule, not an 80-epoch checkpoint
-# of the long one; protocol §6.11 leaves this open), one training seed, no CFG, 10k samples at sampling seed
-# S + 1. **Layer mapping**: our block = round(k x 6 / 15) for the paper's block k (anchoring the paper's DE@15 on
-# our DE@6, both 3/4 depth): DE@10 -> 4, DE@13 -> 5, DE@14..16 -> 6, DE@17 -> 7, "DE@20" -> 7 (the last block;
-# 20 is not a valid 0-based index of a 20-block model, protocol §6.10), EN@5 -> 2. Rows that map to one of our
-# runs share it (e.g. Table 7's DE@14..16).
+# of the long one; `docs/paper.md`, reAR §6 item 11 leaves this open), one training seed, no CFG, 10k samples at
+# sampling seed S + 1. **Layer mapping**: our block = round(k x 6 / 15) for the paper's block k (anchoring the paper's
+# DE@15 on our DE@6, both 3/4 depth): DE@10 -> 4, DE@13 -> 5, DE@14..16 -> 6, DE@17 -> 7, "DE@20" -> 7 (the last block;
+# 20 is not a valid 0-based index of a 20-block model, `docs/paper.md`, reAR §6 item 10), EN@5 -> 2. Rows that map to
+# one of our runs share it (e.g. Table 7's DE@14..16).
 #
-# **Noise in these rows**: Table 4 does not say whether the noisy context was on (protocol §6.11). We keep the
-# final noise schedule in every row that has an alignment term (`de_only`, `rear` variants: `rearlib.rear.PRESETS`)
-# and no noise for vanilla AR and the tied baseline. The tied-codebook baseline is our construction (the paper does
-# not describe it; `rearlib.model`: frozen codebook vectors through a learned projection at the input and a tied
-# output head). DE-only rows compute only the decode term (not the released code's double-counting fallback).
+# **Noise in these rows**: Table 4 does not say whether the noisy context was on (`docs/paper.md`, reAR §6 item 11). We
+# keep the final noise schedule in every row that has an alignment term (`de_only`, `rear` variants:
+# `rearlib.rear.PRESETS`) and no noise for vanilla AR and the tied baseline. The tied-codebook baseline is our
+# construction (the paper does not describe it; `rearlib.model`: frozen codebook vectors through a learned projection
+# at the input and a tied output head). DE-only rows compute only the decode term (not the released code's
+# double-counting fallback).
 #
 # Metrics with the in-project extractor, labeled `[rearlib-classifier]` (not comparable with the paper's values).
 # **Verdict rule**: a claim about a difference is "direction reproduced" when our difference has the paper's sign

@@ -1,4 +1,4 @@
-"""The paper's diagnosis analyses (reAR §3.1, App. B-C; rear_protocol.md §2, decisions of §6) as pure functions.
+"""The paper's diagnosis analyses (paper §3.1, App. B-C; docs/paper.md, reAR §2, choices of §6) as pure functions.
 
 Every analysis is a function of (generator, tokenizer, images or tokens, class labels, settings, randomness) that
 returns a tidy :class:`pandas.DataFrame` - one row per image per setting (CKA: one row per layer per target,
@@ -14,16 +14,17 @@ Experiment A - exposure bias (:func:`exposure_bias`; paper §3.1 Fig. 3a, App. B
     ``"perfect"`` context: ``F = {1..k}`` (front-loaded); ``"imperfect"`` context: ``F`` = a uniformly random
     ``k``-subset. Positions ``t = 1..N`` are produced in raster order: ``x̂_t = x_t`` if ``t ∈ F`` else a draw from
     the model given the current mixed prefix ``x̂_{<t}`` (the model keeps generating after every sampled, possibly
-    wrong, token). Default draw: multinomial at temperature 1 without CFG (§6.3); options: temperature, argmax,
-    CFG (``s_t`` of :func:`rearlib.sample.cfg_scale_at`). The full ``x̂`` is decoded and compared with the real
+    wrong, token). Default draw: multinomial at temperature 1 without CFG (reAR §6 item 3); options: temperature,
+    argmax, CFG (``s_t`` of :func:`rearlib.sample.cfg_scale_at`). The full ``x̂`` is decoded and compared with the real
     image (and with the tokenizer's reconstruction of ``x``, which isolates the generator's errors from the
     tokenizer's). Columns (besides the settings):
 
-    * ``ctr`` = (1/N) Σ_t 1[x̂_t = x_t] of the final sequence (measured CTR; §6.4: plot this, record ``ratio``).
-      ``ctr_free`` = the same over the sampled positions only (chance agreement), NaN when nothing was sampled.
+    * ``ctr`` = (1/N) Σ_t 1[x̂_t = x_t] of the final sequence (measured CTR; reAR §6 item 4: plot this, record
+      ``ratio``). ``ctr_free`` = the same over the sampled positions only (chance agreement), NaN when nothing was
+      sampled.
     * ``ppl`` = exp(-(1/N) Σ_t log p_θ(x̂_t | x̂_{<t})): the perplexity of the evaluated sequence under the model
-      given its own prefix - **the quantity we plot as "perplexity"** (§6.5; values above K are possible, as in
-      the paper's Fig. 8). ``ppl_gt`` = exp(-(1/N) Σ_t log p_θ(x_t | x̂_{<t})): the GT tokens' perplexity given the
+      given its own prefix - **the quantity we plot as "perplexity"** (reAR §6 item 5; values above K are possible, as
+      in the paper's Fig. 8). ``ppl_gt`` = exp(-(1/N) Σ_t log p_θ(x_t | x̂_{<t})): the GT tokens' perplexity given the
       evaluated prefix. Both are read off the very logits the decoding loop computed (conditional rows, before
       CFG and temperature), which equal the teacher-forced logits on ``x̂`` up to float round-off.
     * ``first_error`` = 0-based index of the first position with x̂_t != x_t (N when none).
@@ -33,15 +34,15 @@ Experiment B - embedding-nearest replacement (:func:`embedding_replacement`; §3
     Teacher forcing on ``x`` gives ``x̂_t = argmax p_θ(· | x_{<t})`` (Eq. 8). Each wrong position (x̂_t != x_t) is
     selected with probability ``r'`` and its token replaced by ``c(x_t)``; the sequence is decoded directly (no
     further generation). ``mode``: ``"nearest"`` c = the code with the highest cosine similarity to z(x_t) other
-    than x_t itself (the paper's protocol; §6.7: precomputed top-1 neighbour, ties -> lowest id); contrasts at the
-    same positions: ``"farthest"`` (lowest cosine, other than x_t) and ``"random"`` (uniform over the K-1 codes
+    than x_t itself (the paper's protocol; reAR §6 item 7: precomputed top-1 neighbour, ties -> lowest id); contrasts
+    at the same positions: ``"farthest"`` (lowest cosine, other than x_t) and ``"random"`` (uniform over the K-1 codes
     other than x_t). A replacement never equals x_t, so CTR is unchanged by construction; this is checked for
     every row and a violation raises :class:`RuntimeError`. Selection uses one uniform ``v_t`` per (image,
     position, repeat) and selects ``v_t < r'``, so the selected sets are nested in ``r'`` and identical across
     modes (common random numbers). Columns: ``ctr``; ``n_wrong``, ``n_replaced`` (selected), ``n_changed``
     (selected positions whose token actually changed: the neighbour may already be the prediction);
-    ``emb_sim_wrong`` / ``emb_sim_all`` = mean cos(z(x̂_t), z(x_t)) over wrong / all positions (§6.6; "wrong" is
-    our reading of the paper's "embedding similarity"); ``ppl`` / ``ppl_gt`` as in A for the replaced sequence
+    ``emb_sim_wrong`` / ``emb_sim_all`` = mean cos(z(x̂_t), z(x_t)) over wrong / all positions (reAR §6 item 6; "wrong"
+    is our reading of the paper's "embedding similarity"); ``ppl`` / ``ppl_gt`` as in A for the replaced sequence
     (teacher-forced on it); ``ppl_tf`` = exp(-(1/N) Σ_t log p_θ(x̂_t | x_{<t})), the replaced tokens scored in the
     GT context the predictions were made in; ``*_delta`` = value minus the same image's value at r' = 0 (the
     plain teacher-forced argmax sequence; the paper's ΔPerplexity); image metrics.
@@ -55,7 +56,7 @@ Experiment C - robustness of next-token prediction (:func:`robustness`; App. C.1
     CTR over targets x_{t+1} whose immediately preceding input x̃_t was / was not replaced (NaN for clean).
 
 Experiment D - CKA layer analysis (:func:`cka_layers`; App. C.2, Fig. 9b-c)
-    Rows = image-token positions pooled over images (§6.9: clean input, CLS and class positions excluded).
+    Rows = image-token positions pooled over images (reAR §6 item 9: clean input, CLS and class positions excluded).
     X = output of block ℓ (0-based, before the final adaLN; :meth:`Generator.forward_features`) at the input
     position of x_t. Targets: ``"encoded"`` Y = z(x_t) (the current token, t = 1..N); ``"decoded"`` Y = z(x_{t+1})
     (the next token, t = 1..N-1). Linear CKA (Eq. 13, the plug-in estimator of :func:`rearlib.metrics.linear_cka`)
@@ -100,7 +101,7 @@ __all__ = [
     "StreamingLinearCKA", "cka_layers", "image_metrics", "encode_images", "mean_ci", "paper_reference",
 ]
 
-#: The paper's grids (§2.1, §2.2).
+#: The paper's grids (docs/paper.md, reAR §2.1, §2.2).
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 R_PRIMES = (0.0, 0.2, 0.4, 0.6, 0.8)
 PROTOCOLS = ("perfect", "imperfect")
@@ -109,7 +110,8 @@ CKA_TARGETS = ("encoded", "decoded")
 
 #: Per-scale settings for the notebooks. ``images``: images per analysis (A, B, C use ``images``; D pools
 #: ``cka_images``); ``batch_size``: rows per forward / decoding batch. smoke: CPU seconds, numbers meaningless.
-#: small: one H200 (see ``python -m rearlib.analysis benchmark`` for the measured cost). paper: §6.2's N >= 1000.
+#: small: one H200 (see ``python -m rearlib.analysis benchmark`` for the measured cost). paper: N >= 1000
+#: (docs/paper.md, reAR §6 item 2).
 SCALES = {
     "smoke": {"images": 6, "ratios": (0.1, 0.5, 0.9), "r_primes": (0.0, 0.4, 0.8), "noise_fraction": 0.1,
               "cka_images": 6, "batch_size": 32, "repeats": 1},
@@ -1059,8 +1061,9 @@ def mean_ci(df: pd.DataFrame, by: Sequence[str], values: Sequence[str], *, level
     return pd.DataFrame(out)
 
 
-# Digitised from rear_protocol.md §2.1-2.4 (sources there: [PP-fig] exposure_bias.png / app_exposure_bias.png,
-# embedding_unawareness.png / app_emb_similarity.png, analysis.png; bar labels exact).
+# Digitised from docs/paper.md, reAR §2.1-§2.4 (sources: the project page's figure files, reAR §0:
+# exposure_bias.png / app_exposure_bias.png, embedding_unawareness.png / app_emb_similarity.png, analysis.png;
+# bar labels exact).
 _PAPER_A = {  # ratio: (LPIPS imperfect, LPIPS perfect, PSNR imperfect, PSNR perfect)
     0.1: (0.65, 0.59, 9.7, 10.7), 0.2: (0.58, 0.50, 10.8, 11.6), 0.3: (0.55, 0.44, 11.3, 11.9),
     0.4: (0.46, 0.38, 12.5, 13.0), 0.5: (0.40, 0.32, 13.7, 13.7), 0.6: (0.31, 0.24, 15.7, 15.8),
@@ -1090,7 +1093,7 @@ def ci_of(x, *, level: float = 0.95) -> dict:
 
 
 def paper_reference(experiment: str) -> pd.DataFrame:
-    """The paper's numbers for an analysis, as a tidy DataFrame (rear_protocol.md §2.1-2.4).
+    """The paper's numbers for an analysis, as a tidy DataFrame (docs/paper.md, reAR §2.1-§2.4).
 
     ``"A"`` / ``"exposure_bias"``: protocol, ratio, ctr (the paper plots CTR ≈ r), perceptual (LPIPS, backbone not
     stated), psnr - digitised ±0.01 LPIPS / ±0.2 dB. ``"B"`` / ``"replacement"``: r_prime, perceptual, psnr (exact
@@ -1098,7 +1101,7 @@ def paper_reference(experiment: str) -> pd.DataFrame:
     condition (clean / noisy), ctr (fraction) and ctr_percent (printed values). ``"D"`` / ``"cka"``: model,
     target (encoded / decoded), layer, relative_depth (of 20 blocks), cka (digitised ±0.005). Every frame has
     ``source`` and ``precision`` columns; the analysis model/checkpoint/number of images are not stated in the
-    paper (§2).
+    paper (docs/paper.md, reAR §2).
     """
     e = _EXPERIMENT_NAMES.get(experiment)
     if e is None:

@@ -1,7 +1,7 @@
 """Metrics: token-level (CTR, perplexity, embedding similarity), image-level (PSNR, SSIM, LPIPS or ST-LPIPS),
 distribution-level (FID / KID / precision-recall through torch-fidelity, IS where logits exist) and CKA.
 
-Conventions (see DESIGN.md "Metrics conventions" and rear_protocol.md §2, §4, §6):
+Conventions (see README "Metrics" and docs/paper.md, reAR §2, §4, §6):
 
 * Images in: float tensors ``[B, 3, H, W]`` in [0, 1]. They are quantised to uint8 (``round(255 x)``) before
   PSNR/SSIM and before torch-fidelity, exactly as a PNG on disk would be.
@@ -68,7 +68,7 @@ def _check_range(tokens: torch.Tensor, K: int, name: str) -> None:
 
 
 def correct_token_ratio(pred, target, reduction: str = "none") -> torch.Tensor:
-    """Correct-token ratio, CTR = (1/N) * sum_i 1[pred_i == target_i] (rear_protocol §2, Eq. 8).
+    """Correct-token ratio, CTR = (1/N) * sum_i 1[pred_i == target_i] (docs/paper.md, reAR §2; Eq. 8).
 
     Per sequence: ``[B]`` (``reduction="none"``). ``reduction="mean"`` returns the mean over sequences, which for
     equal-length sequences equals the pooled fraction of correct positions. Under teacher forcing ``pred`` is the
@@ -113,7 +113,7 @@ def sequence_perplexity(logits: torch.Tensor, tokens, reduction: str = "none") -
 
 
 def context_perplexities(logits_given_evaluated: torch.Tensor, evaluated, ground_truth) -> dict:
-    """The two perplexities of rear_protocol §6 item 5, both under the *evaluated* context.
+    """The two perplexities of docs/paper.md, reAR §6 item 5, both under the *evaluated* context.
 
     ``logits_given_evaluated``: generator logits obtained by feeding the evaluated sequence x̂ (teacher-forced
     on x̂, i.e. logits[:, i] = p(. | x̂_{<i})). Returns per-sequence ``[B]`` tensors:
@@ -136,8 +136,8 @@ def embedding_similarity(pred, target, codebook: torch.Tensor, over: str = "wron
     s_i = cos(z[pred_i], z[target_i]) with ``z = codebook`` ``[K, D]`` (raw code vectors, as the tokenizer stores
     them). Per sequence:
 
-    * ``over="wrong"`` (our default; rear_protocol §6 item 6): mean of s_i over positions with pred_i != target_i.
-      A sequence without wrong positions has no value: NaN (``reduction="mean"`` skips NaNs).
+    * ``over="wrong"`` (our default; docs/paper.md, reAR §6 item 6): mean of s_i over positions with pred_i !=
+      target_i. A sequence without wrong positions has no value: NaN (``reduction="mean"`` skips NaNs).
     * ``over="all"``: mean of s_i over all N positions; correct positions contribute exactly 1, so this mixes
       CTR into the number: all = CTR + (1 - CTR) * wrong.
 
@@ -524,8 +524,8 @@ def perceptual_distance(a: torch.Tensor, b: torch.Tensor, prefer: str = "auto", 
                         allow_substitute: bool = True) -> PerceptualResult:
     """Per-image perceptual distance and the name of the metric actually used.
 
-    ``prefer`` (see :func:`resolve_perceptual`): ``"auto"`` (default: LPIPS-VGG, the paper's metric, rear_protocol
-    §6 item 8, when its ImageNet trunk is cached; otherwise ST-LPIPS(alex), whose weights ship in a PyPI wheel),
+    ``prefer`` (see :func:`resolve_perceptual`): ``"auto"`` (default: LPIPS-VGG, the paper's metric, docs/paper.md,
+    reAR §6 item 8, when its ImageNet trunk is cached; otherwise ST-LPIPS(alex), whose weights ship in a PyPI wheel),
     ``"lpips-vgg" | "lpips-alex" | "lpips-squeeze"``, ``"st-lpips-alex" | "st-lpips-vgg"``, or ``"dfd"`` (the
     classifier feature distance, a diagnostic; ``classifier`` defaults to ``rearlib.features.get_classifier(scale)``).
     An LPIPS asked for by name that cannot be built is replaced by ST-LPIPS(alex) with a warning, unless
@@ -637,8 +637,8 @@ def load_adm_reference(path) -> dict:
     That file holds ``arr_0``: 10,000 ImageNet *train* images (uint8 [N, 256, 256, 3]) used for precision/recall
     and KID, and ``mu``/``sigma``: TF-Inception pool3 statistics (2048-d) over the whole ImageNet train set, used
     for FID. (The paper's appendix says "validation split"; its code and the community use this train-statistics
-    file: rear_protocol §4-§5 item 11.) Generated side, paper protocol: 50 samples per class x 1000 classes = 50k.
-    Returns ``{"images": uint8 [N,3,H,W] tensor, "mu": ndarray | None, "sigma": ndarray | None, "name": str}``.
+    file: docs/paper.md, reAR §4 and §5 item 11.) Generated side, paper protocol: 50 samples per class x 1000 classes =
+    50k. Returns ``{"images": uint8 [N,3,H,W] tensor, "mu": ndarray | None, "sigma": ndarray | None, "name": str}``.
     """
     path = Path(path)
     if not path.is_file():
@@ -903,7 +903,7 @@ def _check_rows(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def linear_cka(X: torch.Tensor, Y: torch.Tensor, chunk: int = 65536) -> float:
-    """Linear CKA (Kornblith et al. 2019; rear_protocol Eq. 13), computed in feature space.
+    """Linear CKA (Kornblith et al. 2019; Eq. 13, docs/paper.md, reAR §2.4), computed in feature space.
 
     Eq. 13: K = X Xᵀ, L = Y Yᵀ, K_c = H K H, L_c = H L H with H = I - 11ᵀ/n, and
     CKA = <K_c, L_c>_F / (||K_c||_F ||L_c||_F). With column-centred X_c = H X, Y_c = H Y this equals
@@ -991,7 +991,7 @@ def minibatch_cka(X: torch.Tensor, Y: torch.Tensor, batch_size: int = 1024, *, s
 def cka_by_layer(hidden_by_layer: dict, targets: torch.Tensor, *, method: str = "linear",
                  batch_size: int = 1024, max_rows: int | None = None, seed: int = 0,
                  progress: bool = False) -> dict:
-    """CKA between each layer's hidden states and target embeddings (rear_protocol §2.4, Fig. 9b-c).
+    """CKA between each layer's hidden states and target embeddings (docs/paper.md, reAR §2.4, Fig. 9b-c).
 
     ``hidden_by_layer``: {layer index: Tensor [n, C]} (rows = token positions pooled over images, the same rows
     for every layer); ``targets``: [n, D], e.g. codebook vectors of the current ("encoded") or next ("decoded")

@@ -3,7 +3,7 @@
 The network (``Generator``) computes the same function as the authors' ``modeling/rear.py``
 (github.com/QY-H00/reAR @ 61cc871, derived from bytedance/1d-tokenizer RAR) and uses the same parameter names,
 so their released state dicts load with strict name and shape checks. Nothing here is copied from that code; it
-is written from the description in ``shared/paper/rear_protocol.md`` §1.2-§1.6 and checked against the
+is written from the description in ``docs/paper.md``, reAR §1.2-§1.6, and checked against the
 authors' own outputs (``shared/reference/fixtures/official_rear_tiny_seed0.pt``, see
 ``tests/test_official_conformance.py``).
 
@@ -42,9 +42,9 @@ Exact definitions (K = codebook size, N = image tokens, C = width, M = number of
   cut at +-2 absolute as timm's ``trunc_normal_``), biases 0, LayerNorm weight 1 / bias 0, and the adaLN output
   Linear of every block and of the final layer all zero (adaLN-Zero): a fresh model's blocks are the identity.
 
-``tied_codebook=True`` builds the paper's "tied codebook embedding" baseline (protocol §6 item 13; the paper does
-not describe it, this is our construction): image-token inputs are ``codebook_in(E[x])`` with ``E`` the frozen
-codebook buffer (set with :meth:`Generator.set_codebook`, rescaled by one scalar to unit RMS) and
+``tied_codebook=True`` builds the paper's "tied codebook embedding" baseline (docs/paper.md, reAR §6 item 13; the
+paper does not describe it, this is our construction): image-token inputs are ``codebook_in(E[x])`` with ``E`` the
+frozen codebook buffer (set with :meth:`Generator.set_codebook`, rescaled by one scalar to unit RMS) and
 ``codebook_in = Linear(z -> C)``; logits are ``lm_head.proj(h) @ E.T + lm_head.bias`` with
 ``lm_head.proj = Linear(C -> z)``. Mask/class/null ids keep the ``embeddings`` table (its image rows are unused).
 
@@ -762,8 +762,8 @@ def build_generator(preset_or_config: str | GeneratorConfig | dict = "tiny", *, 
 
 
 def count_parameters(model_or_config, *, include_heads: bool = False) -> int:
-    """Number of trainable parameters; ``include_heads=False`` excludes the alignment heads (the protocol's
-    218.40M / 260.92M / 461.67M for reAR-S/B/L). Buffers (e.g. a tied codebook) are never counted."""
+    """Number of trainable parameters; ``include_heads=False`` excludes the alignment heads (218.40M / 260.92M /
+    461.67M for reAR-S/B/L, docs/paper.md, reAR §5 item 1). Buffers (e.g. a tied codebook) are never counted."""
     model = model_or_config if isinstance(model_or_config, nn.Module) else build_generator(
         get_config(model_or_config), device="meta")
     n = 0

@@ -2,7 +2,7 @@
 
 Definitions follow the reAR paper (arXiv 2510.04450, §3.2 Eq. 4-7) and, where paper and released code differ,
 the released code (github.com/QY-H00/reAR @ 61cc871), with the paper's variant offered as an option. See
-``shared/paper/rear_protocol.md`` §1.5-1.8 and §6 for the sources of every choice below.
+``docs/paper.md``, reAR §1.5-§1.8 and §6, for the sources of every choice below.
 
 Noisy context (paper Eq. 4-5)
     For each sequence b a noise level ``eps_b`` is drawn once; every image token is then independently replaced
@@ -30,8 +30,8 @@ Codebook-embedding regularization (paper Eq. 6)
     i.e. the encode head at the input position of x~_i is pulled towards the CLEAN current token, the decode head at
     the position that predicts x_i (the class position predicts x_1) towards the clean next token. CLS is unused.
     ``w = 1 - perturb_mask`` by default (the code: perturbed inputs do not contribute to the encode term, yet the
-    mean still divides by all B*N entries, protocol §6.20); ``encode_mask_noisy=False`` gives the paper's
-    variant (w = 1: "we align the hidden feature of noisy tokens to the embedding of the ground truth token as
+    mean still divides by all B*N entries, docs/paper.md, reAR §6 item 20); ``encode_mask_noisy=False`` gives the
+    paper's variant (w = 1: "we align the hidden feature of noisy tokens to the embedding of the ground truth token as
     well", §3.2). The loss is -cos in [-1, 1]; the paper's cosine distance 1 - cos has the same gradient.
 
     Total:  L = CE + lambda * (L_enc + L_dec),   CE = mean over all B*N next-token predictions of the clean tokens.
@@ -129,7 +129,8 @@ _FINAL_NOISE = dict(noise="anneal", noise_max=1.0, anneal_end=0.75)
 #: Named settings. "ar" and "rear" are the paper's baseline and final method; the others are the ablation rows
 #: (Table 3: noise schedules on top of EN+DE alignment; Table 4/7: alignment variants; layer indices for the
 #: "@k" rows are set with ``get_rear_config("de_only", decode_layer=k)``). Whether Table 4's rows had noise on
-#: is not stated (protocol §6.11); these presets keep the final noise for reAR rows and none for "ar"/"tied".
+#: is not stated (docs/paper.md, reAR §6 item 11); these presets keep the final noise for reAR rows and none
+#: for "ar"/"tied".
 PRESETS: dict[str, ReARConfig] = {
     "ar": ReARConfig(),
     "rear": ReARConfig(**_FINAL_NOISE, **_FULL_ALIGN),
@@ -269,7 +270,7 @@ def _align_terms(encode_z: torch.Tensor | None, decode_z: torch.Tensor | None, t
                              f"{targets_unit.shape[2]}; build the generator with z_dim = codebook dim")
 
     def masked_mean(c: torch.Tensor) -> torch.Tensor:
-        # Divides by B*N even where w = 0 (code's normalisation, protocol §6.20).
+        # Divides by B*N even where w = 0 (code's normalisation, docs/paper.md, reAR §6 item 20).
         return (c * w_enc).mean() if w_enc is not None else c.mean()
 
     enc_cos = dec_cos = None

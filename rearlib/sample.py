@@ -3,8 +3,8 @@
 Definitions (N = number of image tokens, K = codebook size, M = number of classes):
 
 * **Raster next-token sampling**, one token per step, steps ``t = 0..N-1``; step ``t`` samples ``x_{t+1}``.
-* **Classifier-free guidance** (protocol §1.9): the B conditional rows and B null-class rows run as one 2B batch;
-  ``logits = uncond + (cond - uncond) * s_t`` with the power-cosine schedule (MDT / Zheng et al. 2023)
+* **Classifier-free guidance** (docs/paper.md, reAR §1.9): the B conditional rows and B null-class rows run as one 2B
+  batch; ``logits = uncond + (cond - uncond) * s_t`` with the power-cosine schedule (MDT / Zheng et al. 2023)
   ``s_t = 1 + (g - 1) * (1 - cos(pi * (t / N) ** p)) / 2``. ``p = 0`` gives a constant ``g`` (``0 ** 0 = 1``).
   ``cfg_scale`` of ``None`` or ``1.0`` switches guidance off (no doubled batch). The official code switches it
   off with ``g = 0`` instead; here ``g = 0`` is a (strange but valid) guidance value.

@@ -1,6 +1,6 @@
 """The training studies of notebooks 10-13 at our scale: what to train, what to evaluate, and a resumable CLI.
 
-Studies (``shared/paper/rear_protocol.md`` §3):
+Studies (``docs/paper.md``, reAR §3):
 
 * ``main`` (Table 1's AR vs reAR, Table 5's cost): plain AR and reAR with the zoo's recipe (``rearlib.zoo.TRAIN``),
   training seeds ``seeds``. Without CFG on every seed; with CFG: a sweep of (g, p) on training seed 0 with the
@@ -94,7 +94,7 @@ SCALES: dict[str, dict[str, Any]] = {
         extractor=STUDIES_EXTRACTOR),
 }
 
-#: The paper's numbers (rear_protocol.md §3; reAR-S, ImageNet 256, Inception FID, 50k samples).
+#: The paper's numbers (docs/paper.md, reAR §3; reAR-S, ImageNet 256, Inception FID, 50k samples).
 PAPER_TABLE3 = {  # noise setting -> FID (400 epochs, presumably with CFG)
     "align_only": ("ε = 0 (embedding regularization only)", 2.12),
     "fixed_0.5": ("ε = 0.5 fixed", 3.15),
@@ -279,7 +279,7 @@ def paper_layer(k: int, default_de: int, depth: int) -> int:
 
     Anchors the paper's final DE@15 on our model's own default DE (6 of 8 at small: DE@10 -> 4, DE@13 -> 5,
     DE@14..16 -> 6, DE@17 -> 7, DE@20 -> 7 (the last block; "DE@20" is not a valid 0-based index of a 20-block
-    model, protocol §6.10), EN@5 -> 2).
+    model, docs/paper.md, reAR §6 item 10), EN@5 -> 2).
     """
     return int(min(depth - 1, round(k * default_de / PAPER_FINAL_DE)))
 

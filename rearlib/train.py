@@ -1,8 +1,8 @@
 """The one training loop for every generator variant: plain AR, reAR, every ablation and the tied baseline.
 
 Everything that differs between the variants lives in two dataclasses: the generator preset (+ overrides) and a
-:class:`rearlib.rear.ReARConfig`. The loop itself is the authors' recipe (protocol §1.8): AdamW (0.9, 0.96) with
-weight decay 0.03 and their no-decay groups, linear warm-up from 0 to the peak lr then cosine decay to ``end_lr``,
+:class:`rearlib.rear.ReARConfig`. The loop itself is the authors' recipe (docs/paper.md, reAR §1.8): AdamW (0.9, 0.96)
+with weight decay 0.03 and their no-decay groups, linear warm-up from 0 to the peak lr then cosine decay to ``end_lr``,
 grad-norm clip 1.0, class-label dropout 0.1, bf16 autocast.
 
 Speed (CUDA): pretokenized data held on the GPU, batches and noise drawn by torch.Generators on the device,
@@ -44,8 +44,9 @@ from .rear import ReARConfig, get_rear_config, make_noisy_context, rear_loss
 
 CHECKPOINT_FORMAT = "rearlib.train/1"
 
-#: Substrings that put a parameter in the no-weight-decay group (the authors' list, protocol §1.8). Together with
-#: ``ndim < 2``. Note that "ln" also matches e.g. ``adaln_before_head.*``, which the authors therefore do not decay.
+#: Substrings that put a parameter in the no-weight-decay group (the authors' list, docs/paper.md, reAR §1.8).
+#: Together with ``ndim < 2``. Note that "ln" also matches e.g. ``adaln_before_head.*``, which the authors
+#: therefore do not decay.
 NO_DECAY_KEYS = ("ln", "bias", "embedding", "embed", "norm", "gamma", "mask_token", "latent_tokens")
 
 #: Per-scale defaults for :func:`config_for_scale` (TrainConfig fields). "paper" is the authors' reAR-B recipe:

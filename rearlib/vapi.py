@@ -1,31 +1,31 @@
 """VA-π post-training: pixel-space alignment of an AR generator by a GRPO-style policy gradient.
 
 VA-π (Liao et al., arXiv 2512.19680) fine-tunes a trained generator so that the images its tokens decode to match
-the real images. Everything below follows ``shared/paper/vapi_protocol.md``; where the paper (v1) and the released
-code (github.com/Lil-Shake/VA-Pi @ 3be8fce, ``train_c2i_grpo.py``) disagree, **the code's behaviour is the
+the real images. Everything below follows ``docs/paper.md``, Part II (VA-π); where the paper (v1) and the
+released code (github.com/Lil-Shake/VA-Pi @ 3be8fce, ``train_c2i_grpo.py``) disagree, **the code's behaviour is the
 default and the paper's is an option** (each such field of :class:`VAPIConfig` says so).
 
 One step (:func:`vapi_step`), for a batch of B reference images I_b with ground-truth tokens x*_b (N tokens each,
 codebook size K) and class labels c_b, with G = ``group_size``:
 
-1. **Noisy context** (protocol §1.3): x~*_b = K_ξ(x*_b): each teacher-forcing input position is replaced with
-   probability ξ (``noise_rate``) by a token drawn uniformly from all K codes (``noise_kernel="code"``) or from
+1. **Noisy context** (docs/paper.md, VA-π §1.3): x~*_b = K_ξ(x*_b): each teacher-forcing input position is replaced
+   with probability ξ (``noise_rate``) by a token drawn uniformly from all K codes (``noise_kernel="code"``) or from
    the K - 1 codes other than the GT one (``"paper"``, Eq. 28-29). The class token is never corrupted. Only the
    first N - 1 positions are corrupted: x_N is never read by any prediction (the code corrupts the TF input,
    which is x*_{1..N-1}). One context per image, shared by its G samples, the update and the CE term.
-2. **Rollout** (protocol §1.5): one teacher-forced forward pass on (c_b, x~*_b), by default in ``eval()`` mode,
-   without grad, under bf16 autocast on CUDA (``rollout_mode``), gives logits l_{b,t} for t = 1..N. Then G tokens
+2. **Rollout** (docs/paper.md, VA-π §1.5): one teacher-forced forward pass on (c_b, x~*_b), by default in ``eval()``
+   mode, without grad, under bf16 autocast on CUDA (``rollout_mode``), gives logits l_{b,t} for t = 1..N. Then G tokens
    are drawn **independently at every position**: x^{(g)}_{b,t} ~ softmax(l_{b,t} / τ). The policy is therefore
    a factorised categorical over positions conditioned on the noisy GT prefix; samples never condition on one
    another. Old per-token log-probs log π_old(x^{(g)}_{b,t}) are kept.
-3. **Reward** (protocol §1.4, :func:`compute_rewards`): every sample is decoded by the frozen tokenizer,
+3. **Reward** (docs/paper.md, VA-π §1.4, :func:`compute_rewards`): every sample is decoded by the frozen tokenizer,
    Î = decode(x^{(g)}_b), and R = -(w_mse · MSE(Î, I) + w_p · D_p(Î, I)), with MSE the per-image mean over C×H×W
    of squared differences of the images mapped to [-1, 1] (i.e. 4× the MSE in [0, 1] units) and D_p a per-image
    perceptual distance (LPIPS-VGG in the paper's code; here :func:`rearlib.metrics.perceptual_distance`: LPIPS-VGG
    where its ImageNet trunk is on disk, else ST-LPIPS(alex), named as such; or any callable).
 4. **Advantages** (:func:`group_advantages`): A_{b,g} = clip((R_{b,g} - mean_g R_b) / (std_g R_b + 1e-8), ±5),
    std the unbiased (n - 1) standard deviation over the G samples of image b only (no batch normalisation).
-5. **Update** (protocol §1.6, :func:`vapi_loss`): a train-mode teacher-forced pass on the **same** contexts
+5. **Update** (docs/paper.md, VA-π §1.6, :func:`vapi_loss`): a train-mode teacher-forced pass on the **same** contexts
    (``update_mode``; with dropout and class-label dropout 0.1 as the code's GPT in train mode) gives new
    log-probs; per-token ratio ρ = exp(log π_θ - log π_old); per-token PPO term
    -min(ρ A, clip(ρ, 1 - ε, 1 + ε) A), averaged over the N tokens of a sequence and then over sequences; plus
@@ -82,7 +82,8 @@ _MAX_SEQ_LOG_RATIO = 20.0
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VAPIConfig:
-    """Every setting of VA-π post-training. Defaults = the released C2I launcher (LlamaGen-XXL, protocol §1.8).
+    """Every setting of VA-π post-training. Defaults = the released C2I launcher (LlamaGen-XXL; docs/paper.md,
+    VA-π §1.8).
 
     Group / policy-gradient:
         group_size: G, samples per image (paper Table 7 and code: 8). Must be >= 2 (the std needs two samples).
@@ -93,7 +94,7 @@ class VAPIConfig:
         adv_eps: added to the unbiased group std (code: 1e-8).
         ratio_level: "token" (code: per-token ratio, per-token clip, mean over tokens then over sequences) or
             "sequence" (paper Eq. 11: ρ_i = π_θ(x_i|x~*) / π_old(x_i|x~*) of the whole sequence; numerically
-            extreme at hundreds of tokens, see the protocol §3.5).
+            extreme at hundreds of tokens, see docs/paper.md, VA-π §3 item 5).
         temperature: τ of the rollout sampling distribution and of the log-probs in the ratio (code: 1.0; top-k 0
             and top-p 1.0 in the code, i.e. none, so they are not offered here).
     Prior / regularisers:
@@ -319,7 +320,7 @@ def perceptual_name(fn: Callable | None) -> str:
 @torch.no_grad()
 def compute_rewards(decoded: torch.Tensor, reference: torch.Tensor, cfg: VAPIConfig,
                     perceptual_fn: Callable | None = None) -> RewardResult:
-    """Per-image reconstruction reward R = -(w_mse · MSE + w_p · D_p) (protocol §1.4).
+    """Per-image reconstruction reward R = -(w_mse · MSE + w_p · D_p) (docs/paper.md, VA-π §1.4).
 
     ``decoded``, ``reference``: float [M, 3, H, W] in [0, 1], same shape. MSE = mean over C×H×W of
     ((2·decoded - 1) - (2·reference - 1))², i.e. on [-1, 1] images as the code. ``perceptual_fn(decoded,

@@ -1,6 +1,6 @@
 """Teaching widgets (notebook 14): the paper's diagnosis, live, on a laptop CPU.
 
-The paper's point (reAR §3.1; rear_protocol.md §2.1-2.2): a visual AR model is trained and judged on token
+The paper's point (paper §3.1; docs/paper.md, reAR §2.1-§2.2): a visual AR model is trained and judged on token
 *indices*, but the tokenizer decodes code *vectors*. Two sequences with the same correct-token ratio (CTR) can
 decode to very different images, and an error early in the context changes everything the model writes after it.
 

@@ -98,7 +98,8 @@ def test_free_positions_are_model_draws_given_the_mixed_prefix(model, tok, data)
         logits = model(xh, labels).logits
     free = ~forced
     assert torch.equal(logits.argmax(-1)[free], xh[free])
-    # Perplexities are those of x̂ and of x under the evaluated prefix (protocol §6.5), as metrics defines them.
+    # Perplexities are those of x̂ and of x under the evaluated prefix (docs/paper.md, reAR §6 item 5), as
+    # metrics defines them.
     pp = M.context_perplexities(logits, xh, tokens)
     np.testing.assert_allclose(df["ppl"], pp["evaluated"].numpy(), rtol=1e-4)
     np.testing.assert_allclose(df["ppl_gt"], pp["ground_truth"].numpy(), rtol=1e-4)

@@ -69,7 +69,7 @@ def test_overrides_and_bad_configs():
 
 def test_alignment_head_variants():
     assert count_parameters(PRESETS["rear_s"], include_heads=True) - count_parameters(PRESETS["rear_s"]) == 2 * (
-        768 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 256 + 256)  # 6.30M per head, protocol [V]
+        768 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 256 + 256)  # 6.30M per head, docs/paper.md, reAR §1.6
     m = build_generator("tiny", align_head="gelu2")
     assert [type(x).__name__ for x in m.decode_align_mlp] == ["Linear", "GELU", "Linear"]
     big = count_parameters(get_config("rear_s", align_head="gelu2"), include_heads=True) - count_parameters("rear_s")

@@ -161,7 +161,8 @@ def _layout(name):
 @pytest.mark.parametrize("name,preset,params_no_heads", [("s", "rear_s", 218.40), ("b", "rear_b", 260.92),
                                                           ("l", "rear_l", 461.67)])
 def test_official_layouts(name, preset, params_no_heads):
-    """Our preset has exactly the official names, shapes and order; parameter counts as the protocol lists."""
+    """Our preset has exactly the official names, shapes and order; parameter counts as listed in docs/paper.md,
+    reAR §5 item 1."""
     ref = _layout(name)
     model = build_generator(preset, device="meta")
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}

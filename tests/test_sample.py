@@ -31,7 +31,7 @@ def model():
                                       (14.5, 2.25, [1.00, 1.07, 2.42, 8.25, 14.50]),
                                       (10.0, 1.75, [1.00, 1.17, 2.82, 6.95, 10.00])])
 def test_cfg_schedule_matches_the_protocol(g, p, want):
-    """Values listed in rear_protocol.md §1.9 for steps 0/64/128/192/255 of 256, to their 2 printed decimals.
+    """Values listed in docs/paper.md, reAR §1.9, for steps 0/64/128/192/255 of 256, to their 2 printed decimals.
     (The listed 1.07 for g=14.5, p=2.25, t=64 is 1.06495..., i.e. 1.065 rounded twice; hence abs=0.0051.)"""
     got = [cfg_scale_at(t, 256, g, p) for t in (0, 64, 128, 192, 255)]
     assert got == pytest.approx(want, abs=0.0051)
