@@ -1,6 +1,6 @@
 """Speed of training (plain AR vs reAR) and sampling, fast paths vs plain paths, in one run.
 
-``python -m rearlib.bench --preset rear_b --batch 128 --out reports/bench/rear_b.json`` measures, on one GPU:
+``python -m rearlib.bench --preset rear_b --batch 128 --out reports/small/bench/bench_train_rear_b.json`` measures, on one GPU:
 
 * training samples/s of every variant in ``--variants`` (default: plain AR and reAR, same model preset and batch)
   with our training step (:class:`rearlib.train.Stepper`: the very code ``train()`` runs) on random tokens held on
