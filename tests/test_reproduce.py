@@ -96,3 +96,15 @@ def test_large_tables_are_written_gzipped(tmp_path):
     assert gzip.decompress(path.read_bytes()).startswith(b"x,y")
     # a table that shrinks below the threshold replaces its stale compressed version
     assert ctx.save_csv(small, "b").name == "b.csv" and not path.exists()
+
+
+def test_python_m_rearlib_lists_every_command_line_tool():
+    import importlib
+    import pathlib
+
+    from rearlib.__main__ import COMMANDS
+
+    listed = {name for name, _ in COMMANDS}
+    root = pathlib.Path(importlib.import_module("rearlib").__file__).parent
+    with_main = {p.stem for p in root.glob("*.py") if p.stem != "__main__" and 'if __name__ == "__main__"' in p.read_text()}
+    assert with_main == listed
