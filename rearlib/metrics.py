@@ -341,6 +341,16 @@ def load_lpips(net: str = "vgg", device="cpu"):
     return model
 
 
+def _batched_pair_distance(model, a: torch.Tensor, b: torch.Tensor, device, batch_size: int) -> torch.Tensor:
+    """``model(a, b)`` of an LPIPS-family network, which takes images on [-1, 1], in batches; float64 ``[B]``."""
+    out = []
+    for s in range(0, len(a), batch_size):
+        xa = a[s:s + batch_size].to(device).float() * 2 - 1
+        xb = b[s:s + batch_size].to(device).float() * 2 - 1
+        out.append(model(xa, xb).flatten().double().cpu())
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def lpips_distance(a: torch.Tensor, b: torch.Tensor, net: str = "vgg", device=None,
                    batch_size: int = 32) -> torch.Tensor:
@@ -351,13 +361,7 @@ def lpips_distance(a: torch.Tensor, b: torch.Tensor, net: str = "vgg", device=No
     """
     a, b = _image_pair(a, b)
     device = device or a.device
-    model = load_lpips(net, device)
-    out = []
-    for s in range(0, len(a), batch_size):
-        xa = a[s:s + batch_size].to(device).float() * 2 - 1
-        xb = b[s:s + batch_size].to(device).float() * 2 - 1
-        out.append(model(xa, xb).flatten().double().cpu())
-    return torch.cat(out)
+    return _batched_pair_distance(load_lpips(net, device), a, b, device, batch_size)
 
 
 def st_lpips_weights_file(net: str = "alex") -> Path:
@@ -438,13 +442,7 @@ def st_lpips_distance(a: torch.Tensor, b: torch.Tensor, net: str = "alex", devic
         raise ValueError(f"{st_lpips_name(net)} needs images of at least {ST_LPIPS_MIN_SIZE}x{ST_LPIPS_MIN_SIZE} "
                          f"pixels; got {tuple(a.shape[-2:])}")
     device = device or a.device
-    model = load_st_lpips(net, device)
-    out = []
-    for s in range(0, len(a), batch_size):
-        xa = a[s:s + batch_size].to(device).float() * 2 - 1
-        xb = b[s:s + batch_size].to(device).float() * 2 - 1
-        out.append(model(xa, xb).flatten().double().cpu())
-    return torch.cat(out)
+    return _batched_pair_distance(load_st_lpips(net, device), a, b, device, batch_size)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ Writes $OUT/attention_flash_micro.json (default OUT: artifacts/bench)."""
 import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch
-from benchmarks.common import out_path
+from benchmarks.common import cuda_ms, out_path
 from rearlib import flash_attention as fa
 
 dev = torch.device("cuda")
@@ -81,20 +81,10 @@ def check():
 
 
 def timeit(fn, reps=20, inner=5):
-    for _ in range(3):
+    for _ in range(3):  # warm-up (compilation, autotuning)
         fn()
     torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / inner)
-    ts.sort()
-    return ts[len(ts) // 2]
+    return cuda_ms(fn, n=reps, inner=inner)
 
 
 def bench_cudnn(p):
