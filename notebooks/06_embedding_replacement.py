@@ -52,6 +52,7 @@ ctx = setup(notebook="06_embedding_replacement", scale=scale, seed=seed, device=
             reports_dir=reports_dir, figures_dir=figures_dir)
 
 # %%
+import functools
 import os
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ import torch
 from IPython.display import Markdown, display
 
 from rearlib import analysis as A
+from rearlib import verdicts as V
 from rearlib import metrics as M
 from rearlib.plots import errorbar_ci, image_grid, paper_overlay, wide_ci
 
@@ -261,23 +263,10 @@ plt.show()
 ci_of = A.ci_of  # mean and 95% t-interval of a 1-D array as a dict
 
 
-def rule(eff, sign, paper_value=None, tol=0.0, comparable=False):
-    m, lo, hi = eff["mean"], eff["lo"], eff["hi"]
-    if not np.isfinite([m, lo, hi]).all():
-        return "not tested"
-    if not (np.sign(m) == sign and (lo > 0 or hi < 0)):
-        return "not reproduced"
-    if comparable and paper_value is not None and lo - tol <= paper_value <= hi + tol:
-        return "reproduced"
-    return "direction reproduced"
-
-
-def final(v):
-    return "not tested" if ctx.is_smoke else v
-
-
-def smoke_note(v):
-    return f"smoke scale: numbers are not meaningful (the rule would give '{v}')" if ctx.is_smoke else ""
+# The rule above, as rearlib.verdicts implements and tests it; at smoke scale every verdict is "not tested".
+rule = V.effect_verdict
+final = functools.partial(V.final, smoke=ctx.is_smoke)
+smoke_note = functools.partial(V.smoke_note, smoke=ctx.is_smoke)
 
 
 def fmt(e, d=3):

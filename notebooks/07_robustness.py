@@ -39,6 +39,7 @@ ctx = setup(notebook="07_robustness", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
 
 # %%
+import functools
 import os
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ import torch
 from IPython.display import Markdown, display
 
 from rearlib import analysis as A
+from rearlib import verdicts as V
 
 t_start = time.time()
 if ctx.is_smoke and ctx.device.type == "cpu":
@@ -185,23 +187,10 @@ def welch_diff(a, b, level=0.95):
     return {"mean": d, "lo": d - h, "hi": d + h, "n": len(a) + len(b)}
 
 
-def rule(eff, sign, paper_value=None, tol=0.0, comparable=False):
-    m, lo, hi = eff["mean"], eff["lo"], eff["hi"]
-    if not np.isfinite([m, lo, hi]).all():
-        return "not tested"
-    if not (np.sign(m) == sign and (lo > 0 or hi < 0)):
-        return "not reproduced"
-    if comparable and paper_value is not None and lo - tol <= paper_value <= hi + tol:
-        return "reproduced"
-    return "direction reproduced"
-
-
-def final(v):
-    return "not tested" if ctx.is_smoke else v
-
-
-def smoke_note(v):
-    return f"smoke scale: numbers are not meaningful (the rule would give '{v}')" if ctx.is_smoke else ""
+# The rule above, as rearlib.verdicts implements and tests it; at smoke scale every verdict is "not tested".
+rule = V.effect_verdict
+final = functools.partial(V.final, smoke=ctx.is_smoke)
+smoke_note = functools.partial(V.smoke_note, smoke=ctx.is_smoke)
 
 
 def fmt(e, d=2):
