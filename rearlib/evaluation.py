@@ -172,9 +172,9 @@ class Evaluator:
         if self.extractor == "rearlib-classifier":
             return None  # the classifier's identity is already in every key
         if self.extractor == "inception-v3-fid":
-            from .inception import weights_info
+            from .metrics import inception_fid_identity
 
-            return f"sha256-{weights_info()['sha256'][:12]}"
+            return inception_fid_identity()
         return self.extractor
 
     def _key_extractor(self) -> dict:

@@ -581,6 +581,13 @@ def check_extractor(extractor: str) -> str:
     return extractor
 
 
+def inception_fid_identity(info: dict | None = None) -> str:
+    """The identity of the Inception FID network's weights in keys and results: ``sha256-<first 12 hex digits>``."""
+    from .inception import weights_info
+
+    return f"sha256-{(info or weights_info())['sha256'][:12]}"
+
+
 def extractor_has_logits(extractor: str) -> bool:
     """Whether Inception Score can be computed with ``extractor`` (the packaged FID network has no logits)."""
     return check_extractor(extractor) != "inception-v3-fid"
@@ -789,7 +796,7 @@ def distribution_metrics(generated, reference, *, extractor: str = DEFAULT_EXTRA
         register_inception()
         info = weights_info(inception_weights)
         kwargs["feature_extractor_weights_path"] = info["file"]
-        extractor_id = f"sha256-{info['sha256'][:12]}"
+        extractor_id = inception_fid_identity(info)
     else:
         weights = Path(inception_weights) if inception_weights else inception_weights_file()
         if not weights.is_file():

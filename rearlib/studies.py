@@ -54,6 +54,12 @@ from .metrics import EXTRACTORS, metric_label
 STUDIES = ("main", "noise", "embedding", "scaling")
 RECIPES = ("main", "ablation")
 
+#: FID extractor of the studies' evaluations. The committed records of these recipes were scored with the in-project
+#: classifier, and their tables say so ("FID[rearlib-classifier]"); they move to the Inception FID network together
+#: with the longer recipes, which retrain every row. ``Workspace(extractor=...)`` and ``run --extractor`` choose
+#: another one.
+STUDIES_EXTRACTOR = "rearlib-classifier"
+
 #: Per-scale plans. recipes: TrainConfig overrides on top of rearlib.zoo.TRAIN[scale] ("main" = the zoo's recipe
 #: itself, so seed 0 is the zoo's (shipped) run). sizes: GeneratorConfig overrides of the scale's preset
 #: (``base_size`` = the preset itself); a non-base size names its default DE block (3/4 depth, as the paper's
@@ -61,12 +67,6 @@ RECIPES = ("main", "ablation")
 #: main study's CFG sweep. Estimates (``est_*``, for planning and the time limit only): training samples/s of the
 #: base size (measured on one H200: 9.5k AR, 9.0k reAR), per-run overhead (compile, data, load),
 #: seconds per evaluation without / with CFG (sampling + scoring), per-model sampler setup.
-#: FID extractor of the studies' evaluations. The committed records of these recipes were scored with the in-project
-#: classifier, and their tables say so ("FID[rearlib-classifier]"); they move to the Inception FID network together
-#: with the longer recipes, which retrain every row. ``Workspace(extractor=...)`` and ``run --extractor`` choose
-#: another one.
-STUDIES_EXTRACTOR = "rearlib-classifier"
-
 SCALES: dict[str, dict[str, Any]] = {
     "smoke": dict(
         recipes={"main": {}, "ablation": dict(steps=12, warmup_steps=2, log_every=6, ckpt_every=12,
@@ -77,8 +77,7 @@ SCALES: dict[str, dict[str, Any]] = {
                "medium": dict(hidden=96, depth=6, heads=4, projector_dim=192, decode_align_layer=4)},
         seeds=(0, 1, 2), cfg_scales=(3.0,), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
         scaling_sizes=("xs", "tiny", "medium"),
-        est_train_sps=120.0, est_run_overhead_s=3.0, est_eval_s=(1.0, 1.2), est_model_s=0.5,
-        extractor=STUDIES_EXTRACTOR),
+        est_train_sps=120.0, est_run_overhead_s=3.0, est_eval_s=(1.0, 1.2), est_model_s=0.5),
     "small": dict(
         # 1000-step ablations (1.3 passes over the 200k training views) and two scaling sizes: what one
         # session's H200 time affords for all four studies (measured: a 5000-step run 181 s, an evaluation 12 s);
@@ -90,8 +89,7 @@ SCALES: dict[str, dict[str, Any]] = {
                "medium": dict(hidden=384, depth=12, heads=6, projector_dim=768, decode_align_layer=9)},
         seeds=(0, 1, 2), cfg_scales=(1.5, 2.0, 3.0), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
         scaling_sizes=("xs", "small"),
-        est_train_sps=9000.0, est_run_overhead_s=25.0, est_eval_s=(14.0, 16.0), est_model_s=4.0,
-        extractor=STUDIES_EXTRACTOR),
+        est_train_sps=9000.0, est_run_overhead_s=25.0, est_eval_s=(14.0, 16.0), est_model_s=4.0),
 }
 
 #: The paper's numbers (docs/paper.md, reAR §3; reAR-S, ImageNet 256, Inception FID, 50k samples).
@@ -434,7 +432,7 @@ class Workspace:
         self.progress = progress
         self.tok = get_tokenizer(scale, self.device, progress=False)
         self.classifier = get_classifier(scale, self.device)
-        self.extractor = extractor or self.st["extractor"]
+        self.extractor = extractor or STUDIES_EXTRACTOR
         self.evaluator = Evaluator(scale, self.tok, self.classifier, self.device, data_seed=DATA[scale]["seed"],
                                    progress=progress, extractor=self.extractor)
         self.n_per_class = EVAL_SCALES[scale]["n_per_class"]
@@ -982,7 +980,7 @@ def main(argv=None) -> int:
         p.add_argument("--sample-seed", type=int, default=0, help="base sampling seed S (reports use S + 1)")
         p.add_argument("--device", default="auto" if cmd == "run" else "cpu")
         p.add_argument("--extractor", default=None, choices=EXTRACTORS,
-                       help=f"FID feature extractor (default: the scale's, {STUDIES_EXTRACTOR})")
+                       help=f"FID feature extractor (default: {STUDIES_EXTRACTOR})")
         if cmd == "run":
             p.add_argument("--time-limit", type=float, default=None,
                            help="seconds from the start of this command; stop cleanly before it")
