@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 reproduce: setup
-	$(BIN)/python -m rearlib.reproduce --scale $(SCALE) $(if $(ONLY),--only $(ONLY))
+	$(BIN)/python -m rearlib reproduce --scale $(SCALE) $(if $(ONLY),--only $(ONLY))
 
 # pytest exits 5 when it collected nothing: treat that as a failure, not a pass.
 test: setup
@@ -42,7 +42,7 @@ test-all: setup
 	$(BIN)/python -m pytest -q --timeout 1800
 
 sync-notebooks: setup
-	$(BIN)/python -m rearlib.notebook sync
+	$(BIN)/python -m rearlib notebook sync
 
 clean-smoke:
 	rm -rf reports/smoke figures/smoke

@@ -39,7 +39,7 @@ def cuda_ms(fn, n=20, inner=5):
 def step_rows(specs, switch, label, res, save, dev):
     """For each "variant:which" in ``specs``: ``switch(which)``, then one reAR-B bench_training row (batch 128, 30
     timed steps after 5 warm-up) tagged ``label = which``, appended to ``res["rows"]`` and saved."""
-    from rearlib.bench import _release, bench_training, peak_flops
+    from rearlib.experiments.bench import _release, bench_training, peak_flops
 
     peak, _ = peak_flops(dev)
     for spec in specs:

@@ -16,7 +16,7 @@ reports_dir = "reports"
 figures_dir = "figures"
 
 # %%
-from rearlib.notebook import setup
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="01_data", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)

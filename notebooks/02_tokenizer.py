@@ -31,7 +31,7 @@ maskgit_path = None    # paper scale: path to maskgit-vqgan-imagenet-f16-256.bin
 data_root = None       # paper scale: ImageNet root (else $REARLIB_DATA/imagenet)
 
 # %%
-from rearlib.notebook import setup
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="02_tokenizer", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -45,8 +45,8 @@ import pandas as pd
 import torch
 
 from rearlib.data import DatasetUnavailable, load_dataset, render_batch
-from rearlib.tokenizer import get_tokenizer
-from rearlib.vqgan import code_usage, psnr_ssim
+from rearlib.tokenizers import get_tokenizer
+from rearlib.tokenizers.vqgan import code_usage, psnr_ssim
 
 # Per scale: validation images scored, images shown, codes shown in the neighbour picture, replacement rates;
 # n_rfid: images of the rFID (the paper: all 50k ImageNet val images; the Inception network runs at ~6 images/s on
@@ -113,8 +113,8 @@ print(f"{dataset_name}, {n_val} images: PSNR {per_image.psnr_db.mean():.2f} ± {
 # perceptual distance compares each reconstruction with its own original.
 
 # %%
-from rearlib import metrics as M
-from rearlib.inception import weights_info
+import rearlib.metrics as M
+from rearlib.metrics.inception import weights_info
 
 n_rfid = SETTINGS["n_rfid"]
 if ctx.scale == "paper" and dataset_name.startswith("ImageNet"):

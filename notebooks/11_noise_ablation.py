@@ -18,7 +18,7 @@
 #
 # **Our setup.** The `rearlib.rear.PRESETS` of these rows (`align_only`, `fixed_0.5`, `fixed_0.25`, `uniform_0.5`,
 # `anneal_linear`, `rear`, `noise_only`; t = optimizer step / total steps) on the zoo's base generator (8 blocks x
-# 256 at `small`, EN@0 + DE@6), trained with the studies' shorter **ablation recipe** (`rearlib.studies.SCALES`:
+# 256 at `small`, EN@0 + DE@6), trained with the studies' shorter **ablation recipe** (`rearlib.scales.STUDIES`:
 # 2000 steps at batch 256, warm-up 100, cosine to 1e-5 at `small`: a shortened schedule, not a checkpoint of the
 # 5000-step one), one training seed, **no CFG** (the paper's CFG setting for Table 3 is not stated), 10k samples
 # with sampling seed S + 1. Metrics with the in-project extractor, labeled `[rearlib-classifier]`: not comparable
@@ -38,7 +38,7 @@ reports_dir = "reports"
 figures_dir = "figures"
 
 # %%
-from rearlib.notebook import setup
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="11_noise_ablation", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -51,8 +51,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rearlib import studies
-from rearlib.features import EXTRACTOR_NAME
+import rearlib.experiments.studies as studies
+from rearlib.metrics.classifier import EXTRACTOR_NAME
 from rearlib.metrics import metric_label
 
 if ctx.scale == "paper":

@@ -39,7 +39,7 @@ reports_dir = "reports"
 figures_dir = "figures"
 
 # %%
-from rearlib.notebook import setup
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="12_embedding_ablation", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -52,8 +52,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rearlib import studies
-from rearlib.features import EXTRACTOR_NAME
+import rearlib.experiments.studies as studies
+from rearlib.metrics.classifier import EXTRACTOR_NAME
 from rearlib.metrics import metric_label
 
 if ctx.scale == "paper":

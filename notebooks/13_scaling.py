@@ -6,7 +6,7 @@
 # and a larger model is lower at every step count (at 250k: S 2.00, B 1.91, L 1.86). Fig. 4 shows only reAR; the
 # AR baselines at two sizes are in Table 5 (AR-B 3.12 vs reAR-B 1.91, AR-L 3.02 vs reAR-L 1.86).
 #
-# **Our setup.** AR and reAR at three sizes of the same architecture (`rearlib.studies.SCALES`; at `small`:
+# **Our setup.** AR and reAR at three sizes of the same architecture (`rearlib.scales.STUDIES`; at `small`:
 # "xs" 4 blocks x 128 with 2 heads, the zoo's 8 x 256 with 4 heads, "medium" 12 x 384 with 6 heads; head width 64,
 # projector 2x width, DE at 3/4 depth: blocks 3, 6, 9), each trained once with the studies' ablation recipe (2000
 # steps at batch 256, warm-up 100, cosine decay), snapshots every 500 steps. The runs of the middle size are the
@@ -29,7 +29,7 @@ reports_dir = "reports"
 figures_dir = "figures"
 
 # %%
-from rearlib.notebook import setup
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="13_scaling", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -41,8 +41,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from rearlib import studies
-from rearlib.features import EXTRACTOR_NAME
+import rearlib.experiments.studies as studies
+from rearlib.metrics.classifier import EXTRACTOR_NAME
 from rearlib.metrics import metric_label
 
 if ctx.scale == "paper":

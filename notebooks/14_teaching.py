@@ -34,7 +34,7 @@ device = "auto"
 reports_dir = "reports"
 figures_dir = "figures"
 run_demo = True        # the non-interactive demonstration (tables, figure, latencies); set False for Voila
-n_images = None        # demo images (None: rearlib.widgets.SCALES[scale]["images"])
+n_images = None        # demo images (None: rearlib.scales.TEACHING[scale]["images"])
 num_threads = "auto"   # torch threads while a widget computes: an int, or "auto" (the faster of 1 and all, measured)
 maskgit_path = None    # paper: maskgit-vqgan-imagenet-f16-256.bin (else $REARLIB_MASKGIT_VQGAN)
 ar_checkpoint = None   # paper: the authors' vanilla AR state dict
@@ -43,7 +43,8 @@ generator_preset = "rear_s"  # paper: architecture of both checkpoints
 data_root = None       # paper: ImageNet root holding val/<wnid>/*.JPEG (else $REARLIB_DATA/imagenet)
 
 # %%
-from rearlib.notebook import setup
+from rearlib import scales
+from rearlib.experiments.notebook import setup
 
 ctx = setup(notebook="14_teaching", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -66,15 +67,15 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from rearlib import widgets as Wd
+import rearlib.teaching as Wd
 
 t_start = time.time()
-SET = dict(Wd.SCALES[ctx.scale])
+SET = dict(scales.TEACHING[ctx.scale])
 if n_images is not None:
     SET["images"] = int(n_images)
 if ctx.scale == "paper":
-    from rearlib import assets
-    from rearlib.tokenizer import get_tokenizer
+    import rearlib.experiments.assets as assets
+    from rearlib.tokenizers import get_tokenizer
 
     assets.check_paper_assets({"ar_checkpoint": ar_checkpoint, "rear_checkpoint": rear_checkpoint}, maskgit_path,
                               data_root, splits=("val",), need_lpips=True)

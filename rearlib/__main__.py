@@ -1,27 +1,48 @@
-"""``python -m rearlib``: the project's command-line tools, one line each (run ``python -m rearlib.<tool> --help``)."""
+"""``python -m rearlib``: the project's command-line tools. ``python -m rearlib`` lists them;
+``python -m rearlib <command> [options]`` runs one (``--help`` after the command explains its options)."""
 
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: (command, module that implements it, what it does), in the order a new user meets them.
 COMMANDS = (
-    ("reproduce", "run the numbered notebooks with papermill and assemble reports/<scale>/ (make reproduce)"),
-    ("train", "train a generator: plain AR, reAR or any ablation (torchrun for several GPUs)"),
-    ("sample", "sample a generator, e.g. the 50k-image FID set, sharded over GPUs"),
-    ("vapi", "VA-π post-training of a generator"),
-    ("studies", "status / run / pack / unpack the training studies of notebooks 10-13"),
-    ("zoo", "the shared per-scale models: tokens and AR / reAR generators"),
-    ("vqgan", "train our VQ tokenizer"),
-    ("pretokenize", "encode a dataset once into a token cache"),
-    ("features", "train the in-project classifier (a diagnostic)"),
-    ("analysis", "cost benchmark of the diagnosis analyses on a GPU"),
-    ("bench", "training and sampling speed, fast paths against plain paths"),
-    ("notebook", "pair notebooks/*.py with notebooks/*.ipynb (sync / check)"),
-    ("widgets", "the teaching app's screenshots"),
+    ("reproduce", "rearlib.experiments.reproduce",
+     "run the numbered notebooks with papermill and assemble reports/<scale>/ (make reproduce)"),
+    ("train", "rearlib.train", "train a generator: plain AR, reAR or any ablation (torchrun for several GPUs)"),
+    ("sample", "rearlib.sample", "sample a generator, e.g. the 50k-image FID set, sharded over GPUs"),
+    ("vapi", "rearlib.vapi", "VA-π post-training of a generator"),
+    ("studies", "rearlib.experiments.studies", "status / run / pack / unpack the training studies of notebooks 10-13"),
+    ("zoo", "rearlib.experiments.zoo", "the shared per-scale models: tokens and AR / reAR generators"),
+    ("vqgan", "rearlib.tokenizers.vqgan", "train or evaluate our VQ tokenizer"),
+    ("pretokenize", "rearlib.tokenizers.pretokenize", "encode a dataset once into a token cache"),
+    ("classifier", "rearlib.metrics.classifier", "train the in-project classifier (a diagnostic feature network)"),
+    ("analysis", "rearlib.analysis", "cost benchmark of the diagnosis analyses on a GPU"),
+    ("bench", "rearlib.experiments.bench", "training and sampling speed, fast paths against plain paths"),
+    ("notebook", "rearlib.experiments.notebook", "pair notebooks/*.py with notebooks/*.ipynb (sync / check)"),
+    ("teaching", "rearlib.teaching", "the teaching app's screenshots"),
 )
 
 
-def main() -> int:
-    print("rearlib command-line tools (python -m rearlib.<tool> --help for each):\n")
-    for name, what in COMMANDS:
-        print(f"  python -m rearlib.{name:<12} {what}")
-    return 0
+def usage() -> str:
+    lines = ["usage: python -m rearlib <command> [options]   (python -m rearlib <command> --help for its options)", "",
+             "commands:"]
+    lines += [f"  {name:<12} {what}" for name, _, what in COMMANDS]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    modules = {name: module for name, module, _ in COMMANDS}
+    if argv[0] not in modules:
+        print(f"unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    sys.argv = [f"python -m rearlib {argv[0]}"] + argv[1:]
+    return importlib.import_module(modules[argv[0]]).main(argv[1:]) or 0
 
 
 if __name__ == "__main__":

@@ -64,8 +64,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_blocks import fused_block_stack
-from .kernels import DROPOUT_KERNELS, decode_attention, dropout, register_ops, triton_available
+from rearlib.checkpoints import StateDictMismatchError, check_state_dict
+from rearlib.kernels.fused_blocks import fused_block_stack
+from rearlib.kernels.ops import DROPOUT_KERNELS, decode_attention, dropout, register_ops, triton_available
 
 __all__ = [
     "GeneratorConfig",
@@ -84,7 +85,7 @@ __all__ = [
 ]
 
 _LN_EPS = 1e-6
-#: GeneratorConfig.block_kernels: "auto" = the hand-scheduled block stack of :mod:`rearlib.fused_blocks` when
+#: GeneratorConfig.block_kernels: "auto" = the hand-scheduled block stack of :mod:`rearlib.kernels.fused_blocks` when
 #: training on CUDA under bf16 autocast; "module" = always the Block modules (compiled by torch.compile).
 BLOCK_KERNELS = ("auto", "module")
 
@@ -104,7 +105,7 @@ class GeneratorConfig:
     CUDA (the distribution of ``nn.Dropout`` with p to 2^-17, a different random stream, eight mask elements per
     Philox call), ``F.dropout`` elsewhere; "torch" = ``F.dropout`` everywhere. Speed only; attention-probability
     dropout stays in SDPA.
-    block_kernels: "auto" = in CUDA training under bf16 autocast the blocks run as :func:`rearlib.fused_blocks.
+    block_kernels: "auto" = in CUDA training under bf16 autocast the blocks run as :func:`rearlib.kernels.fused_blocks.
     fused_block_stack` (same function, hand-scheduled: one adaLN GEMM for all blocks, Triton kernels; +7% samples/s
     on reAR-B in one A/B, more once tuned, see docs/performance.md); "module" = always the Block modules. Speed only.
     encode_align_layer / decode_align_layer: 0-based block whose output feeds the encode ("EN") / decode ("DE")
@@ -806,30 +807,6 @@ def estimate_flops_per_token(config: str | GeneratorConfig, *, training: bool = 
 # ----------------------------------------------------------------------------------------------------------------
 # Official checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-class StateDictMismatchError(ValueError):
-    """A state dict does not match the model: lists missing, unexpected and mis-shaped keys."""
-
-
-def check_state_dict(model: nn.Module, state_dict: dict) -> None:
-    """Raise :class:`StateDictMismatchError` unless ``state_dict`` has exactly the model's keys and shapes."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or shapes:
-        def fmt(xs, n=12):
-            return ", ".join(xs[:n]) + (f", ... (+{len(xs) - n} more)" if len(xs) > n else "")
-        msg = ["state dict does not match the model:"]
-        if missing:
-            msg.append(f"  missing keys ({len(missing)}): {fmt(missing)}")
-        if unexpected:
-            msg.append(f"  unexpected keys ({len(unexpected)}): {fmt(unexpected)}")
-        if shapes:
-            msg.append(f"  mis-shaped keys ({len(shapes)}): {fmt(shapes, 6)}")
-        raise StateDictMismatchError("\n".join(msg))
-
-
 def _read_state_dict(path_or_sd) -> dict:
     if isinstance(path_or_sd, (str, Path)):
         path = Path(path_or_sd)

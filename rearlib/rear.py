@@ -118,7 +118,7 @@ class ReARConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ReARConfig":
-        from .experiments import config_from_dict
+        from rearlib.runtime import config_from_dict
 
         return config_from_dict(cls, d, "fields")
 

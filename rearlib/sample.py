@@ -41,22 +41,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from rearlib.experiments import tf32
-from rearlib.kernels import register_ops, triton_available
+from rearlib.runtime import tf32
+from rearlib.kernels.ops import register_ops, triton_available
 from rearlib.model import Generator
+from rearlib import scales
 
 __all__ = [
-    "SCALES", "PAPER_CFG", "cfg_scale_at", "cfg_schedule", "image_seed", "image_seeds", "generate",
+    "PAPER_CFG", "cfg_scale_at", "cfg_schedule", "image_seed", "image_seeds", "generate",
     "generate_fid_samples", "merge_fid_samples", "benchmark_sampling", "clear_sampler_cache", "last_fast_path_info",
 ]
 
-#: Per-scale sampling settings. paper: the paper's headline CFG per model (App. A), 50 images per class.
-#: small/smoke CFG values are our defaults for the embedded dataset (not from the paper).
-SCALES = {
-    "smoke": {"num_per_class": 4, "batch_size": 8, "cfg_scale": 2.0, "cfg_power": 0.0},
-    "small": {"num_per_class": 500, "batch_size": 250, "cfg_scale": 2.0, "cfg_power": 0.0},
-    "paper": {"num_per_class": 50, "batch_size": 125, "cfg_scale": None, "cfg_power": None},
-}
 #: (g, p) of the paper's headline results [P App. A]; the released configs use 15.0 / 2.5 for B and L.
 PAPER_CFG = {"rear_s": (22.0, 2.75), "rear_b": (14.5, 2.25), "rear_l": (10.0, 1.75)}
 
@@ -322,7 +316,7 @@ def generate_progressive(model: Generator, classes, *, every: int = 32, cfg_scal
                          num_tokens: int | None = None, dtype: torch.dtype | None = None, kv_buckets: int = 4):
     """:func:`generate`'s plain cached loop, yielding ``(n_done, tokens [B, n_tok])`` every ``every`` tokens and at
     the end (positions >= n_done are not sampled yet). Same settings and random numbers as ``generate(...,
-    fast=False)``, so the last yield equals its result; for live displays (e.g. rearlib.widgets on a CPU)."""
+    fast=False)``, so the last yield equals its result; for live displays (e.g. rearlib.teaching on a CPU)."""
     model = _unwrap(model)
     device = model.pos_embed.device
     if int(every) < 1:
@@ -830,9 +824,9 @@ def benchmark_sampling(model: Generator, batch_size: int, *, cfg: bool = True, s
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
-def _main(argv=None):
+def main(argv=None) -> int:
     from rearlib.model import build_generator, load_official_state_dict
-    ap = argparse.ArgumentParser(prog="python -m rearlib.sample", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rearlib sample", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("benchmark", help="time sampling paths (random weights unless --checkpoint)")
     b.add_argument("--preset", default="rear_b")
@@ -851,7 +845,7 @@ def _main(argv=None):
     f.add_argument("--preset", default=None, help="preset of an official state dict (default: infer from shapes)")
     f.add_argument("--scale", required=True, help="tokenizer scale: smoke | small | paper")
     f.add_argument("--tokenizer", default=None, help="tokenizer checkpoint path (default: the scale's)")
-    f.add_argument("--num-per-class", type=int, default=None, help="default: SCALES[scale]['num_per_class']")
+    f.add_argument("--num-per-class", type=int, default=None, help="default: scales.SAMPLING[scale]['num_per_class']")
     f.add_argument("--out", required=True)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--batch-size", type=int, default=None)
@@ -881,19 +875,19 @@ def _main(argv=None):
         text = json.dumps(res, indent=2)
         print(text)
         if a.out:
-            from rearlib.experiments import atomic_write_text
+            from rearlib.runtime import atomic_write_text
             atomic_write_text(a.out, text)
 
 
 def _load_any_generator(path: str, preset, device, *, ema: bool = False):
-    """A rearlib.train model/checkpoint, a shipped rearlib.zoo generator, or an official-layout state dict."""
+    """A rearlib.train model/checkpoint, a shipped rearlib.experiments.zoo generator, or an official-layout state dict."""
     from rearlib.model import load_official_state_dict
     from rearlib.train import load_generator
-    from rearlib.zoo import load_shipped
+    from rearlib.experiments.zoo import load_shipped
 
     errors = []
     loaders = [("a rearlib.train model/checkpoint", lambda: load_generator(path, device, ema=ema)),
-               ("a shipped rearlib.zoo generator", lambda: load_shipped(path, device)),
+               ("a shipped rearlib.experiments.zoo generator", lambda: load_shipped(path, device)),
                ("an official state dict", lambda: load_official_state_dict(path, preset, device=device))]
     for what, load in loaders[:1] if ema else loaders:  # only rearlib.train files keep EMA weights
         try:
@@ -904,8 +898,8 @@ def _load_any_generator(path: str, preset, device, *, ema: bool = False):
 
 
 def _fid_cli(a) -> None:
-    from rearlib.experiments import validate_scale
-    from rearlib.tokenizer import get_tokenizer
+    from rearlib.scales import validate_scale
+    from rearlib.tokenizers import get_tokenizer
     validate_scale(a.scale)
     dist = torch.distributed
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -917,7 +911,7 @@ def _fid_cli(a) -> None:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model = _load_any_generator(a.generator, a.preset, device, ema=a.ema)
-    sc = SCALES[a.scale]
+    sc = scales.SAMPLING[a.scale]
     g, p = a.cfg_scale, a.cfg_power
     if g is None and a.scale == "paper":
         g, p = PAPER_CFG.get(a.preset or "", (None, None))
@@ -938,4 +932,4 @@ def _fid_cli(a) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    raise SystemExit(main(sys.argv[1:]))

@@ -17,7 +17,7 @@ is never overwritten by a bad state. DDP: launched by ``torchrun`` (WORLD_SIZE >
 in DistributedDataParallel (nccl on GPU, gloo on CPU); every rank draws its own batches as a deterministic
 function of (seed, rank) and rank 0 writes the files.
 
-Entry points: :func:`train` and ``python -m rearlib.train --preset small --rear rear --tokens FILE --steps N
+Entry points: :func:`train` and ``python -m rearlib train --preset small --rear rear --tokens FILE --steps N
 --out DIR`` (see ``--help``); :func:`load_generator` rebuilds a trained generator from ``model.pt`` or a checkpoint.
 """
 
@@ -31,16 +31,17 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .experiments import atomic_torch_save, atomic_write_text, resolve_device
-from .rear import PRESETS as REAR_PRESETS
-from .rear import ReARConfig, get_rear_config, make_noisy_context, rear_loss
+from rearlib.runtime import atomic_torch_save, atomic_write_text, resolve_device
+from rearlib.rear import PRESETS as REAR_PRESETS
+from rearlib.rear import ReARConfig, get_rear_config, make_noisy_context, rear_loss
+from rearlib import scales
 
 CHECKPOINT_FORMAT = "rearlib.train/1"
 
@@ -49,16 +50,6 @@ CHECKPOINT_FORMAT = "rearlib.train/1"
 #: therefore do not decay.
 NO_DECAY_KEYS = ("ln", "bias", "embedding", "embed", "norm", "gamma", "mask_token", "latent_tokens")
 
-#: Per-scale defaults for :func:`config_for_scale` (TrainConfig fields). "paper" is the authors' reAR-B recipe:
-#: 250k optimizer steps at a global batch of 2048 (= 128 per GPU x 8 GPUs x accumulation 2), 62.5k warm-up steps.
-SCALES: dict[str, dict[str, Any]] = {
-    "smoke": dict(model="tiny", steps=40, batch_size=16, grad_accum=1, warmup_steps=5, lr=1e-3,
-                  log_every=10, ckpt_every=20),
-    "small": dict(model="small", steps=6000, batch_size=256, grad_accum=1, warmup_steps=600, lr=4e-4,
-                  log_every=50, ckpt_every=1000),
-    "paper": dict(model="rear_b", steps=250_000, batch_size=128, grad_accum=2, warmup_steps=62_500, lr=4e-4,
-                  seed=42, log_every=100, ckpt_every=5000),
-}
 
 # Fields that may differ between a checkpoint and the config used to resume it (they change no numbers).
 _RESUME_FREE_FIELDS = ("log_every", "ckpt_every", "snapshot_every")
@@ -152,22 +143,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        from .experiments import config_from_dict
+        from rearlib.runtime import config_from_dict
 
         return config_from_dict(cls, d, "fields")
 
 
 def config_for_scale(scale: str, rear: str | ReARConfig = "rear", **overrides: Any) -> TrainConfig:
-    """A TrainConfig with the per-scale defaults of :data:`SCALES`, a reAR preset and field overrides."""
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; allowed values: {', '.join(SCALES)}")
-    kw = dict(SCALES[scale])
+    """A TrainConfig with the per-scale defaults of :data:`scales.GENERATOR_TRAINING`, a reAR preset and field overrides."""
+    if scale not in scales.GENERATOR_TRAINING:
+        raise ValueError(f"unknown scale {scale!r}; allowed values: {', '.join(scales.GENERATOR_TRAINING)}")
+    kw = dict(scales.GENERATOR_TRAINING[scale])
     kw.update(overrides)
     return TrainConfig(rear=get_rear_config(rear) if isinstance(rear, str) else rear, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Building blocks (also used by rearlib.bench)
+# Building blocks (also used by rearlib.experiments.bench)
 # ----------------------------------------------------------------------------------------------------------------
 
 def generator_overrides(cfg: TrainConfig) -> dict[str, Any]:
@@ -197,7 +188,7 @@ def generator_overrides(cfg: TrainConfig) -> dict[str, Any]:
 
 def build_model(cfg: TrainConfig, codebook: torch.Tensor | None, device: torch.device) -> nn.Module:
     """Build the generator for ``cfg`` with a seeded init (identical on every rank), on ``device``."""
-    from .model import build_generator
+    from rearlib.model import build_generator
 
     torch.manual_seed(cfg.seed)
     model = build_generator(cfg.model, **generator_overrides(cfg))
@@ -493,7 +484,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
     ``ema=True`` loads the EMA weights (error if the run kept none).
     """
-    from .model import GeneratorConfig, build_generator
+    from rearlib.model import GeneratorConfig, build_generator
 
     ckpt = load_checkpoint(path)
     mc = GeneratorConfig(**ckpt["model_config"])
@@ -551,7 +542,7 @@ def _ema_into(model: nn.Module, ckpt: dict[str, Any]) -> dict[str, torch.Tensor]
 def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict(strict), raising :class:`rearlib.model.StateDictMismatchError` (a ValueError) that names
     ``where`` and lists every missing, unexpected or mis-shaped entry."""
-    from .model import StateDictMismatchError, check_state_dict
+    from rearlib.model import StateDictMismatchError, check_state_dict
 
     try:
         check_state_dict(model, sd)
@@ -904,7 +895,7 @@ def load_pretokenized(path: str | os.PathLike, tokenizer: Any = None) -> dict[st
     """Read training tokens from a file: returns {"tokens" [M, L] (compact dtype), "labels" [M], and optionally
     "codebook" [K, D], "num_classes"}.
 
-    Accepted: a ``rearlib.pretokenize`` file (format "rearlib-tokens": tokens [N, V, L] with V views; every view
+    Accepted: a ``rearlib.tokenizers.pretokenize`` file (format "rearlib-tokens": tokens [N, V, L] with V views; every view
     becomes one training sample with its image's label; ``tokenizer`` (object or identity string) is checked
     against the file's tokenizer identity when given), or any torch / .npz dict with "tokens" ([M, L] or
     [M, h, w]) and "labels" [M] (and optionally "codebook", "num_classes").
@@ -912,7 +903,7 @@ def load_pretokenized(path: str | os.PathLike, tokenizer: Any = None) -> dict[st
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"pretokenized file {path} not found; create it first with "
-                                f"rearlib.pretokenize.pretokenize(...)")
+                                f"rearlib.tokenizers.pretokenize.pretokenize(...)")
     if path.suffix == ".npz":
         import numpy as np
 
@@ -921,7 +912,7 @@ def load_pretokenized(path: str | os.PathLike, tokenizer: Any = None) -> dict[st
     else:
         d = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(d, dict) and d.get("format") == "rearlib-tokens":
-        from .pretokenize import load_tokens
+        from rearlib.tokenizers.pretokenize import load_tokens
 
         ds = load_tokens(path, tokenizer if tokenizer is not None else d["tokenizer_identity"])
         n, v, length = ds.tokens.shape
@@ -949,20 +940,20 @@ def _parse_kv(items: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rearlib.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rearlib train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", help="generator preset (rearlib.model.PRESETS)")
     p.add_argument("--rear", default="rear", help=f"reAR preset: {', '.join(REAR_PRESETS)}")
     p.add_argument("--rear-set", nargs="*", default=[], metavar="K=V", help="ReARConfig overrides, JSON values")
     p.add_argument("--model-set", nargs="*", default=[], metavar="K=V", help="GeneratorConfig overrides")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--tokens", help="pretokenized file (rearlib.pretokenize file, or a .pt / .npz dict with "
+    src.add_argument("--tokens", help="pretokenized file (rearlib.tokenizers.pretokenize file, or a .pt / .npz dict with "
                                       "tokens, labels[, codebook])")
     src.add_argument("--synthetic", type=int, metavar="M",
                      help="M random token sequences, labels and a random codebook in the preset's shapes: a speed "
                           "/ DDP smoke test without data (numbers mean nothing)")
     p.add_argument("--codebook", default=None, help="torch file with the codebook [K, D] (if not in --tokens)")
     p.add_argument("--tokenizer", default=None, choices=("smoke", "small", "paper"),
-                   help="take the codebook from rearlib.tokenizer.get_tokenizer(SCALE) (and check the file's "
+                   help="take the codebook from rearlib.tokenizers.get_tokenizer(SCALE) (and check the file's "
                         "tokenizer identity)")
     p.add_argument("--tokenizer-path", default=None, help="checkpoint path for --tokenizer small/paper")
     p.add_argument("--out", required=True, help="output folder (checkpoint.pt, model.pt, result.json)")
@@ -988,11 +979,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = None
     if args.tokenizer is not None:
-        from .tokenizer import get_tokenizer
+        from rearlib.tokenizers import get_tokenizer
 
         tok = get_tokenizer(args.tokenizer, "cpu", path=args.tokenizer_path)
     if args.synthetic is not None:
-        from .model import get_config
+        from rearlib.model import get_config
 
         mc0 = get_config(args.preset, **_parse_kv(args.model_set))
         g = torch.Generator().manual_seed(args.seed)

@@ -41,7 +41,7 @@ runs one forward per sequence, as the code does, so every copy gets its own drop
 
 Entry points: :class:`VAPIConfig`, :func:`config_for_scale`, :func:`corrupt_context`, :func:`compute_rewards`,
 :func:`group_advantages`, :func:`vapi_loss`, :func:`vapi_step`, :func:`post_train`, :func:`make_perceptual_fn`,
-:class:`EmbeddedSource`; CLI ``python -m rearlib.vapi --scale small --generator MODEL.pt --out DIR``.
+:class:`EmbeddedSource`; CLI ``python -m rearlib vapi --scale small --generator MODEL.pt --out DIR``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .experiments import atomic_torch_save, atomic_write_text, resolve_device, validate_scale
+from rearlib.runtime import atomic_torch_save, atomic_write_text, resolve_device
+
+from rearlib.scales import validate_scale
+from rearlib import scales
 
 CHECKPOINT_FORMAT = "rearlib.vapi/1"
 NOISE_KERNELS = ("code", "paper")
@@ -127,7 +130,7 @@ class VAPIConfig:
         bf16: bf16 autocast for the rollout and update passes on CUDA (code: bf16 everywhere). Ignored on CPU.
     Optimisation:
         lr: constant learning rate (code: 1e-6 for LlamaGen-XXL with no warm-up and no schedule; ours differs,
-            see :data:`SCALES`).
+            see :data:`scales.VAPI`).
         betas, weight_decay, adam_eps: AdamW (code: (0.9, 0.999), 1e-4 on parameters with ndim >= 2, eps 1e-8).
         grad_clip: max global gradient L2 norm (Table 7: 1.0); 0 disables.
         ppo_epochs: passes over one sampling round (code: 1).
@@ -221,30 +224,17 @@ class VAPIConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VAPIConfig":
-        from .experiments import config_from_dict
+        from rearlib.runtime import config_from_dict
 
         return config_from_dict(cls, d, "fields")
 
 
-#: Per-scale settings: VAPIConfig overrides, post-training steps and the size of the embedded-data pool.
-#: "paper" is the released C2I recipe (128 images x G = 8 per step, 100 steps, lr 1e-6 for a 1.4B model).
-#: "small" is our choice for the 25M-parameter "small" generator: lr 1e-5 because a model trained at peak lr 4e-4
-#: for minutes moves very little at 1e-6 in 100 steps (the paper's 1e-6 is ~1% of LlamaGen's training lr 1e-4;
-#: 1e-5 is ~2.5% of ours). It is not tuned; sweep it. "smoke" only proves the code path runs.
-SCALES: dict[str, dict[str, Any]] = {
-    "smoke": {"config": dict(batch_size=2, group_size=4, lr=1e-4, decode_batch=64), "steps": 3,
-              "data_size": 64},
-    "small": {"config": dict(batch_size=32, group_size=8, lr=1e-5, micro_batch_images=0, decode_batch=256),
-              "steps": 100, "data_size": 100_000},
-    "paper": {"config": dict(batch_size=128, group_size=8, lr=1e-6, micro_batch_images=1, decode_batch=64),
-              "steps": 100, "data_size": None},
-}
 
 
 def config_for_scale(scale: str, **overrides: Any) -> VAPIConfig:
-    """The :class:`VAPIConfig` of ``scale`` (see :data:`SCALES`) with field ``overrides``."""
+    """The :class:`VAPIConfig` of ``scale`` (see :data:`scales.VAPI`) with field ``overrides``."""
     validate_scale(scale)
-    return VAPIConfig(**{**SCALES[scale]["config"], **overrides})
+    return VAPIConfig(**{**scales.VAPI[scale]["config"], **overrides})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -715,13 +705,13 @@ def make_perceptual_fn(prefer: str = "auto", *, scale: str = "smoke", device=Non
     [M, 3, H, W] in [0, 1] to distances [M] (float32 on a's device) and carries ``metric_name`` (e.g. "LPIPS-VGG"
     or "ST-LPIPS(alex)") and ``reason``.
     """
-    from . import metrics
+    import rearlib.metrics as metrics
 
     choice, name, reason = metrics.resolve_perceptual(prefer)
     if prefer.lower().startswith("lpips-") and not choice.startswith("lpips-") and not allow_substitute:
         raise metrics.LPIPSUnavailable(reason)
     if name == metrics.DFD_NAME and classifier is None:
-        from .features import get_classifier
+        from rearlib.metrics.classifier import get_classifier
 
         classifier = get_classifier(scale, device or "cpu")
 
@@ -753,7 +743,7 @@ class EmbeddedSource:
         return self.size
 
     def fetch(self, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        from .data import render_batch
+        from rearlib.data import render_batch
 
         return render_batch(indices, self.resolution, self.seed, self.split, device=device)
 
@@ -976,7 +966,7 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
     finally:
         bar.close()
     if status == "completed":
-        from .train import CHECKPOINT_FORMAT as TRAIN_FORMAT
+        from rearlib.train import CHECKPOINT_FORMAT as TRAIN_FORMAT
 
         # The rearlib.train model format, so samplers/evaluators load it with rearlib.train.load_generator.
         atomic_torch_save({"format": TRAIN_FORMAT + "/model", "train_config": None,
@@ -1000,7 +990,7 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
 def _parse_kv(items: list[str]) -> dict[str, Any]:
-    from .train import _parse_kv as parse  # one key=value parser for every CLI
+    from rearlib.train import _parse_kv as parse  # one key=value parser for every CLI
 
     return parse(items)
 
@@ -1014,11 +1004,11 @@ def _window_mean(history: list[dict], key: str, first: bool, frac: float = 0.1) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rearlib.vapi", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rearlib vapi", description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", default="small", help="smoke | small | paper (tokenizer, data pool, defaults)")
     p.add_argument("--generator", required=True, help="trained generator: rearlib.train model.pt or checkpoint.pt")
     p.add_argument("--out", required=True, help="output folder (checkpoint.pt, model.pt, history.csv, result.json)")
-    p.add_argument("--steps", type=int, default=None, help="default: SCALES[scale]['steps']")
+    p.add_argument("--steps", type=int, default=None, help="default: scales.VAPI[scale]['steps']")
     p.add_argument("--set", nargs="*", default=[], metavar="K=V", help="VAPIConfig overrides (JSON values)")
     p.add_argument("--data-root", default=None, help="ImageNet root (paper scale)")
     p.add_argument("--data-size", type=int, default=None, help="embedded-data pool size (default per scale)")
@@ -1031,20 +1021,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     scale = validate_scale(args.scale)
-    from .tokenizer import get_tokenizer
-    from .train import load_generator
+    from rearlib.tokenizers import get_tokenizer
+    from rearlib.train import load_generator
 
     device = resolve_device(args.device)
     cfg = config_for_scale(scale, **_parse_kv(args.set))
-    steps = args.steps or SCALES[scale]["steps"]
+    steps = args.steps or scales.VAPI[scale]["steps"]
     tok = get_tokenizer(scale, device, data_root=args.data_root)
     model = load_generator(args.generator, device)
     if scale == "paper":
-        from .data import load_dataset
+        from rearlib.data import load_dataset
 
         data = load_dataset("imagenet", "train", tok.resolution, root=args.data_root)
     else:
-        data = EmbeddedSource(args.data_size or SCALES[scale]["data_size"], tok.resolution, "train", args.data_seed)
+        data = EmbeddedSource(args.data_size or scales.VAPI[scale]["data_size"], tok.resolution, "train", args.data_seed)
     res = post_train(model, tok, data, cfg, steps, args.out, device, scale=scale, resume=not args.fresh,
                      ckpt_every=args.ckpt_every, time_limit_s=args.time_limit)
     h = res["history"]

@@ -19,7 +19,7 @@ def philox4x32_10(c0, c1, key):
 
 def kept(c0, c1, key, t, thresh):
     """Decision ``t`` (0..7) of the Philox call at counter (c0, c1): its 16-bit draw t (the low then the high
-    half of word t // 2) >= ``thresh``, as the mask kernels of rearlib.kernels and rearlib.flash_attention."""
+    half of word t // 2) >= ``thresh``, as the mask kernels of rearlib.kernels.ops and rearlib.kernels.flash_attention."""
     word = np.choose(t // 2, philox4x32_10(c0, c1, key))
     draw = np.where(t % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
     return draw >= np.uint64(thresh)

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from rearlib import analysis as A
-from rearlib import metrics as M
+import rearlib.analysis as A
+import rearlib.metrics as M
 from rearlib.model import build_generator
-from rearlib.vqgan import VQConfig, VQTokenizer
+from rearlib.tokenizers.vqgan import VQConfig, VQTokenizer
 
 N, K = 16, 32
 
@@ -51,7 +51,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def clf():
-    from rearlib.features import Classifier
+    from rearlib.metrics.classifier import Classifier
 
     torch.manual_seed(0)
     return Classifier(widths=(8, 16), resolution=16).eval()

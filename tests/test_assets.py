@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rearlib import assets
+import rearlib.experiments.assets as assets
 
 
 def test_paper_assets_check_names_every_missing_input(tmp_path, monkeypatch):
@@ -44,7 +44,7 @@ def test_train_tokens_refuse_more_images_than_the_generators_saw():
 
 
 def test_analysis_assets_check_the_paper_inputs_before_loading_anything(tmp_path, monkeypatch):
-    import rearlib.tokenizer
+    import rearlib.tokenizers
 
     monkeypatch.delenv("REARLIB_DATA", raising=False)
     monkeypatch.delenv("REARLIB_MASKGIT_VQGAN", raising=False)
@@ -52,7 +52,7 @@ def test_analysis_assets_check_the_paper_inputs_before_loading_anything(tmp_path
     def no_load(*a, **k):
         raise AssertionError("the tokenizer was loaded before the inputs were checked")
 
-    monkeypatch.setattr(rearlib.tokenizer, "get_tokenizer", no_load)
+    monkeypatch.setattr(rearlib.tokenizers, "get_tokenizer", no_load)
     with pytest.raises(FileNotFoundError) as err:
         assets.AnalysisAssets("paper", "cpu", variants=("ar",), checkpoints={"ar": None, "rear": None},
                               maskgit_path=str(tmp_path / "none.bin"), data_root=str(tmp_path))
@@ -62,12 +62,12 @@ def test_analysis_assets_check_the_paper_inputs_before_loading_anything(tmp_path
 
 
 def test_analysis_assets_load_what_the_functions_load(monkeypatch):
-    import rearlib.tokenizer
+    import rearlib.tokenizers
 
     class Tok:
         resolution = 32
 
-    monkeypatch.setattr(rearlib.tokenizer, "get_tokenizer", lambda *a, **k: Tok())
+    monkeypatch.setattr(rearlib.tokenizers, "get_tokenizer", lambda *a, **k: Tok())
     a = assets.AnalysisAssets("smoke", "cpu")
     x, y, desc = a.images("val", 3)
     ref_x, ref_y, ref_desc = assets.load_images("smoke", Tok(), "val", 3, "cpu")

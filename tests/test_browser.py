@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from rearlib import widgets as Wd
-from rearlib.notebook import NOTEBOOK_DIR
+import rearlib.teaching as Wd
+from rearlib.experiments.notebook import NOTEBOOK_DIR
 
 pytestmark = pytest.mark.browser
 

@@ -1,4 +1,4 @@
-"""rearlib.evaluation: sample sets (padded fixed batches), labeled scores, recipe-keyed cached records (CPU, smoke)."""
+"""rearlib.experiments.evaluation: sample sets (padded fixed batches), labeled scores, recipe-keyed cached records (CPU, smoke)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from rearlib import evaluation as E
-from rearlib.evaluation import Evaluator, canonical_cfg, load_record, record_path, run_model_key, setting_label
-from rearlib.features import get_classifier
+import rearlib.experiments.evaluation as E
+from rearlib.experiments.evaluation import Evaluator, canonical_cfg, load_record, record_path, run_model_key, setting_label
+from rearlib.metrics.classifier import get_classifier
 from rearlib.model import build_generator
-from rearlib.tokenizer import get_tokenizer
+from rearlib.tokenizers import get_tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -135,7 +135,7 @@ def test_fixed_image_sets_are_cached(parts, records_root):
 def test_default_extractor_is_the_inception_fid_network(parts, records_root):
     """Without an extractor named, FID / KID / precision / recall come from the Inception-v3 FID network, carry
     their plain names, and the extractor's identity is in the key; IS is absent (the network has no logits)."""
-    from rearlib.inception import KNOWN_SHA256
+    from rearlib.metrics.inception import KNOWN_SHA256
 
     tok, clf, model = parts
     ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False)

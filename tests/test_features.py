@@ -1,4 +1,4 @@
-"""Tests of rearlib.features: the in-project classifier, its checkpoints and CLI, its torch-fidelity
+"""Tests of rearlib.metrics.classifier: the in-project classifier, its checkpoints and CLI, its torch-fidelity
 registration, and class consistency. The smoke classifier is trained once (seconds on CPU) and cached under
 artifacts/ like any other smoke artifact."""
 
@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from rearlib import features as Fe
+from rearlib import scales
+import rearlib.metrics.classifier as Fe
 from rearlib.data import NUM_CLASSES, render_batch
 
 
@@ -126,8 +127,8 @@ def test_small_config_code_path_on_cpu():
 
 
 def test_cli_train_writes_checkpoint_and_report(tmp_path, monkeypatch, capsys):
-    tiny = dict(Fe.SCALES["smoke"], train_size=128, val_size=64, epochs=1, batch_size=64)
-    monkeypatch.setitem(Fe.SCALES, "smoke", tiny)
+    tiny = dict(scales.CLASSIFIER["smoke"], train_size=128, val_size=64, epochs=1, batch_size=64)
+    monkeypatch.setitem(scales.CLASSIFIER, "smoke", tiny)
     out = tmp_path / "classifier_smoke.pt"
     assert Fe.main(["train", "--scale", "smoke", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -144,5 +145,5 @@ def test_paper_scale_and_missing_small_checkpoint_are_explained(tmp_path, monkey
     with pytest.raises(ValueError, match="unknown scale"):
         Fe.scale_config("huge")
     monkeypatch.setattr(Fe, "REPO_ROOT", tmp_path)
-    with pytest.raises(FileNotFoundError, match="python -m rearlib.features train --scale small"):
+    with pytest.raises(FileNotFoundError, match="python -m rearlib classifier train --scale small"):
         Fe.get_classifier("small")

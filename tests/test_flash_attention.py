@@ -1,4 +1,4 @@
-"""rearlib.flash_attention: the Triton causal attention (with attention dropout) of the training stack."""
+"""rearlib.kernels.flash_attention: the Triton causal attention (with attention dropout) of the training stack."""
 
 import os
 import subprocess
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from philox_reference import kept
-from rearlib import flash_attention as fa
-from rearlib.kernels import triton_available
+import rearlib.kernels.flash_attention as fa
+from rearlib.kernels.ops import triton_available
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_flash_kernels_match_float64_attention_in_the_interpreter():
     launches; the keep rate is 1 - p."""
     code = textwrap.dedent("""
         import torch
-        from rearlib import flash_attention as fa
+        import rearlib.kernels.flash_attention as fa
         torch.manual_seed(0)
         worst = {}
         for (B, H, S, D, p) in [(2, 3, 37, 48, 0.0), (2, 3, 37, 48, 0.25), (1, 2, 70, 16, 0.1), (1, 1, 128, 16, 0.1)]:
@@ -78,11 +78,11 @@ def test_dropout_decisions_follow_the_documented_philox_counters():
     threshold; this pins the kernel's enumeration of the causal words (S not a multiple of 32, several groups)."""
     import numpy as np
 
-    from rearlib.kernels import keep_threshold
+    from rearlib.kernels.ops import keep_threshold
 
     code = textwrap.dedent("""
         import torch
-        from rearlib import flash_attention as fa
+        import rearlib.kernels.flash_attention as fa
         bits = fa.attention_dropout_bits(2, 3, 75, 0.3, torch.tensor([[11, 22], [1234567, 89]]))
         print("keep", fa.unpack_keep(bits, 75).to(torch.uint8).flatten().tolist())
     """)

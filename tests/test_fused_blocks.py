@@ -1,4 +1,4 @@
-"""The hand-scheduled block stack (rearlib.fused_blocks) against the Block modules it replaces in training."""
+"""The hand-scheduled block stack (rearlib.kernels.fused_blocks) against the Block modules it replaces in training."""
 
 import os
 import subprocess
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rearlib.fused_blocks import SiteLN, SiteResidual, fused_block_stack, site_backward, site_forward
-from rearlib.kernels import pack_keep, triton_available
+from rearlib.kernels.fused_blocks import SiteLN, SiteResidual, fused_block_stack, site_backward, site_forward
+from rearlib.kernels.ops import pack_keep, triton_available
 from rearlib.model import build_generator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,8 +70,8 @@ def test_stack_draws_packed_dropout_masks_per_block():
     """The stack's dropout masks: per block three flat word pieces (after proj [N, C], after the GELU [N, hidden],
     after fc2 [N, C]) of ceil(n / 32) int32 words, keep rate 1 - p; a stack with dropout runs forward and
     backward (stand-ins) and its output differs from the deterministic one."""
-    from rearlib.fused_blocks import _keep_masks, _Plan
-    from rearlib.kernels import unpack_keep
+    from rearlib.kernels.fused_blocks import _keep_masks, _Plan
+    from rearlib.kernels.ops import unpack_keep
 
     plan = _Plan(3, 2, 0.25, 0.0, 1e-6, (), torch.float64, "torch", "flash")
     N, C, hidden = 70, 12, 48
@@ -136,8 +136,8 @@ def test_site_kernels_match_the_stand_ins_in_the_interpreter():
     combination, a width that is not a power of two, bf16 activations, modulation views with a row stride."""
     code = textwrap.dedent("""
         import torch
-        from rearlib.kernels import pack_keep
-        from rearlib import fused_blocks as fb
+        from rearlib.kernels.ops import pack_keep
+        import rearlib.kernels.fused_blocks as fb
         fb.SITE_CONFIG.update(bwd_programs=3)  # several rows per program, so the column sums accumulate
         g = torch.Generator().manual_seed(0)
         worst = {}
@@ -208,7 +208,7 @@ def test_qknorm_kernels_match_the_stand_ins_in_the_interpreter():
     of width 12 (neither a power of two), bf16 qkv, non-contiguous incoming gradients, and the column sums."""
     code = textwrap.dedent("""
         import torch
-        from rearlib import fused_blocks as fb
+        import rearlib.kernels.fused_blocks as fb
         fb.QKNORM_CONFIG.update(bwd_programs=4)
         g = torch.Generator().manual_seed(0)
         B, S, H, d = 2, 5, 3, 12
@@ -243,8 +243,8 @@ def test_qknorm_kernels_match_the_stand_ins_in_the_interpreter():
 def test_gelu_kernels_match_the_stand_ins_in_the_interpreter():
     code = textwrap.dedent("""
         import torch
-        from rearlib.kernels import pack_keep
-        from rearlib import fused_blocks as fb
+        from rearlib.kernels.ops import pack_keep
+        import rearlib.kernels.fused_blocks as fb
         fb.GELU_CONFIG.update(fwd_block=64, bwd_cols=32, bwd_programs=3)  # several blocks, rows per program
         g = torch.Generator().manual_seed(0)
         N = 7
@@ -274,7 +274,7 @@ def test_gelu_kernels_are_the_erf_gelu_to_float32_accuracy():
     down to x = -10, relatively (the tail, where GELU(x) ~ 1e-23, is where a poor erf would show)."""
     code = textwrap.dedent("""
         import math, torch
-        from rearlib import fused_blocks as fb
+        import rearlib.kernels.fused_blocks as fb
         fb.GELU_CONFIG.update(fwd_block=1024, bwd_cols=512, bwd_programs=4)
         x64 = torch.linspace(-12, 12, 4 * 8191, dtype=torch.float64)
         f = x64.float().view(4, -1)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rearlib import inception as I
-from rearlib import metrics as M
+import rearlib.metrics.inception as I
+import rearlib.metrics as M
 
 
 def _smooth_images(n: int, size: int, seed: int) -> torch.Tensor:

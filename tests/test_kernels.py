@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from philox_reference import kept
-from rearlib.kernels import decode_attention_reference, keep_threshold, pack_keep, triton_available, unpack_keep
+from rearlib.kernels.ops import decode_attention_reference, keep_threshold, pack_keep, triton_available, unpack_keep
 from rearlib.model import build_generator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,7 +37,7 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
     first, a middle and the last position, garbage after pos, bf16 cache."""
     code = textwrap.dedent("""
         import torch
-        from rearlib.kernels import decode_attention_interpreted, decode_attention_reference
+        from rearlib.kernels.ops import decode_attention_interpreted, decode_attention_reference
         g = torch.Generator().manual_seed(0)
         worst = 0.0
         for B, H, L, D, p in [(2, 2, 20, 16, 0), (2, 3, 40, 48, 17), (1, 2, 40, 48, 39)]:
@@ -60,7 +60,7 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
 
 
 def test_triton_kernel_input_checks():
-    from rearlib.kernels import _check
+    from rearlib.kernels.ops import _check
     q, kv = torch.zeros(2, 3, 1, 8), torch.zeros(2, 3, 10, 8)
     _check(q, kv, kv, torch.tensor([3]))
     with pytest.raises(ValueError, match=r"q \[B, H, 1, D\]"):
@@ -134,7 +134,7 @@ def test_dropout_mask_kernel_in_the_interpreter():
     program size extends the mask without changing its prefix, and p = 0 keeps everything."""
     code = textwrap.dedent("""
         import torch
-        from rearlib.kernels import dropout_keep_mask_interpreted as mask
+        from rearlib.kernels.ops import dropout_keep_mask_interpreted as mask
         seed = torch.tensor([12345, 678], dtype=torch.int64)
         n = 3 * 4096 + 77
         for p in (0.1, 0.5, 0.9):
@@ -179,7 +179,7 @@ def test_packed_dropout_bits_follow_philox_in_the_interpreter():
     p = 0 keeps everything."""
     code = textwrap.dedent("""
         import torch
-        from rearlib import kernels
+        import rearlib.kernels.ops as kernels
         kernels.DROPOUT_BITS_BLOCK = 16
         w = kernels.dropout_keep_bits(3000, 0.3, torch.tensor([1234567, 89]))
         assert w.dtype == torch.int32 and w.numel() == 94
@@ -198,7 +198,7 @@ def test_packed_dropout_bits_follow_philox_in_the_interpreter():
 
 
 def test_dropout_routes_cpu_to_torch_and_checks_arguments():
-    from rearlib.kernels import dropout, dropout_keep_mask
+    from rearlib.kernels.ops import dropout, dropout_keep_mask
     x = torch.randn(64, 32)
     torch.manual_seed(0)
     got = dropout(x, 0.25, training=True)
@@ -244,7 +244,7 @@ def test_fid_decode_runs_without_tf32_and_restores_the_flags():
 def test_dropout_kernel_on_gpu_eager_and_compiled():
     """On CUDA: keep rate 1 - p, kept values scaled by 1 / (1 - p), gradient = mask / (1 - p), the same mask again
     after the same torch.manual_seed, both eagerly and under torch.compile; a compiled training step with it."""
-    from rearlib.kernels import dropout
+    from rearlib.kernels.ops import dropout
     # Not a multiple of the program size. Nonzero values: ``y != 0`` below marks the kept elements, and CUDA's randn
     # gives exact zeros (a uniform draw of 1.0) often enough at 3M elements to fail ~1 run in 10.
     x = (torch.rand(1000, 3077, device="cuda") + 0.5).requires_grad_(True)
@@ -275,8 +275,8 @@ def test_packed_mask_kernels_on_gpu_follow_philox():
     """The compiled (not interpreted) mask kernels of the training stack against the numpy Philox reference: the
     packed dropout words (several programs, a ragged end) and the causal attention-dropout words (S = 258, two
     layers from one launch)."""
-    from rearlib import flash_attention as fa
-    from rearlib.kernels import dropout_keep_bits
+    import rearlib.kernels.flash_attention as fa
+    from rearlib.kernels.ops import dropout_keep_bits
 
     dev = torch.device("cuda")
     n = 100_003
@@ -301,7 +301,7 @@ def test_packed_mask_kernels_on_gpu_follow_philox():
 def test_fid_decode_does_not_depend_on_the_row_on_gpu():
     """With TF32 off (as FID generation decodes), an image decodes to the same pixels at any row of the batch."""
     from rearlib.sample import _no_tf32
-    from rearlib.tokenizer import get_tokenizer
+    from rearlib.tokenizers import get_tokenizer
     tok = get_tokenizer("small", torch.device("cuda"), progress=False)
     t = torch.randint(0, tok.codebook_size, (16, 256), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad(), _no_tf32():

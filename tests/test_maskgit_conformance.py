@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rearlib.maskgit_vqgan import OFFICIAL_CONFIG, MaskGITVQGAN, infer_config, load_maskgit_vqgan
-from rearlib.tokenizer import (StateDictMismatchError, find_maskgit_checkpoint, get_tokenizer, load_tokenizer,
+from rearlib.tokenizers.maskgit_vqgan import OFFICIAL_CONFIG, MaskGITVQGAN, infer_config, load_maskgit_vqgan
+from rearlib.tokenizers import (StateDictMismatchError, find_maskgit_checkpoint, get_tokenizer, load_tokenizer,
                                save_tokenizer)
 
 REF = Path(os.environ.get("REARLIB_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
@@ -152,7 +152,7 @@ def test_a_failed_load_leaves_no_partial_model(fx):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     sd = dict(fx["state_dict"])
     del sd["encoder.conv_in.weight"]
-    from rearlib.tokenizer import load_state_dict_strict
+    from rearlib.tokenizers import load_state_dict_strict
 
     with pytest.raises(StateDictMismatchError):
         load_state_dict_strict(m, sd)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rearlib import metrics as M
-from rearlib.features import Classifier, save_classifier
+import rearlib.metrics as M
+from rearlib.metrics.classifier import Classifier, save_classifier
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def test_lpips_from_cached_backbone(tmp_path, monkeypatch, no_network):
 
 
 def test_dfd_properties(images, random_extractor):
-    from rearlib.features import load_classifier
+    from rearlib.metrics.classifier import load_classifier
 
     clf = load_classifier(random_extractor)
     a = images[:16]
@@ -330,7 +330,7 @@ def test_npz_reference_statistics_path(images, random_extractor, tmp_path):
     """An ADM-style npz (arr_0 images + mu/sigma) gives the same FID via its statistics as via its images,
     when the statistics come from the same extractor; mismatched statistics are refused."""
     from torch_fidelity.metric_fid import fid_features_to_statistics
-    from rearlib.features import load_classifier
+    from rearlib.metrics.classifier import load_classifier
 
     gen, ref = images[:32], images[32:]
     u8 = (ref * 255).round().to(torch.uint8)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from rearlib.notebook import check, notebook_scripts
-from rearlib.reproduce import run_notebook
+from rearlib.experiments.notebook import check, notebook_scripts
+from rearlib.experiments.reproduce import run_notebook
 
 SCRIPTS = notebook_scripts()
 

@@ -132,9 +132,11 @@ def test_strict_loading_reports_every_mismatch(fx):
     with pytest.raises(StateDictMismatchError) as e:
         load_official_state_dict(sd, "tiny")
     msg = str(e.value)
-    assert "missing keys (1): lm_head.bias" in msg
-    assert "unexpected keys (1): extra.weight" in msg
-    assert "blocks.1.attn.qkv.weight: checkpoint (3, 3) vs model (192, 64)" in msg
+    assert "missing keys (1):\n    lm_head.bias" in msg
+    assert "unexpected keys (1):\n    extra.weight" in msg
+    assert "blocks.1.attn.qkv.weight: expected (192, 64), got (3, 3)" in msg
+    assert (e.value.missing, e.value.unexpected, e.value.mis_shaped) == (
+        ["lm_head.bias"], ["extra.weight"], ["blocks.1.attn.qkv.weight"])
 
 
 def test_loading_into_the_wrong_preset_fails(fx):

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from rearlib.data import EmbeddedDataset, render_batch
-from rearlib.pretokenize import (TEN_CROP_NAMES, TokenDataset, load_tokens, make_views, pretokenize,
+from rearlib.tokenizers.pretokenize import (TEN_CROP_NAMES, TokenDataset, load_tokens, make_views, pretokenize,
                                  storage_dtype)
-from rearlib.tokenizer import TokenizerMismatchError
-from rearlib.vqgan import VQConfig, VQTokenizer
+from rearlib.tokenizers import TokenizerMismatchError
+from rearlib.tokenizers.vqgan import VQConfig, VQTokenizer
 
 MICRO = dict(resolution=16, base_channels=8, channel_mult=(1, 1, 2), num_res_blocks=1, codebook_size=16,
              code_dim=8, norm_groups=4)
@@ -136,8 +136,8 @@ def test_resizes_sources_of_another_resolution():
 
 
 def test_cli_writes_a_token_file(tmp_path, monkeypatch, capsys):
-    from rearlib import pretokenize as P
-    from rearlib import tokenizer as T
+    import rearlib.tokenizers.pretokenize as P
+    import rearlib.tokenizers as T
 
     monkeypatch.setattr(T, "get_tokenizer", lambda scale, device: micro())
     out = tmp_path / "cli.pt"

@@ -1,9 +1,10 @@
 """The papermill runner: order, outputs, provenance, SUMMARY, failure reporting and skipping unchanged work."""
 
+import pytest
 import json
 import textwrap
 
-from rearlib.reproduce import build_summary, main, select
+from rearlib.experiments.reproduce import build_summary, main, select
 
 HEADER = '''# %% tags=["parameters"]
 scale = "smoke"
@@ -12,7 +13,7 @@ device = "auto"
 reports_dir = "reports"
 figures_dir = "figures"
 # %%
-from rearlib.notebook import setup
+from rearlib.experiments.notebook import setup
 ctx = setup(notebook="{name}", scale=scale, seed=seed, device=device, reports_dir=reports_dir, figures_dir=figures_dir)
 '''
 
@@ -84,7 +85,7 @@ def test_large_tables_are_written_gzipped(tmp_path):
 
     import pandas as pd
 
-    from rearlib.notebook import setup
+    from rearlib.experiments.notebook import setup
 
     ctx = setup(notebook="99_t", scale="smoke", reports_dir=tmp_path / "r", figures_dir=tmp_path / "f", quiet=True)
     small = pd.DataFrame({"x": range(10)})
@@ -98,13 +99,23 @@ def test_large_tables_are_written_gzipped(tmp_path):
     assert ctx.save_csv(small, "b").name == "b.csv" and not path.exists()
 
 
-def test_python_m_rearlib_lists_every_command_line_tool():
+def test_python_m_rearlib_lists_and_runs_every_command_line_tool(capsys):
     import importlib
     import pathlib
 
-    from rearlib.__main__ import COMMANDS
+    from rearlib.__main__ import COMMANDS, main
 
-    listed = {name for name, _ in COMMANDS}
+    listed = {module for _, module, _ in COMMANDS}
     root = pathlib.Path(importlib.import_module("rearlib").__file__).parent
-    with_main = {p.stem for p in root.glob("*.py") if p.stem != "__main__" and 'if __name__ == "__main__"' in p.read_text()}
+    with_main = {".".join(("rearlib",) + p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+                 for p in root.rglob("*.py") if p.name != "__main__.py" and 'if __name__ == "__main__"' in p.read_text()}
     assert with_main == listed
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name, _, _ in COMMANDS)
+    assert main(["no-such-tool"]) == 2 and "unknown command 'no-such-tool'" in capsys.readouterr().err
+    for name, _, _ in COMMANDS:  # every command answers --help through the dispatcher
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0
+        assert f"python -m rearlib {name}" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""rearlib.studies and training snapshots: specs, canonical run hashes, the resumable plan, the notebook-free path
+"""rearlib.experiments.studies and training snapshots: specs, canonical run hashes, the resumable plan, the notebook-free path
 when every record exists, pack/unpack, and the CLI time limit (CPU, smoke scale, shrunken plans)."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import tarfile
 import pytest
 import torch
 
-import rearlib.studies as ST
-from rearlib import zoo
+from rearlib import scales
+import rearlib.experiments.studies as ST
+import rearlib.experiments.zoo as zoo
 from rearlib.rear import get_rear_config
-from rearlib.studies import RunSpec, Workspace, paper_layer, resolve
+from rearlib.experiments.studies import RunSpec, Workspace, paper_layer, resolve
 from rearlib.train import TrainConfig, list_snapshots, load_generator, snapshot_path, train
 
 
@@ -70,7 +71,7 @@ def test_snapshots_are_written_resume_exactly_and_load(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok():
-    from rearlib.tokenizer import get_tokenizer
+    from rearlib.tokenizers import get_tokenizer
 
     return get_tokenizer("smoke", "cpu", progress=False)
 
@@ -138,15 +139,14 @@ def shrunk(monkeypatch, tok, tmp_path):
 
     The tokenizer and classifier are loaded from the shared cache first (training them is not under test).
     """
-    from rearlib import evaluation
 
-    plan = dict(ST.SCALES["smoke"])
+    plan = dict(scales.STUDIES["smoke"])
     plan["recipes"] = {"main": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4),
                        "ablation": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2)}
     plan["seeds"], plan["cfg_scales"], plan["cfg_powers"] = (0, 1), (3.0,), (0.0,)
-    monkeypatch.setitem(ST.SCALES, "smoke", plan)
+    monkeypatch.setitem(scales.STUDIES, "smoke", plan)
     monkeypatch.setattr(ST, "PAPER_TABLE3", {k: ST.PAPER_TABLE3[k] for k in ("align_only", "rear")})
-    monkeypatch.setitem(evaluation.SCALES, "smoke", dict(evaluation.SCALES["smoke"], n_ref=64, batch=20,
+    monkeypatch.setitem(scales.EVALUATION, "smoke", dict(scales.EVALUATION["smoke"], n_ref=64, batch=20,
                                                          n_per_class=2))
     ws = Workspace("smoke", "cpu", progress=False)
     root = tmp_path / "gpu_box"

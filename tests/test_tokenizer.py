@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rearlib import tokenizer as T
-from rearlib import vqgan
+from rearlib import scales
+import rearlib.tokenizers as T
+import rearlib.tokenizers.vqgan as vqgan
 from rearlib.data import render_batch
-from rearlib.tokenizer import StateDictMismatchError, TokenizerMismatchError, load_tokenizer, save_tokenizer
-from rearlib.vqgan import TrainConfig, VQConfig, VQTokenizer, code_usage, psnr_ssim, train_vq
+from rearlib.tokenizers import StateDictMismatchError, TokenizerMismatchError, load_tokenizer, save_tokenizer
+from rearlib.tokenizers.vqgan import VQTrainConfig as TrainConfig, VQConfig, VQTokenizer, code_usage, psnr_ssim, train_vq
 
 MICRO = dict(resolution=16, base_channels=8, channel_mult=(1, 1, 2), num_res_blocks=1, codebook_size=16,
              code_dim=8, norm_groups=4)
@@ -233,7 +234,7 @@ def test_metrics_definitions():
 # ---- get_tokenizer / CLI ------------------------------------------------------------------------------------
 def test_get_tokenizer_smoke_trains_once_then_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path))
-    monkeypatch.setitem(vqgan.SCALES, "smoke", {"model": MICRO, "train": dict(steps=4, batch_size=2, val_size=4,
+    monkeypatch.setitem(scales.VQ_TOKENIZER, "smoke", {"model": MICRO, "train": dict(steps=4, batch_size=2, val_size=4,
                                                                                   log_every=2)})
     first = T.get_tokenizer("smoke", "cpu", progress=False)
     files = list(tmp_path.glob("tokenizer/*/tokenizer.pt"))
@@ -251,14 +252,14 @@ def test_get_tokenizer_smoke_trains_once_then_caches(tmp_path, monkeypatch):
 def test_get_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown scale"):
         T.get_tokenizer("huge", "cpu")
-    with pytest.raises(FileNotFoundError, match="python -m rearlib.vqgan train --scale small"):
+    with pytest.raises(FileNotFoundError, match="python -m rearlib vqgan train --scale small"):
         T.get_tokenizer("small", "cpu", path=tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="MaskGIT-VQGAN"):
         vqgan.scale_configs("paper")
 
 
 def test_shipped_small_checkpoint_if_present():
-    path = T.REPO_ROOT / T.SCALES["small"]["checkpoint"]
+    path = T.REPO_ROOT / scales.TOKENIZER["small"]["checkpoint"]
     if not path.is_file():
         pytest.skip("data/checkpoints/tokenizer_small.pt not built yet (GPU job)")
     assert path.stat().st_size <= 16 * 2**20
@@ -269,7 +270,7 @@ def test_shipped_small_checkpoint_if_present():
 
 
 def test_cli_train_writes_checkpoint_and_metrics(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(vqgan.SCALES, "smoke", {"model": MICRO, "train": dict(steps=3, batch_size=2, val_size=4,
+    monkeypatch.setitem(scales.VQ_TOKENIZER, "smoke", {"model": MICRO, "train": dict(steps=3, batch_size=2, val_size=4,
                                                                                   log_every=1)})
     out = tmp_path / "tok.pt"
     assert vqgan.main(["train", "--scale", "smoke", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0

@@ -195,7 +195,7 @@ def test_rewards_reject_bad_input():
 
 
 def test_make_perceptual_fn_uses_metrics_and_labels_substitute():
-    from rearlib.features import Classifier
+    from rearlib.metrics.classifier import Classifier
     from rearlib.metrics import DFD_NAME
     from rearlib.vapi import make_perceptual_fn
 
@@ -424,7 +424,7 @@ def test_step_noise_kl_and_minibatches():
 
 def test_step_with_real_vq_tokenizer_and_encoding():
     """Interface check with the project's own tokenizer class (random weights): tokens=None encodes on the fly."""
-    from rearlib.vqgan import VQConfig, VQTokenizer
+    from rearlib.tokenizers.vqgan import VQConfig, VQTokenizer
 
     torch.manual_seed(0)
     vq = VQTokenizer(VQConfig(resolution=16, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,

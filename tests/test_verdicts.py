@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rearlib.verdicts import effect_verdict, final, smoke_note
+from rearlib.experiments.verdicts import effect_verdict, final, smoke_note
 
 
 def eff(mean, lo, hi):

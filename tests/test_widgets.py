@@ -1,4 +1,4 @@
-"""rearlib.widgets without a browser: the pure surgery rules, the components' compute methods, and that moving a
+"""rearlib.teaching without a browser: the pure surgery rules, the components' compute methods, and that moving a
 control updates the output widgets (ipywidgets run without a frontend here). Uses the shipped small models
 (data/checkpoints), as notebook 14 does; one torch thread."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rearlib import widgets as Wd
+import rearlib.teaching as Wd
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

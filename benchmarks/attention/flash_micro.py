@@ -1,4 +1,4 @@
-"""rearlib.flash_attention against cuDNN's fused attention at reAR-B shapes (B 128, H 16, S 258, d 48, bf16).
+"""rearlib.kernels.flash_attention against cuDNN's fused attention at reAR-B shapes (B 128, H 16, S 258, d 48, bf16).
 
 Correctness (bf16 inputs in the stack's layouts against float32 math, dropout 0 and 0.1 with the kernels' own
 mask), then a sweep of tile configurations, timing forward and backward separately (CUDA events, median of
@@ -9,7 +9,7 @@ import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch
 from benchmarks.common import cuda_ms, out_path
-from rearlib import flash_attention as fa
+import rearlib.kernels.flash_attention as fa
 
 dev = torch.device("cuda")
 B, H, S, D = 128, 16, 258, 48

@@ -1,5 +1,5 @@
-"""Full reAR-B training step (rearlib.bench.bench_training, batch 128, 30 timed steps after 5 warm-up) with the
-block stack's attention from rearlib.flash_attention ("flash", the default) or cuDNN ("cudnn"), rows alternating
+"""Full reAR-B training step (rearlib.experiments.bench.bench_training, batch 128, 30 timed steps after 5 warm-up) with the
+block stack's attention from rearlib.kernels.flash_attention ("flash", the default) or cuDNN ("cudnn"), rows alternating
 in one process. Run from the repository root on a CUDA machine:
     python benchmarks/attention/step_ab.py rear:flash rear:cudnn ar:flash ar:cudnn rear:flash rear:cudnn
 Writes $OUT/attention_flash_vs_cudnn_step.json (default OUT: artifacts/bench)."""
@@ -7,7 +7,7 @@ import json, os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch
 from benchmarks.common import out_path, step_rows
-from rearlib import fused_blocks
+import rearlib.kernels.fused_blocks as fused_blocks
 
 dev = torch.device("cuda")
 res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": []}

@@ -4,7 +4,7 @@ and launch configuration (CUDA events, median of n x inner calls, two interleave
 * the block stack's masks, packed one bit per decision (rearlib.kernels.dropout_keep_bits), for each
   DROPOUT_BITS_BLOCK, against the byte masks the module path uses (rearlib.kernels.dropout_keep_mask), for the
   24 x 33024 x 4608 decisions of a step (after the attention projection, inside the MLP, after fc2);
-* the attention-dropout words of all 24 layers from one launch (rearlib.flash_attention.attention_dropout_bits,
+* the attention-dropout words of all 24 layers from one launch (rearlib.kernels.flash_attention.attention_dropout_bits,
   causal triangle only), for each (bits_block, bits_warps).
 
 Run from the repository root on a CUDA machine: python benchmarks/dropout_masks/mask_kernels.py

@@ -1,4 +1,4 @@
-"""Launch-configuration sweep of the block stack's adaLN site kernels (rearlib.fused_blocks.site_forward /
+"""Launch-configuration sweep of the block stack's adaLN site kernels (rearlib.kernels.fused_blocks.site_forward /
 site_backward: residual + dropout + LayerNorm + modulate) at reAR-B training shapes (N = 128 * 258, C = 768):
 rows per program and warps (forward), rows, warps and programs (backward); achieved TB/s counts each input and
 output once. Run from the repository root on a CUDA machine: python benchmarks/fused_blocks/site_kernel_sweep.py
@@ -7,8 +7,8 @@ import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch
 from benchmarks.common import out_path
-from rearlib import fused_blocks as fb
-from rearlib.kernels import pack_keep
+import rearlib.kernels.fused_blocks as fb
+from rearlib.kernels.ops import pack_keep
 dev = "cuda"; N, C = 128 * 258, 768
 g = torch.Generator(device=dev).manual_seed(0)
 x = torch.randn(N, C, device=dev, generator=g)

@@ -1,4 +1,4 @@
-"""Does the first training configuration of a fresh process synchronise with the host? rearlib.bench counts host
+"""Does the first training configuration of a fresh process synchronise with the host? rearlib.experiments.bench counts host
 synchronisations of one step with CUDA's sync-debug mode in "warn"; this script runs that step (AR, then reAR, in a
 fresh process) with the mode set to "error" instead, which raises at the first synchronising operation, and prints
 "no sync at step N" or the traceback. Run from the repository root on a CUDA machine:
@@ -7,7 +7,7 @@ It writes no file."""
 import os, sys, traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch
-import rearlib.bench as bench
+import rearlib.experiments.bench as bench
 def count(stepper, step, device):
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -21,8 +21,8 @@ def save():
     json.dump(res, open(out_path("train_step_host_vs_device.json"), "w"), indent=1, default=str)
 
 
-from rearlib.bench import _release, training_stepper
-import rearlib.fused_blocks as fb
+from rearlib.experiments.bench import _release, training_stepper
+import rearlib.kernels.fused_blocks as fb
 
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train() runs the fast path
 

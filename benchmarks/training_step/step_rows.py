@@ -1,4 +1,4 @@
-"""Full reAR-B training step of the current code, one row per argument (rearlib.bench.bench_training, batch 128,
+"""Full reAR-B training step of the current code, one row per argument (rearlib.experiments.bench.bench_training, batch 128,
 bf16 + torch.compile + fused AdamW, 30 timed steps after 5 warm-up), all rows in one process.
 Run from the repository root on a CUDA machine: python benchmarks/training_step/step_rows.py rear ar rear
 Writes $OUT/train_step_rows.json (default OUT: artifacts/bench)."""
@@ -6,7 +6,7 @@ import json, os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch
 from benchmarks.common import out_path
-from rearlib.bench import _release, bench_training, peak_flops
+from rearlib.experiments.bench import _release, bench_training, peak_flops
 
 dev = torch.device("cuda")
 peak, _ = peak_flops(dev)

@@ -19,7 +19,7 @@ call (``tl.randint4x``): four 32-bit words, each split into two 16-bit uniform d
 The kernel is bound by Philox's arithmetic, not by its stores: on an H200 the 3.65G decisions of a reAR-B step took
 4.14 ms with one decision per word and 2.37 ms with two (reports/small/bench/train_fused_blocks_tuning.json).
 :func:`dropout` applies the mask as ``x * keep / (1 - p)``, a multiply Inductor fuses into the neighbouring kernels.
-The fused block stack (:mod:`rearlib.fused_blocks`) reads the same kind of decisions packed one bit each
+The fused block stack (:mod:`rearlib.kernels.fused_blocks`) reads the same kind of decisions packed one bit each
 (:func:`dropout_keep_bits`, :func:`pack_keep`, :func:`unpack_keep`): 1.87 against 2.41 ms per reAR-B step for the
 mask kernel, and an eighth of the mask bytes for its memory-bound kernels (measured on an H200, see
 docs/performance.md and reports/small/bench/dropout_bits_ab_run2.json).

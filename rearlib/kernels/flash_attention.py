@@ -31,12 +31,12 @@ import math
 
 import torch
 
-from .kernels import _dropout_seed, keep_threshold, triton
+from rearlib.kernels.ops import _dropout_seed, keep_threshold, triton
 
 if triton is not None:
     import triton.language as tl
 
-    from .kernels import _philox_byte, _philox_key
+    from rearlib.kernels.ops import _philox_byte, _philox_key
 
 __all__ = ["flash_attention_forward", "flash_attention_backward", "attention_dropout_bits", "unpack_keep",
            "attention_reference", "attention_seed", "FLASH_CONFIG"]

@@ -93,33 +93,20 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from rearlib import scales
 
 __all__ = [
-    "SCALES", "RATIOS", "R_PRIMES", "PROTOCOLS", "REPLACEMENT_MODES", "CKA_TARGETS",
+    "RATIOS", "R_PRIMES", "PROTOCOLS", "REPLACEMENT_MODES", "CKA_TARGETS",
     "forced_decode", "exposure_bias", "codebook_neighbours", "embedding_replacement",
     "teacher_forced_predictions", "perturb_context", "robustness",
     "StreamingLinearCKA", "cka_layers", "image_metrics", "encode_images", "mean_ci", "paper_reference",
 ]
 
-#: The paper's grids (docs/paper.md, reAR §2.1, §2.2).
-RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-R_PRIMES = (0.0, 0.2, 0.4, 0.6, 0.8)
+RATIOS, R_PRIMES = scales.RATIOS, scales.R_PRIMES  # the paper's grids
 PROTOCOLS = ("perfect", "imperfect")
 REPLACEMENT_MODES = ("nearest", "random", "farthest")
 CKA_TARGETS = ("encoded", "decoded")
 
-#: Per-scale settings for the notebooks. ``images``: images per analysis (A, B, C use ``images``; D pools
-#: ``cka_images``); ``batch_size``: rows per forward / decoding batch. smoke: CPU seconds, numbers meaningless.
-#: small: one H200 (see ``python -m rearlib.analysis benchmark`` for the measured cost). paper: N >= 1000
-#: (docs/paper.md, reAR §6 item 2).
-SCALES = {
-    "smoke": {"images": 6, "ratios": (0.1, 0.5, 0.9), "r_primes": (0.0, 0.4, 0.8), "noise_fraction": 0.1,
-              "cka_images": 6, "batch_size": 32, "repeats": 1},
-    "small": {"images": 1000, "ratios": RATIOS, "r_primes": R_PRIMES, "noise_fraction": 0.1,
-              "cka_images": 500, "batch_size": 512, "repeats": 1},
-    "paper": {"images": 1000, "ratios": RATIOS, "r_primes": R_PRIMES, "noise_fraction": 0.1,
-              "cka_images": 50, "batch_size": 128, "repeats": 1},
-}
 
 # Random streams (part of every row seed, so the draws of different purposes are independent).
 _STREAM_NOISE, _STREAM_SUBSET, _STREAM_SELECT, _STREAM_RANDOM_CODE, _STREAM_CONTEXT, _STREAM_CKA_ROWS = range(1, 7)
@@ -341,7 +328,7 @@ def image_metrics(decoded: torch.Tensor, reference: torch.Tensor, *, which: Sequ
     ``"auto"``; ``classifier`` / ``scale`` are passed on for the ``"dfd"`` diagnostic), a callable ``(a, b) ->
     (values [B], name)``, or None (skipped, name ``"none"``).
     """
-    from rearlib import metrics as M
+    import rearlib.metrics as M
 
     which = _check_choice(which, _IMAGE_METRICS, "which") if which else []
     B = decoded.shape[0]
@@ -1145,16 +1132,16 @@ def paper_reference(experiment: str) -> pd.DataFrame:
 # CLI: cost benchmark on a GPU box (random weights; for planning the small-scale notebooks)
 # ================================================================================================================
 def _benchmark(args) -> dict:
-    from rearlib.experiments import resolve_device
-    from rearlib.features import Classifier
+    from rearlib.runtime import resolve_device
+    from rearlib.metrics.classifier import Classifier
     from rearlib.metrics import dfd_distance
     from rearlib.model import build_generator
-    from rearlib.vqgan import SCALES as VQ_SCALES, VQTokenizer
+    from rearlib.tokenizers.vqgan import VQTokenizer
     from rearlib.data import render_batch
 
     dev = resolve_device(args.device)
     torch.manual_seed(0)
-    tok = VQTokenizer(dict(VQ_SCALES["small"]["model"])).to(dev).eval()
+    tok = VQTokenizer(dict(scales.VQ_TOKENIZER["small"]["model"])).to(dev).eval()
     h, w = tok.grid_size
     model = build_generator(args.preset, codebook_size=tok.codebook_size, z_dim=tok.code_dim,
                             seq_len=h * w).to(dev)
@@ -1168,7 +1155,7 @@ def _benchmark(args) -> dict:
 
     images, labels = render_batch(torch.arange(args.images), tok.resolution, split="val", device=dev)
     labels = labels % model.config.num_classes
-    small = SCALES["small"]
+    small = scales.ANALYSIS["small"]
     res = {"device": str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"), "preset": args.preset,
            "images": args.images, "batch_size": args.batch_size, "seq_len": h * w, "codebook": tok.codebook_size}
 
@@ -1201,13 +1188,13 @@ def _benchmark(args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rearlib.analysis", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rearlib analysis", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("benchmark", help="time the four analyses with random weights at the small-scale shapes "
-                                         "(16x16 tokens, K = 1024) and extrapolate to SCALES['small']")
+                                         "(16x16 tokens, K = 1024) and extrapolate to scales.ANALYSIS['small']")
     b.add_argument("--preset", default="small")
     b.add_argument("--images", type=int, default=64)
-    b.add_argument("--batch-size", type=int, default=SCALES["small"]["batch_size"])
+    b.add_argument("--batch-size", type=int, default=scales.ANALYSIS["small"]["batch_size"])
     b.add_argument("--device", default="auto")
     b.add_argument("--out", default=None, help="write the result JSON here (atomically)")
     a = ap.parse_args(argv)
@@ -1215,7 +1202,7 @@ def main(argv=None) -> int:
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
-        from rearlib.experiments import atomic_write_text
+        from rearlib.runtime import atomic_write_text
 
         atomic_write_text(a.out, text)
     return 0

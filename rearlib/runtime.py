@@ -20,17 +20,12 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-SCALES = ("smoke", "small", "paper")
+
+#: The repository checkout this package runs from (reports/, figures/, data/ and artifacts/ live here).
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Root of the artifact cache; overridable so tests and CI can keep it in a temporary folder.
 ARTIFACTS_ENV = "REARLIB_ARTIFACTS"
-
-
-def validate_scale(scale: str) -> str:
-    """Return ``scale`` if it is one of :data:`SCALES`, else raise a ValueError that lists them."""
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; allowed values: {', '.join(SCALES)}")
-    return scale
 
 
 def resolve_device(device: str = "auto"):
@@ -88,8 +83,7 @@ def artifacts_root(root: str | os.PathLike | None = None) -> Path:
     if env:
         return Path(env)
     # The repository root when running from a checkout, else the working directory.
-    here = Path(__file__).resolve().parent.parent
-    base = here if (here / "pyproject.toml").exists() else Path.cwd()
+    base = REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else Path.cwd()
     return base / "artifacts"
 
 

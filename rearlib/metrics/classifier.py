@@ -22,7 +22,7 @@ would make FID less sensitive to it, so the shipped recipes do not. Training ima
 first, exactly as torch-fidelity will feed them at evaluation time.
 
 CLI (GPU box, ~1-2 min on one H200):
-    python -m rearlib.features train --scale small --out data/checkpoints/classifier_small.pt
+    python -m rearlib classifier train --scale small --out data/checkpoints/classifier_small.pt
 """
 
 from __future__ import annotations
@@ -40,35 +40,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rearlib.experiments import (
-    artifact_dir,
-    atomic_torch_save,
-    atomic_write_text,
-    hardware_info,
-    resolve_device,
-    validate_scale,
-)
+from rearlib.runtime import artifact_dir, atomic_torch_save, atomic_write_text, hardware_info, resolve_device
+from rearlib.scales import validate_scale
 
 #: Name under which the classifier is registered with torch-fidelity; every table uses it.
 EXTRACTOR_NAME = "rearlib-classifier"
 CHECKPOINT_FORMAT = "rearlib-classifier/1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from rearlib.runtime import REPO_ROOT
+from rearlib import scales
 
-# Per-scale settings. ``train_resolutions``: images are rendered at each of these and resized to ``resolution``.
-SCALES = {
-    "smoke": {
-        "resolution": 32, "train_resolutions": (32,), "widths": (16, 32, 64), "stem_stride": 2,
-        "train_size": 1536, "val_size": 512, "epochs": 4, "batch_size": 64, "lr": 4e-3, "weight_decay": 5e-4,
-    },
-    "small": {
-        "resolution": 64, "train_resolutions": (64,), "widths": (32, 64, 128, 256), "stem_stride": 1,
-        "train_size": 120_000,
-        "val_size": 10_000, "epochs": 12, "batch_size": 256, "lr": 3e-3, "weight_decay": 5e-4,
-    },
-    # ImageNet-scale evaluation uses Inception (torch-fidelity's "inception-v3-compat") and LPIPS; an embedded-
-    # dataset classifier says nothing about ImageNet images. The entry exists so that scale handling is uniform.
-    "paper": None,
-}
 
 # Fixed input normalisation (no dataset statistics needed; the renders are roughly centred at 0.4).
 _MEAN, _STD = 0.45, 0.25
@@ -236,13 +216,13 @@ def data_fingerprint() -> str:
 
 def scale_config(scale: str, seed: int = 0) -> dict:
     validate_scale(scale)
-    if SCALES[scale] is None:
+    if scales.CLASSIFIER[scale] is None:
         raise ValueError(
             "the in-project classifier is trained on the 10-class embedded dataset and is not defined for "
             "scale 'paper' (ImageNet): use extractor='inception-v3-compat' and LPIPS there")
     from rearlib.data import NUM_CLASSES
 
-    cfg = dict(SCALES[scale])
+    cfg = dict(scales.CLASSIFIER[scale])
     cfg.update({"scale": scale, "seed": int(seed), "num_classes": NUM_CLASSES, "data": data_fingerprint()})
     cfg["train_resolutions"] = list(cfg["train_resolutions"])
     cfg["widths"] = list(cfg["widths"])
@@ -410,7 +390,7 @@ def get_classifier(scale: str = "smoke", device="cpu", *, checkpoint=None, progr
     * ``checkpoint`` given: load it.
     * ``smoke``: load from the artifact cache, training it first (seconds on CPU) when absent.
     * ``small``: load the shipped ``data/checkpoints/classifier_small.pt``; if missing, say how to make it.
-    * ``paper``: not defined (see :data:`SCALES`).
+    * ``paper``: not defined (see :data:`scales.CLASSIFIER`).
     """
     dev = resolve_device(device) if isinstance(device, str) else device
     if checkpoint is not None:
@@ -421,7 +401,7 @@ def get_classifier(scale: str = "smoke", device="cpu", *, checkpoint=None, progr
     if scale == "small":
         raise FileNotFoundError(
             f"{path} is missing. Train it on a GPU (about 1-2 min on one H200): "
-            f"python -m rearlib.features train --scale small --out {path.relative_to(REPO_ROOT)}")
+            f"python -m rearlib classifier train --scale small --out {path.relative_to(REPO_ROOT)}")
     model, info = train_classifier(scale, dev, progress=progress)
     save_classifier(model, path, info)
     return load_classifier(path, dev)
@@ -482,7 +462,7 @@ def _fidelity_extractor_class():
             if feature_extractor_weights_path is None:
                 raise ValueError(
                     f"feature extractor {EXTRACTOR_NAME!r} needs feature_extractor_weights_path=<classifier "
-                    f"checkpoint> (see rearlib.features.default_checkpoint / get_classifier)")
+                    f"checkpoint> (see rearlib.metrics.classifier.default_checkpoint / get_classifier)")
             self.model = load_classifier(feature_extractor_weights_path, "cpu")
             self.requires_grad_(False)
             self.eval()
@@ -547,7 +527,7 @@ def _cli_train(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rearlib.features", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rearlib classifier", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the in-project classifier and write a checkpoint + JSON report")
     t.add_argument("--scale", default="small", choices=("smoke", "small"))

@@ -53,7 +53,7 @@ default: on a shared, busy 2-core CPU a second thread made decoding 4x slower; `
 encodings, reconstructions, predictions and samples are cached; sliders update on release
 (``continuous_update=False``). :func:`measure_latency` times interactions in the kernel.
 
-Browser tooling (used by ``tests/test_browser.py`` and ``python -m rearlib.widgets screenshots``):
+Browser tooling (used by ``tests/test_browser.py`` and ``python -m rearlib teaching screenshots``):
 :func:`serve_voila` serves a notebook with Voila on 127.0.0.1 and always kills it; :func:`chromium_page` opens a
 headless Debian Chromium through Playwright (never ``playwright install``).
 """
@@ -83,26 +83,15 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from rearlib import scales
 
 __all__ = [
-    "SCALES", "PLACEMENTS", "REPLACEMENTS", "CONTEXT_PLACEMENTS", "FACTORS",
+    "PLACEMENTS", "REPLACEMENTS", "CONTEXT_PLACEMENTS", "FACTORS",
     "error_positions", "random_codes", "replace_tokens", "continue_after_error", "image_png",
     "Lab", "SurgeryResult", "TokenSurgery", "SameCTR", "ARvsReAR", "measure_latency", "latency_summary",
     "CHROMIUM_ARGS", "find_chromium", "chromium_page", "serve_voila", "take_screenshots",
 ]
 
-#: Sizes of notebook 14's non-interactive demonstration (papermill) per scale. ``images``: dataset images in
-#: the sweeps; ``ctrs``: CTR levels of the replacement sweep; ``context_fractions``: fractions of corrupted
-#: context tokens; ``latency_repeats``: interactions timed per kind; ``n_images``: range of the image sliders.
-#: smoke uses the shipped small models too (see the notebook); its statistics come from 2 images.
-SCALES = {
-    "smoke": {"images": 2, "ctrs": (0.95, 0.8), "context_fractions": (0.0, 0.1), "latency_repeats": 3,
-              "n_images": 64},
-    "small": {"images": 32, "ctrs": (0.99, 0.95, 0.9, 0.8, 0.7, 0.5), "context_fractions": (0.0, 0.05, 0.1, 0.2),
-              "latency_repeats": 15, "n_images": 256},
-    "paper": {"images": 8, "ctrs": (0.95, 0.9, 0.8, 0.5), "context_fractions": (0.0, 0.1), "latency_repeats": 5,
-              "n_images": 64},
-}
 
 PLACEMENTS = ("clicked", "early", "late", "random")
 REPLACEMENTS = ("nearest", "random", "farthest", "continue")
@@ -392,21 +381,23 @@ class Lab:
 
         ``smoke`` uses the same shipped models: they load on a CPU in seconds, whereas smoke's CPU-trained
         generators draw noise that teaches nothing. ``paper`` has no shipped models: build a Lab from the
-        authors' checkpoints (``rearlib.assets``) yourself."""
-        from rearlib.experiments import resolve_device, validate_scale
-        from rearlib.features import get_classifier
-        from rearlib.tokenizer import get_tokenizer
-        from rearlib.zoo import DATA, get_generator
+        authors' checkpoints (``rearlib.experiments.assets``) yourself."""
+        from rearlib.runtime import resolve_device
+        from rearlib.scales import validate_scale
+        from rearlib.metrics.classifier import get_classifier
+        from rearlib.tokenizers import get_tokenizer
+        from rearlib.scales import GENERATOR_DATA as DATA
+        from rearlib.experiments.zoo import get_generator
 
         validate_scale(scale)
         if scale == "paper":
             raise ValueError("Lab.from_scale covers the shipped small models (smoke / small); at paper scale build "
-                             "Lab(tokenizer, generators, images=..., labels=...) from rearlib.assets")
+                             "Lab(tokenizer, generators, images=..., labels=...) from rearlib.experiments.assets")
         dev = resolve_device(device) if isinstance(device, str) else device
         tok = get_tokenizer("small", dev, progress=False)
         gens = {v: get_generator("small", v, tokenizer=tok, device=dev, progress=False) for v in variants}
         clf = get_classifier("small", dev)
-        n = n_images or SCALES[scale]["n_images"]
+        n = n_images or scales.TEACHING[scale]["n_images"]
         return cls(tok, gens, n_images=n, data_seed=DATA["small"]["seed"], classifier=clf, scale="small", **kw)
 
     @property
@@ -1503,7 +1494,7 @@ def image_digest(page, selector: str) -> tuple[str, str]:
 def take_screenshots(out_dir, *, script=None, timeout_s: float = 240.0) -> list[Path]:
     """Serve notebook 14 with Voila (no headless demo), click a few token cells, and save a PNG of each widget
     into ``out_dir`` (``teaching_surgery.png``, ``teaching_same_ctr.png``, ``teaching_ar_vs_rear.png``)."""
-    from rearlib.notebook import NOTEBOOK_DIR
+    from rearlib.experiments.notebook import NOTEBOOK_DIR
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1552,7 +1543,7 @@ def _wait_digest_change(page, selector: str, before: str, timeout_s: float) -> s
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m rearlib.widgets", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rearlib teaching", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("screenshots", help="serve notebook 14 with Voila and save PNGs of its widgets "
                                            "(needs Debian's chromium and the dev extra: voila, playwright)")

@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rearlib.tokenizer import StateDictMismatchError, Tokenizer, load_state_dict_strict
+from rearlib.checkpoints import StateDictMismatchError, load_state_dict_strict
+from rearlib.tokenizers.base import Tokenizer
 
 #: The configuration of the released ImageNet checkpoint (``official_maskgit_vqgan_state_dict.json``).
 OFFICIAL_CONFIG = {
@@ -79,7 +80,7 @@ class MaskGITVQGANConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MaskGITVQGANConfig":
-        from .experiments import config_from_dict
+        from rearlib.runtime import config_from_dict
 
         return config_from_dict(cls, d, "keys")
 
@@ -295,7 +296,7 @@ def load_maskgit_vqgan(path_or_state_dict, config: dict | MaskGITVQGANConfig | N
     a ``.safetensors`` file, or a dict of tensors. ``config``: a full or partial config dict (e.g.
     ``{"resolution": 256}``); keys not given are inferred from the state dict's shapes. A full config that
     disagrees with the weights, or weights with missing/unexpected/mis-shaped keys, raise
-    :class:`~rearlib.tokenizer.StateDictMismatchError` naming every offending key. Returns the model in eval
+    :class:`~rearlib.tokenizers.StateDictMismatchError` naming every offending key. Returns the model in eval
     mode on the CPU.
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):

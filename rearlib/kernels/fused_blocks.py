@@ -7,7 +7,7 @@ modulation gradient (``cat``) that the adaLN weight GEMM needs. This module comp
 :class:`rearlib.model.Block` stacked ``depth`` times, with
 
 * every GEMM in cuBLAS (``torch.addmm``/``mm``), as before; the attention, dropout included, in the Triton kernels
-  of :mod:`rearlib.flash_attention` (default, faster at reAR-B shapes) or in cuDNN (``attention="cudnn"``: the aten
+  of :mod:`rearlib.kernels.flash_attention` (default, faster at reAR-B shapes) or in cuDNN (``attention="cudnn"``: the aten
   ops behind ``scaled_dot_product_attention``);
 * the adaLN modulation of *all* blocks as one GEMM, [N, C] x [C, depth * 6C], because every block reads the same
   ``SiLU(cond)``; in the backward its weight gradient and its input gradient are again one GEMM each (K = N and
@@ -44,8 +44,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .flash_attention import attention_dropout_bits, attention_seed, flash_attention_backward, flash_attention_forward
-from .kernels import _dropout_seed, dropout_keep_bits, pack_keep, triton, triton_available, unpack_keep
+from rearlib.kernels.flash_attention import attention_dropout_bits, attention_seed, flash_attention_backward, flash_attention_forward
+from rearlib.kernels.ops import _dropout_seed, dropout_keep_bits, pack_keep, triton, triton_available, unpack_keep
 
 if triton is not None:
     import triton.language as tl
@@ -732,7 +732,7 @@ def gelu_backward(dg, f, keep, inv_keep: float, *, interpret: bool = False, part
 # ----------------------------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------------------------
-#: Attention kernels of the Triton stack: "flash" = :mod:`rearlib.flash_attention` (default; measured faster at
+#: Attention kernels of the Triton stack: "flash" = :mod:`rearlib.kernels.flash_attention` (default; measured faster at
 #: reAR-B shapes on an H200, reports/small/bench/attention_flash_vs_cudnn_step.json), "cudnn" = the aten ops
 #: behind ``scaled_dot_product_attention``.
 ATTENTION_KERNELS = ("flash", "cudnn")

@@ -1,7 +1,7 @@
 """Run the numbered notebooks in order with papermill and assemble reports/<scale>/.
 
-    python -m rearlib.reproduce --scale smoke                 # everything, on CPU, minutes
-    python -m rearlib.reproduce --scale small --only 02,04    # some notebooks, by number or name
+    python -m rearlib reproduce --scale smoke                 # everything, on CPU, minutes
+    python -m rearlib reproduce --scale small --only 02,04    # some notebooks, by number or name
 
 Writes, per scale: executed notebooks in ``reports/<scale>/notebooks/``, the notebooks' CSVs in
 ``reports/<scale>/``, figures in ``figures/<scale>/``, ``reports/<scale>/provenance.json`` (commit, hardware,
@@ -21,10 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from .experiments import SCALES, atomic_write_text, hardware_info
-from .notebook import NOTEBOOK_DIR, notebook_scripts, script_to_notebook
+from rearlib.runtime import atomic_write_text, hardware_info
 
-REPO = Path(__file__).resolve().parent.parent
+from rearlib.scales import SCALE_NAMES
+from rearlib.experiments.notebook import NOTEBOOK_DIR, notebook_scripts, script_to_notebook
+
+from rearlib.runtime import REPO_ROOT as REPO
 
 
 def _git_commit() -> str | None:
@@ -135,8 +137,8 @@ def run_notebook(script: Path, params: dict, out_path: Path, cwd: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rearlib.reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", default="smoke", choices=SCALES)
+    parser = argparse.ArgumentParser(prog="python -m rearlib reproduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", default="smoke", choices=SCALE_NAMES)
     parser.add_argument("--only", default=None, help="comma-separated notebook numbers or names, e.g. 01,03")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")

@@ -1,34 +1,6 @@
-"""Image tokenizers: the common interface, checkpoint I/O and ``get_tokenizer(scale, ...)``.
+"""The tokenizer interface every tokenizer implements, weight identities, strict state-dict loading and
+checkpoint writing. See :mod:`rearlib.tokenizers` for the interface and the per-scale entry point."""
 
-Two tokenizers implement the interface below:
-
-* :class:`rearlib.vqgan.VQTokenizer` — our own VQGAN-style tokenizer, trained in-project (``smoke`` trains a
-  tiny one in seconds and caches it; ``small`` ships a checkpoint in ``data/checkpoints/``).
-* :class:`rearlib.maskgit_vqgan.MaskGITVQGAN` — a port of the MaskGIT-VQGAN the paper uses (``paper`` scale),
-  which loads the official ``maskgit-vqgan-imagenet-f16-256.bin`` state dict.
-
-The interface (every tokenizer is an ``nn.Module``):
-
-``encode(images)``
-    float32 ``[B, 3, R, R]`` in [0, 1] (``R = resolution``) -> LongTensor ``[B, h, w]`` of code ids in
-    ``[0, codebook_size)``; raster (row-major) order when flattened.
-``decode(tokens)``
-    LongTensor ``[B, h, w]`` or ``[B, h*w]`` -> float32 ``[B, 3, R, R]`` clamped to [0, 1].
-``codebook``
-    ``[K, D]`` float tensor: the code vectors the decoder consumes (the reAR alignment targets).
-``codebook_size`` (K), ``code_dim`` (D), ``grid_size`` ``(h, w)``, ``resolution`` (R).
-``identity()``
-    ``"<kind>-<16 hex>"``: SHA-256 of the kind, the config and every weight (as float32 bytes, in name order).
-    Two tokenizers that compute the same function with the same weights have the same identity on every
-    device; pretokenized caches carry it so that a cache made with another tokenizer is refused.
-``nearest_codes(k)``
-    ``[K, k]`` ids of the ``k`` codebook vectors with the highest cosine similarity to each code, excluding
-    the code itself (ties broken by ``torch.topk``), most similar first.
-
-``encode``/``decode`` are inference calls: they run under ``torch.no_grad()``, move inputs to the tokenizer's
-device and validate their inputs with messages that say what to do. Differentiable pieces are exposed as
-``encode_features`` (continuous encoder output), ``quantize_features`` and ``decode_codes`` (unclamped).
-"""
 
 from __future__ import annotations
 
@@ -42,25 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from rearlib.checkpoints import load_state_dict_strict
+from rearlib.runtime import atomic_torch_save, resolve_device
 
-#: Per-scale settings of the facade. The model/training settings of our own tokenizer live in
-#: ``rearlib.vqgan.SCALES``; the MaskGIT-VQGAN architecture is inferred from its state dict.
-SCALES = {
-    "smoke": {"kind": "vq", "source": "trained on first use, cached under artifacts/tokenizer/<hash>/"},
-    "small": {"kind": "vq", "checkpoint": "data/checkpoints/tokenizer_small.pt"},
-    "paper": {
-        "kind": "maskgit_vqgan",
-        "resolution": 256,
-        # Looked for in this order when no explicit path is given (first hit wins).
-        "env": "REARLIB_MASKGIT_VQGAN",
-        "filenames": ("maskgitvq.bin", "maskgit-vqgan-imagenet-f16-256.bin"),
-        "folders": ("data/checkpoints", "ckpt"),
-    },
-}
+
 
 CHECKPOINT_FORMAT = "rearlib-tokenizer"
 CHECKPOINT_VERSION = 1
+
+
+#: Every tokenizer class by its ``kind`` (filled as the classes are defined).
+KINDS: dict[str, type] = {}
 
 
 class TokenizerMismatchError(ValueError):
@@ -76,6 +40,10 @@ class Tokenizer(nn.Module):
     """
 
     kind: str = "base"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        KINDS[cls.kind] = cls  # the checkpoint reader finds every tokenizer class by its ``kind``
     resolution: int
 
     # ---- hooks ------------------------------------------------------------------------------------------
@@ -244,62 +212,9 @@ def weights_identity(kind: str, config: dict, state_dict: dict) -> str:
     return f"{kind}-{h.hexdigest()[:16]}"
 
 
-def check_state_dict(model: nn.Module, state_dict: dict, what: str = "state dict") -> None:
-    """Raise ``KeyError``/``ValueError`` naming every missing, unexpected and mis-shaped key (no partial loads)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state_dict.items() if torch.is_tensor(v)}
-    non_tensor = sorted(k for k, v in state_dict.items() if not torch.is_tensor(v))
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
-    if not (missing or unexpected or shapes or non_tensor):
-        return
-
-    def _list(keys, fmt=str, limit=25):
-        body = "\n".join(f"    {fmt(k)}" for k in keys[:limit])
-        return body + (f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else "")
-
-    parts = [f"{what} does not match {type(model).__name__} ({len(given)} tensors given, {len(expected)} expected)"]
-    if missing:
-        parts.append(f"  missing keys ({len(missing)}):\n" + _list(missing))
-    if unexpected:
-        parts.append(f"  unexpected keys ({len(unexpected)}):\n" + _list(unexpected))
-    if shapes:
-        parts.append(f"  mis-shaped keys ({len(shapes)}):\n"
-                     + _list(shapes, lambda k: f"{k}: expected {expected[k]}, got {given[k]}"))
-    if non_tensor:
-        parts.append(f"  non-tensor entries ({len(non_tensor)}):\n" + _list(non_tensor))
-    prefixes = {k.split(".", 1)[0] for k in unexpected}
-    if missing and unexpected and len(prefixes) == 1 and all(k.split(".", 1)[-1] in expected for k in unexpected):
-        parts.append(f"  hint: every unexpected key starts with {prefixes.pop()!r}.; strip that prefix first")
-    raise StateDictMismatchError("\n".join(parts), missing=missing, unexpected=unexpected, mis_shaped=shapes)
-
-
-class StateDictMismatchError(ValueError):
-    """A state dict does not match a model; ``.missing``, ``.unexpected``, ``.mis_shaped`` list the keys."""
-
-    def __init__(self, message: str, missing=(), unexpected=(), mis_shaped=()):
-        super().__init__(message)
-        self.missing, self.unexpected, self.mis_shaped = list(missing), list(unexpected), list(mis_shaped)
-
-
-def load_state_dict_strict(model: nn.Module, state_dict: dict, what: str = "state dict") -> None:
-    """Check names and shapes first (raising a full report), then load with ``strict=True``."""
-    check_state_dict(model, state_dict, what)
-    ref = model.state_dict()
-    model.load_state_dict({k: v.to(ref[k].dtype) for k, v in state_dict.items()}, strict=True)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
-def _kinds():
-    from rearlib import maskgit_vqgan, vqgan
-
-    return {vqgan.VQTokenizer.kind: vqgan.VQTokenizer.from_config, maskgit_vqgan.MaskGITVQGAN.kind:
-            maskgit_vqgan.MaskGITVQGAN.from_config}
-
-
 def tokenizer_checkpoint(tokenizer: Tokenizer, dtype: torch.dtype = torch.float32, meta: dict | None = None) -> dict:
     """The dict :func:`save_tokenizer` writes: format/version, kind, config, weights (``dtype`` for floats),
     the identity of the weights *as stored* and free-form ``meta`` (metrics, provenance)."""
@@ -321,8 +236,6 @@ def save_tokenizer(tokenizer: Tokenizer, path, dtype: torch.dtype = torch.float3
     weights, which equals ``tokenizer.identity()`` only if the model was rounded first
     (:func:`round_weights_`), as the trainer does so that shipped metrics describe the shipped weights.
     """
-    from rearlib.experiments import atomic_torch_save
-
     ckpt = tokenizer_checkpoint(tokenizer, dtype, meta)
     atomic_torch_save(ckpt, path)
     return ckpt["identity"]
@@ -337,14 +250,13 @@ def round_weights_(module: nn.Module, dtype: torch.dtype = torch.float16) -> nn.
     return module
 
 
-def load_tokenizer(path_or_ckpt, device="cpu") -> Tokenizer:
-    """Load a checkpoint written by :func:`save_tokenizer` (or a plain MaskGIT-VQGAN state dict).
+def load_checkpoint(path_or_ckpt, device="cpu") -> Tokenizer:
+    """Load a checkpoint written by :func:`save_tokenizer` (:func:`rearlib.tokenizers.load_tokenizer` also reads
+    a plain MaskGIT-VQGAN state dict).
 
     The weights are checked strictly by name and shape, and the stored identity is verified after loading
     (a corrupted or edited file raises instead of silently computing something else).
     """
-    from rearlib.experiments import resolve_device
-
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     if isinstance(path_or_ckpt, (str, os.PathLike)):
         path = Path(path_or_ckpt)
@@ -357,16 +269,11 @@ def load_tokenizer(path_or_ckpt, device="cpu") -> Tokenizer:
     if not isinstance(ckpt, dict):
         raise ValueError(f"{where}: expected a dict, got {type(ckpt).__name__}")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        if any(k.startswith("quantize.") for k in ckpt):
-            from rearlib.maskgit_vqgan import load_maskgit_vqgan
-
-            return load_maskgit_vqgan(ckpt).to(device).eval()
-        raise ValueError(f"{where} is not a rearlib tokenizer checkpoint (no format={CHECKPOINT_FORMAT!r}) "
-                         f"nor a MaskGIT-VQGAN state dict")
+        raise ValueError(f"{where} is not a rearlib tokenizer checkpoint (no format={CHECKPOINT_FORMAT!r})")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{where}: checkpoint version {ckpt.get('version')} is not supported "
                          f"(this rearlib reads version {CHECKPOINT_VERSION})")
-    kinds = _kinds()
+    kinds = {k: cls.from_config for k, cls in KINDS.items() if k != "base"}
     if ckpt["kind"] not in kinds:
         raise ValueError(f"{where}: unknown tokenizer kind {ckpt['kind']!r}; known: {', '.join(kinds)}")
     tok = kinds[ckpt["kind"]](ckpt["config"])
@@ -376,73 +283,3 @@ def load_tokenizer(path_or_ckpt, device="cpu") -> Tokenizer:
                                      f"{ckpt['identity']}; the file is corrupt or was edited")
     tok.checkpoint_meta = dict(ckpt.get("meta", {}))
     return tok.to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Per-scale entry point
-# ----------------------------------------------------------------------------------------------------------
-def find_maskgit_checkpoint(path=None, data_root=None) -> Path:
-    """Resolve the MaskGIT-VQGAN weights: explicit ``path``, ``$REARLIB_MASKGIT_VQGAN``, then the known file
-    names (``maskgitvq.bin``, ``maskgit-vqgan-imagenet-f16-256.bin``) under ``data_root``,
-    ``data_root/checkpoints``, ``data_root/ckpt``, the repository's ``data/checkpoints/`` and ``ckpt/``.
-    Raises FileNotFoundError listing every path tried."""
-    cfg = SCALES["paper"]
-    tried = []
-    candidates = []
-    if path is not None:
-        candidates.append(Path(path))
-    elif os.environ.get(cfg["env"]):
-        candidates.append(Path(os.environ[cfg["env"]]))
-    else:
-        roots = [Path(data_root), Path(data_root) / "checkpoints", Path(data_root) / "ckpt"] if data_root else []
-        folders = roots + [REPO_ROOT / f for f in cfg["folders"]]
-        candidates += [folder / name for folder in folders for name in cfg["filenames"]]
-    for c in candidates:
-        tried.append(str(c))
-        if c.is_file():
-            return c
-    raise FileNotFoundError(
-        "MaskGIT-VQGAN weights not found; tried:\n  " + "\n  ".join(tried) + "\nDownload "
-        "maskgit-vqgan-imagenet-f16-256.bin from the Hugging Face repo fun-research/TiTok and pass "
-        f"path=..., set ${cfg['env']}, or place it as data/checkpoints/maskgitvq.bin.")
-
-
-def get_tokenizer(scale: str, device="auto", *, data_root=None, path=None, progress: bool = True) -> Tokenizer:
-    """The tokenizer of a scale, in eval mode on ``device``.
-
-    ``smoke``: trains a tiny :class:`~rearlib.vqgan.VQTokenizer` (under 30 s on 2 CPU cores) the first time
-    and caches it under ``artifacts/tokenizer/<config hash>/``. ``small``: loads the shipped
-    ``data/checkpoints/tokenizer_small.pt`` (or ``path``). ``paper``: loads MaskGIT-VQGAN from ``path`` /
-    ``$REARLIB_MASKGIT_VQGAN`` / ``data_root`` (see :func:`find_maskgit_checkpoint`).
-    """
-    from rearlib.experiments import resolve_device, validate_scale
-
-    validate_scale(scale)
-    device = resolve_device(device) if isinstance(device, (str, type(None))) else torch.device(device)
-    if scale == "smoke":
-        from rearlib.vqgan import get_or_train
-
-        return get_or_train("smoke", device=device, progress=progress).to(device).eval()
-    if scale == "small":
-        ckpt = Path(path) if path is not None else REPO_ROOT / SCALES["small"]["checkpoint"]
-        if not ckpt.is_file():
-            raise FileNotFoundError(
-                f"small-scale tokenizer checkpoint {ckpt} not found. It ships with the repository; to rebuild it "
-                f"on a GPU run: python -m rearlib.vqgan train --scale small --out {SCALES['small']['checkpoint']}")
-        return load_tokenizer(ckpt, device)
-    from rearlib.maskgit_vqgan import load_maskgit_vqgan
-
-    ckpt = find_maskgit_checkpoint(path, data_root)
-    return load_maskgit_vqgan(ckpt, config={"resolution": SCALES["paper"]["resolution"]}).to(device).eval()
-
-
-def __getattr__(name):  # lazy re-exports, so `from rearlib.tokenizer import VQTokenizer` works without cycles
-    if name in ("VQTokenizer", "VQConfig"):
-        from rearlib import vqgan
-
-        return getattr(vqgan, name)
-    if name in ("MaskGITVQGAN", "load_maskgit_vqgan"):
-        from rearlib import maskgit_vqgan
-
-        return getattr(maskgit_vqgan, name)
-    raise AttributeError(f"module 'rearlib.tokenizer' has no attribute {name!r}")

@@ -4,8 +4,8 @@ A notebook's cell after its ``parameters`` cell calls :func:`setup`, which valid
 that first cell with the allowed values), seeds everything, picks the device and returns a :class:`Context`
 that knows where the notebook's CSVs, figures and SUMMARY claims go.
 
-``python -m rearlib.notebook sync`` regenerates the paired ``.ipynb`` files (no outputs) from the ``.py``
-scripts; ``python -m rearlib.notebook check`` fails when a pair is out of sync.
+``python -m rearlib notebook sync`` regenerates the paired ``.ipynb`` files (no outputs) from the ``.py``
+scripts; ``python -m rearlib notebook check`` fails when a pair is out of sync.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiments import atomic_write_text, resolve_device, seed_everything, validate_scale
+from rearlib.runtime import REPO_ROOT, atomic_write_text, resolve_device, seed_everything
+
+from rearlib.scales import validate_scale
 
 VERDICTS = ("reproduced", "direction reproduced", "not reproduced", "not tested")
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Context:
         """
         import gzip
 
-        from .experiments import atomic_write_bytes
+        from rearlib.runtime import atomic_write_bytes
 
         text = df.to_csv(index=False).encode()
         for stale in (self.reports / f"{name}.csv", self.reports / f"{name}.csv.gz"):
@@ -57,7 +59,7 @@ class Context:
         """Save a matplotlib figure to ``figures/<scale>/<name>.png``."""
         import io
 
-        from .experiments import atomic_write_bytes
+        from rearlib.runtime import atomic_write_bytes
 
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
@@ -165,7 +167,7 @@ def check(folder: Path = NOTEBOOK_DIR) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rearlib.notebook", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rearlib notebook", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("sync", "check"))
     args = parser.parse_args(argv)
     if args.command == "sync":

@@ -32,7 +32,7 @@ estimator ``z + sg(e - z)`` into the decoder), on the unit-norm vectors; optiona
 adversarial term after a warm-up, weighted adaptively as in VQGAN (Esser et al. 2021). No pretrained network
 is needed (nothing can be downloaded here), so there is no perceptual (LPIPS) loss.
 
-CLI: ``python -m rearlib.vqgan train --scale small --out data/checkpoints/tokenizer_small.pt``.
+CLI: ``python -m rearlib vqgan train --scale small --out data/checkpoints/tokenizer_small.pt``.
 """
 
 from __future__ import annotations
@@ -42,38 +42,18 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rearlib.tokenizer import Tokenizer, load_tokenizer, round_weights_, save_tokenizer
+from rearlib.tokenizers.base import Tokenizer, load_checkpoint, round_weights_, save_tokenizer
+from rearlib import scales
 
 TRAINER_VERSION = 1  # bump when training code changes what a config produces (invalidates smoke caches)
 
-#: Per-scale model and training settings. ``paper`` uses the MaskGIT-VQGAN (rearlib.maskgit_vqgan) instead.
-SCALES = {
-    "smoke": {
-        "model": dict(resolution=32, base_channels=16, channel_mult=(1, 1, 2), num_res_blocks=1,
-                      codebook_size=64, code_dim=16, norm_groups=8, center=True),
-        "train": dict(steps=120, batch_size=16, lr=2e-3, warmup_steps=10, restart_every=20, val_size=64,
-                      log_every=20),
-    },
-    "small": {
-        # 64 px, f = 4 -> 16x16 = 256 tokens (as the paper's 256x256 / f16), K = 1024 codes of dimension 32.
-        "model": dict(resolution=64, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
-                      codebook_size=1024, code_dim=32, norm_groups=32),
-        # The shipped checkpoint was trained with exactly these settings on one H200 (bf16): ~2,100 images/s,
-        # so the 290 s budget binds at ~4,750 of the 5,000 steps and the tail of the LR schedule follows the
-        # clock (see TrainConfig.time_budget_s). For a step-determined run pass --steps 4500 (~275 s there).
-        # Centering is off here: this config reached 100% usage / perplexity 929 of 1024 without it.
-        "train": dict(steps=5000, batch_size=128, lr=5e-4, warmup_steps=200, restart_every=50, val_size=512,
-                      log_every=100, time_budget_s=290.0),
-    },
-    "paper": None,
-}
 
 
 @dataclass
@@ -115,13 +95,13 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VQConfig":
-        from .experiments import config_from_dict
+        from rearlib.runtime import config_from_dict
 
         return config_from_dict(cls, d, "keys")
 
 
 @dataclass
-class TrainConfig:
+class VQTrainConfig:
     """Trainer settings. Data: ShapeScenes-10 ``train`` images rendered on the fly from indices drawn uniformly
     in ``[0, train_size)``; validation: the first ``val_size`` images of the ``val`` split."""
 
@@ -148,8 +128,8 @@ class TrainConfig:
     log_every: int = 100
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        from .experiments import config_from_dict
+    def from_dict(cls, d: dict) -> "VQTrainConfig":
+        from rearlib.runtime import config_from_dict
 
         return config_from_dict(cls, d, "keys")
 
@@ -262,7 +242,7 @@ class VectorQuantizer(nn.Module):
 
 
 class VQTokenizer(Tokenizer):
-    """Our VQGAN-style tokenizer; see the module docstring. Implements the :mod:`rearlib.tokenizer` interface."""
+    """Our VQGAN-style tokenizer; see the module docstring. Implements the :mod:`rearlib.tokenizers` interface."""
 
     kind = "vq"
 
@@ -414,7 +394,7 @@ def _image_gradients(x):
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
-def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, tc: TrainConfig) -> torch.Tensor:
+def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, tc: VQTrainConfig) -> torch.Tensor:
     loss = tc.l1_weight * (x - y).abs().mean() + tc.l2_weight * ((x - y) ** 2).mean()
     if tc.grad_weight:
         (gx, gy), (hx, hy) = _image_gradients(x), _image_gradients(y)
@@ -429,7 +409,7 @@ def _render(indices, resolution, split, seed, device):
     return images
 
 
-def train_vq(model_cfg: VQConfig | dict, train_cfg: TrainConfig | dict, device="auto", progress: bool = True,
+def train_vq(model_cfg: VQConfig | dict, train_cfg: VQTrainConfig | dict, device="auto", progress: bool = True,
              round_to: torch.dtype | None = torch.float16) -> tuple[VQTokenizer, dict]:
     """Train a :class:`VQTokenizer` on ShapeScenes-10 and return ``(tokenizer in eval mode, metrics)``.
 
@@ -442,10 +422,10 @@ def train_vq(model_cfg: VQConfig | dict, train_cfg: TrainConfig | dict, device="
     """
     from tqdm.auto import tqdm
 
-    from rearlib.experiments import hardware_info, resolve_device
+    from rearlib.runtime import hardware_info, resolve_device
 
     mc = model_cfg if isinstance(model_cfg, VQConfig) else VQConfig.from_dict(dict(model_cfg))
-    tc = train_cfg if isinstance(train_cfg, TrainConfig) else TrainConfig.from_dict(dict(train_cfg))
+    tc = train_cfg if isinstance(train_cfg, VQTrainConfig) else VQTrainConfig.from_dict(dict(train_cfg))
     device = resolve_device(device) if isinstance(device, (str, type(None))) else torch.device(device)
     cuda = device.type == "cuda"
     torch.manual_seed(tc.seed)
@@ -581,25 +561,25 @@ def _jsonable(d):
     return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def scale_configs(scale: str) -> tuple[VQConfig, TrainConfig]:
-    from rearlib.experiments import validate_scale
+def scale_configs(scale: str) -> tuple[VQConfig, VQTrainConfig]:
+    from rearlib.scales import validate_scale
 
     validate_scale(scale)
-    if SCALES[scale] is None:
-        raise ValueError(f"scale {scale!r} uses the MaskGIT-VQGAN (rearlib.maskgit_vqgan), not a trained VQ "
-                         f"tokenizer; trainable scales: {[s for s, v in SCALES.items() if v]}")
-    return VQConfig.from_dict(SCALES[scale]["model"]), TrainConfig.from_dict(SCALES[scale]["train"])
+    if scales.VQ_TOKENIZER[scale] is None:
+        raise ValueError(f"scale {scale!r} uses the MaskGIT-VQGAN (rearlib.tokenizers.maskgit_vqgan), not a trained VQ "
+                         f"tokenizer; trainable scales: {[s for s, v in scales.VQ_TOKENIZER.items() if v]}")
+    return VQConfig.from_dict(scales.VQ_TOKENIZER[scale]["model"]), VQTrainConfig.from_dict(scales.VQ_TOKENIZER[scale]["train"])
 
 
 def get_or_train(scale: str = "smoke", device="auto", progress: bool = True, root=None) -> VQTokenizer:
     """The tokenizer of ``scale`` from ``artifacts/tokenizer/<hash>/tokenizer.pt``, training it first if absent."""
-    from rearlib.experiments import artifact_dir
+    from rearlib.runtime import artifact_dir
 
     mc, tc = scale_configs(scale)
     key = {"scale": scale, "model": asdict(mc), "train": asdict(tc), "trainer_version": TRAINER_VERSION}
     path = artifact_dir("tokenizer", key, root=root) / "tokenizer.pt"
     if path.is_file():
-        return load_tokenizer(path, device)
+        return load_checkpoint(path, device)
     # Rounded to fp16 before evaluation: the cached weights are exactly the ones the metrics describe.
     model, metrics = train_vq(mc, tc, device=device, progress=progress, round_to=torch.float16)
     save_tokenizer(model, path, dtype=torch.float16, meta={"metrics": metrics})
@@ -611,10 +591,10 @@ def get_or_train(scale: str = "smoke", device="auto", progress: bool = True, roo
 # CLI
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rearlib.vqgan", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rearlib vqgan", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a VQ tokenizer and write a checkpoint + metrics JSON")
-    t.add_argument("--scale", default="small", choices=[s for s, v in SCALES.items() if v])
+    t.add_argument("--scale", default="small", choices=[s for s, v in scales.VQ_TOKENIZER.items() if v])
     t.add_argument("--out", required=True, help="checkpoint path (.pt); metrics go to the same path with .json")
     t.add_argument("--device", default="auto")
     t.add_argument("--steps", type=int, default=None, help="override the scale's number of steps")
@@ -629,17 +609,17 @@ def main(argv=None) -> int:
     e.add_argument("--device", default="auto")
     a = p.parse_args(argv)
 
-    from rearlib.experiments import atomic_write_text
+    from rearlib.runtime import atomic_write_text
 
     if a.cmd == "eval":
-        tok = load_tokenizer(a.checkpoint, a.device)
+        tok = load_checkpoint(a.checkpoint, a.device)
         val = _render(torch.arange(a.n), tok.resolution, "val", 0, tok.device)
         print(json.dumps(evaluate(tok, val), indent=2))
         return 0
 
     mc, tc = scale_configs(a.scale)
     over = {"steps": a.steps, "time_budget_s": a.time_budget, "adv_weight": a.adv_weight, "seed": a.seed}
-    tc = TrainConfig.from_dict({**asdict(tc), **{k: v for k, v in over.items() if v is not None},
+    tc = VQTrainConfig.from_dict({**asdict(tc), **{k: v for k, v in over.items() if v is not None},
                                 **({"compile": True} if a.compile else {})})
     out = Path(a.out)
     # Ship fp16 weights (half the size); the weights are rounded before evaluation, so the printed metrics

@@ -186,7 +186,7 @@ _converted: dict = {}
 def converted_weights_file(weights=None) -> Path:
     """The mapped state dict as a file torch-fidelity can load (written once per source file, in the artifacts
     cache, keyed by the source's sha256)."""
-    from .experiments import artifact_dir, atomic_torch_save
+    from rearlib.runtime import artifact_dir, atomic_torch_save
 
     info = weights_info(weights)
     if info["sha256"] in _converted and _converted[info["sha256"]].is_file():

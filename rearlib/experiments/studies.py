@@ -2,7 +2,7 @@
 
 Studies (``docs/paper.md``, reAR §3):
 
-* ``main`` (Table 1's AR vs reAR, Table 5's cost): plain AR and reAR with the zoo's recipe (``rearlib.zoo.TRAIN``),
+* ``main`` (Table 1's AR vs reAR, Table 5's cost): plain AR and reAR with the zoo's recipe (``rearlib.scales.GENERATOR_TRAINING``),
   training seeds ``seeds``. Without CFG on every seed; with CFG: a sweep of (g, p) on training seed 0 with the
   *selection* sampling seed, then each variant's best (g, p) on every training seed with the *reporting*
   sampling seed (so the reported numbers carry no selection bias).
@@ -13,16 +13,16 @@ Studies (``docs/paper.md``, reAR §3):
 
 Sampling seeds: with base seed S (the notebooks' ``seed``), reported numbers use S + 1; S is a second draw, used
 for the CFG selection sweep and to measure sampling noise (the FID change between two sampling seeds of the same
-weights). Every evaluation is a cached record of :mod:`rearlib.evaluation`, keyed by the run's *recipe* (its
-TrainConfig hash, :func:`rearlib.zoo.run_hash`) and the step, never by its weights: records made on a GPU
+weights). Every evaluation is a cached record of :mod:`rearlib.experiments.evaluation`, keyed by the run's *recipe* (its
+TrainConfig hash, :func:`rearlib.experiments.zoo.run_hash`) and the step, never by its weights: records made on a GPU
 machine complete the notebooks anywhere, and a notebook whose records all exist loads no generator at all.
 
 CLI (the GPU machine runs it in chunks; weights stay there, records travel)::
 
-    python -m rearlib.studies status --scale small [--study all]
-    python -m rearlib.studies run    --scale small --study main|noise|embedding|scaling|all [--time-limit S]
-    python -m rearlib.studies pack   --scale small --out records.tar.gz
-    python -m rearlib.studies unpack records.tar.gz
+    python -m rearlib studies status --scale small [--study all]
+    python -m rearlib studies run    --scale small --study main|noise|embedding|scaling|all [--time-limit S]
+    python -m rearlib studies pack   --scale small --out records.tar.gz
+    python -m rearlib studies unpack records.tar.gz
 
 ``run`` trains and evaluates whatever is missing, in a fixed order (study, run, evaluation), and stops cleanly
 before ``--time-limit`` seconds (a training that would not finish stops with a resumable checkpoint at its next
@@ -48,8 +48,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from .experiments import artifacts_root, atomic_write_bytes, config_hash, resolve_device, validate_scale
-from .metrics import EXTRACTORS, metric_label
+from rearlib.runtime import artifacts_root, atomic_write_bytes, config_hash, resolve_device
+
+from rearlib.scales import validate_scale
+from rearlib.metrics import EXTRACTORS, metric_label
+from rearlib import scales
 
 STUDIES = ("main", "noise", "embedding", "scaling")
 RECIPES = ("main", "ablation")
@@ -60,37 +63,6 @@ RECIPES = ("main", "ablation")
 #: another one.
 STUDIES_EXTRACTOR = "rearlib-classifier"
 
-#: Per-scale plans. recipes: TrainConfig overrides on top of rearlib.zoo.TRAIN[scale] ("main" = the zoo's recipe
-#: itself, so seed 0 is the zoo's (shipped) run). sizes: GeneratorConfig overrides of the scale's preset
-#: (``base_size`` = the preset itself); a non-base size names its default DE block (3/4 depth, as the paper's
-#: 15 of 20 and 18 of 24). noise_rows / embedding rows: see :func:`study_specs`. cfg_scales x cfg_powers: the
-#: main study's CFG sweep. Estimates (``est_*``, for planning and the time limit only): training samples/s of the
-#: base size (measured on one H200: 9.5k AR, 9.0k reAR), per-run overhead (compile, data, load),
-#: seconds per evaluation without / with CFG (sampling + scoring), per-model sampler setup.
-SCALES: dict[str, dict[str, Any]] = {
-    "smoke": dict(
-        recipes={"main": {}, "ablation": dict(steps=12, warmup_steps=2, log_every=6, ckpt_every=12,
-                                              snapshot_every=6)},
-        base_size="tiny",
-        sizes={"xs": dict(hidden=32, depth=2, heads=2, projector_dim=64, decode_align_layer=1),
-               "tiny": {},
-               "medium": dict(hidden=96, depth=6, heads=4, projector_dim=192, decode_align_layer=4)},
-        seeds=(0, 1, 2), cfg_scales=(3.0,), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
-        scaling_sizes=("xs", "tiny", "medium"),
-        est_train_sps=120.0, est_run_overhead_s=3.0, est_eval_s=(1.0, 1.2), est_model_s=0.5),
-    "small": dict(
-        # 1000-step ablations (1.3 passes over the 200k training views) and two scaling sizes: what one
-        # session's H200 time affords for all four studies (measured: a 5000-step run 181 s, an evaluation 12 s);
-        # the medium size (12 x 384) is defined for a longer budget.
-        recipes={"main": {}, "ablation": dict(steps=1000, warmup_steps=100, snapshot_every=250)},
-        base_size="small",
-        sizes={"xs": dict(hidden=128, depth=4, heads=2, projector_dim=256, decode_align_layer=3),
-               "small": {},
-               "medium": dict(hidden=384, depth=12, heads=6, projector_dim=768, decode_align_layer=9)},
-        seeds=(0, 1, 2), cfg_scales=(1.5, 2.0, 3.0), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
-        scaling_sizes=("xs", "small"),
-        est_train_sps=9000.0, est_run_overhead_s=25.0, est_eval_s=(14.0, 16.0), est_model_s=4.0),
-}
 
 #: The paper's numbers (docs/paper.md, reAR §3; reAR-S, ImageNet 256, Inception FID, 50k samples).
 PAPER_TABLE3 = {  # noise setting -> FID (400 epochs, presumably with CFG)
@@ -128,10 +100,10 @@ PAPER_DEPTH, PAPER_FINAL_DE = 20, 15  # reAR-S: 20 blocks, DE@15
 
 def settings(scale: str) -> dict:
     validate_scale(scale)
-    if scale not in SCALES:
-        raise ValueError(f"the studies exist at {', '.join(SCALES)} only (paper scale: the authors' recipe needs "
+    if scale not in scales.STUDIES:
+        raise ValueError(f"the studies exist at {', '.join(scales.STUDIES)} only (paper scale: the authors' recipe needs "
                          f"8 GPUs for days; see rearlib.train's 'paper' settings)")
-    return SCALES[scale]
+    return scales.STUDIES[scale]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,7 +157,7 @@ class Resolved:
 
     spec: RunSpec
     variant: Any                # preset name (plain presets: the zoo may use a shipped checkpoint) or ReARConfig
-    overrides: dict             # TrainConfig overrides for rearlib.zoo (model_overrides, recipe fields)
+    overrides: dict             # TrainConfig overrides for rearlib.experiments.zoo (model_overrides, recipe fields)
     cfg: Any                    # the TrainConfig
     run_hash: str
     depth: int
@@ -218,10 +190,10 @@ def resolve(scale: str, spec: RunSpec, tokenizer) -> Resolved:
     (ReARConfig layer None; for a non-base size its default DE goes into ``model_overrides``), and a plain preset
     without overrides stays a preset name (then seed 0 of the main recipe is the zoo's shipped run).
     """
-    from .model import PRESETS as MODEL_PRESETS
-    from .rear import PRESETS as REAR_PRESETS
-    from .rear import get_rear_config
-    from .zoo import TRAIN, recipe_key, train_config
+    from rearlib.model import PRESETS as MODEL_PRESETS
+    from rearlib.rear import PRESETS as REAR_PRESETS
+    from rearlib.rear import get_rear_config
+    from rearlib.experiments.zoo import recipe_key, train_config
 
     st = settings(scale)
     size = spec.size or st["base_size"]
@@ -261,7 +233,7 @@ def resolve(scale: str, spec: RunSpec, tokenizer) -> Resolved:
     if spec.steps is not None:
         overrides["steps"] = spec.steps
         # a shorter run keeps the recipe's warm-up unless that would not fit
-        overrides["warmup_steps"] = min(overrides.get("warmup_steps", TRAIN[scale]["warmup_steps"]), spec.steps)
+        overrides["warmup_steps"] = min(overrides.get("warmup_steps", scales.GENERATOR_TRAINING[scale]["warmup_steps"]), spec.steps)
     if model_ov:
         overrides["model_overrides"] = model_ov
     variant = spec.rear if rear == REAR_PRESETS[spec.rear] else rear
@@ -284,11 +256,9 @@ def paper_layer(k: int, default_de: int, depth: int) -> int:
 
 def _base_layers(scale: str) -> tuple[int, int, int]:
     """(default EN, default DE, depth) of the scale's base model preset (the zoo's generator preset)."""
-    from .model import PRESETS as MODEL_PRESETS
-    from .train import SCALES as TRAIN_SCALES
-    from .zoo import TRAIN
+    from rearlib.model import PRESETS as MODEL_PRESETS
 
-    base = MODEL_PRESETS[TRAIN[scale].get("model", TRAIN_SCALES[scale]["model"])]
+    base = MODEL_PRESETS[scales.GENERATOR_TRAINING[scale]["model"]]
     return base.encode_align_layer, base.decode_align_layer, base.depth
 
 
@@ -399,7 +369,7 @@ class Item:
 
     @property
     def label(self) -> str:
-        from .evaluation import setting_label
+        from rearlib.experiments.evaluation import setting_label
 
         if self.floor:
             return "real train images (floor)"
@@ -417,12 +387,9 @@ class Workspace:
     def __init__(self, scale: str, device="auto", *, sample_seed: int = 0, progress: bool = True,
                  extractor: str | None = None):
         import torch
-
-        from .evaluation import SCALES as EVAL_SCALES
-        from .evaluation import Evaluator
-        from .features import get_classifier
-        from .tokenizer import get_tokenizer
-        from .zoo import DATA
+        from rearlib.experiments.evaluation import Evaluator
+        from rearlib.metrics.classifier import get_classifier
+        from rearlib.tokenizers import get_tokenizer
 
         self.scale = scale
         self.st = settings(scale)
@@ -433,9 +400,9 @@ class Workspace:
         self.tok = get_tokenizer(scale, self.device, progress=False)
         self.classifier = get_classifier(scale, self.device)
         self.extractor = extractor or STUDIES_EXTRACTOR
-        self.evaluator = Evaluator(scale, self.tok, self.classifier, self.device, data_seed=DATA[scale]["seed"],
+        self.evaluator = Evaluator(scale, self.tok, self.classifier, self.device, data_seed=scales.GENERATOR_DATA[scale]["seed"],
                                    progress=progress, extractor=self.extractor)
-        self.n_per_class = EVAL_SCALES[scale]["n_per_class"]
+        self.n_per_class = scales.EVALUATION[scale]["n_per_class"]
         self.select_seed, self.report_seed = sample_seed, sample_seed + 1
         self._resolved: dict[RunSpec, Resolved] = {}
         self._model: tuple[str, int, Any] | None = None
@@ -447,13 +414,13 @@ class Workspace:
         return self._resolved[spec]
 
     def training_result(self, run: Resolved) -> dict | None:
-        from .zoo import training_result
+        from rearlib.experiments.zoo import training_result
 
         return training_result(self.scale, run.variant, self.tok, run.spec.seed, **run.overrides)
 
     def load_model(self, run: Resolved, step: int):
         """The run's weights at ``step`` (cached: consecutive evaluations of one model load it once)."""
-        from .zoo import load_run
+        from rearlib.experiments.zoo import load_run
 
         if self._model is not None and self._model[:2] == (run.run_hash, step):
             return self._model[2]
@@ -465,14 +432,14 @@ class Workspace:
 
     def release_model(self) -> None:
         if self._model is not None:
-            from .sample import clear_sampler_cache
+            from rearlib.sample import clear_sampler_cache
 
             self._model = None
             clear_sampler_cache()  # the fast decoders hold a copy of the weights and their CUDA graphs
 
     def weights_available(self, run: Resolved, step: int) -> bool:
-        from .train import snapshot_path
-        from .zoo import _shipped_for
+        from rearlib.train import snapshot_path
+        from rearlib.experiments.zoo import _shipped_for
 
         folder = artifacts_root() / "generators" / run.run_hash
         if step == run.steps:
@@ -486,7 +453,7 @@ class Workspace:
               reserve_s: float = 0.0) -> dict:
         """Train (or resume) ``run``; it stops with a checkpoint after ``time_limit_s`` seconds of training, or
         ``reserve_s`` before the ``time.monotonic()`` ``deadline`` (counted after the token data is ready)."""
-        from .zoo import get_tokens, train_generator
+        from rearlib.experiments.zoo import get_tokens, train_generator
 
         self.release_model()
         if deadline is not None:
@@ -508,7 +475,7 @@ class Workspace:
 
     # -- items -------------------------------------------------------------------------------------------
     def _eval_item(self, study, run, step, g, p, seed, role) -> Item:
-        from .evaluation import run_model_key
+        from rearlib.experiments.evaluation import run_model_key
 
         it = Item(study, run, step, g, p, seed, role)
         it.key = self.evaluator.key(run_model_key(run.run_hash, step), n_per_class=self.n_per_class,
@@ -521,9 +488,8 @@ class Workspace:
         return it
 
     def floor_subject(self) -> dict:
-        from .zoo import DATA
 
-        return {"kind": "real", "dataset": "ShapeScenes-10", "split": "train", "seed": DATA[self.scale]["seed"],
+        return {"kind": "real", "dataset": "ShapeScenes-10", "split": "train", "seed": scales.GENERATOR_DATA[self.scale]["seed"],
                 "resolution": self.tok.resolution}
 
     def evaluate(self, item: Item) -> dict:
@@ -536,7 +502,7 @@ class Workspace:
 
     def evaluate_floor(self) -> dict:
         """Real training images, as many as one generated set: the finite-sample floor of FID (cached)."""
-        from .data import render_batch
+        from rearlib.data import render_batch
 
         n = self.n_per_class * 10
         sub = self.floor_subject()
@@ -551,13 +517,13 @@ class Workspace:
         return self.evaluator.evaluate_images(sub, make, n)
 
     def is_done(self, item: Item) -> bool:
-        from .evaluation import record_path
+        from rearlib.experiments.evaluation import record_path
 
         return not item.pending and record_path(item.key).is_file()
 
     def best_cfg(self, run: Resolved) -> tuple[float, float] | None:
         """argmin FID over the sweep of ``run`` on the selection seed, or None while the sweep is incomplete."""
-        from .evaluation import load_record
+        from rearlib.experiments.evaluation import load_record
 
         best = None
         for g in self.st["cfg_scales"]:
@@ -608,7 +574,7 @@ class Workspace:
     # -- estimates ---------------------------------------------------------------------------------------
     def estimate_train_s(self, run: Resolved) -> float:
         """Seconds to train ``run`` on the reference GPU: samples / (base samples/s x base FLOPs / run FLOPs)."""
-        from .model import estimate_flops_per_token
+        from rearlib.model import estimate_flops_per_token
 
         base = self.resolve(RunSpec("base", rear="rear"))
         f_run = estimate_flops_per_token(_model_config(run.cfg), align=run.cfg.rear.uses_alignment)
@@ -623,8 +589,8 @@ class Workspace:
 
 
 def _model_config(cfg):
-    from .model import get_config
-    from .train import generator_overrides
+    from rearlib.model import get_config
+    from rearlib.train import generator_overrides
 
     return get_config(cfg.model, **generator_overrides(cfg))
 
@@ -807,11 +773,11 @@ def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, comp
     Returns {"runs": DataFrame (one row per run: spec, layers, training record), "evals": DataFrame (one row
     per evaluation: run, step, setting, role, labeled metrics, provenance), "floor": dict (real training images,
     the same count), "workspace": the Workspace}. At ``small`` without a GPU, missing records raise a
-    FileNotFoundError that says how to make them (``python -m rearlib.studies run`` on a GPU, or ``unpack``).
+    FileNotFoundError that says how to make them (``python -m rearlib studies run`` on a GPU, or ``unpack``).
     """
     import pandas as pd
 
-    from .evaluation import load_record
+    from rearlib.experiments.evaluation import load_record
 
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; allowed: {', '.join(STUDIES)}")
@@ -821,8 +787,8 @@ def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, comp
         if scale != "smoke" and ws.device.type != "cuda":
             raise FileNotFoundError(
                 f"{len(missing)} evaluation record(s) of the {study!r} study are missing at scale {scale!r} and this "
-                f"machine has no GPU. On a GPU: python -m rearlib.studies run --scale {scale} --study {study}; "
-                f"then bring them here with `python -m rearlib.studies pack/unpack`.")
+                f"machine has no GPU. On a GPU: python -m rearlib studies run --scale {scale} --study {study}; "
+                f"then bring them here with `python -m rearlib studies pack/unpack`.")
         res = run_studies(scale, study, ws=ws, progress=progress, log=(print if progress else (lambda *a: None)))
         if res["missing"]:
             raise RuntimeError(f"{res['missing']} evaluation(s) of {study!r} are still missing: {res['reason']}")
@@ -858,7 +824,7 @@ def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, comp
             continue
         if rec is None:
             continue
-        from .evaluation import setting_label
+        from rearlib.experiments.evaluation import setting_label
 
         prov = rec.get("provenance", {})
         eval_rows.append({
@@ -900,7 +866,7 @@ def pack(scale: str, out: str | Path, *, ws: Workspace | None = None, log=print)
     Paths inside are relative to the artifact root (``eval_records/<hash>/record.json``,
     ``generators/<hash>/result.json`` with their ``config.json``). Written atomically.
     """
-    from .evaluation import RECORD_KIND, iter_records
+    from rearlib.experiments.evaluation import RECORD_KIND, iter_records
 
     ws = ws or Workspace(scale, "cpu", progress=False)
     root = artifacts_root()
@@ -937,7 +903,7 @@ def unpack(archive: str | Path, *, log=print) -> dict:
     Only regular files named ``eval_records|generators/<12 hex>/(record|config|result).json`` holding JSON are
     accepted; anything else raises ValueError before a file is written.
     """
-    from .experiments import atomic_write_bytes as write
+    from rearlib.runtime import atomic_write_bytes as write
 
     root = artifacts_root()
     members = []
@@ -947,7 +913,7 @@ def unpack(archive: str | Path, *, log=print) -> dict:
                 continue
             if not m.isfile() or not _MEMBER.match(m.name) or m.size > _MAX_MEMBER_BYTES:
                 raise ValueError(f"{archive}: unexpected member {m.name!r} (type {m.type!r}, {m.size} bytes); "
-                                 f"not a rearlib.studies pack")
+                                 f"not a rearlib.experiments.studies pack")
             data = tar.extractfile(m).read()
             try:
                 json.loads(data)
@@ -971,11 +937,11 @@ def unpack(archive: str | Path, *, log=print) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     t_start = time.monotonic()
-    parser = argparse.ArgumentParser(prog="python -m rearlib.studies", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rearlib studies", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd in ("status", "run"):
         p = sub.add_parser(cmd)
-        p.add_argument("--scale", default="small", choices=tuple(SCALES))
+        p.add_argument("--scale", default="small", choices=tuple(scales.STUDIES))
         p.add_argument("--study", default="all", choices=STUDIES + ("all",))
         p.add_argument("--sample-seed", type=int, default=0, help="base sampling seed S (reports use S + 1)")
         p.add_argument("--device", default="auto" if cmd == "run" else "cpu")
@@ -989,7 +955,7 @@ def main(argv=None) -> int:
                                 "within the limit (use it on a machine's last command: its weights are lost after)")
             p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("pack")
-    p.add_argument("--scale", default="small", choices=tuple(SCALES))
+    p.add_argument("--scale", default="small", choices=tuple(scales.STUDIES))
     p.add_argument("--out", required=True)
     p = sub.add_parser("unpack")
     p.add_argument("archive")

@@ -9,13 +9,13 @@ One :class:`Evaluator` per (scale, tokenizer, classifier, device) does what note
   are dropped), so the GPU sampler captures its CUDA graphs once per model and CFG on/off.
 * :meth:`Evaluator.score`: FID / KID / precision / recall through torch-fidelity against held-out real
   images (the ``val`` split, never used in training), with the evaluator's ``extractor``: by default the
-  Inception-v3 FID network (:mod:`rearlib.inception`; keys "FID", "KID", ...; no IS, the network has no
+  Inception-v3 FID network (:mod:`rearlib.metrics.inception`; keys "FID", "KID", ...; no IS, the network has no
   logits), or by name the in-project classifier (keys "FID[rearlib-classifier]", "IS[rearlib-classifier]", ...,
   a diagnostic). Plus class consistency (the in-project classifier's argmax equals the requested class), a
   secondary column.
 * :meth:`Evaluator.evaluate`: sample + score, cached as a small JSON **record** under
   ``artifacts/eval_records/<hash>/record.json``. The hash is of the record *key*: what was evaluated (a
-  ``model_key``: for trained runs the *recipe* hash of :func:`rearlib.zoo.run_hash` and the step, see
+  ``model_key``: for trained runs the *recipe* hash of :func:`rearlib.experiments.zoo.run_hash` and the step, see
   :func:`run_model_key`; never a hash of the weights, so a record made on a GPU machine whose weights are gone
   still completes a notebook elsewhere), the tokenizer and classifier identities, the reference set, the
   number of samples, (g, p), the sampling seed, the temperature, the scale's sampler setting and the scale, and
@@ -38,20 +38,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .experiments import artifact_dir, artifacts_root, atomic_write_text, config_hash
+from rearlib.runtime import artifact_dir, artifacts_root, atomic_write_text, config_hash
+from rearlib import scales
 
-__all__ = ["SCALES", "RECORD_KIND", "RECORD_FORMAT", "Evaluator", "setting_label", "canonical_cfg",
+__all__ = ["RECORD_KIND", "RECORD_FORMAT", "Evaluator", "setting_label", "canonical_cfg",
            "run_model_key", "record_path", "load_record", "iter_records"]
 
-#: Per-scale evaluation settings. n_ref: held-out real images (val) every FID is computed against. batch: images
-#: per sampler call (fixed; the last batch is padded). sampler: ``fast=`` of :func:`rearlib.sample.generate`;
-#: "graph" = CUDA graphs of the eager decode step (a torch.compile of the step costs about a minute per model and
-#: CFG mode on an H200, more than the sampling itself at this size), None = the library default (plain loop on
-#: CPU). n_per_class: samples per class of one evaluation (10 classes: 10k samples at small).
-SCALES: dict[str, dict[str, Any]] = {
-    "smoke": dict(n_ref=256, batch=80, sampler=None, n_per_class=8),
-    "small": dict(n_ref=10_000, batch=500, sampler="graph", n_per_class=1000),
-}
 RECORD_KIND = "eval_records"
 RECORD_FORMAT = "rearlib.evaluation/1"
 NUM_CLASSES = 10
@@ -130,9 +122,9 @@ class Evaluator:
     """Sampling, scoring and cached records for one scale (see the module docstring for every definition).
 
     Args:
-        scale: "smoke" or "small" (the settings of :data:`SCALES`; keyword arguments override them).
+        scale: "smoke" or "small" (the settings of :data:`scales.EVALUATION`; keyword arguments override them).
         tokenizer: decodes sampled tokens; its ``identity()`` is part of every key.
-        classifier: the in-project classifier (``rearlib.features.get_classifier``) for class consistency (and for
+        classifier: the in-project classifier (``rearlib.metrics.classifier.get_classifier``) for class consistency (and for
             FID when ``extractor="rearlib-classifier"``); its ``identity`` is in every key.
         extractor: the feature extractor of FID / KID / precision / recall (:data:`rearlib.metrics.EXTRACTORS`).
         device: where sampling and scoring run.
@@ -143,11 +135,11 @@ class Evaluator:
     def __init__(self, scale: str, tokenizer, classifier, device, *, n_ref: int | None = None,
                  batch: int | None = None, sampler: str | bool | None = "scale", data_seed: int = 0,
                  progress: bool = True, extractor: str | None = None):
-        from . import metrics as M
+        import rearlib.metrics as M
 
-        if scale not in SCALES:
-            raise ValueError(f"no evaluation settings for scale {scale!r}; available: {', '.join(SCALES)}")
-        s = SCALES[scale]
+        if scale not in scales.EVALUATION:
+            raise ValueError(f"no evaluation settings for scale {scale!r}; available: {', '.join(scales.EVALUATION)}")
+        s = scales.EVALUATION[scale]
         self.scale = scale
         self.tokenizer, self.classifier = tokenizer, classifier
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
@@ -172,7 +164,7 @@ class Evaluator:
         if self.extractor == "rearlib-classifier":
             return None  # the classifier's identity is already in every key
         if self.extractor == "inception-v3-fid":
-            from .metrics import inception_fid_identity
+            from rearlib.metrics import inception_fid_identity
 
             return inception_fid_identity()
         return self.extractor
@@ -185,8 +177,8 @@ class Evaluator:
     def reference_u8(self) -> torch.Tensor:
         """uint8 [n_ref, 3, H, W] held-out real images (rendered on first use)."""
         if self._ref_u8 is None:
-            from . import metrics as M
-            from .data import render_batch
+            import rearlib.metrics as M
+            from rearlib.data import render_batch
 
             imgs = render_batch(torch.arange(self.n_ref), self.resolution, seed=self.data_seed, split="val",
                                 device=self.device)[0]
@@ -200,8 +192,8 @@ class Evaluator:
         """uint8 images [10 n, 3, H, W] and labels [10 n]: image i has class i // n and seed image_seed(seed, i)."""
         from tqdm.auto import tqdm
 
-        from . import metrics as M
-        from .sample import generate, image_seeds
+        import rearlib.metrics as M
+        from rearlib.sample import generate, image_seeds
 
         if int(n_per_class) < 1:
             raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
@@ -221,8 +213,8 @@ class Evaluator:
 
     def score(self, images_u8: torch.Tensor, labels: torch.Tensor) -> dict:
         """Labeled FID / IS / KID / precision / recall against the reference, class consistency, counts."""
-        from . import metrics as M
-        from .features import class_consistency
+        import rearlib.metrics as M
+        from rearlib.metrics.classifier import class_consistency
 
         dm = M.distribution_metrics(images_u8, self.reference_u8, extractor=self.extractor,
                                     classifier=self.classifier, device=self.device, cache_name=self.reference_name,
@@ -250,14 +242,14 @@ class Evaluator:
         return record_path(self.key(model_key, **settings)).is_file()
 
     def _provenance(self, t_gen: float | None, n: int) -> dict:
-        from .experiments import hardware_info
+        from rearlib.runtime import hardware_info
 
         hw = hardware_info()
         prov = {"device": str(self.device), "gpu": hw.get("gpu") if self.device.type == "cuda" else None,
                 "torch": hw["torch"], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "generation s": t_gen, "images/s": (n / t_gen) if t_gen else None}
         if t_gen is not None and self.device.type == "cuda":
-            from .sample import last_fast_path_info
+            from rearlib.sample import last_fast_path_info
 
             prov["sampler mode"] = last_fast_path_info().get("mode")
         return prov
@@ -298,7 +290,7 @@ class Evaluator:
         ``subject`` names the set (a dict, part of the key); ``make_images()`` returns (uint8 or [0, 1] float
         images [n, 3, H, W], labels [n]) and is only called when the record is missing.
         """
-        from . import metrics as M
+        import rearlib.metrics as M
 
         key = self.floor_key(subject, n_images)
         stored = load_record(key)
@@ -323,7 +315,7 @@ class Evaluator:
     @torch.no_grad()
     def time_sampler(self, model, cfg_scale: float | None, cfg_power: float = 0.0, seed: int = 10_000) -> float:
         """images/s of the evaluation sampler (tokens + decode) on one full batch, after one warm-up batch."""
-        from .sample import generate
+        from rearlib.sample import generate
 
         g, p = canonical_cfg(cfg_scale, cfg_power)
         dev = next(model.parameters()).device

@@ -1,6 +1,6 @@
 """The models every notebook shares, per scale: pretokenized data and trained AR / reAR generators.
 
-    tok = get_tokenizer(scale)                       # rearlib.tokenizer
+    tok = get_tokenizer(scale)                       # rearlib.tokenizers
     data = get_tokens(scale, tok)                    # pretokenized embedded dataset (cached)
     ar = get_generator(scale, "ar", tokenizer=tok)   # plain AR
     rear = get_generator(scale, "rear", tokenizer=tok)
@@ -9,7 +9,7 @@
 generators shipped in ``data/checkpoints/`` (fp16, sharded to stay under 16 MiB per file) and, when one is
 missing and a GPU is present, trains it; on a CPU without the shipped file it says how to make it:
 
-    python -m rearlib.zoo train --scale small --variant rear --seed 0 --export
+    python -m rearlib zoo train --scale small --variant rear --seed 0 --export
 
 ``paper`` has no zoo: load the authors' released checkpoints with ``rearlib.model.load_official_state_dict``.
 
@@ -17,7 +17,7 @@ Every run is named by its *recipe* (:func:`run_key`: the full TrainConfig, the t
 so a study can ask for any reAR preset (or a :class:`~rearlib.rear.ReARConfig`), model-size overrides
 (``model_overrides={"hidden": 384, "depth": 12, "heads": 6}``) and TrainConfig overrides (``steps=2000``,
 ``snapshot_every=500``); :func:`training_result` and :func:`load_run` read a finished run back, and
-:func:`rearlib.studies` keys its evaluation records by the same recipe hash (:func:`run_hash`).
+:func:`rearlib.experiments.studies` keys its evaluation records by the same recipe hash (:func:`run_hash`).
 """
 
 from __future__ import annotations
@@ -29,29 +29,13 @@ from pathlib import Path
 
 import torch
 
-from .experiments import (
-    artifact_dir,
-    artifacts_root,
-    config_hash,
-    load_sharded,
-    resolve_device,
-    save_sharded,
-    validate_scale,
-)
+from rearlib.runtime import artifact_dir, artifacts_root, config_hash, load_sharded, resolve_device, save_sharded
+from rearlib.scales import validate_scale
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from rearlib.runtime import REPO_ROOT
+from rearlib import scales
 CHECKPOINTS = REPO_ROOT / "data" / "checkpoints"
 
-#: Data each scale trains its generators on (the embedded dataset at the tokenizer's resolution).
-DATA = {
-    "smoke": dict(train_size=512, flip=False, seed=0),
-    "small": dict(train_size=100_000, flip=True, seed=0),  # 200k sequences with the horizontal flips
-}
-#: Training-run overrides per scale on top of rearlib.train.SCALES (kept small enough for one GPU command).
-TRAIN = {
-    "smoke": dict(steps=30, batch_size=16, warmup_steps=3, ckpt_every=30, log_every=10),
-    "small": dict(steps=5000, batch_size=256, warmup_steps=250, ckpt_every=1000, log_every=100),
-}
 
 
 def _check_scale(scale: str) -> None:
@@ -59,16 +43,16 @@ def _check_scale(scale: str) -> None:
     if scale == "paper":
         raise ValueError("the paper scale has no model zoo: load the authors' checkpoints with "
                          "rearlib.model.load_official_state_dict(path, 'rear_b') and tokenize ImageNet with "
-                         "rearlib.pretokenize")
+                         "rearlib.tokenizers.pretokenize")
 
 
 def get_tokens(scale: str, tokenizer, *, split: str = "train", size: int | None = None, progress: bool = True):
     """The embedded dataset of ``scale`` encoded by ``tokenizer`` (a cached :class:`TokenDataset`)."""
-    from .data import render_batch
-    from .pretokenize import pretokenize
+    from rearlib.data import render_batch
+    from rearlib.tokenizers.pretokenize import pretokenize
 
     _check_scale(scale)
-    d = DATA[scale]
+    d = scales.GENERATOR_DATA[scale]
     n = size or (d["train_size"] if split == "train" else max(256, d["train_size"] // 10))
     render = functools.partial(render_batch, resolution=tokenizer.resolution, seed=d["seed"], split=split)
     key = f"ShapeScenes-10 split={split} seed={d['seed']} res={tokenizer.resolution}"
@@ -80,11 +64,11 @@ def train_config(scale: str, variant, tokenizer, seed: int = 0, **overrides):
     """The TrainConfig of a zoo generator: the scale's recipe, the reAR preset ``variant``, the tokenizer's shapes.
 
     ``variant``: a :data:`rearlib.rear.PRESETS` name or a :class:`~rearlib.rear.ReARConfig`. ``overrides``:
-    TrainConfig fields on top of :data:`TRAIN` ``[scale]``; ``model_overrides`` (GeneratorConfig fields, e.g. a
+    TrainConfig fields on top of :data:`rearlib.scales.GENERATOR_TRAINING` ``[scale]``; ``model_overrides`` (GeneratorConfig fields, e.g. a
     model size) is merged with the shapes the tokenizer and dataset fix (codebook size, code dimension, tokens
     per image, 10 classes), which it may not contradict.
     """
-    from .train import config_for_scale
+    from rearlib.train import config_for_scale
 
     _check_scale(scale)
     shapes = {"codebook_size": tokenizer.codebook_size, "z_dim": tokenizer.code_dim,
@@ -95,14 +79,12 @@ def train_config(scale: str, variant, tokenizer, seed: int = 0, **overrides):
         raise ValueError(f"model_overrides {clash} contradict the tokenizer / dataset shapes "
                          f"{ {k: shapes[k] for k in clash} }")
     model_overrides.update(shapes)
-    kw = dict(TRAIN[scale])
-    kw.update(overrides)
-    return config_for_scale(scale, variant, seed=seed, model_overrides=model_overrides, **kw)
+    return config_for_scale(scale, variant, seed=seed, model_overrides=model_overrides, **overrides)
 
 
 def recipe_key(scale: str, cfg, tokenizer_identity: str) -> dict:
     """The identity of a run: its full TrainConfig, the tokenizer identity and the training data of ``scale``."""
-    return {"train": cfg.to_dict(), "tokenizer": tokenizer_identity, "data": DATA[scale]}
+    return {"train": cfg.to_dict(), "tokenizer": tokenizer_identity, "data": scales.GENERATOR_DATA[scale]}
 
 
 def run_key(scale: str, variant, tokenizer, seed: int = 0, **overrides) -> dict:
@@ -122,7 +104,7 @@ def run_dir(scale: str, variant, tokenizer, seed: int = 0, **overrides) -> Path:
 def train_generator(scale: str, variant, tokenizer, seed: int = 0, *, device="auto",
                     time_limit_s: float | None = None, progress: bool = True, **overrides) -> dict:
     """Train (or resume, or return the finished result of) a zoo generator in its artifact folder."""
-    from .train import train
+    from rearlib.train import train
 
     cfg = train_config(scale, variant, tokenizer, seed, **dict(overrides))
     data = get_tokens(scale, tokenizer, progress=progress)
@@ -153,7 +135,7 @@ def export_generator(model_file: str | Path, out: str | Path) -> list[Path]:
 
 def load_shipped(path: str | Path, device="cpu"):
     """A generator from :func:`export_generator`'s files, in float32 and eval mode (strict name/shape check)."""
-    from .model import GeneratorConfig, build_generator
+    from rearlib.model import GeneratorConfig, build_generator
 
     state = load_sharded(path)
     if state.get("format") != "rearlib.zoo/1":
@@ -178,7 +160,7 @@ def _shipped_for(scale: str, variant, seed: int, overrides: dict, cfg) -> Path |
     equal the recipe up to fields that change no numbers (logging / checkpoint / snapshot intervals), so a stale
     shipped file is never mistaken for a changed recipe.
     """
-    from .train import _resume_key
+    from rearlib.train import _resume_key
 
     if scale != "small" or not isinstance(variant, str) or overrides:
         return None
@@ -187,7 +169,7 @@ def _shipped_for(scale: str, variant, seed: int, overrides: dict, cfg) -> Path |
         return None
     meta = _shipped_meta(path)
     if _resume_key(meta.get("train_config", {})) != _resume_key(cfg.to_dict()):
-        raise ValueError(f"{path} was trained with another recipe than rearlib.zoo's current {scale!r} recipe for "
+        raise ValueError(f"{path} was trained with another recipe than rearlib.experiments.zoo's current {scale!r} recipe for "
                          f"{variant!r} seed {seed}; re-export it or restore the recipe")
     return path
 
@@ -204,7 +186,7 @@ def training_result(scale: str, variant, tokenizer, seed: int = 0, **overrides) 
     """The finished training record of a run without loading any weights, or None if it has not finished.
 
     From the run folder's ``result.json`` (status "completed"; also present after
-    ``python -m rearlib.studies unpack`` brought it from another machine), else from a matching shipped
+    ``python -m rearlib studies unpack`` brought it from another machine), else from a matching shipped
     checkpoint's metadata (step, train_time_s, samples_per_s, gpu, params, final). ``"source"`` says which.
     """
     _check_scale(scale)
@@ -228,7 +210,7 @@ def load_run(scale: str, variant, tokenizer, seed: int = 0, *, step: int | None 
 
     Raises FileNotFoundError when those weights are not on this machine (e.g. only records were unpacked).
     """
-    from .train import load_generator, snapshot_path
+    from rearlib.train import load_generator, snapshot_path
 
     _check_scale(scale)
     dev = resolve_device(device) if isinstance(device, str) else device
@@ -263,7 +245,7 @@ def get_generator(scale: str, variant="rear", *, tokenizer, seed: int = 0, devic
     shipped = _shipped_for(scale, variant, seed, overrides, cfg)
     if shipped is not None:
         return load_shipped(shipped, dev)
-    from .train import load_generator
+    from rearlib.train import load_generator
 
     # A finished run is loaded directly: building the trainer would import torch._dynamo (seconds) for nothing.
     done = run_dir(scale, variant, tokenizer, seed, **overrides)
@@ -277,8 +259,8 @@ def get_generator(scale: str, variant="rear", *, tokenizer, seed: int = 0, devic
         what = variant if isinstance(variant, str) else "a custom ReARConfig"
         raise FileNotFoundError(
             f"the small {what} generator (seed {seed}, overrides {overrides}) is not shipped and not trained "
-            f"here. Train it on a GPU: python -m rearlib.zoo train --scale small --variant {what} --seed {seed} "
-            f"--export (plain presets) or python -m rearlib.studies run --scale small")
+            f"here. Train it on a GPU: python -m rearlib zoo train --scale small --variant {what} --seed {seed} "
+            f"--export (plain presets) or python -m rearlib studies run --scale small")
     result = train_generator(scale, variant, tokenizer, seed, device=dev, progress=progress, **overrides)
     if result["status"] != "completed":
         raise RuntimeError(f"training of {variant!r} stopped at step {result['step']} of {result['steps']}; "
@@ -290,7 +272,7 @@ def get_generator(scale: str, variant="rear", *, tokenizer, seed: int = 0, devic
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rearlib.zoo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rearlib zoo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or resume) a zoo generator; --export ships it to data/checkpoints")
     t.add_argument("--scale", default="small", choices=("smoke", "small"))
@@ -303,7 +285,7 @@ def main(argv=None) -> int:
     t.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from .tokenizer import get_tokenizer
+    from rearlib.tokenizers import get_tokenizer
 
     dev = resolve_device(args.device)
     tok = get_tokenizer(args.scale, dev, progress=not args.no_progress)

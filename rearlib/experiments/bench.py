@@ -1,6 +1,6 @@
 """Speed of training (plain AR vs reAR) and sampling, fast paths vs plain paths, in one run.
 
-``python -m rearlib.bench --preset rear_b --batch 128 --out reports/small/bench/bench_train_rear_b.json`` measures, on one GPU:
+``python -m rearlib bench --preset rear_b --batch 128 --out reports/small/bench/bench_train_rear_b.json`` measures, on one GPU:
 
 * training samples/s of every variant in ``--variants`` (default: plain AR and reAR, same model preset and batch)
   with our training step (:class:`rearlib.train.Stepper`: the very code ``train()`` runs) on random tokens held on
@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from .experiments import atomic_write_text, hardware_info, resolve_device, tf32
-from .rear import get_rear_config
-from .train import COMPILE_MODES, DeviceBatches, DistInfo, Stepper, TrainConfig, build_model, concrete_device
+from rearlib.runtime import atomic_write_text, hardware_info, resolve_device, tf32
+from rearlib.rear import get_rear_config
+from rearlib.train import COMPILE_MODES, DeviceBatches, DistInfo, Stepper, TrainConfig, build_model, concrete_device
 
 #: Dense bf16 tensor-core peaks (FLOP/s) by GPU name fragment; MFU is left empty for other devices.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
@@ -70,8 +70,8 @@ def training_stepper(preset: str, variant: str, batch: int, device: torch.device
                       steps=1_000_000, batch_size=batch, warmup_steps=10, seed=seed,
                       compile=(compile_mode or True) if fast else False, bf16=fast, fused_adamw=fast,
                       log_every=10**9, ckpt_every=10**9)
-    from .model import get_config
-    from .train import generator_overrides
+    from rearlib.model import get_config
+    from rearlib.train import generator_overrides
 
     mc = get_config(preset, **generator_overrides(cfg))
     g = torch.Generator().manual_seed(seed)
@@ -92,7 +92,7 @@ def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: 
                    peak: float | None = None, compile_mode: str | None = None) -> dict[str, Any]:
     """Time ``steps`` optimizer steps of ``variant`` (a reAR preset name) on random data; returns one row.
     compile_mode: a torch.compile mode for the fast path (rearlib.train.COMPILE_MODES; None = default)."""
-    from .model import estimate_flops_per_token
+    from rearlib.model import estimate_flops_per_token
 
     rear = get_rear_config(variant)
     if device.type == "cuda":
@@ -185,10 +185,10 @@ def bench_sampling(preset: str, batch: int, device: torch.device, *, steps: int 
                    modes: list[str] | None, model_overrides: dict | None = None) -> list[dict[str, Any]]:
     """Rows from rearlib.sample.benchmark_sampling (random weights), or [] when that function is missing."""
     try:
-        from .sample import benchmark_sampling
+        from rearlib.sample import benchmark_sampling
     except ImportError:
         return []
-    from .model import build_generator
+    from rearlib.model import build_generator
 
     torch.manual_seed(0)
     model = build_generator(preset, **dict(model_overrides or {})).to(device).eval()
@@ -212,7 +212,7 @@ def bench_sampling(preset: str, batch: int, device: torch.device, *, steps: int 
 KERNEL_CATEGORIES = (
     ("attention", ("sdpa", "fmha", "flash", "attention", "dot_do_o")),  # dot_do_o: cuDNN's rowsum(dO * O)
     ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
-    ("dropout masks (rearlib.kernels)", ("_keep_mask_kernel",)),
+    ("dropout masks (rearlib.kernels.ops)", ("_keep_mask_kernel",)),
     ("optimizer", ("multi_tensor_apply", "adam")),
     ("Inductor-fused elementwise / reductions", ("triton_",)),
 )
@@ -287,8 +287,8 @@ def profile_sampling(preset: str, batch: int, device: torch.device, *, steps: in
     weighted as in real sampling (the first steps alone understate it)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from .model import build_generator
-    from .sample import _FastDecoder
+    from rearlib.model import build_generator
+    from rearlib.sample import _FastDecoder
 
     torch.manual_seed(0)
     model = build_generator(preset).to(device).eval()
@@ -391,7 +391,7 @@ def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rearlib.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rearlib bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="rear_b")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--variants", default="ar,rear", help="comma list of reAR presets (rearlib.rear.PRESETS)")
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of timing: device-kernel breakdown (torch.profiler) of the fast training step of "
                         "each variant and of the compiled decode step; JSON to --out")
     a = p.parse_args(argv)
-    from .train import _parse_kv
+    from rearlib.train import _parse_kv
 
     if a.profile:
         dev = concrete_device(resolve_device(a.device))

@@ -23,7 +23,7 @@ holds ``K`` (uint8 for K <= 256, int16 for K <= 32768, else int32), ``labels`` i
 Encoding runs on the tokenizer's device in float32. On a GPU, cuDNN may use TF32 convolutions, so a rare
 near-tie between two codes can resolve differently than on a CPU; the file records the device it was made on.
 
-CLI: ``python -m rearlib.pretokenize --scale small --split train --size 50000 --flip``.
+CLI: ``python -m rearlib pretokenize --scale small --split train --size 50000 --flip``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from rearlib.tokenizer import TokenizerMismatchError
+from rearlib.tokenizers.base import TokenizerMismatchError
 
 FORMAT = "rearlib-tokens"
 VERSION = 1
@@ -153,7 +153,7 @@ class TokenDataset(Dataset):
                 "view_names": list(self.view_names), "tokenizer_identity": self.tokenizer_identity, **self.meta}
 
     def save(self, path) -> Path:
-        from rearlib.experiments import atomic_torch_save
+        from rearlib.runtime import atomic_torch_save
 
         return atomic_torch_save(self.to_dict(), path)
 
@@ -171,7 +171,7 @@ def load_tokens(path, tokenizer) -> TokenDataset:
     """Load a pretokenized file and check that it was made by ``tokenizer`` (a tokenizer or its identity string).
 
     Raises ``FileNotFoundError`` if absent, ``ValueError`` if it is not a token file, and
-    :class:`~rearlib.tokenizer.TokenizerMismatchError` if another tokenizer made it.
+    :class:`~rearlib.tokenizers.TokenizerMismatchError` if another tokenizer made it.
     """
     path = Path(path)
     if not path.is_file():
@@ -252,12 +252,12 @@ def pretokenize(tokenizer, dataset_or_render_fn: Dataset | Callable, *, size: in
     (``cache_key`` or :func:`describe_source`), ``size`` and the view options; with neither a path nor a
     describable source nothing is stored. An existing file made by the same tokenizer with the same options
     is loaded instead of recomputed; one made by another tokenizer raises
-    :class:`~rearlib.tokenizer.TokenizerMismatchError`; different options raise ``ValueError`` unless
+    :class:`~rearlib.tokenizers.TokenizerMismatchError`; different options raise ``ValueError`` unless
     ``overwrite=True``.
     """
     from tqdm.auto import tqdm
 
-    from rearlib.experiments import artifact_dir
+    from rearlib.runtime import artifact_dir
 
     if size is None:
         if not isinstance(dataset_or_render_fn, Dataset):
@@ -318,13 +318,13 @@ def pretokenize(tokenizer, dataset_or_render_fn: Dataset | Callable, *, size: in
 
 
 def main(argv=None) -> int:
-    """``python -m rearlib.pretokenize --scale small --split train --size 50000 [--flip | --ten-crop]``"""
+    """``python -m rearlib pretokenize --scale small --split train --size 50000 [--flip | --ten-crop]``"""
     import argparse
 
     from rearlib.data import EmbeddedDataset
-    from rearlib.tokenizer import get_tokenizer
+    from rearlib.tokenizers import get_tokenizer
 
-    p = argparse.ArgumentParser(prog="python -m rearlib.pretokenize",
+    p = argparse.ArgumentParser(prog="python -m rearlib pretokenize",
                                 description="encode ShapeScenes-10 images once with the scale's tokenizer")
     p.add_argument("--scale", default="small", choices=["smoke", "small"])
     p.add_argument("--split", default="train", choices=["train", "val", "test"])

@@ -1,6 +1,6 @@
 """What the diagnosis notebooks load, per scale: generators, real images and their ground-truth tokens.
 
-``smoke`` / ``small`` take the zoo's generators (``rearlib.zoo``) and the embedded dataset; ``paper`` takes the
+``smoke`` / ``small`` take the zoo's generators (``rearlib.experiments.zoo``) and the embedded dataset; ``paper`` takes the
 authors' released checkpoints, the MaskGIT-VQGAN and an ImageNet folder. :func:`check_paper_assets` checks every
 paper-scale input before anything heavy is loaded and names each missing one.
 """
@@ -23,8 +23,8 @@ def imagenet_root(data_root=None) -> Path | None:
 def check_paper_assets(checkpoints: dict, maskgit_path=None, data_root=None, splits=("val",),
                        need_lpips: bool = False) -> None:
     """Raise FileNotFoundError listing every missing paper-scale input (checkpoints, tokenizer, ImageNet, LPIPS)."""
-    from .metrics import perceptual_metric_name
-    from .tokenizer import find_maskgit_checkpoint
+    from rearlib.metrics import perceptual_metric_name
+    from rearlib.tokenizers import find_maskgit_checkpoint
 
     problems = [f"{name}={path!r}: pass the path of the authors' released checkpoint"
                 for name, path in checkpoints.items() if path is None or not Path(path).is_file()]
@@ -49,10 +49,10 @@ def load_generators(scale: str, names, tokenizer, device, *, checkpoints: dict |
                     preset: str | None = None) -> dict:
     """``{variant: generator}``: the authors' checkpoints at ``paper`` (``checkpoints[variant]``), else the zoo's."""
     if scale == "paper":
-        from .model import load_official_state_dict
+        from rearlib.model import load_official_state_dict
 
         return {v: load_official_state_dict(checkpoints[v], preset, device=device) for v in names}
-    from .zoo import get_generator
+    from rearlib.experiments.zoo import get_generator
 
     return {v: get_generator(scale, v, tokenizer=tokenizer, device=device, progress=False) for v in names}
 
@@ -64,15 +64,15 @@ def load_images(scale: str, tokenizer, split: str, n: int, device, *, data_root=
     0..n-1 rendered with the zoo's data seed.
     """
     if scale == "paper":
-        from .data import load_dataset
+        from rearlib.data import load_dataset
 
         ds = load_dataset("imagenet", split=split, resolution=tokenizer.resolution, root=imagenet_root(data_root))
         pick = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique()
         items = [ds[int(i)] for i in pick]
         return (torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]),
                 f"ImageNet {split} ({len(items)} images spread over the class folders)")
-    from .data import render_batch
-    from .zoo import DATA
+    from rearlib.data import render_batch
+    from rearlib.scales import GENERATOR_DATA as DATA
 
     x, y = render_batch(torch.arange(n), tokenizer.resolution, seed=DATA[scale]["seed"], split=split, device=device)
     return x.cpu(), y.cpu(), f"ShapeScenes-10 {split} (images 0..{n - 1})"
@@ -85,13 +85,14 @@ def load_tokens(scale: str, tokenizer, split: str, n: int, device, *, data_root=
     images than the generators saw. ``paper``: :func:`load_images` encoded by the tokenizer.
     """
     if scale == "paper":
-        from .analysis import encode_images
+        from rearlib.analysis import encode_images
 
         x, y, desc = load_images(scale, tokenizer, split, n, device, data_root=data_root)
         with torch.no_grad():
             t = encode_images(tokenizer, x.to(device), batch_size)
         return t.cpu(), y, desc
-    from .zoo import DATA, get_tokens
+    from rearlib.scales import GENERATOR_DATA as DATA
+    from rearlib.experiments.zoo import get_tokens
 
     if split == "train" and n > DATA[scale]["train_size"]:
         raise ValueError(f"n_images={n} exceeds the {DATA[scale]['train_size']} images the {scale} generators "
@@ -112,7 +113,7 @@ class AnalysisAssets:
     def __init__(self, scale: str, device, *, variants=("ar", "rear"), checkpoints: dict | None = None,
                  preset: str | None = None, maskgit_path=None, data_root=None, splits=("val",),
                  need_lpips: bool = False, batch_size: int = 256):
-        from .tokenizer import get_tokenizer
+        from rearlib.tokenizers import get_tokenizer
 
         self.scale, self.device, self.data_root, self.batch_size = scale, device, data_root, batch_size
         self.variants, self.checkpoints, self.preset = tuple(variants), dict(checkpoints or {}), preset
