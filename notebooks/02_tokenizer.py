@@ -136,7 +136,8 @@ print(f"rFID {rfid:.3f} on {n_rfid} {dataset_name} images (Inception-v3 FID netw
 
 # %% [markdown]
 # ## Reconstructions
-# Top: originals; middle: `decode(encode(x))`; bottom: absolute error (amplified 3×).
+# Top: originals; middle: `decode(encode(x))`; bottom: absolute error (amplified 3×), with each image's PSNR
+# (higher is better).
 
 # %%
 n_show = SETTINGS["n_show"]
@@ -145,7 +146,7 @@ for j in range(n_show):
     for r, img in enumerate([images[j], recon[j], ((images[j] - recon[j]).abs() * 3).clamp(0, 1)]):
         axes[r, j].imshow(img.permute(1, 2, 0).numpy())
         axes[r, j].set_xticks([]); axes[r, j].set_yticks([])
-    axes[1, j].set_title(f"{psnr[j]:.1f} dB", fontsize=8)
+    axes[2, j].set_xlabel(f"PSNR {psnr[j]:.1f} dB", fontsize=8)
 for r, name in enumerate(["original", "reconstruction", "|error| x3"]):
     axes[r, 0].set_ylabel(name, fontsize=9)
 fig.suptitle(f"{type(tok).__name__} ({ctx.scale}): {res}px -> {gh}x{gw} tokens, K={K}")

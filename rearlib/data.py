@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 NUM_CLASSES = 10
@@ -64,8 +68,7 @@ def _uniform(seed: int, split: int, index: torch.Tensor, stream: int) -> torch.T
 @lru_cache(maxsize=1)
 def _background_bank_cpu() -> torch.Tensor:
     """(1, 3, S, S*n) float32 atlas of the shipped backgrounds, made deterministically on the CPU."""
-    import numpy as np
-    import skimage.data
+    import skimage.data  # scikit-image takes a second to import; only rendering the embedded dataset needs it
 
     tiles = []
     for name in _BACKGROUNDS:
@@ -224,8 +227,7 @@ class EmbeddedDataset(Dataset):
     def __init__(self, split: str = "train", size: int = 10_000, resolution: int = 32, seed: int = 0):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-        if size <= 0:
-            raise ValueError(f"size must be positive, got {size}")
+        _check_resolution_and_size(resolution, size)
         self.split, self.size, self.resolution, self.seed = split, int(size), int(resolution), int(seed)
         self.num_classes = NUM_CLASSES
         self.classes = list(CLASS_NAMES)
@@ -259,9 +261,6 @@ class DatasetUnavailable(FileNotFoundError):
 def adm_center_crop(pil_image, image_size: int):
     """Center crop of guided-diffusion (ADM), used by RAR/reAR for ImageNet: BOX-halve while the short side
     is >= 2x the target, BICUBIC-resize the short side to the target, then crop the centre square."""
-    from PIL import Image
-    import numpy as np
-
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -272,17 +271,32 @@ def adm_center_crop(pil_image, image_size: int):
 
 
 def _to_unit_tensor(pil_image):
-    import numpy as np
-
     arr = np.asarray(pil_image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0)
 
 
-class _Transformed(Dataset):
-    """Wraps a torchvision dataset of PIL images: ADM crop to ``resolution``, then float [0,1] CHW."""
+def _check_resolution_and_size(resolution, size) -> None:
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+        raise ValueError(f"resolution must be a positive integer (pixels), got {resolution!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise ValueError(f"size must be a positive integer (number of images) or None for all, got {size!r}")
 
-    def __init__(self, base, resolution: int, size: int | None = None):
-        self.base, self.resolution = base, resolution
+
+class UnreadableImage(OSError):
+    """An image file of a folder dataset cannot be decoded; the message names the file."""
+
+
+class _Transformed(Dataset):
+    """Wraps a torchvision dataset of PIL images: ADM crop to ``resolution``, then float [0,1] CHW.
+
+    ``on_error``: what an unreadable (truncated, corrupt) image file does: ``"raise"`` an :class:`UnreadableImage`
+    naming the file, or ``"skip"`` it (a warning names it, and the next readable image takes its place)."""
+
+    def __init__(self, base, resolution: int, size: int | None = None, on_error: str = "raise"):
+        _check_resolution_and_size(resolution, size)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.base, self.resolution, self.on_error = base, resolution, on_error
         self.size = len(base) if size is None else min(size, len(base))
         self.classes = list(getattr(base, "classes", []))
         self.num_classes = len(self.classes)
@@ -290,9 +304,21 @@ class _Transformed(Dataset):
     def __len__(self):
         return self.size
 
+    def _path(self, i) -> str:
+        samples = getattr(self.base, "samples", None)
+        return samples[i][0] if samples else f"item {i} of {type(self.base).__name__}"
+
     def __getitem__(self, i):
-        img, label = self.base[i]
-        return _to_unit_tensor(adm_center_crop(img, self.resolution)), int(label)
+        for j in range(i, len(self.base)):
+            try:
+                img, label = self.base[j]
+                return _to_unit_tensor(adm_center_crop(img, self.resolution)), int(label)
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated / corrupt files
+                if self.on_error == "raise":
+                    raise UnreadableImage(f"cannot read image {self._path(j)}: {err} (load the dataset with "
+                                          f"on_error='skip' to skip unreadable files)") from err
+                warnings.warn(f"skipping unreadable image {self._path(j)}: {err}", stacklevel=2)
+        raise UnreadableImage(f"no readable image at or after index {i} (last tried: {self._path(len(self.base) - 1)})")
 
 
 def load_cifar10(root, split: str = "train", resolution: int = 32, size: int | None = None,
@@ -301,7 +327,7 @@ def load_cifar10(root, split: str = "train", resolution: int = 32, size: int | N
 
     Nothing is downloaded here; a missing or corrupt copy raises :class:`DatasetUnavailable` saying how to get one.
     """
-    from torchvision.datasets import CIFAR10
+    from torchvision.datasets import CIFAR10  # torchvision is needed by the real-data loaders only
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r} for CIFAR-10; allowed: train, val (= test), test")
@@ -317,8 +343,6 @@ def load_cifar10(root, split: str = "train", resolution: int = 32, size: int | N
             return all((Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list)
 
         def _load_meta(self):
-            import pickle
-
             with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as fh:
                 meta = pickle.load(fh, encoding="latin1")
             self.classes = meta[self.meta["key"]]
@@ -332,10 +356,12 @@ def load_cifar10(root, split: str = "train", resolution: int = 32, size: int | N
     return _Transformed(base, resolution, size)
 
 
-def load_imagefolder(root, resolution: int = 64, size: int | None = None) -> Dataset:
-    """Any ``root/<class>/<image>`` folder (torchvision ImageFolder), ADM-centre-cropped to ``resolution``."""
-    from torchvision.datasets import ImageFolder
+def load_imagefolder(root, resolution: int = 64, size: int | None = None, on_error: str = "raise") -> Dataset:
+    """Any ``root/<class>/<image>`` folder (torchvision ImageFolder), ADM-centre-cropped to ``resolution``;
+    ``on_error`` ("raise" or "skip") decides what an unreadable image file does."""
+    from torchvision.datasets import ImageFolder  # torchvision is needed by the real-data loaders only
 
+    _check_resolution_and_size(resolution, size)
     root = Path(root)
     if not root.is_dir():
         raise DatasetUnavailable(f"image folder {root} does not exist; expected root/<class_name>/<image files>")
@@ -343,22 +369,23 @@ def load_imagefolder(root, resolution: int = 64, size: int | None = None) -> Dat
         base = ImageFolder(str(root))
     except (FileNotFoundError, RuntimeError) as err:
         raise DatasetUnavailable(f"no images found under {root} ({err}); expected root/<class_name>/<image files>") from err
-    return _Transformed(base, resolution, size)
+    return _Transformed(base, resolution, size, on_error)
 
 
-def load_imagenet(root, split: str = "train", resolution: int = 256, size: int | None = None) -> Dataset:
+def load_imagenet(root, split: str = "train", resolution: int = 256, size: int | None = None,
+                  on_error: str = "raise") -> Dataset:
     """ImageNet-1k in ImageFolder layout (``root/train/nXXXXXXXX/*.JPEG``, ``root/val/nXXXXXXXX/*.JPEG``)
-    with the ADM centre crop the paper's pretokenization uses."""
-    folder = Path(root) / ("train" if split == "train" else "val")
+    with the ADM centre crop the paper's pretokenization uses. ``split``: "train" or "val"."""
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown ImageNet split {split!r}; allowed: train, val")
+    folder = Path(root) / split
     if not folder.is_dir():
         raise DatasetUnavailable(
             f"ImageNet split folder {folder} not found. Obtain ILSVRC2012 from image-net.org (registration "
             f"required) and arrange it as {Path(root)}/train/<wnid>/*.JPEG and {Path(root)}/val/<wnid>/*.JPEG "
             f"(the validation images sorted into class folders).")
-    ds = load_imagefolder(folder, resolution, size)
+    ds = load_imagefolder(folder, resolution, size, on_error)
     if ds.num_classes != 1000:
-        import warnings
-
         warnings.warn(f"{folder} has {ds.num_classes} class folders, not ImageNet-1k's 1000", stacklevel=2)
     return ds
 
@@ -367,7 +394,8 @@ def load_dataset(name: str = "embedded", split: str = "train", resolution: int =
                  size: int | None = None, seed: int = 0) -> Dataset:
     """One entry point for every dataset; items are (image float32 [3,H,W] in [0,1], label int)."""
     if name == "embedded":
-        return EmbeddedDataset(split, size or 10_000, resolution, seed)
+        _check_resolution_and_size(resolution, size)
+        return EmbeddedDataset(split, 10_000 if size is None else size, resolution, seed)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     if root is None:

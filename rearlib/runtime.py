@@ -98,11 +98,14 @@ def artifact_dir(kind: str, cfg: Any, root: str | os.PathLike | None = None) -> 
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
+    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file.
+
+    The file gets the usual permissions (0666 less the umask), not the 0600 of a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -115,6 +118,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block: processes that
+    update the same shared file (e.g. two runners writing one provenance.json) take turns instead of losing writes."""
+    import fcntl  # POSIX only; the runners that need it run on Linux and macOS
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
@@ -125,6 +150,28 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+class UnreadableFileError(ValueError):
+    """A file that should hold tensors (a checkpoint, a cache) is missing, empty, truncated or not a torch file."""
+
+
+def load_torch_file(path: str | os.PathLike, what: str = "file", fix: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with an error that names the file and says what to do
+    (``fix``) when it is missing, empty, truncated or holds something else."""
+    import torch
+
+    path = Path(path)
+    hint = f" {fix}" if fix else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found.{hint}")
+    if path.stat().st_size == 0:
+        raise UnreadableFileError(f"{what} {path} is empty (0 bytes): an interrupted copy or download?{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... depending on the damage
+        raise UnreadableFileError(f"{what} {path} ({path.stat().st_size:,} bytes) cannot be read: it is truncated, "
+                                  f"corrupt or not a torch file ({type(err).__name__}: {str(err)[:200]}).{hint}") from err
 
 
 def seed_everything(seed: int) -> None:

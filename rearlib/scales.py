@@ -19,6 +19,31 @@ RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 R_PRIMES = (0.0, 0.2, 0.4, 0.6, 0.8)
 
 
+#: The scales each notebook runs at. The others train models on the embedded dataset (or describe it) and have no
+#: ``paper`` form: the runner reports them "skipped" there and :func:`rearlib.experiments.notebook.setup` refuses them.
+NOTEBOOK_SCALES: dict[str, tuple[str, ...]] = {
+    "01_data": ("smoke", "small"),
+    "02_tokenizer": SCALE_NAMES,
+    "03_metrics": SCALE_NAMES,
+    "04_generators": ("smoke", "small"),
+    "05_exposure_bias": SCALE_NAMES,
+    "06_embedding_replacement": SCALE_NAMES,
+    "07_robustness": SCALE_NAMES,
+    "08_cka": SCALE_NAMES,
+    "09_vapi": ("smoke", "small"),
+    "10_main_comparison": ("smoke", "small"),
+    "11_noise_ablation": ("smoke", "small"),
+    "12_embedding_ablation": ("smoke", "small"),
+    "13_scaling": ("smoke", "small"),
+    "14_teaching": SCALE_NAMES,
+}
+
+
+def notebook_scales(notebook: str) -> tuple[str, ...]:
+    """The scales ``notebook`` (e.g. ``"04_generators"``) runs at; every scale for a notebook not listed."""
+    return NOTEBOOK_SCALES.get(notebook, SCALE_NAMES)
+
+
 def validate_scale(scale: str) -> str:
     """Return ``scale`` if it is one of :data:`SCALE_NAMES`, else raise a ValueError that lists them."""
     if scale not in SCALE_NAMES:

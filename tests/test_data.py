@@ -160,3 +160,44 @@ def test_imagefolder_and_imagenet_adm_crop(tmp_path):
     assert out.size == (64, 64)
     folder = load_dataset("imagefolder", resolution=32, root=tmp_path / "train")
     assert len(folder) == 4 and folder.num_classes == 2
+
+
+def test_bad_sizes_splits_and_resolutions_are_refused_with_the_parameter_named(tmp_path):
+    from rearlib.data import load_dataset, load_imagefolder, load_imagenet
+
+    with pytest.raises(ValueError, match="size must be a positive integer"):
+        load_dataset("embedded", size=0)
+    with pytest.raises(ValueError, match="size must be a positive integer"):
+        load_dataset("embedded", size=-1)
+    with pytest.raises(ValueError, match="resolution must be a positive integer"):
+        load_dataset("embedded", resolution=0)
+    assert len(load_dataset("embedded")) == 10_000
+    (tmp_path / "val" / "n01").mkdir(parents=True)
+    with pytest.raises(ValueError, match="unknown ImageNet split 'trian'"):
+        load_imagenet(tmp_path, split="trian")
+    with pytest.raises(ValueError, match="size must be a positive integer"):
+        load_imagefolder(tmp_path / "val", size=-1)
+
+
+def test_an_unreadable_image_is_named_or_skipped(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    from rearlib.data import UnreadableImage, load_imagefolder
+
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # truncated
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(folder / "c.png")
+    strict = load_imagefolder(tmp_path, resolution=16)
+    assert strict[0][0].shape == (3, 16, 16)
+    with pytest.raises(UnreadableImage, match=r"b\.png"):
+        strict[1]
+    lenient = load_imagefolder(tmp_path, resolution=16, on_error="skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        img, _ = lenient[1]
+    assert any("b.png" in str(w.message) for w in caught)
+    assert img[2].mean() > 0.9 and img[0].mean() < 0.1  # the blue image that follows took its place

@@ -144,3 +144,41 @@ def test_cli_writes_a_token_file(tmp_path, monkeypatch, capsys):
     assert P.main(["--scale", "smoke", "--size", "6", "--flip", "--out", str(out), "--device", "cpu"]) == 0
     assert "6 images x 2 views" in capsys.readouterr().out
     assert load_tokens(out, micro()).tokens.shape == (6, 2, 16)
+
+
+def test_a_damaged_cache_entry_is_rebuilt_and_a_damaged_named_file_is_named(tmp_path):
+    from pathlib import Path
+
+    from rearlib.runtime import UnreadableFileError
+
+    tok = micro()
+    render = CountingRender()
+    a = pretokenize(tok, render, size=4, cache_key="counting", progress=False)
+    cached = Path(a.meta["path"])
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated, as a kill during a copy leaves it
+    with pytest.warns(UserWarning, match="cannot be read"):
+        b = pretokenize(tok, render, size=4, cache_key="counting", progress=False)
+    assert render.calls == 8 and torch.equal(a.tokens, b.tokens)
+    named = tmp_path / "mine.pt"
+    named.write_bytes(b"")
+    with pytest.raises(UnreadableFileError, match=r"mine\.pt is empty"):
+        pretokenize(tok, render, size=4, path=named, progress=False)
+
+
+def test_damaged_tokenizer_checkpoints_name_the_file(tmp_path):
+    from rearlib.runtime import UnreadableFileError
+    from rearlib.tokenizers import load_tokenizer, save_tokenizer
+
+    good = tmp_path / "tok.pt"
+    save_tokenizer(micro(), good)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "short.pt").write_bytes(good.read_bytes()[:200])
+    (tmp_path / "noise.pt").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(UnreadableFileError, match=r"empty\.pt is empty"):
+        load_tokenizer(tmp_path / "empty.pt")
+    for name in ("short.pt", "noise.pt"):
+        with pytest.raises(UnreadableFileError, match=rf"{name.replace('.', '[.]')} .*cannot be read"):
+            load_tokenizer(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="missing.pt not found"):
+        load_tokenizer(tmp_path / "missing.pt")
+    assert load_tokenizer(good).identity() == micro().identity()

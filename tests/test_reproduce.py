@@ -1,9 +1,12 @@
 """The papermill runner: order, outputs, provenance, SUMMARY, failure reporting and skipping unchanged work."""
 
-import pytest
 import json
 import textwrap
 
+import pytest
+
+from rearlib.experiments.notebook import setup
+import rearlib.experiments.reproduce as reproduce
 from rearlib.experiments.reproduce import build_summary, main, select
 
 HEADER = '''# %% tags=["parameters"]
@@ -20,6 +23,12 @@ ctx = setup(notebook="{name}", scale=scale, seed=seed, device=device, reports_di
 
 def _write(folder, name, body):
     (folder / f"{name}.py").write_text(HEADER.format(name=name) + textwrap.dedent(body))
+
+
+@pytest.fixture(autouse=True)
+def _fixed_library_digest(monkeypatch):
+    # The runner re-runs a notebook when the library's sources change; these tests are about the runner alone.
+    monkeypatch.setattr(reproduce, "_library_digest", lambda: "fixed")
 
 
 def test_runner_reports_failure_keeps_others_and_skips_unchanged(tmp_path, capsys):
@@ -119,3 +128,148 @@ def test_python_m_rearlib_lists_and_runs_every_command_line_tool(capsys):
             main([name, "--help"])
         assert exit_.value.code == 0
         assert f"python -m rearlib {name}" in capsys.readouterr().out
+
+
+def test_relative_output_folders_are_under_the_repository_whatever_the_working_folder(tmp_path, monkeypatch):
+    import shutil
+    import uuid
+
+    from rearlib.runtime import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)  # e.g. JupyterLab runs a notebook with notebooks/ as its working folder
+    name = f".test-outputs-{uuid.uuid4().hex[:8]}"
+    try:
+        ctx = setup("99_test", "smoke", reports_dir=f"{name}/reports", figures_dir=f"{name}/figures", quiet=True)
+        assert ctx.reports == REPO_ROOT / name / "reports" / "smoke"
+        assert ctx.figures == REPO_ROOT / name / "figures" / "smoke"
+        assert (ctx.reports / "claims" / "99_test.json").is_file()
+        assert not (tmp_path / name).exists()
+    finally:
+        shutil.rmtree(REPO_ROOT / name, ignore_errors=True)
+    absolute = setup("99_test", "smoke", reports_dir=tmp_path / "r", figures_dir=tmp_path / "f", quiet=True)
+    assert absolute.reports == tmp_path / "r" / "smoke"
+
+
+def test_every_command_line_option_and_subcommand_is_explained(monkeypatch, capsys):
+    import argparse
+
+    from rearlib.__main__ import COMMANDS, main
+
+    seen = []
+    add_argument = argparse._ActionsContainer.add_argument
+    add_parser = argparse._SubParsersAction.add_parser
+
+    def recording_add_argument(self, *args, **kwargs):
+        action = add_argument(self, *args, **kwargs)
+        if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            seen.append((command, "/".join(action.option_strings) or action.dest, action.help))
+        return action
+
+    def recording_add_parser(self, name, **kwargs):
+        seen.append((command, f"subcommand {name}", kwargs.get("help")))
+        return add_parser(self, name, **kwargs)
+
+    monkeypatch.setattr(argparse._ActionsContainer, "add_argument", recording_add_argument)
+    monkeypatch.setattr(argparse._SubParsersAction, "add_parser", recording_add_parser)
+    for command, _, _ in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+    capsys.readouterr()
+    assert {c for c, _, _ in seen} == {c for c, _, _ in COMMANDS}
+    unexplained = [f"{c}: {opt}" for c, opt, text in seen if not (text and text.strip())]
+    assert not unexplained, "options without help text:\n" + "\n".join(unexplained)
+
+
+def test_smoke_figures_are_stamped_not_meaningful_and_others_are_not(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def texts(scale):
+        ctx = setup("99_test", scale, reports_dir=tmp_path / "r", figures_dir=tmp_path / "f", quiet=True)
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        path = ctx.save_fig(fig, "curve")
+        ctx.save_fig(fig, "curve")  # saving twice stamps once
+        plt.close(fig)
+        assert path.is_file() and path.stat().st_size > 0
+        return [t.get_text() for t in fig.texts]
+
+    assert texts("smoke") == ["smoke scale: not meaningful"]
+    assert texts("small") == []
+
+
+def _args(tmp_path, nbs, scale="smoke"):
+    return ["--scale", scale, "--notebooks-dir", str(nbs), "--reports-dir", str(tmp_path / "r"),
+            "--figures-dir", str(tmp_path / "f"), "--device", "cpu", "--no-cell-progress"]
+
+
+def test_notebook_parameters_from_the_command_line_and_skips_by_scale(tmp_path, capsys):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    (nbs / "02_params.py").write_text(HEADER.replace('figures_dir = "figures"', 'figures_dir = "figures"\nckpt = None\nn = 1')
+                                      .format(name="02_params") + textwrap.dedent('''
+        # %%
+        ctx.note(f"ckpt={ckpt!r} n={n!r}")
+        '''))
+    _write(nbs, "04_generators", "# %%\nraise RuntimeError('must not run at paper scale')\n")
+    assert main(_args(tmp_path, nbs, "paper") + ["--param", "ckpt=/weights/ar.bin", "--param", "n=3"]) == 0
+    out = capsys.readouterr().out
+    assert "[skipped] 04_generators: runs at smoke / small only" in out
+    prov = json.loads((tmp_path / "r" / "paper" / "provenance.json").read_text())
+    assert prov["notebooks"]["04_generators"]["status"] == "skipped (smoke/small only)"
+    assert prov["notebooks"]["02_params"]["params"] == {"ckpt": "/weights/ar.bin", "n": 3}
+    notes = json.loads((tmp_path / "r" / "paper" / "claims" / "02_params.json").read_text())["notes"]
+    assert notes == ["ckpt='/weights/ar.bin' n=3"]
+    assert "skipped (smoke/small only)" in (tmp_path / "r" / "paper" / "SUMMARY.md").read_text()
+    with pytest.raises(SystemExit, match="no selected notebook has such a parameter"):
+        main(_args(tmp_path, nbs) + ["--param", "ckpnt=/typo"])
+    with pytest.raises(SystemExit, match="set by the runner's own option --seed"):
+        main(_args(tmp_path, nbs) + ["--param", "seed=3"])
+    with pytest.raises(SystemExit, match="--only is empty"):
+        main(_args(tmp_path, nbs) + ["--only", ""])
+
+
+def test_an_interrupted_run_is_never_reported_as_cached(tmp_path, capsys, monkeypatch):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _write(nbs, "01_ok", "# %%\nctx.claim(claim='c', paper='p', ours='o', verdict='not tested')\n")
+    assert main(_args(tmp_path, nbs)) == 0
+    real_run = reproduce.run_notebook
+
+    def interrupted(script, params, out_path, **kw):
+        out_path.write_text("{}")  # half a notebook, as a kill midway leaves it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce, "run_notebook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(tmp_path, nbs) + ["--force"])
+    prov = json.loads((tmp_path / "r" / "smoke" / "provenance.json").read_text())
+    assert prov["notebooks"]["01_ok"]["status"] == "interrupted"
+    monkeypatch.setattr(reproduce, "run_notebook", real_run)
+    capsys.readouterr()
+    assert main(_args(tmp_path, nbs)) == 0  # no --force: the interrupted notebook runs again
+    out = capsys.readouterr().out
+    assert "[ok] 01_ok" in out and "[cached]" not in out
+    # a run killed without a chance to record anything (SIGKILL) leaves "running", which is re-run as well
+    prov_path = tmp_path / "r" / "smoke" / "provenance.json"
+    prov = json.loads(prov_path.read_text())
+    prov["notebooks"]["01_ok"]["status"] = "running"
+    prov_path.write_text(json.dumps(prov))
+    assert main(_args(tmp_path, nbs)) == 0 and "[ok] 01_ok" in capsys.readouterr().out
+
+
+def test_concurrent_provenance_updates_keep_every_record(tmp_path):
+    import threading
+
+    reports = tmp_path / "smoke"
+    reports.mkdir()
+    writers = [reproduce.Provenance(reports, {"scale": "smoke"}) for _ in range(4)]
+    threads = [threading.Thread(target=lambda w=w, i=i: [w.update(f"{i:02d}_nb{j}", {"status": "ok"})
+                                                         for j in range(10)]) for i, w in enumerate(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(json.loads((reports / "provenance.json").read_text())["notebooks"]) == 40

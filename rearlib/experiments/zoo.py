@@ -275,14 +275,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rearlib zoo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or resume) a zoo generator; --export ships it to data/checkpoints")
-    t.add_argument("--scale", default="small", choices=("smoke", "small"))
-    t.add_argument("--variant", default="rear")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--scale", default="small", choices=("smoke", "small"), help="the zoo exists at smoke and small only")
+    t.add_argument("--variant", default="rear", help="a reAR preset of rearlib.rear.PRESETS, e.g. ar or rear")
+    t.add_argument("--seed", type=int, default=0, help="training seed (seed 0 is the shipped generator)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     t.add_argument("--time-limit", type=float, default=None, help="seconds; stop with a checkpoint, resume later")
     t.add_argument("--export", nargs="?", const="", default=None,
                    help="write fp16 shards (default path data/checkpoints/generator_<scale>_<variant>_seed<seed>.pt)")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     from rearlib.tokenizers import get_tokenizer

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from rearlib.runtime import REPO_ROOT, resolve_device
+from rearlib.runtime import REPO_ROOT, load_torch_file, resolve_device
 
 from rearlib.scales import validate_scale
 from rearlib.checkpoints import StateDictMismatchError, check_state_dict, load_state_dict_strict
@@ -60,12 +60,12 @@ def load_tokenizer(path_or_ckpt, device="cpu") -> Tokenizer:
     ``.bin``). The weights are checked strictly by name and shape, and the stored identity is verified after
     loading (a corrupted or edited file raises instead of silently computing something else)."""
     ckpt = path_or_ckpt
-    if isinstance(path_or_ckpt, (str, os.PathLike)) and Path(path_or_ckpt).is_file():
-        ckpt = torch.load(path_or_ckpt, map_location="cpu", weights_only=True)
+    if isinstance(path_or_ckpt, (str, os.PathLike)):
+        ckpt = load_torch_file(path_or_ckpt, "tokenizer checkpoint", "Re-download or restore the file.")
     if isinstance(ckpt, dict) and ckpt.get("format") != CHECKPOINT_FORMAT and any(k.startswith("quantize.") for k in ckpt):
         device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         return load_maskgit_vqgan(ckpt).to(device).eval()
-    return load_checkpoint(path_or_ckpt, device)
+    return load_checkpoint(ckpt, device)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rearlib.checkpoints import load_state_dict_strict
-from rearlib.runtime import atomic_torch_save, resolve_device
+from rearlib.runtime import atomic_torch_save, load_torch_file, resolve_device
 
 
 
@@ -260,9 +260,8 @@ def load_checkpoint(path_or_ckpt, device="cpu") -> Tokenizer:
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     if isinstance(path_or_ckpt, (str, os.PathLike)):
         path = Path(path_or_ckpt)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer checkpoint {path} not found")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_torch_file(path, "tokenizer checkpoint", "Restore it from the repository (git checkout) or "
+                               "rebuild it; a cached smoke tokenizer under artifacts/ can simply be deleted.")
         where = str(path)
     else:
         ckpt, where = path_or_ckpt, "checkpoint dict"

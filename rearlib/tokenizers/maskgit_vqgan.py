@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rearlib.checkpoints import StateDictMismatchError, load_state_dict_strict
+from rearlib.runtime import load_torch_file
 from rearlib.tokenizers.base import Tokenizer
 
 #: The configuration of the released ImageNet checkpoint (``official_maskgit_vqgan_state_dict.json``).
@@ -281,7 +282,8 @@ def _read_state_dict(path) -> dict:
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError(f"{path} is a safetensors file; pip install safetensors to read it") from err
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_torch_file(path, "MaskGIT-VQGAN weights", "Download maskgit-vqgan-imagenet-f16-256.bin again from "
+                          "the Hugging Face repo fun-research/TiTok.")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from rearlib.runtime import UnreadableFileError, load_torch_file
 from rearlib.tokenizers.base import TokenizerMismatchError
 
 FORMAT = "rearlib-tokens"
@@ -174,9 +176,8 @@ def load_tokens(path, tokenizer) -> TokenDataset:
     :class:`~rearlib.tokenizers.TokenizerMismatchError` if another tokenizer made it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretokenized file {path} not found")
-    d = torch.load(path, map_location="cpu", weights_only=True)
+    d = load_torch_file(path, "pretokenized file", "Delete it to re-encode the images (a cached one under "
+                        "artifacts/tokens/ is rebuilt on the next use).")
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ValueError(f"{path} is not a rearlib pretokenized file (format {FORMAT!r})")
     if d.get("version") != VERSION:
@@ -275,11 +276,19 @@ def pretokenize(tokenizer, dataset_or_render_fn: Dataset | Callable, *, size: in
     options = {"flip": bool(flip) or bool(ten_crop), "ten_crop": bool(ten_crop),
                "crop_ratio": float(crop_ratio) if ten_crop else None, "resolution": tokenizer.resolution}
     source = cache_key if cache_key is not None else describe_source(dataset_or_render_fn)
-    if path is None and source is not None:
+    in_cache = path is None and source is not None
+    if in_cache:
         key = {"tokenizer": identity, "source": source, "size": int(size), "options": options, "version": VERSION}
         path = artifact_dir("tokens", key) / "tokens.pt"
+    cached = None
     if path is not None and Path(path).is_file() and not overwrite:
-        cached = load_tokens(path, tokenizer if isinstance(tokenizer, str) else identity)
+        try:
+            cached = load_tokens(path, tokenizer if isinstance(tokenizer, str) else identity)
+        except UnreadableFileError as err:
+            if not in_cache:  # a file the caller named is theirs to fix; a damaged cache entry is ours to rebuild
+                raise
+            warnings.warn(f"{err}; encoding the images again", stacklevel=2)
+    if cached is not None:
         stored = {"options": cached.meta.get("options"), "size": cached.num_images, "source": cached.meta.get("source")}
         asked = {"options": options, "size": int(size), "source": str(source) if source is not None else None}
         if stored != asked:
@@ -326,15 +335,15 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m rearlib pretokenize",
                                 description="encode ShapeScenes-10 images once with the scale's tokenizer")
-    p.add_argument("--scale", default="small", choices=["smoke", "small"])
-    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--scale", default="small", choices=["smoke", "small"], help="whose tokenizer encodes the images")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="ShapeScenes-10 split")
     p.add_argument("--size", type=int, required=True, help="number of images (indices 0..size-1)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
-    p.add_argument("--flip", action="store_true")
-    p.add_argument("--ten-crop", action="store_true")
+    p.add_argument("--flip", action="store_true", help="also encode the horizontally flipped images")
+    p.add_argument("--ten-crop", action="store_true", help="encode the ten crops of each image (the authors' ImageNet recipe)")
     p.add_argument("--out", default=None, help="file to write (default: artifacts/tokens/<hash>/tokens.pt)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=512, help="images per encoder call")
     a = p.parse_args(argv)
     tok = get_tokenizer(a.scale, a.device)
     # Ten-crop renders the source at int(1.1 R) directly instead of upsampling R-pixel images.
