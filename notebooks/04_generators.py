@@ -41,7 +41,6 @@ ctx = setup(notebook="04_generators", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
 
 # %%
-import json
 import math
 import time
 
@@ -49,19 +48,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-import rearlib.metrics as M
-from rearlib.data import CLASS_NAMES, NUM_CLASSES, render_batch
+import rearlib.experiments.verdicts as V
 from rearlib import scales
-from rearlib.experiments.evaluation import Evaluator, run_model_key, setting_label
+from rearlib.data import CLASS_NAMES, NUM_CLASSES
+from rearlib.experiments.evaluation import (Evaluator, run_model_key, samples_per_class_within, setting_label,
+                                            teacher_forced_metrics)
+from rearlib.experiments.studies import metric_columns, zoo_training_record
+from rearlib.experiments.studies_figures import VARIANT_COLORS, label_fid, plot_cfg_sweep
+from rearlib.experiments.zoo import get_generator, get_tokens, run_hash, train_config
 from rearlib.metrics.classifier import EXTRACTOR_NAME, get_classifier
 from rearlib.sample import cfg_schedule, generate
 from rearlib.tokenizers import get_tokenizer
-from rearlib.scales import GENERATOR_DATA as DATA
-from rearlib.experiments.zoo import get_generator, get_tokens, run_dir, run_hash, train_config
 
 if ctx.scale == "paper":
     raise ValueError("04_generators compares the zoo's AR and reAR generators, which exist at 'smoke' and 'small' "
@@ -89,7 +89,6 @@ if ctx.device.type == "cpu":
     # (22 s vs 0.26 s for 20 tiny-model images, measured); one thread is faster and predictable.
     torch.set_num_threads(1)
 dev = ctx.device
-data_seed = DATA[ctx.scale]["seed"]  # the dataset seed the generators were trained on
 t_start = time.time()
 
 tok = get_tokenizer(ctx.scale, dev, progress=False)
@@ -100,8 +99,10 @@ models = {name: get_generator(ctx.scale, v, tokenizer=tok, seed=generator_seed, 
 classifier = get_classifier(ctx.scale, dev)
 # FID / KID / precision-recall here still use the in-project classifier, asked for by name and labeled
 # "[rearlib-classifier]": these generators' committed evaluations were scored with it. rearlib's default extractor
-# is the Inception-v3 FID network (rearlib.metrics.inception).
-evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=EXTRACTOR_NAME)
+# is the Inception-v3 FID network (rearlib.metrics.inception). The dataset seed is the one the generators used.
+evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=scales.GENERATOR_DATA[ctx.scale]["seed"],
+                      extractor=EXTRACTOR_NAME)
+FID, IS, KID, PREC, REC, CC = metric_columns(EXTRACTOR_NAME)
 for name, m in models.items():
     c = m.config
     print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, {c.depth} blocks x {c.hidden}, "
@@ -120,28 +121,8 @@ ctx.note(f"feature extractor {EXTRACTOR_NAME}:{classifier.identity} (val accurac
 # λ(L_enc + L_dec), each a mean of -cos), so they are not comparable with AR's; section 2 compares like with like.
 
 # %%
-def training_record(name: str, variant: str, model) -> dict:
-    info = getattr(model, "zoo_info", None)
-    if info and info.get("result"):
-        r, source = info["result"], info["path"]
-    else:  # smoke: the zoo trained it here; its result.json sits in the run folder
-        path = run_dir(ctx.scale, variant, tok, generator_seed) / "result.json"
-        r, source = json.loads(path.read_text()), str(path)
-    cfg = train_config(ctx.scale, variant, tok, generator_seed)
-    d = DATA[ctx.scale]
-    n_seq = d["train_size"] * (2 if d["flip"] else 1)
-    batch = cfg.batch_size * cfg.grad_accum
-    sps = r.get("samples_per_s")
-    final = r.get("final") or {}
-    return {"model": name, "variant": variant, "params": r.get("params"), "steps": r.get("step"),
-            "global batch (recipe)": batch, "train sequences": n_seq, "epochs": r.get("step", 0) * batch / n_seq,
-            "train time (s)": r.get("train_time_s"), "samples/s": sps,
-            "s/epoch": n_seq / sps if sps else float("nan"), "GPU": r.get("gpu") or "CPU",
-            "final loss": final.get("loss"), "final CE": final.get("ce"), "final acc": final.get("acc"),
-            "final L_enc (-cos)": final.get("enc"), "final L_dec (-cos)": final.get("dec"), "source": source}
-
-
-records = pd.DataFrame([training_record(n, v, models[n]) for n, v in VARIANTS.items()])
+records = pd.DataFrame([zoo_training_record(ctx.scale, n, v, models[n], tok, generator_seed)
+                        for n, v in VARIANTS.items()])
 ctx.save_csv(records, "04_training_records")
 rec = records.set_index("model")
 cost_ratio = rec.loc["AR", "samples/s"] / rec.loc["reAR", "samples/s"]  # = (reAR s/epoch) / (AR s/epoch)
@@ -158,37 +139,15 @@ records.drop(columns=["source"]).set_index("model").T
 # model's own output.
 
 # %%
-@torch.no_grad()
-def teacher_forced(model, tokens: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> dict:
-    """CE / perplexity / CTR over all positions, plus the mean CE at each raster position [N]."""
-    model.eval()
-    ce_sum, hit, n_seq = torch.zeros(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64), 0
-    for s in range(0, len(tokens), batch):
-        t, y = tokens[s:s + batch].to(dev), labels[s:s + batch].to(dev)
-        logits = model(t, y).logits.float()  # logits[:, i] predicts x_{i+1} from [class, x_1..x_i]
-        ce_sum += F.cross_entropy(logits.transpose(1, 2), t, reduction="none").double().sum(0).cpu()
-        hit += (logits.argmax(-1) == t).double().sum(0).cpu()
-        n_seq += len(t)
-    ce_pos = ce_sum / n_seq
-    ce = float(ce_pos.mean())
-    return {"CE (nats/token)": ce, "perplexity": math.exp(ce), "CTR": float(hit.sum() / (n_seq * N)),
-            "n sequences": n_seq, "ce_by_position": ce_pos}
-
-
 val_tokens = get_tokens(ctx.scale, tok, split="val", size=SETTINGS["n_tf"], progress=False)
-vt, vl = val_tokens.tensors()
-with torch.no_grad():  # a train subset, encoded here (view 0 of the zoo's pretokenized set, without rendering all)
-    tr_img, tr_lab = render_batch(torch.arange(SETTINGS["n_tf"]), res, seed=data_seed, split="train", device=dev)
-    tr_tok = torch.cat([tok.encode(tr_img[i:i + 500]).reshape(-1, N).cpu() for i in range(0, len(tr_img), 500)])
-    del tr_img
+splits = {"val (held-out)": val_tokens.tensors(), "train": evaluator.training_tokens(SETTINGS["n_tf"])}
 tf_rows, ce_curves = [], {}
 for name, m in models.items():
-    for split, (t, y) in {"val (held-out)": (vt, vl), "train": (tr_tok, tr_lab.cpu())}.items():
-        r = teacher_forced(m, t, y)
+    for split, (t, y) in splits.items():
+        r = teacher_forced_metrics(m, t, y)
+        curve = r.pop("ce_by_position")
         if split.startswith("val"):
-            ce_curves[name] = r.pop("ce_by_position")
-        else:
-            r.pop("ce_by_position")
+            ce_curves[name] = curve
         tf_rows.append({"model": name, "split": split, **r})
 tf = pd.DataFrame(tf_rows)
 ctx.save_csv(tf, "04_teacher_forced")
@@ -199,9 +158,9 @@ fig, ax = plt.subplots(figsize=(6.5, 2.8))
 win = max(1, N // 32)
 for name, curve in ce_curves.items():
     smooth = np.convolve(curve.numpy(), np.ones(win) / win, mode="valid")
-    ax.plot(np.arange(len(smooth)) + win // 2, smooth, label=name)
+    ax.plot(np.arange(len(smooth)) + win // 2, smooth, color=VARIANT_COLORS[name], label=name)
 ax.set_xlabel("raster position of the predicted token")
-ax.set_ylabel(f"CE (nats), moving mean of {win}")
+label_fid(ax, f"CE (nats), moving mean of {win}")
 ax.set_title(f"Teacher-forced CE by position, {val_tokens.num_images} held-out sequences ({ctx.scale})", fontsize=9)
 ax.legend()
 ax.grid(alpha=0.3)
@@ -219,17 +178,14 @@ plt.show()
 g_show, p_show = SETTINGS["show_cfg"]
 k = SETTINGS["grid_per_class"]
 grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(k).to(dev)
-grids = {}
-for name, m in models.items():
-    for label, g in (("no CFG", None), (f"CFG g={g_show}, p={p_show}", g_show)):
+shown = {"no CFG": None, f"CFG g={g_show}, p={p_show}": g_show}
+fig, axes = plt.subplots(2, 2, figsize=(2 * 0.5 * k + 1.5, 2 * 0.5 * NUM_CLASSES + 1), squeeze=False)
+for i, (label, g) in enumerate(shown.items()):
+    for j, (name, m) in enumerate(models.items()):
         # fast=False: the plain cached loop; the grid's batch size would otherwise capture extra CUDA graphs.
         toks = generate(m, grid_labels, cfg_scale=g, cfg_power=p_show, seed=ctx.seed, fast=False)
         with torch.no_grad():
-            grids[(name, label)] = tok.decode(toks).float().cpu()
-fig, axes = plt.subplots(2, 2, figsize=(2 * 0.5 * k + 1.5, 2 * 0.5 * NUM_CLASSES + 1), squeeze=False)
-for i, label in enumerate(["no CFG", f"CFG g={g_show}, p={p_show}"]):
-    for j, name in enumerate(models):
-        im = make_grid(grids[(name, label)], nrow=k, padding=1, pad_value=1.0)
+            im = make_grid(tok.decode(toks).float().cpu(), nrow=k, padding=1, pad_value=1.0)
         axes[i, j].imshow(im.permute(1, 2, 0).numpy())
         axes[i, j].set_title(f"{name}, {label}", fontsize=9)
         axes[i, j].set_xticks([])
@@ -272,10 +228,8 @@ ips = speed.groupby("CFG")["images/s"].min()  # the slower model sets the plan
 # by resampling alone), and every (g, p) of the sweep.
 n_nocfg, n_cfg = 2, len(SETTINGS["cfg_scales"]) * len(SETTINGS["cfg_powers"])
 sec_per_class_sample = len(models) * NUM_CLASSES * (n_nocfg / ips[False] + n_cfg / ips[True])
-n_pc = SETTINGS["fid_per_class"]
-if n_pc * sec_per_class_sample > SETTINGS["gen_budget_s"]:
-    n_pc = max(SETTINGS["fid_min_per_class"],
-               int(SETTINGS["gen_budget_s"] / sec_per_class_sample) // 10 * 10)
+n_pc = samples_per_class_within(SETTINGS["gen_budget_s"], SETTINGS["fid_per_class"], SETTINGS["fid_min_per_class"],
+                                sec_per_class_sample)
 n_fid = n_pc * NUM_CLASSES
 reduced = n_pc < SETTINGS["fid_per_class"]
 msg = (f"sampling speed (slower model): {ips[False]:.0f} images/s without CFG, {ips[True]:.0f} with CFG on {dev}; "
@@ -290,54 +244,30 @@ speed
 # Reference: held-out real images (the `val` split, never seen in training). Two rows give the scale of the
 # numbers: **real train images** (the same count as a generated set: the finite-sample floor of FID here), and
 # **tokenizer reconstructions** of those images (the best a generator of tokens could do with this tokenizer).
-# Generated set i: class i // n_per_class, image seed `image_seed(seed, i)` (as `rearlib.sample.generate_fid_samples`
-# would make them); temperature 1, no top-k/top-p (`rearlib.experiments.evaluation`). Results are cached as small records under
-# `artifacts/eval_records/`, keyed by the generator's training *recipe* (not its weights) and the settings, so an
+# Generated set i: class i // n_per_class, image seed `image_seed(seed, i)` (as
+# `rearlib.sample.generate_fid_samples` would make them); temperature 1, no top-k/top-p
+# (`rearlib.experiments.evaluation`). Results are cached as small records under `artifacts/eval_records/`, keyed by the generator's training *recipe* (not its weights) and the settings, so an
 # interrupted run resumes and notebook 10 reuses these evaluations of the seed-0 generators.
 
 # %%
 n_ref = SETTINGS["n_ref"]
-
-
-def evaluate(name: str, variant: str, model, g: float | None, p: float, sample_seed: int) -> dict:
-    steps = train_config(ctx.scale, variant, tok, generator_seed).steps
-    key = run_model_key(run_hash(ctx.scale, variant, tok, generator_seed), steps)
-    row = evaluator.evaluate(key, model, n_per_class=n_pc, cfg_scale=g, cfg_power=p, sample_seed=sample_seed)
-    return {"model": name, "setting": setting_label(g, p), "cfg_scale": g if g is not None else 1.0,
-            "cfg_power": p if g is not None else float("nan"), "sample_seed": sample_seed, **row}
-
-
-def real_images():
-    with torch.no_grad():
-        return render_batch(torch.arange(n_fid), res, seed=data_seed, split="train", device=dev)
-
-
-def reconstructions():
-    real, real_lab = real_images()
-    with torch.no_grad():
-        return torch.cat([tok.decode(tok.encode(real[i:i + 500])) for i in range(0, n_fid, 500)]), real_lab
-
-
-rows = []
-# Floors: real training images and their tokenizer reconstructions, n_fid of them (the generated-set size).
-floor_set = {"dataset": "ShapeScenes-10", "split": "train", "seed": data_seed, "resolution": res}
-rows.append({"model": "real train images", "setting": "-",
-             **evaluator.evaluate_images({"kind": "real", **floor_set}, real_images, n_fid)})
-rows.append({"model": "tokenizer reconstruction", "setting": "-",
-             **evaluator.evaluate_images({"kind": "tokenizer reconstruction", **floor_set}, reconstructions, n_fid)})
+rows = [{"model": kind if kind != "real" else "real train images", "setting": "-",
+         **evaluator.evaluate_training_images(n_fid, kind)} for kind in ("real", "tokenizer reconstruction")]
 plan = [(None, 0.0, ctx.seed), (None, 0.0, ctx.seed + 1)] + [
     (g, p, ctx.seed) for g in SETTINGS["cfg_scales"] for p in SETTINGS["cfg_powers"]]
 for name, m in models.items():  # model-major order: the GPU sampler keeps one model's two graph sets alive
+    key = run_model_key(run_hash(ctx.scale, VARIANTS[name], tok, generator_seed),
+                        train_config(ctx.scale, VARIANTS[name], tok, generator_seed).steps)
     for g, p, s in tqdm(plan, desc=f"evaluate {name}"):
-        rows.append(evaluate(name, VARIANTS[name], m, g, p, s))
+        row = evaluator.evaluate(key, m, n_per_class=n_pc, cfg_scale=g, cfg_power=p, sample_seed=s)
+        rows.append({"model": name, "setting": setting_label(g, p), "cfg_scale": g if g is not None else 1.0,
+                     "cfg_power": p if g is not None else float("nan"), "sample_seed": s, **row})
 evals = pd.DataFrame(rows)
-FID, IS, KID = (M.metric_label(k, EXTRACTOR_NAME) for k in ("fid", "isc_mean", "kid_mean"))
-PREC, REC = M.metric_label("precision", EXTRACTOR_NAME), M.metric_label("recall", EXTRACTOR_NAME)
 evals["scale"], evals["generator_seed"] = ctx.scale, generator_seed
 evals["n target"] = SETTINGS["fid_per_class"] * NUM_CLASSES  # planned; "n generated" is what the budget allowed
 ctx.save_csv(evals, "04_fid")
-show = [FID, IS, KID, PREC, REC, "class consistency", "n generated", "n target", "n reference"]
-evals.set_index(["model", "setting", "sample_seed"])[show].round(4)
+evals.set_index(["model", "setting", "sample_seed"])[[FID, IS, KID, PREC, REC, CC, "n generated", "n target",
+                                                     "n reference"]].round(4)
 
 # %% [markdown]
 # ### The guidance sweep
@@ -347,28 +277,10 @@ evals.set_index(["model", "setting", "sample_seed"])[show].round(4)
 
 # %%
 gen = evals[evals["model"].isin(list(models))]
-fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.3))
-colors = {"AR": "tab:blue", "reAR": "tab:orange"}
 floor = float(evals.loc[evals["model"] == "real train images", FID].iloc[0])
-for ax, metric in zip(axes, (FID, "class consistency")):
-    for name in models:
-        sub = gen[(gen["model"] == name) & (gen["setting"] != "no CFG")]
-        base = gen[(gen["model"] == name) & (gen["setting"] == "no CFG")]
-        start = float(base.loc[base["sample_seed"] == ctx.seed, metric].iloc[0])  # g = 1 is no guidance
-        for p, style in zip(SETTINGS["cfg_powers"], ("o-", "s--")):
-            sp = sub[sub["cfg_power"] == p].sort_values("cfg_scale")
-            ax.plot([1.0] + sp["cfg_scale"].tolist(), [start] + sp[metric].tolist(), style, color=colors[name],
-                    label=f"{name}, p={p}")
-        for v in base[metric]:
-            ax.axhline(v, color=colors[name], ls=":", lw=1)
-    if metric == FID:
-        ax.axhline(floor, color="gray", ls=":", lw=1.5, label="real train images")
-        if floor > 0:
-            ax.set_yscale("log")  # the floor sits far below generated sets; a log axis keeps both readable
-    ax.set_xlabel("guidance g")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-axes[0].legend(fontsize=7)
+fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.3))
+plot_cfg_sweep(axes, gen, metrics=(FID, CC), fid=FID, powers=SETTINGS["cfg_powers"], floor_fid=floor,
+               no_cfg_seed=ctx.seed, no_cfg_lines=True)
 fig.suptitle(f"{n_fid} samples per point vs {n_ref} held-out real images ({ctx.scale}; "
              f"dotted: no CFG, two sampling seeds)", fontsize=9)
 fig.tight_layout()
@@ -377,11 +289,11 @@ plt.show()
 
 # %% [markdown]
 # ## 6 · Claims
-# The verdicts are computed from the numbers above. "Sampling noise" is the larger of the two models' FID changes
-# between the two no-CFG sampling seeds; a difference smaller than that is not counted as a difference. This
-# says nothing about *training*-seed spread, which is unknown with one seed per variant, so the best possible
-# verdict is "direction reproduced". Picking the best of the CFG sweep on the same samples that are reported flatters
-# both models alike (selection on the evaluation set).
+# The verdicts are computed from the numbers above with the rules of `rearlib.experiments.verdicts`. "Sampling
+# noise" is the larger of the two models' FID changes between the two no-CFG sampling seeds; a difference smaller
+# than that is not counted as a difference. This says nothing about *training*-seed spread, which is unknown with
+# one seed per variant, so the best possible verdict is "direction reproduced". Picking the best of the CFG sweep
+# on the same samples that are reported flatters both models alike (selection on the evaluation set).
 
 # %%
 nocfg = gen[gen["setting"] == "no CFG"]
@@ -389,18 +301,10 @@ noise = float(nocfg.groupby("model")[FID].agg(lambda s: s.max() - s.min()).max()
 fid0 = nocfg[nocfg["sample_seed"] == ctx.seed].set_index("model")[FID]
 cfg_rows = gen[gen["setting"] != "no CFG"]
 best = cfg_rows.loc[cfg_rows.groupby("model")[FID].idxmin()].set_index("model")
-smoke_note = "smoke scale: numbers are not meaningful" if ctx.is_smoke else ""
-seed_note = (f"one training seed per variant (training-seed spread unknown here; notebook 10 trains three seeds per variant); sampling noise "
-             f"(|ΔFID| between two sampling seeds) {noise:.3g}; {n_fid} samples per evaluation"
-             + (" (reduced to fit the time budget)" if reduced else ""))
-
-
-def direction_verdict(ar: float, rear: float) -> str:
-    if ctx.is_smoke:
-        return "not tested"
-    return "direction reproduced" if rear < ar - noise else "not reproduced"
-
-
+smoke_note = V.SMOKE_NOTE if ctx.is_smoke else ""
+seed_note = (f"one training seed per variant (training-seed spread unknown here; notebook 10 trains three seeds per "
+             f"variant); sampling noise (|ΔFID| between two sampling seeds) {noise:.3g}; {n_fid} samples per "
+             f"evaluation" + (" (reduced to fit the time budget)" if reduced else ""))
 summary = pd.DataFrame([
     {"comparison": "no CFG", "AR": fid0["AR"], "reAR": fid0["reAR"]},
     {"comparison": "best of CFG sweep", "AR": best.loc["AR", FID], "reAR": best.loc["reAR", FID],
@@ -411,31 +315,26 @@ summary["sampling noise"] = noise
 summary["metric"] = f"{FID} (n={n_fid} vs {n_ref} val)"
 ctx.save_csv(summary, "04_ar_vs_rear")
 
+# the paper's direction: reAR lower than AR by more than the sampling noise
 ctx.claim(claim="reAR lowers FID relative to plain AR with the same architecture and training (without CFG)",
           paper="Table 4 (reAR-S size, 80 epochs, no CFG): vanilla AR 21.32 -> reAR (EN@0+DE@15) 19.72",
           ours=f"{FID}: AR {fid0['AR']:.4g} vs reAR {fid0['reAR']:.4g} (Δ {fid0['reAR'] - fid0['AR']:+.3g})",
-          verdict=direction_verdict(fid0["AR"], fid0["reAR"]),
-          note="; ".join(x for x in (seed_note, smoke_note) if x))
+          verdict=V.differences_verdict([fid0["AR"] - fid0["reAR"]], noise, smoke=ctx.is_smoke),
+          note=V.join_notes(seed_note, smoke_note))
 ctx.claim(claim="reAR lowers FID relative to plain AR with CFG (each at its best guidance)",
           paper="Table 1/5: AR-L 3.02 -> reAR-L 1.86; AR-B 3.12 -> reAR-B 1.91 (ImageNet 256, Inception FID, 50k)",
           ours=f"{FID}, best of the (g, p) sweep: AR {best.loc['AR', FID]:.4g} ({best.loc['AR', 'setting']}) vs "
                f"reAR {best.loc['reAR', FID]:.4g} ({best.loc['reAR', 'setting']})",
-          verdict=direction_verdict(best.loc["AR", FID], best.loc["reAR", FID]),
-          note="; ".join(x for x in (seed_note, "best-of-sweep selected on the reported samples", smoke_note) if x))
-
+          verdict=V.differences_verdict([best.loc["AR", FID] - best.loc["reAR", FID]], noise, smoke=ctx.is_smoke),
+          note=V.join_notes(seed_note, "best-of-sweep selected on the reported samples", smoke_note))
 gpus = set(records["GPU"])
-if ctx.is_smoke or len(gpus) != 1 or "CPU" in gpus or not math.isfinite(cost_ratio):
-    cost_verdict = "not tested"
-else:  # the paper's overhead is +0.37%; our target is at most +1%
-    cost_verdict = ("reproduced" if cost_ratio <= 1.01 else
-                    "direction reproduced" if cost_ratio <= 1.05 else "not reproduced")
 ctx.claim(claim="reAR's regularization adds almost no training cost",
           paper="Table 5: 8.11 (AR-B) vs 8.14 (reAR-B) min/epoch on 8xA800, +0.37%",
           ours=f"reAR / AR time per epoch = {cost_ratio:.4f} ({(cost_ratio - 1) * 100:+.2f}%): "
                f"{rec.loc['AR', 'samples/s']:.0f} vs {rec.loc['reAR', 'samples/s']:.0f} samples/s on "
                f"{', '.join(sorted(gpus))}",
-          verdict=cost_verdict,
-          note="one timing per variant from the training runs (separate runs, steady-state samples/s); thresholds: "
-               "<= +1% reproduced, <= +5% direction reproduced" + ("; " + smoke_note if smoke_note else ""))
+          verdict=V.cost_verdict(cost_ratio, gpus, smoke=ctx.is_smoke),  # the paper's +0.37%; ours: at most +1%
+          note=V.join_notes("one timing per variant from the training runs (separate runs, steady-state samples/s); "
+                            "thresholds: <= +1% reproduced, <= +5% direction reproduced", smoke_note))
 print(f"total {time.time() - t_start:.1f} s")
 summary

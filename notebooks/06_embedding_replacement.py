@@ -53,21 +53,17 @@ ctx = setup(notebook="06_embedding_replacement", scale=scale, seed=seed, device=
             reports_dir=reports_dir, figures_dir=figures_dir)
 
 # %%
-import functools
-import os
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
 import rearlib.analysis as A
-import rearlib.experiments.verdicts as V
 import rearlib.metrics as M
-from rearlib.plots import errorbar_ci, image_grid, paper_overlay, wide_ci
+from rearlib import plots
+from rearlib.experiments.assets import AnalysisAssets
+from rearlib.metrics.classifier import get_classifier
 
 t_start = time.time()
 if ctx.is_smoke and ctx.device.type == "cpu":
@@ -77,7 +73,6 @@ SETTINGS = dict(scales.ANALYSIS[ctx.scale])
 if n_images is not None:
     SETTINGS["images"] = int(n_images)
 MODELS = ["ar", "rear"] if compare_rear else ["ar"]
-NAMES = {"ar": "AR", "rear": "reAR"}
 
 # %% [markdown]
 # ## Models, codebook and images
@@ -86,8 +81,6 @@ NAMES = {"ar": "AR", "rear": "reAR"}
 # (K = 1024, D = 256) and the authors' checkpoints on ImageNet val.
 
 # %%
-from rearlib.experiments.assets import AnalysisAssets
-
 # At `paper` scale this first checks every input and names each missing one, before anything heavy is loaded.
 assets = AnalysisAssets(ctx.scale, ctx.device, variants=MODELS,
                         checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint}, preset=generator_preset,
@@ -96,15 +89,10 @@ tok = assets.tokenizer
 models = assets.generators()
 images, labels, data_desc = assets.images("val", SETTINGS["images"])
 n_img = len(images)
-classifier = None
-if ctx.scale != "paper":
-    from rearlib.metrics.classifier import get_classifier
-
-    classifier = get_classifier(ctx.scale, ctx.device)
+classifier = get_classifier(ctx.scale, ctx.device) if ctx.scale != "paper" else None
 metric_name, why = M.perceptual_metric_name("auto")
 ctx.note(f"perceptual metric: {metric_name} ({why})")
 n_params = {v: sum(p.numel() for p in m.parameters()) for v, m in models.items()}
-size_desc = f"~{n_params['ar'] / 1e6:.1f}M-parameter"
 nb = A.codebook_neighbours(tok.codebook)
 print(f"tokenizer {type(tok).__name__}: {tok.resolution}px -> {tok.grid_size} tokens, K={tok.codebook_size}, "
       f"D={tok.code_dim}; cosine to the nearest other code: mean {nb['nearest_cos'].mean():.3f}, to the "
@@ -123,14 +111,7 @@ RUN = dict(r_primes=SETTINGS["r_primes"], modes=A.REPLACEMENT_MODES, repeats=SET
            perceptual="auto",
            metrics=("psnr", "ssim", "perceptual") if extra_metrics else ("psnr", "perceptual"),
            references=("image", "reconstruction") if extra_metrics else ("image",))
-frames = []
-for v, model in models.items():
-    t0 = time.time()
-    df = A.embedding_replacement(model, tok, images.to(ctx.device), labels, **RUN)
-    df.insert(0, "model", NAMES[v])
-    frames.append(df)
-    print(f"{NAMES[v]}: {len(df)} rows in {time.time() - t0:.1f}s")
-rows = pd.concat(frames, ignore_index=True)
+rows = A.run_per_model(A.embedding_replacement, models, tok, images.to(ctx.device), labels, **RUN)
 rows["scale"], rows["dataset"] = ctx.scale, data_desc
 if not extra_metrics:
     rows = rows.drop(columns=[c for c in ("ssim", "ssim_delta") if c in rows])  # not computed
@@ -150,51 +131,22 @@ VALUES = ["ctr", "n_wrong", "n_changed", "perceptual", "psnr", "emb_sim_wrong", 
 stats = A.mean_ci(rows, by=["model", "mode", "r_prime"], values=VALUES)
 stats["perceptual_metric"] = metric_used  # the "perceptual" rows are this metric, not LPIPS unless named so
 ctx.save_csv(stats, "06_embedding_replacement_summary")
-W = wide_ci(stats, ["model", "mode", "r_prime"])
+W = plots.wide_ci(stats, ["model", "mode", "r_prime"])
 W[["model", "mode", "r_prime", "ctr", "n_changed", "perceptual", "psnr", "emb_sim_wrong", "ppl_delta"]].round(3)
 
 # %% [markdown]
 # ## Quality, embedding similarity and perplexity against r′ (Fig. 3b / 8e-g)
-# AR, mean and 95% CI over images per point; the three replacement rules at identical positions. Grey dashed:
-# the paper's numbers (nearest rule, vanilla AR, ImageNet; PSNR and LPIPS are exact bar labels, similarity and
-# ΔPerplexity digitised). Axes share a scale with the paper's only where the quantity is the same (PSNR,
-# cosine similarity, perplexity change; the perceptual axis only when our metric is LPIPS).
+# AR, mean and 95% CI over images per point; the three replacement rules at identical positions. Lower perceptual
+# distance and higher PSNR are better. The paper's numbers (nearest rule, vanilla AR, ImageNet; PSNR and LPIPS
+# are exact bar labels, similarity and ΔPerplexity digitised) share an axis with ours only at `paper` scale, where
+# data, tokenizer and model family are the same (the perceptual axis only when our metric is LPIPS); at `smoke`
+# and `small` scale they are the second row of panels: different images, codebook and model make the magnitudes
+# incomparable, only the directions compare.
 
 # %%
-ref_b = A.paper_reference("B")
-same_perceptual = metric_used.startswith("LPIPS")
-MODE_STYLE = {"nearest": ("tab:green", "-", "o"), "random": ("tab:orange", "--", "s"),
-              "farthest": ("tab:red", ":", "v")}
-PANELS = [("perceptual", f"{metric_used} to the real image"), ("psnr", "PSNR (dB, L = 255)"),
-          ("emb_sim_wrong", "embedding similarity (mean cos, wrong positions)"),
-          ("ppl_delta", "Δ perplexity vs r′ = 0")]
-fig, axes = plt.subplots(2, 3, figsize=(12.5, 7.2))
-axes = axes.flatten()
-ar_w = W[W.model == "AR"]
-for (metric, label), ax in zip(PANELS, axes):
-    for mode, (c, ls, mk) in MODE_STYLE.items():
-        errorbar_ci(ax, ar_w[ar_w["mode"] == mode], "r_prime", metric, label=f"AR, {mode}", color=c,
-                    linestyle=ls, marker=mk)
-    if metric != "perceptual" or same_perceptual:
-        paper_overlay(ax, ref_b, "r_prime", {"emb_sim_wrong": "emb_sim"}.get(metric, metric),
-                      label="paper, nearest")
-    ax.set_xlabel("replacement rate r′ of wrong tokens")
-    ax.set_ylabel(label, fontsize=8)
-    ax.grid(alpha=0.3)
-axes[1].legend(fontsize=7)  # the three rules and the paper's line
-if same_perceptual:
-    axes[4].axis("off")
-else:
-    ax = axes[4]
-    paper_overlay(ax, ref_b, "r_prime", "perceptual", label="paper, nearest")
-    ax.set_xlabel("r′ (paper)")
-    ax.set_ylabel("LPIPS (paper)")
-    ax.set_title(f"paper, Fig. 3b (LPIPS; not comparable\nwith {metric_used})", fontsize=8)
-    ax.grid(alpha=0.3)
-axes[5].axis("off")
-fig.suptitle(f"Embedding-nearest replacement ({ctx.scale}): {data_desc.split(' (')[0]}, n = {n_img} images per "
-             f"point; CTR unchanged at {ar_w['ctr'].iloc[0]:.1%} (mean)", fontsize=10)
-fig.tight_layout()
+title = (f"Embedding-nearest replacement ({ctx.scale}): {data_desc.split(' (')[0]}, n = {n_img} images per point; "
+         f"CTR unchanged at {W[W.model == 'AR']['ctr'].iloc[0]:.1%} (mean)")
+fig = plots.replacement_vs_rate(W, A.paper_reference("B"), metric_used, scale=ctx.scale, title=title)
 ctx.save_fig(fig, "06_replacement_vs_rate")
 plt.show()
 
@@ -205,18 +157,8 @@ plt.show()
 
 # %%
 if len(models) > 1:
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(3.9 * len(PANELS), 3.4))
-    for (metric, label), ax in zip(PANELS, axes):
-        for mname, c in (("AR", "tab:green"), ("reAR", "tab:purple")):
-            sub = W[(W.model == mname) & (W["mode"] == "nearest")]
-            errorbar_ci(ax, sub, "r_prime", metric, label=f"{mname} (teacher-forced CTR {sub['ctr'].iloc[0]:.1%})",
-                        color=c)
-        ax.set_xlabel("replacement rate r′")
-        ax.set_ylabel(label, fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"AR vs reAR, nearest rule ({ctx.scale}, n = {n_img} images per point)", fontsize=10)
-    fig.tight_layout()
+    fig = plots.replacement_models(W, metric_used, title=f"AR vs reAR, nearest rule ({ctx.scale}, n = {n_img} "
+                                                         "images per point)")
     ctx.save_fig(fig, "06_ar_vs_rear")
     plt.show()
 
@@ -233,106 +175,50 @@ ex_df, ex_out = A.embedding_replacement(models["ar"], tok, images[:n_ex].to(ctx.
 with torch.no_grad():
     recon = tok.decode(tok.encode(images[:n_ex].to(ctx.device))).cpu()
 cells = [("nearest", r) for r in SETTINGS["r_primes"]] + [("random", r_max), ("farthest", r_max)]
-col_labels = ["real", "reconstruction"] + [("teacher forcing" if r == 0 else f"{m} r′={r:.1f}") for m, r in cells]
-grid, caps = [], []
-for i in range(n_ex):
-    row, cap = [images[i], recon[i]], ["", "tokenizer"]
-    for m, r in cells:
-        k = ex_df.index[(ex_df.image_id == i) & (ex_df["mode"] == m) & (ex_df.r_prime == r)][0]
-        row.append(ex_out["images"][k])
-        cap.append(f"CTR {ex_df.loc[k, 'ctr']:.1%}, sim {ex_df.loc[k, 'emb_sim_wrong']:.2f}")
-    grid.append(torch.stack(row))
-    caps.append(cap)
-fig = image_grid(grid, row_labels=[f"image {i}" for i in range(n_ex)], col_labels=col_labels, captions=caps,
-                 title=f"AR teacher-forced predictions with wrong tokens replaced ({ctx.scale}, {n_ex} of the "
-                       f"{n_img} images)")
+fig = plots.decoded_examples(
+    images[:n_ex], recon, ex_df, ex_out["images"],
+    [("teacher forcing" if r == 0 else f"{m} r′={r:.1f}", {"mode": m, "r_prime": r}) for m, r in cells],
+    lambda row: f"CTR {row['ctr']:.1%}, sim {row['emb_sim_wrong']:.2f}",
+    title=f"AR teacher-forced predictions with wrong tokens replaced ({ctx.scale}, {n_ex} of the {n_img} images)")
 ctx.save_fig(fig, "06_examples")
 plt.show()
 
 # %% [markdown]
 # ## Verdicts
 # Each claim is an effect at the largest r′ (0.8) against r′ = 0, paired per image (the `*_delta` columns), or
-# a paired difference between replacement rules at r′ = 0.8.
+# a paired difference between replacement rules at r′ = 0.8 (`rearlib.analysis.replacement_findings`).
 #
-# **Rule.** *direction reproduced*: our mean effect has the paper's sign and its 95% t-interval over images
-# excludes 0. *reproduced*: additionally the paper's value lies in our interval widened by its precision (exact
-# bar labels: ±0.005 LPIPS, ±0.05 dB; digitised: ±0.03 similarity, ±20 perplexity) - possible only at `paper`
-# scale (same data, tokenizer and, for the perceptual claim, LPIPS). *not reproduced*: anything else. At
-# `smoke` scale every verdict is *not tested*; the rule's outcome is noted only.
+# **Rule** (`rearlib.experiments.verdicts`). *direction reproduced*: our mean effect has the paper's sign and its
+# 95% t-interval over images excludes 0. *reproduced*: additionally the paper's value lies in our interval widened
+# by its precision (exact bar labels: ±0.005 LPIPS, ±0.05 dB; digitised: ±0.03 similarity, ±20 perplexity;
+# `rearlib.analysis.paper_numbers`) - possible only at `paper` scale (same data, tokenizer and, for the perceptual
+# claim, LPIPS). *not reproduced*: anything else. At `smoke` scale every verdict is *not tested*; the rule's
+# outcome is noted only.
 
 # %%
-ci_of = A.ci_of  # mean and 95% t-interval of a 1-D array as a dict
-
-
-# The rule above, as rearlib.experiments.verdicts implements and tests it; at smoke scale every verdict is "not tested".
-rule = V.effect_verdict
-final = functools.partial(V.final, smoke=ctx.is_smoke)
-smoke_note = functools.partial(V.smoke_note, smoke=ctx.is_smoke)
-
-
-def fmt(e, d=3):
-    return f"{e['mean']:+.{d}f} [95% CI {e['lo']:+.{d}f}, {e['hi']:+.{d}f}]"
-
-
-def at(model, mode, r, col):
-    """Per-image values (indexed by image and repeat) of one setting."""
-    sub = rows[(rows.model == model) & (rows["mode"] == mode) & (rows.r_prime == r)]
-    return sub.set_index(["image_id", "repeat"])[col].sort_index()
-
-
-paper_at = ref_b.set_index("r_prime")
-has_paper = r_max in paper_at.index
-paper_delta = {c: (paper_at.loc[r_max, c] - paper_at.loc[0.0, c]) if has_paper else None
-               for c in ("perceptual", "psnr", "emb_sim", "ppl_delta")}
-paper_delta["ppl_delta"] = paper_at.loc[r_max, "ppl_delta"] if has_paper else None
-on_paper = ctx.scale == "paper"
-CLAIMS = [  # (our column, paper key, sign, tolerance, comparable, claim text)
-    ("perceptual_delta", "perceptual", -1, 0.005, on_paper and same_perceptual,
-     "Replacing wrong tokens by the embedding-nearest code (CTR unchanged) improves perceptual quality"),
-    ("psnr_delta", "psnr", +1, 0.05, on_paper, "... and raises PSNR"),
-    ("emb_sim_wrong_delta", "emb_sim", +1, 0.03, on_paper,
-     "... because it raises the embedding similarity of the wrong tokens to the truth"),
-    ("ppl_delta", "ppl_delta", +1, 20.0, on_paper,
-     "... while the perplexity of the sequence rises (likelihood does not see the improvement)"),
-]
-effects = {}
-for col, key, sign, tol, comp, text in CLAIMS:
-    e = ci_of(at("AR", "nearest", r_max, col))
-    effects[col] = e
-    v = rule(e, sign, paper_delta[key], tol, comp)
-    unit = {"perceptual_delta": f" {metric_used}", "psnr_delta": " dB"}.get(col, "")
-    pv = paper_delta[key]
-    ctx.claim(claim=text + f" (r′ = 0 → {r_max})",
-              paper=(f"{pv:+.{ {'perceptual': 3, 'psnr': 2, 'emb_sim': 2}.get(key, 0)}f}" if pv is not None
-                     else "n/a") + f" ({key}; Fig. 3b/8e-g"
-                    + (", LPIPS)" if key == "perceptual" else ")"),
-              ours=f"AR: {fmt(e, 4)}{unit}, n = {e['n']} images; CTR unchanged (asserted)",
-              verdict=final(v), note=smoke_note(v) or ("magnitude not comparable at this scale" if not comp else ""))
-
-# The implied contrast: at the same positions and the same CTR, nearest < random < farthest.
-d_rn = ci_of(at("AR", "random", r_max, "perceptual") - at("AR", "nearest", r_max, "perceptual"))
-d_fr = ci_of(at("AR", "farthest", r_max, "perceptual") - at("AR", "random", r_max, "perceptual"))
-v_rn, v_fr = rule(d_rn, +1), rule(d_fr, +1)
-v_contrast = "direction reproduced" if v_rn == v_fr == "direction reproduced" else "not reproduced"
-effects["random-nearest"], effects["farthest-random"] = d_rn, d_fr
-ctx.claim(claim="At equal CTR the embedding distance of the wrong tokens decides quality: nearest < random < "
-                f"farthest replacement in perceptual distance (r′ = {r_max})",
-          paper="not measured; the paper's reading of Fig. 3b (embedding-nearest errors are benign)",
-          ours=f"AR: random - nearest = {fmt(d_rn, 4)}, farthest - random = {fmt(d_fr, 4)} {metric_used}, "
-               f"n = {d_rn['n']} images",
-          verdict=final(v_contrast), note=smoke_note(v_contrast) or "our contrast; both differences must be > 0")
-eff_df = pd.DataFrame([{"effect": k, **v} for k, v in effects.items()])
-eff_df["perceptual_metric"], eff_df["r_prime"] = metric_used, r_max
-ctx.save_csv(eff_df, "06_embedding_replacement_effects")
-eff_df
+found = A.replacement_findings(rows, r_max, metric_used, ctx.scale)
+for claim in found.claims:
+    ctx.claim(**claim)
+for name, table in found.tables.items():
+    ctx.save_csv(table, name)
+found.tables["06_embedding_replacement_effects"]
 
 # %% [markdown]
 # ## Reading the numbers
 # The text below is generated from the computed results.
 
 # %%
-e_lp, e_ps, e_sim, e_ppl = (effects[c] for c in ("perceptual_delta", "psnr_delta", "emb_sim_wrong_delta",
-                                                   "ppl_delta"))
+def fmt(e, d=3):
+    return A.format_ci(e, d)
+
+
+def at(model, mode, r, col):
+    return A.replacement_values(rows, model, mode, r, col)
+
+
+e_lp, e_ps, e_ppl = (found.effects[c] for c in ("perceptual_delta", "psnr_delta", "ppl_delta"))
+d_rn, d_fr = found.effects["random-nearest"], found.effects["farthest-random"]
+paper_delta = found.values["paper_delta"]
 base = W[(W.model == "AR") & (W["mode"] == "nearest") & (W.r_prime == 0.0)].iloc[0]
 frac_changed = (at("AR", "nearest", r_max, "n_changed") / at("AR", "nearest", r_max, "n_wrong")).mean()
 if ctx.scale == "paper":
@@ -344,8 +230,8 @@ else:
         f"our tokenizer is f = {tok.resolution // tok.grid_size[0]} with {tok.codebook_size} codes of dimension "
         f"{tok.code_dim} at {tok.resolution} px, so a token covers few pixels and the decoder may map even "
         "nearest-neighbour codes to visibly different patches (notebook 02 measures how alike neighbours decode); "
-        f"our generators are {size_desc} models trained on a synthetic dataset; and the perceptual metric is "
-        f"{metric_used}.")
+        f"our generators are ~{n_params['ar'] / 1e6:.1f}M-parameter models trained on a synthetic dataset; and the "
+        f"perceptual metric is {metric_used}.")
 lines = [f"**{n_img} images, scale `{ctx.scale}`, perceptual metric {metric_used}.**", ""]
 if ctx.is_smoke:
     lines.append("At smoke scale the models are seconds old and the image set is tiny: nothing below is evidence.")
@@ -354,7 +240,7 @@ ar_c = ref_c[(ref_c.model == "AR") & (ref_c.condition == "clean")]["ctr"]
 lines.append(
     f"Teacher-forced AR predictions reach a CTR of {base['ctr']:.1%} (the paper's AR: {ar_c.min():.1%}-"
     f"{ar_c.max():.1%}, Fig. 9a); their wrong tokens have a mean cosine of {base['emb_sim_wrong']:.3f} to the truth "
-    f"(paper ≈ {paper_at.loc[0.0, 'emb_sim']:.2f}). Replacing a fraction "
+    f"(paper ≈ {found.values['paper_at'].loc[0.0, 'emb_sim']:.2f}). Replacing a fraction "
     f"r′ = {r_max} of the wrong tokens by the nearest code changes {frac_changed:.0%} of the wrong tokens (the rest "
     f"already were the nearest code or were not selected) and moves the image by {fmt(e_lp, 4)} {metric_used} and "
     f"{fmt(e_ps, 2)} dB PSNR; the paper reports {paper_delta['perceptual']:+.3f} LPIPS and "
@@ -374,14 +260,13 @@ elif e_ppl["hi"] < 0:
                  "probability than its own wrong argmax tokens on average.")
 lines.append(f"At r′ = {r_max}, random replacement is {fmt(d_rn, 4)} and farthest replacement a further "
              f"{fmt(d_fr, 4)} {metric_used} worse than nearest replacement at the same CTR.")
-if len(models) > 1:
+if "rear_minus_ar_similarity" in found.values:
     b_re = W[(W.model == "reAR") & (W["mode"] == "nearest") & (W.r_prime == 0.0)].iloc[0]
-    d_sim = ci_of(at("reAR", "nearest", 0.0, "emb_sim_wrong") - at("AR", "nearest", 0.0, "emb_sim_wrong"))
     lines.append(f"reAR (comparison, not a paper number): teacher-forced CTR {b_re['ctr']:.1%}, wrong-token "
                  f"similarity {b_re['emb_sim_wrong']:.3f}; reAR - AR similarity of own wrong predictions = "
-                 f"{fmt(d_sim, 4)} (paired over images).")
-    ctx.note(f"reAR vs AR (not a paper claim): cosine of own wrong predictions to the truth, reAR - AR = "
-             f"{fmt(d_sim, 4)}, n = {d_sim['n']}")
+                 f"{fmt(found.values['rear_minus_ar_similarity'], 4)} (paired over images).")
 display(Markdown("\n\n".join(lines)))
+for text in found.notes:
+    ctx.note(text)
 ctx.note(f"06: {n_img} images x {len(SETTINGS['r_primes'])} r' x {len(A.REPLACEMENT_MODES)} rules x "
          f"{len(models)} models in {time.time() - t_start:.0f}s")

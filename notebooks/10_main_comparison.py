@@ -23,8 +23,9 @@
 #   how often that classifier recognises the requested class.
 # * **Verdict rule** (written before the numbers): a claim about a difference counts as "direction reproduced" when
 #   reAR is better on the mean over training seeds **and** Welch's two-sided t-test (3 vs 3 seeds) gives p < 0.05;
-#   otherwise "not reproduced" (the note says whether the direction matched). "reproduced" is not used for FID-like
-#   numbers: their scale is not comparable with the paper's. At `smoke` every verdict is "not tested".
+#   otherwise "not reproduced" (the note says whether the direction matched); "not tested" when the test cannot be
+#   computed. "reproduced" is not used for FID-like numbers: their scale is not comparable with the paper's. At
+#   `smoke` every verdict is "not tested". The rules are `rearlib.experiments.verdicts`, tested at their edges.
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
@@ -40,18 +41,16 @@ ctx = setup(notebook="10_main_comparison", scale=scale, seed=seed, device=device
             reports_dir=reports_dir, figures_dir=figures_dir)
 
 # %%
-import math
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 import rearlib.experiments.studies as studies
-from rearlib.metrics.classifier import EXTRACTOR_NAME
-from rearlib.metrics import metric_label
+import rearlib.experiments.verdicts as V
+from rearlib.experiments.studies_figures import VARIANT_COLORS, label_fid, plot_cfg_sweep
 
 if ctx.scale == "paper":
     raise ValueError("10_main_comparison trains generators at 'smoke' or 'small' only; the paper's recipe "
@@ -59,17 +58,14 @@ if ctx.scale == "paper":
 if ctx.device.type == "cpu":
     torch.set_num_threads(1)  # one thread is faster and predictable on a busy small CPU (see notebook 04)
 t_start = time.time()
-FID, IS, KID, PREC, REC = (metric_label(k, EXTRACTOR_NAME) for k in ("fid", "isc_mean", "kid_mean", "precision",
-                                                                       "recall"))
-CC = "class consistency"
+FID, IS, KID, PREC, REC, CC = studies.metric_columns()
 S, R = ctx.seed, ctx.seed + 1
 # Trains / evaluates whatever is missing (nothing when the records exist: then no generator is loaded).
 result = studies.collect(ctx.scale, "main", device=ctx.device, sample_seed=ctx.seed)
 ctx.note(studies.provenance_note(result))
 runs, evals, floor = result["runs"], result["evals"], result["floor"]
-NAMES = {"ar": "AR", "rear": "reAR"}
-runs["model"] = runs["preset"].map(NAMES)
-evals["model"] = evals["preset"].map(NAMES)
+runs["model"] = runs["preset"].map(studies.VARIANT_NAMES)
+evals["model"] = evals["preset"].map(studies.VARIANT_NAMES)
 st = studies.settings(ctx.scale)
 print(f"{len(runs)} runs, {len(evals)} evaluations; floor (real train images, same count): {FID} = "
       f"{floor[FID]:.4g}")
@@ -96,13 +92,12 @@ show_runs.set_index(["model", "seed"])
 
 # %%
 fig, ax = plt.subplots(figsize=(5.0, 2.8))
-for i, name in enumerate(("AR", "reAR")):
+for i, (name, color) in enumerate(VARIANT_COLORS.items()):
     v = runs.loc[runs["model"] == name, "samples/s"].astype(float)
-    ax.scatter(np.full(len(v), i) + np.linspace(-0.08, 0.08, len(v)), v, label=name)
+    ax.scatter(np.full(len(v), i) + np.linspace(-0.08, 0.08, len(v)), v, color=color, label=name)
     ax.errorbar(i + 0.25, v.mean(), yerr=v.std(ddof=1) if len(v) > 1 else 0, fmt="k_", capsize=4)
-ax.set_xticks([0, 1])
-ax.set_xticklabels(["AR", "reAR"])
-ax.set_ylabel("training samples/s (steady state)")
+ax.set_xticks([0, 1], list(VARIANT_COLORS))
+ax.set_ylabel("training samples/s (steady state; higher is cheaper)", fontsize=8)
 ax.set_title(f"Training throughput per seed ({ctx.scale}; bar: mean ± sd)", fontsize=9)
 ax.grid(alpha=0.3)
 fig.tight_layout()
@@ -118,30 +113,16 @@ plt.show()
 sweep = evals[evals["role"].isin(["select", "noise"]) & (evals["seed"] == st["seeds"][0])]
 ctx.save_csv(sweep, "10_cfg_sweep")
 best = {}
-for name in NAMES.values():
+for name in studies.VARIANT_NAMES.values():
     sel = sweep[(sweep["model"] == name) & (sweep["role"] == "select")]
     row = sel.loc[sel[FID].idxmin()]
     best[name] = (float(row["cfg_scale"]), float(row["cfg_power"]))
 print("best (g, p) on the selection seed:", best)
 fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.2))
-colors = {"AR": "tab:blue", "reAR": "tab:orange"}
-for ax, metric in zip(axes, (FID, CC)):
-    for name in NAMES.values():
-        d = sweep[sweep["model"] == name]
-        g1 = float(d.loc[d["role"] == "noise", metric].iloc[0])
-        for p, style in zip(st["cfg_powers"], ("o-", "s--")):
-            sp = d[(d["role"] == "select") & (d["cfg_power"] == p)].sort_values("cfg_scale")
-            ax.plot([1.0] + sp["cfg_scale"].tolist(), [g1] + sp[metric].tolist(), style, color=colors[name],
-                    label=f"{name}, p={p:g}")
-    if metric == FID:
-        ax.axhline(floor[FID], color="gray", ls=":", label="real train images")
-        if floor[FID] > 0:
-            ax.set_yscale("log")  # the floor sits far below generated sets; a log axis keeps both readable
-    ax.set_xlabel("guidance g")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-axes[0].legend(fontsize=7)
-fig.suptitle(f"CFG sweep, training seed {st['seeds'][0]}, sampling seed {S} ({ctx.scale})", fontsize=9)
+plot_cfg_sweep(axes, sweep, metrics=(FID, CC), fid=FID, powers=st["cfg_powers"], floor_fid=floor[FID],
+               no_cfg_role="noise")
+fig.suptitle(f"CFG sweep, training seed {st['seeds'][0]}, sampling seed {S} ({ctx.scale}; grey: real train "
+             f"images of the same count)", fontsize=9)
 fig.tight_layout()
 ctx.save_fig(fig, "10_cfg_sweep")
 plt.show()
@@ -158,27 +139,7 @@ reported["condition"] = np.where(reported["role"] == "report", "no CFG", "best C
 ctx.save_csv(reported, "10_reported")
 noise = studies.sampling_noise(evals[evals["seed"] == st["seeds"][0]], FID, ["ar seed0", "rear seed0"], R, S)
 METRICS = [(FID, True), (IS, False), (KID, True), (PREC, False), (REC, False), (CC, False)]
-
-
-def compare(cond: str, metric: str, lower_better: bool) -> dict:
-    d = reported[reported["condition"] == cond]
-    a = d.loc[d["model"] == "AR"].sort_values("seed")[metric].astype(float).to_numpy()
-    b = d.loc[d["model"] == "reAR"].sort_values("seed")[metric].astype(float).to_numpy()
-    se = lambda x: x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")  # noqa: E731
-    if len(a) > 1 and len(b) > 1 and (a.std() > 0 or b.std() > 0):
-        p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
-    else:
-        p = float("nan")
-    overlap = not (abs(b.mean() - a.mean()) > 2 * (se(a) + se(b)))
-    better = b.mean() < a.mean() if lower_better else b.mean() > a.mean()
-    return {"condition": cond, "metric": metric, "AR mean": a.mean(), "AR sd": a.std(ddof=1) if len(a) > 1 else
-            float("nan"), "reAR mean": b.mean(), "reAR sd": b.std(ddof=1) if len(b) > 1 else float("nan"),
-            "reAR - AR": b.mean() - a.mean(), "AR values": ", ".join(f"{x:.4g}" for x in a),
-            "reAR values": ", ".join(f"{x:.4g}" for x in b), "Welch p": p, "2 SE overlap": overlap,
-            "reAR better": better, "lower is better": lower_better, "n seeds": min(len(a), len(b))}
-
-
-summary = pd.DataFrame([compare(c, m, lb) for c in ("no CFG", "best CFG") for m, lb in METRICS])
+summary = studies.compare_seeds(reported, METRICS)
 summary["best CFG (AR | reAR)"] = f"g={best['AR'][0]:g} p={best['AR'][1]:g} | g={best['reAR'][0]:g} " \
                                   f"p={best['reAR'][1]:g}"
 summary["sampling noise (FID)"] = noise
@@ -190,17 +151,19 @@ summary.set_index(["condition", "metric"])[["AR mean", "AR sd", "reAR mean", "re
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
 for ax, metric in zip(axes, (FID, IS, CC)):
     for j, cond in enumerate(("no CFG", "best CFG")):
-        for i, name in enumerate(NAMES.values()):
+        for i, (name, color) in enumerate(VARIANT_COLORS.items()):
             v = reported[(reported["condition"] == cond) & (reported["model"] == name)][metric].astype(float)
             x = j * 2.5 + i
-            ax.scatter(np.full(len(v), x) + np.linspace(-0.1, 0.1, len(v)), v, color=colors[name], s=18,
+            ax.scatter(np.full(len(v), x) + np.linspace(-0.1, 0.1, len(v)), v, color=color, s=18,
                        label=name if j == 0 else None)
             if len(v) > 1:
-                ax.errorbar(x + 0.3, v.mean(), yerr=2 * v.std(ddof=1) / math.sqrt(len(v)), fmt="_",
-                            color=colors[name], capsize=4)
-    ax.set_xticks([0.5, 3.0])
-    ax.set_xticklabels(["no CFG", "best CFG"])
-    ax.set_ylabel(metric, fontsize=8)
+                ax.errorbar(x + 0.3, v.mean(), yerr=2 * v.std(ddof=1) / np.sqrt(len(v)), fmt="_", color=color,
+                            capsize=4)
+    ax.set_xticks([0.5, 3.0], ["no CFG", "best CFG"])
+    if metric == FID:
+        label_fid(ax, metric)
+    else:
+        ax.set_ylabel(f"{metric} (higher is better)", fontsize=8)
     ax.grid(alpha=0.3)
 axes[0].legend(fontsize=7)
 fig.suptitle(f"One point per training seed; bars: mean ± 2 SE ({ctx.scale}, sampling seed {R}; real train "
@@ -211,28 +174,14 @@ plt.show()
 
 # %% [markdown]
 # ## 4 · Claims
-# The rule is stated at the top: direction on the seed means **and** Welch p < 0.05 (3 vs 3 seeds) for
-# "direction reproduced". Cost: reAR / AR time per epoch (mean over seed pairs) <= 1.01 "reproduced",
-# <= 1.05 "direction reproduced" (cheap, not as cheap as the paper), else "not reproduced"; only when every run
-# of the comparison ran on one kind of GPU.
+# The rule is stated at the top (`rearlib.experiments.verdicts.significance_verdict`): direction on the seed
+# means **and** Welch p < 0.05 (3 vs 3 seeds) for "direction reproduced". Cost
+# (`rearlib.experiments.verdicts.cost_verdict`): reAR / AR time per epoch (mean over seed pairs) <= 1.01
+# "reproduced", <= 1.05 "direction reproduced" (cheap, not as cheap as the paper), else "not reproduced"; only
+# when every run of the comparison ran on one kind of GPU.
 
 # %%
-smoke_note = "smoke scale: numbers are not meaningful" if ctx.is_smoke else ""
-
-
-def seed_verdict(row) -> tuple[str, str]:
-    if ctx.is_smoke:
-        return "not tested", ""
-    if row["reAR better"] and row["Welch p"] < 0.05:
-        return "direction reproduced", ""
-    why = ("right direction but not beyond the seed spread" if row["reAR better"] else "opposite direction")
-    return "not reproduced", why
-
-
-def join(*parts):
-    return "; ".join(p for p in parts if p)
-
-
+smoke_note = V.SMOKE_NOTE if ctx.is_smoke else ""
 sm = summary.set_index(["condition", "metric"])
 common = (f"{len(runs) // 2} training seeds per variant, 10 classes x {int(reported['n generated'].iloc[0]) // 10} "
           f"samples per evaluation vs {int(reported['n reference'].iloc[0])} held-out images; Welch two-sided t-test; "
@@ -240,35 +189,29 @@ common = (f"{len(runs) // 2} training seeds per variant, 10 classes x {int(repor
 for cond, paper in (("no CFG", "Table 4 (reAR-S size, 80 epochs, no CFG): vanilla AR 21.32 -> reAR 19.72"),
                     ("best CFG", "Table 1 / 5 (with CFG): AR-L 3.02 -> reAR-L 1.86; AR-B 3.12 -> reAR-B 1.91")):
     r = sm.loc[(cond, FID)]
-    verdict, why = seed_verdict(r)
+    verdict, why = V.significance_verdict(r["reAR better"], r["Welch p"], smoke=ctx.is_smoke)
     ctx.claim(claim=f"reAR lowers FID relative to plain AR ({cond}; same architecture, data, steps)",
               paper=paper,
               ours=f"{FID} mean ± sd: AR {r['AR mean']:.4g} ± {r['AR sd']:.2g} ({r['AR values']}) vs reAR "
                    f"{r['reAR mean']:.4g} ± {r['reAR sd']:.2g} ({r['reAR values']}); Welch p = {r['Welch p']:.3g}"
                    + (f"; best (g, p): AR {best['AR']}, reAR {best['reAR']}" if cond != "no CFG" else ""),
               verdict=verdict,
-              note=join(why, common, "best (g, p) chosen on training seed 0 with another sampling seed"
-                        if cond != "no CFG" else "", smoke_note))
+              note=V.join_notes(why, common, "best (g, p) chosen on training seed 0 with another sampling seed"
+                                if cond != "no CFG" else "", smoke_note))
 r = sm.loc[("best CFG", IS)]
-verdict, why = seed_verdict(r)
+verdict, why = V.significance_verdict(r["reAR better"], r["Welch p"], smoke=ctx.is_smoke)
 ctx.claim(claim="reAR raises IS relative to plain AR (best CFG)",
           paper="Table 1: AR-L 256.2 -> reAR-L 316.9 (Inception IS)",
           ours=f"{IS} mean ± sd: AR {r['AR mean']:.4g} ± {r['AR sd']:.2g} vs reAR {r['reAR mean']:.4g} ± "
                f"{r['reAR sd']:.2g}; Welch p = {r['Welch p']:.3g}",
-          verdict=verdict, note=join(why, "IS of a 10-class classifier is at most 10", common, smoke_note))
-
+          verdict=verdict, note=V.join_notes(why, "IS of a 10-class classifier is at most 10", common, smoke_note))
 gpus = set(runs["GPU"])
-if ctx.is_smoke or len(gpus) != 1 or "CPU" in gpus or not math.isfinite(ratio_mean):
-    cost_verdict = "not tested"
-else:
-    cost_verdict = ("reproduced" if ratio_mean <= 1.01 else
-                    "direction reproduced" if ratio_mean <= 1.05 else "not reproduced")
 ctx.claim(claim="reAR's regularization adds almost no training cost",
           paper="Table 5: 8.11 (AR-B) vs 8.14 (reAR-B) min/epoch on 8xA800, +0.37%",
           ours=f"reAR / AR time per epoch {ratio_mean:.4f} ± {ratio_sd:.4f} (mean ± sd over {len(cost)} seed "
                f"pairs; per seed {', '.join(f'{x:.3f}' for x in cost['ratio'])}) on {', '.join(sorted(gpus))}",
-          verdict=cost_verdict,
-          note=join("steady-state samples/s of separate runs; thresholds <= +1% reproduced, <= +5% direction "
-                    "reproduced; seed 0 is the shipped pair, trained separately", smoke_note))
+          verdict=V.cost_verdict(ratio_mean, gpus, smoke=ctx.is_smoke),
+          note=V.join_notes("steady-state samples/s of separate runs; thresholds <= +1% reproduced, <= +5% "
+                            "direction reproduced; seed 0 is the shipped pair, trained separately", smoke_note))
 print(f"total {time.time() - t_start:.1f} s")
 pd.DataFrame(ctx.claims)[["claim", "ours", "verdict"]]

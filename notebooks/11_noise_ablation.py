@@ -52,17 +52,15 @@ import pandas as pd
 import torch
 
 import rearlib.experiments.studies as studies
-from rearlib.metrics.classifier import EXTRACTOR_NAME
-from rearlib.metrics import metric_label
+import rearlib.experiments.verdicts as V
+from rearlib.experiments.studies_figures import VARIANT_COLORS, label_fid
 
 if ctx.scale == "paper":
     raise ValueError("11_noise_ablation trains generators at 'smoke' or 'small' only.")
 if ctx.device.type == "cpu":
     torch.set_num_threads(1)  # one thread is faster and predictable on a busy small CPU (see notebook 04)
 t_start = time.time()
-FID, IS = metric_label("fid", EXTRACTOR_NAME), metric_label("isc_mean", EXTRACTOR_NAME)
-KID = metric_label("kid_mean", EXTRACTOR_NAME)
-CC = "class consistency"
+FID, IS, KID, _, _, CC = studies.metric_columns()
 S, R = ctx.seed, ctx.seed + 1
 result = studies.collect(ctx.scale, "noise", device=ctx.device, sample_seed=ctx.seed)
 ctx.note(studies.provenance_note(result))
@@ -76,19 +74,7 @@ print(f"sampling noise (|Δ {FID}| of the final reAR row between sampling seeds 
 # run's training cost (samples/s; reAR's noise costs nothing, alignment adds two projection heads).
 
 # %%
-rep = evals[(evals["role"] == "report")].set_index("run")
-rows = []
-for name, (setting, paper_fid) in studies.PAPER_TABLE3.items():
-    r, t = rep.loc[name], runs.set_index("run").loc[name]
-    rows.append({"row": name, "paper setting": setting, "paper FID": paper_fid,
-                 "paper Δ vs final": paper_fid - studies.PAPER_TABLE3["rear"][1],
-                 "noise (ours)": t["noise"], "EN": t["EN"], "DE": t["DE"], FID: r[FID],
-                 "Δ vs final": r[FID] - rep.loc["rear", FID], IS: r[IS], KID: r[KID], CC: r[CC],
-                 "n generated": r["n generated"], "steps": t["steps"], "samples/s": t["samples/s"],
-                 "train time (s)": t["train time (s)"], "GPU": t["GPU"]})
-table = pd.DataFrame(rows)
-table["sampling noise"] = noise
-table["beyond noise"] = table["Δ vs final"].abs() > noise
+table = studies.noise_table(runs, evals, noise)
 ctx.save_csv(table, "11_noise_ablation")
 ctx.save_csv(evals, "11_evaluations")
 table.set_index("row")[["paper setting", "paper FID", FID, "Δ vs final", "beyond noise", IS, CC, "samples/s"]]
@@ -96,12 +82,13 @@ table.set_index("row")[["paper setting", "paper FID", FID, "Δ vs final", "beyon
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [3, 2]})
 y = np.arange(len(table))[::-1]
+final_fid = table.set_index("row").loc["rear", FID]
 ax = axes[0]
-ax.errorbar(table[FID], y, xerr=noise, fmt="o", color="tab:orange", capsize=3, label="ours ± sampling noise")
-ax.axvline(rep.loc["rear", FID], color="tab:orange", ls=":", lw=1)
-ax.set_yticks(y)
-ax.set_yticklabels(table["paper setting"], fontsize=7)
-ax.set_xlabel(f"{FID}, no CFG ({ctx.scale}, sampling seed {R})", fontsize=8)
+ax.errorbar(table[FID], y, xerr=noise, fmt="o", color=VARIANT_COLORS["reAR"], capsize=3,
+            label="ours ± sampling noise")
+ax.axvline(final_fid, color=VARIANT_COLORS["reAR"], ls=":", lw=1, label="final schedule (ours)")
+ax.set_yticks(y, table["paper setting"], fontsize=7)
+label_fid(ax, f"{FID}, no CFG ({ctx.scale}, sampling seed {R})", axis="x")
 ax.grid(alpha=0.3)
 ax.legend(fontsize=7)
 ax = axes[1]
@@ -109,7 +96,7 @@ ax.barh(y, table["paper FID"], color="0.6")
 ax.set_yticks(y)
 ax.set_yticklabels([])
 ax.set_xlim(min(table["paper FID"]) - 0.2, max(table["paper FID"]) + 0.1)
-ax.set_xlabel("paper FID (reAR-S, ImageNet, Inception)", fontsize=8)
+label_fid(ax, "paper FID (reAR-S, ImageNet, Inception)", axis="x")
 ax.grid(alpha=0.3)
 fig.suptitle("Noisy-context ablation: ours (left) and the paper's Table 3 (right); the scales are not comparable",
              fontsize=9)
@@ -119,55 +106,35 @@ plt.show()
 
 # %% [markdown]
 # ## 2 · Claims
-# Each claim compares two of our rows; the rule (top of the notebook): the paper's sign **and** |Δ| > sampling
-# noise -> "direction reproduced"; otherwise "not reproduced".
+# Each claim compares two of our rows; the rule (top of the notebook, `rearlib.experiments.verdicts`): the paper's
+# sign **and** |Δ| > sampling noise -> "direction reproduced"; otherwise "not reproduced".
 
 # %%
-smoke_note = "smoke scale: numbers are not meaningful" if ctx.is_smoke else ""
+smoke_note = V.SMOKE_NOTE if ctx.is_smoke else ""
 fid = table.set_index("row")[FID]
 common = (f"one training seed per row, {int(table['n generated'].iloc[0])} samples per evaluation, no CFG; sampling "
           f"noise {noise:.3g} (final reAR row, two sampling seeds)")
-
-
-def worse_than_final(row: str) -> tuple[str, str]:
-    """The paper says ``row`` has a higher FID than the final schedule."""
-    d = fid[row] - fid["rear"]
-    if ctx.is_smoke:
-        return "not tested", ""
-    if d > noise:
-        return "direction reproduced", ""
-    return "not reproduced", ("within sampling noise" if abs(d) <= noise else "opposite direction")
-
-
-def join(*parts):
-    return "; ".join(p for p in parts if p)
-
-
-for row, claim in (("align_only", "Noisy context helps on top of embedding regularization (final schedule beats ε = 0)"),
-                   ("noise_only", "Embedding regularization helps on top of noisy context (final beats noise only)"),
-                   ("fixed_0.5", "A large fixed noise level (ε = 0.5) hurts (the paper's 'training collapse')")):
-    v, why = worse_than_final(row)
+for row, claim in (
+        ("align_only", "Noisy context helps on top of embedding regularization (final schedule beats ε = 0)"),
+        ("noise_only", "Embedding regularization helps on top of noisy context (final beats noise only)"),
+        ("fixed_0.5", "A large fixed noise level (ε = 0.5) hurts (the paper's 'training collapse')")):
+    # the paper says `row` has a higher FID than the final schedule
+    v, why = V.difference_verdict(fid[row] - fid["rear"], noise, smoke=ctx.is_smoke)
     paper_row = studies.PAPER_TABLE3[row]
     ctx.claim(claim=claim,
               paper=f"Table 3: {paper_row[0]} {paper_row[1]} vs final 2.00",
               ours=f"{FID}: {row} {fid[row]:.4g} vs final {fid['rear']:.4g} (Δ {fid[row] - fid['rear']:+.3g})",
-              verdict=v, note=join(why, common, smoke_note))
+              verdict=v, note=V.join_notes(why, common, smoke_note))
 
+v, why = V.best_of_verdict(fid, "rear", noise, smoke=ctx.is_smoke,
+                           close="final is lowest but within sampling noise of {runner_up}",
+                           beaten="{runner_up} is lower")
 others = fid.drop("rear")
-runner_up = others.idxmin()
-if ctx.is_smoke:
-    v, why = "not tested", ""
-elif fid["rear"] < others.min() - noise:
-    v, why = "direction reproduced", ""
-else:
-    v = "not reproduced"
-    why = (f"final is lowest but within sampling noise of {runner_up}" if fid["rear"] < others.min()
-           else f"{runner_up} is lower")
 ctx.claim(claim="The final schedule max(0, 1 - 4t/3) is the best of the noise settings",
           paper="Table 3: final 2.00; next 1 - t 2.02, U(0, 0.5) 2.05, fixed 0.25 2.08 (one run each)",
-          ours=f"{FID}: final {fid['rear']:.4g}; best other: {runner_up} {others.min():.4g}; ranking "
-               + ", ".join(f"{k} {v_:.4g}" for k, v_ in fid.sort_values().items()),
-          verdict=v, note=join(why, "rule: final lowest of all seven rows by more than the sampling noise", common,
-                               smoke_note))
+          ours=f"{FID}: final {fid['rear']:.4g}; best other: {others.idxmin()} {others.min():.4g}; ranking "
+               + ", ".join(f"{k} {x:.4g}" for k, x in fid.sort_values().items()),
+          verdict=v, note=V.join_notes(why, "rule: final lowest of all seven rows by more than the sampling noise",
+                                       common, smoke_note))
 print(f"total {time.time() - t_start:.1f} s")
 pd.DataFrame(ctx.claims)[["claim", "ours", "verdict"]]

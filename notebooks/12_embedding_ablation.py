@@ -53,17 +53,15 @@ import pandas as pd
 import torch
 
 import rearlib.experiments.studies as studies
-from rearlib.metrics.classifier import EXTRACTOR_NAME
-from rearlib.metrics import metric_label
+import rearlib.experiments.verdicts as V
+from rearlib.experiments.studies_figures import VARIANT_COLORS, label_fid
 
 if ctx.scale == "paper":
     raise ValueError("12_embedding_ablation trains generators at 'smoke' or 'small' only.")
 if ctx.device.type == "cpu":
     torch.set_num_threads(1)  # one thread is faster and predictable on a busy small CPU (see notebook 04)
 t_start = time.time()
-FID, IS = metric_label("fid", EXTRACTOR_NAME), metric_label("isc_mean", EXTRACTOR_NAME)
-KID = metric_label("kid_mean", EXTRACTOR_NAME)
-CC = "class consistency"
+FID, IS, KID, _, _, CC = studies.metric_columns()
 S, R = ctx.seed, ctx.seed + 1
 result = studies.collect(ctx.scale, "embedding", device=ctx.device, sample_seed=ctx.seed)
 ctx.note(studies.provenance_note(result))
@@ -77,21 +75,7 @@ print(f"sampling noise (max |Δ {FID}| of the AR and reAR rows between sampling 
 # blocks (empty: that head is off).
 
 # %%
-rep = evals[evals["role"] == "report"].set_index("run")
-rr = runs.set_index("run")
-rows = []
-for r in studies.embedding_rows(ctx.scale):
-    name = r["name"]
-    for table_name, setting, pfid, pis in r["paper"] or [("-", "(not in the paper)", np.nan, np.nan)]:
-        rows.append({"paper table": table_name, "paper setting": setting, "paper FID": pfid, "paper IS": pis,
-                     "run": name, "EN": rr.loc[name, "EN"], "DE": rr.loc[name, "DE"],
-                     "lambda": rr.loc[name, "lambda"], "noise": rr.loc[name, "noise"], "tied": rr.loc[name, "tied"],
-                     FID: rep.loc[name, FID], IS: rep.loc[name, IS], KID: rep.loc[name, KID], CC: rep.loc[name, CC],
-                     "n generated": rep.loc[name, "n generated"], "samples/s": rr.loc[name, "samples/s"],
-                     "params": rr.loc[name, "params"], "GPU": rr.loc[name, "GPU"]})
-table = pd.DataFrame(rows)
-table["Δ FID vs vanilla AR"] = table[FID] - rep.loc["ar", FID]
-table["sampling noise"] = noise
+table = studies.embedding_table(ctx.scale, runs, evals, noise)
 ctx.save_csv(table, "12_embedding_ablation")
 ctx.save_csv(evals, "12_evaluations")
 table.set_index(["paper table", "paper setting"])[["paper FID", "paper IS", "run", "EN", "DE", FID, IS, CC,
@@ -102,12 +86,13 @@ fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
 t4 = table[table["paper table"] == "Table 4"].reset_index(drop=True)
 y = np.arange(len(t4))[::-1]
 for ax, (ours, paper) in zip(axes, ((FID, "paper FID"), (IS, "paper IS"))):
-    ax.errorbar(t4[ours], y, xerr=noise if ours == FID else None, fmt="o", color="tab:orange", capsize=3,
+    ax.errorbar(t4[ours], y, xerr=noise if ours == FID else None, fmt="o", color=VARIANT_COLORS["reAR"], capsize=3,
                 label="ours" + (" ± sampling noise" if ours == FID else ""))
     ax.set_yticks(y)
     ax.set_yticklabels([f"{s}  [{n}]" for s, n in zip(t4["paper setting"], t4["run"])] if ours == FID else [],
                        fontsize=7)
-    ax.set_xlabel(f"{ours}, no CFG ({ctx.scale})", fontsize=8)
+    better = "lower" if ours == FID else "higher"
+    ax.set_xlabel(f"{ours}, no CFG ({ctx.scale}; {better} is better)", fontsize=8)
     ax.grid(alpha=0.3)
     twin = ax.twiny()
     twin.plot(t4[paper], y, "x", color="0.4", label="paper (top axis)")
@@ -126,16 +111,18 @@ plt.show()
 # FID of the DE-only runs against the tapped block, with the paper's DE@13..17 on our block scale.
 
 # %%
+rep = evals[evals["role"] == "report"].set_index("run")
 de = rep[rep.index.str.startswith("de_only@")].copy()
 de["block"] = [int(n.split("@")[1]) for n in de.index]
 de = de.sort_values("block")
+_, de0, depth = studies.base_layers(ctx.scale)
 fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.0))
 ax = axes[0]
-ax.errorbar(de["block"], de[FID], yerr=noise, fmt="o-", color="tab:orange", capsize=3, label="DE only ± noise")
-ax.axhline(rep.loc["ar", FID], color="tab:blue", ls=":", label="vanilla AR")
-ax.axhline(rep.loc["rear", FID], color="tab:green", ls="--", label="EN@0 + DE (final)")
-ax.set_xlabel(f"decode-alignment block (0-based, of {int(rr.loc['ar', 'model'].split('x')[0])})")
-ax.set_ylabel(FID, fontsize=8)
+ax.errorbar(de["block"], de[FID], yerr=noise, fmt="o-", color="tab:green", capsize=3, label="DE only ± noise")
+ax.axhline(rep.loc["ar", FID], color=VARIANT_COLORS["AR"], ls=":", label="vanilla AR")
+ax.axhline(rep.loc["rear", FID], color=VARIANT_COLORS["reAR"], ls="--", label="EN@0 + DE (final)")
+ax.set_xlabel(f"decode-alignment block (0-based, of {depth})")
+label_fid(ax, FID)
 ax.set_title(f"ours ({ctx.scale}, no CFG)", fontsize=9)
 ax.grid(alpha=0.3)
 ax.legend(fontsize=7)
@@ -144,10 +131,10 @@ paper7 = pd.DataFrame(studies.PAPER_TABLE7, columns=["setting", "k", "FID", "IS"
 paper4 = [(10, 21.29), (20, 20.28)]  # Table 4's DE@10 and DE@20, same setting
 ax.plot(paper7["k"], paper7["FID"], "x-", color="0.3", label="Table 7")
 ax.plot([k for k, _ in paper4], [v for _, v in paper4], "s", color="0.6", label="Table 4 (DE@10, DE@20)")
-ax.axhline(21.32, color="tab:blue", ls=":", label="vanilla AR 21.32")
-ax.axhline(19.72, color="tab:green", ls="--", label="EN@0 + DE@15 19.72")
+ax.axhline(21.32, color=VARIANT_COLORS["AR"], ls=":", label="vanilla AR 21.32")
+ax.axhline(19.72, color=VARIANT_COLORS["reAR"], ls="--", label="EN@0 + DE@15 19.72")
 ax.set_xlabel("decode-alignment block (of 20)")
-ax.set_ylabel("paper FID (Inception)", fontsize=8)
+label_fid(ax, "paper FID (Inception)")
 ax.set_title("paper (reAR-S, 80 epochs, no CFG)", fontsize=9)
 ax.grid(alpha=0.3)
 ax.legend(fontsize=7)
@@ -157,84 +144,56 @@ plt.show()
 
 # %% [markdown]
 # ## 2 · Claims
-# Differences between two of our rows; rule at the top of the notebook.
+# Differences between two of our rows; rule at the top of the notebook (`rearlib.experiments.verdicts`).
 
 # %%
-smoke_note = "smoke scale: numbers are not meaningful" if ctx.is_smoke else ""
+smoke_note = V.SMOKE_NOTE if ctx.is_smoke else ""
 fid, isc = rep[FID], rep[IS]
 common = (f"one training seed per row, {int(table['n generated'].iloc[0])} samples per evaluation, no CFG; sampling "
           f"noise {noise:.3g}")
-_, de0, depth = studies._base_layers(ctx.scale)
 de_half = f"de_only@{studies.paper_layer(10, de0, depth)}"
 de_final = f"de_only@{de0}"
 en_deep = f"rear EN@{studies.paper_layer(5, de0, depth)}"
 
 
-def join(*parts):
-    return "; ".join(p for p in parts if p)
-
-
-def lower(better: str, worse: str) -> tuple[str, str]:
-    """The paper says ``better`` has the lower FID."""
-    d = fid[worse] - fid[better]
-    if ctx.is_smoke:
-        return "not tested", ""
-    if d > noise:
-        return "direction reproduced", ""
-    return "not reproduced", ("within sampling noise" if abs(d) <= noise else "opposite direction")
-
-
-def claim_pair(claim, paper, better, worse, extra=""):
-    v, why = lower(better, worse)
-    ctx.claim(claim=claim, paper=paper,
+def claim_lower(claim, paper, better, worse):
+    """A claim that the paper's ``better`` row has the lower FID than its ``worse`` row."""
+    v, why = V.difference_verdict(fid[worse] - fid[better], noise, smoke=ctx.is_smoke)
+    ctx.claim(claim=claim, paper=paper, verdict=v, note=V.join_notes(why, common, smoke_note),
               ours=f"{FID}: {better} {fid[better]:.4g} vs {worse} {fid[worse]:.4g} "
-                   f"(Δ {fid[better] - fid[worse]:+.3g})",
-              verdict=v, note=join(why, extra, common, smoke_note))
+                   f"(Δ {fid[better] - fid[worse]:+.3g})")
 
 
-claim_pair("EN + DE embedding regularization (with noisy context) lowers FID vs vanilla AR, without CFG",
-           "Table 4: vanilla AR 21.32 -> + EN@0 + DE@15 19.72", "rear", "ar")
-if ctx.is_smoke:
-    v = "not tested"
-else:
-    v = "direction reproduced" if isc["rear"] - isc["ar"] > 0 else "not reproduced"
+claim_lower("EN + DE embedding regularization (with noisy context) lowers FID vs vanilla AR, without CFG",
+            "Table 4: vanilla AR 21.32 -> + EN@0 + DE@15 19.72", "rear", "ar")
+# IS: direction only (no sampling-noise estimate for IS), i.e. a spread of 0
 ctx.claim(claim="... and raises IS", paper="Table 4: 57.3 -> 61.3",
-          ours=f"{IS}: ar {isc['ar']:.4g} vs rear {isc['rear']:.4g}", verdict=v,
-          note=join("direction only (no sampling-noise estimate for IS); IS of a 10-class classifier is at most 10",
-                    common, smoke_note))
-claim_pair("Decode alignment at 3/4 depth beats alignment at half depth",
-           f"Table 4: DE@15 20.03 vs DE@10 21.29 (ours: DE@{de0} vs {de_half.split('@')[1]})", de_final, de_half)
-claim_pair("Adding the encode term at block 0 to the decode term helps",
-           "Table 4: EN@0 + DE@15 19.72 vs DE@15 20.03", "rear", de_final)
-claim_pair("The encode term belongs at the input: EN at a deeper block hurts",
-           f"Table 4: EN@5 + DE@15 21.36 vs EN@0 + DE@15 19.72 (ours: {en_deep})", "rear", en_deep)
-claim_pair("Decode alignment helps more than a tied codebook embedding",
-           "Table 4: tied 21.08 (vanilla 21.32) vs DE@15 20.03", de_final, "tied")
+          ours=f"{IS}: ar {isc['ar']:.4g} vs rear {isc['rear']:.4g}",
+          verdict=V.difference_verdict(isc["rear"] - isc["ar"], 0.0, smoke=ctx.is_smoke)[0],
+          note=V.join_notes("direction only (no sampling-noise estimate for IS); IS of a 10-class classifier is at "
+                            "most 10", common, smoke_note))
+claim_lower("Decode alignment at 3/4 depth beats alignment at half depth",
+            f"Table 4: DE@15 20.03 vs DE@10 21.29 (ours: DE@{de0} vs {de_half.split('@')[1]})", de_final, de_half)
+claim_lower("Adding the encode term at block 0 to the decode term helps",
+            "Table 4: EN@0 + DE@15 19.72 vs DE@15 20.03", "rear", de_final)
+claim_lower("The encode term belongs at the input: EN at a deeper block hurts",
+            f"Table 4: EN@5 + DE@15 21.36 vs EN@0 + DE@15 19.72 (ours: {en_deep})", "rear", en_deep)
+claim_lower("Decode alignment helps more than a tied codebook embedding",
+            "Table 4: tied 21.08 (vanilla 21.32) vs DE@15 20.03", de_final, "tied")
 
 lam = {w: fid[f"rear lambda={w:g}"] for w in (0.5, 1.5)}
-if ctx.is_smoke:
-    v, why = "not tested", ""
-elif all(abs(x - fid["rear"]) <= noise for x in lam.values()):
-    v, why = "reproduced", ""
-else:
-    v, why = "not reproduced", "at least one λ differs from λ = 1 by more than the sampling noise"
+v, why = V.no_difference_verdict([x - fid["rear"] for x in lam.values()], noise, smoke=ctx.is_smoke,
+                                 differs="at least one λ differs from λ = 1 by more than the sampling noise")
 ctx.claim(claim="The result is insensitive to the alignment weight λ in [0.5, 1.5]",
           paper="Table 4: λ = 0.5 19.79, 1 19.72, 1.5 19.74",
           ours=f"{FID}: λ=0.5 {lam[0.5]:.4g}, λ=1 {fid['rear']:.4g}, λ=1.5 {lam[1.5]:.4g}",
-          verdict=v, note=join(why, "rule: every |Δ| within the sampling noise", common, smoke_note))
+          verdict=v, note=V.join_notes(why, "rule: every |Δ| within the sampling noise", common, smoke_note))
 
-others = de[de.index != de_final][FID]
-if ctx.is_smoke:
-    v, why = "not tested", ""
-elif fid[de_final] < others.min() - noise:
-    v, why = "direction reproduced", ""
-else:
-    v = "not reproduced"
-    why = ("3/4 depth is lowest but within sampling noise" if fid[de_final] < others.min()
-           else f"{others.idxmin()} is lower")
+v, why = V.best_of_verdict(de[FID], de_final, noise, smoke=ctx.is_smoke,
+                           close="3/4 depth is lowest but within sampling noise", beaten="{runner_up} is lower")
 ctx.claim(claim="Among decode-alignment depths, 3/4 depth is best",
           paper="Table 7: DE@13 20.47, @14 20.17, @15 20.03, @16 20.11, @17 20.25 (and Table 4: @10 21.29, @20 20.28)",
           ours=f"{FID}: " + ", ".join(f"{n} {x:.4g}" for n, x in de[FID].items()),
-          verdict=v, note=join(why, f"our 3/4 depth is block {de0} of {depth}", common, smoke_note))
+          verdict=v, note=V.join_notes(why, f"our 3/4 depth is block {de0} of {depth}", common, smoke_note))
 print(f"total {time.time() - t_start:.1f} s")
 pd.DataFrame(ctx.claims)[["claim", "ours", "verdict"]]

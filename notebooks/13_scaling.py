@@ -42,24 +42,21 @@ import pandas as pd
 import torch
 
 import rearlib.experiments.studies as studies
-from rearlib.metrics.classifier import EXTRACTOR_NAME
-from rearlib.metrics import metric_label
+import rearlib.experiments.verdicts as V
+from rearlib.experiments.studies_figures import plot_fid_vs_steps
 
 if ctx.scale == "paper":
     raise ValueError("13_scaling trains generators at 'smoke' or 'small' only.")
 if ctx.device.type == "cpu":
     torch.set_num_threads(1)  # one thread is faster and predictable on a busy small CPU (see notebook 04)
 t_start = time.time()
-FID, IS = metric_label("fid", EXTRACTOR_NAME), metric_label("isc_mean", EXTRACTOR_NAME)
-CC = "class consistency"
+FID, IS, _, _, _, CC = studies.metric_columns()
 S, R = ctx.seed, ctx.seed + 1
 result = studies.collect(ctx.scale, "scaling", device=ctx.device, sample_seed=ctx.seed)
 ctx.note(studies.provenance_note(result))
 runs, evals, floor = result["runs"], result["evals"], result["floor"]
-st = studies.settings(ctx.scale)
-NAMES = {"ar": "AR", "rear": "reAR"}
-base_names = ["ar", "rear"]  # the middle size keeps the ablation rows' names
-noise = studies.sampling_noise(evals, FID, base_names, R, S)
+sizes = studies.settings(ctx.scale)["scaling_sizes"]
+noise = studies.sampling_noise(evals, FID, ["ar", "rear"], R, S)  # the middle size keeps the ablation rows' names
 print(f"sampling noise (max |Δ {FID}| between sampling seeds {S} and {R}, middle size): {noise:.4g}")
 
 # %% [markdown]
@@ -67,98 +64,55 @@ print(f"sampling noise (max |Δ {FID}| between sampling seeds {S} and {R}, middl
 # Parameters include the alignment heads of reAR. Cost: reAR / AR time per step at each size (samples/s ratio).
 
 # %%
-runs["variant"] = runs["preset"].map(NAMES)
-size_order = {s: i for i, s in enumerate(st["scaling_sizes"])}
-runs = runs.sort_values(["size", "variant"], key=lambda c: c.map(size_order) if c.name == "size" else c)
-cost = runs.pivot(index="size", columns="variant", values="samples/s")
-cost["reAR / AR time per step"] = cost["AR"] / cost["reAR"]
-cost = cost.reindex(st["scaling_sizes"])
+runs, cost, curve = studies.scaling_tables(runs, evals, sizes, noise)
 ctx.save_csv(runs, "13_runs")
 ctx.save_csv(cost.reset_index(), "13_cost")
 runs[["size", "model", "heads", "variant", "EN", "DE", "params", "steps", "train time (s)", "samples/s", "GPU"]]
 
 # %% [markdown]
 # ## 2 · FID against training steps
+# One column per model size, AR (blue, dashed) and reAR (orange, solid) in each: FID on top (bars: ± the sampling
+# noise), class consistency below; the paper's Fig. 4 (reAR only, its own scale) on the right.
 
 # %%
-curve = evals[evals["role"] == "report"].copy()
-curve["variant"] = curve["preset"].map(NAMES)
-curve = curve.sort_values(["size", "variant", "step"], key=lambda c: c.map(size_order) if c.name == "size" else c)
-curve["sampling noise"] = noise
 ctx.save_csv(curve, "13_fid_vs_steps")
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-styles = {"AR": "--", "reAR": "-"}
-colors = dict(zip(st["scaling_sizes"], ("tab:green", "tab:orange", "tab:purple")))
-for ax, metric in zip(axes[:2], (FID, CC)):
-    for size in st["scaling_sizes"]:
-        for variant in NAMES.values():
-            d = curve[(curve["size"] == size) & (curve["variant"] == variant)]
-            ax.errorbar(d["step"], d[metric], yerr=noise if metric == FID else None, fmt="o" + styles[variant],
-                        color=colors[size], capsize=2, label=f"{variant} {d['model'].iloc[0]}", ms=4)
-    if metric == FID:
-        ax.axhline(floor[FID], color="gray", ls=":", lw=1, label="real train images")
-        if floor[FID] > 0:
-            ax.set_yscale("log")  # the floor sits far below generated sets; a log axis keeps both readable
-    ax.set_xlabel("training step")
-    ax.set_ylabel(metric, fontsize=8)
-    ax.grid(alpha=0.3)
-axes[0].legend(fontsize=7)
-axes[0].set_title(f"ours, no CFG ({ctx.scale}; bars: sampling noise)", fontsize=9)
-ax = axes[2]
-for name, pts in studies.PAPER_FIG4.items():
-    ax.plot([s / 1000 for s in pts], list(pts.values()), "o-", label=name)
-ax.set_xlabel("training step (thousands)")
-ax.set_ylabel("paper FID (Inception, presumably with CFG)", fontsize=8)
-ax.set_title("paper Fig. 4 (digitised)", fontsize=9)
-ax.grid(alpha=0.3)
-ax.legend(fontsize=7)
-fig.tight_layout()
+fig = plot_fid_vs_steps(curve, sizes=sizes, fid=FID, cc=CC, noise=noise, floor_fid=floor[FID], scale=ctx.scale)
 ctx.save_fig(fig, "13_fid_vs_steps")
 plt.show()
 curve.pivot_table(index=["size", "variant"], columns="step", values=FID)
 
 # %% [markdown]
 # ## 3 · Claims
+# Each claim names differences that must all have the paper's sign and exceed the sampling noise
+# (`rearlib.experiments.verdicts.differences_verdict`).
 
 # %%
-smoke_note = "smoke scale: numbers are not meaningful" if ctx.is_smoke else ""
+smoke_note = V.SMOKE_NOTE if ctx.is_smoke else ""
 final = curve[curve["step"] == curve["steps"]].set_index(["size", "variant"])[FID]
 first = curve[curve["step"] == curve.groupby(["size", "variant"])["step"].transform("min")] \
     .set_index(["size", "variant"])[FID]
 common = (f"one training seed per run, {int(curve['n generated'].iloc[0])} samples per point, no CFG; sampling "
           f"noise {noise:.3g}")
 
-
-def join(*parts):
-    return "; ".join(p for p in parts if p)
-
-
-def verdict(diffs: list[float]) -> str:
-    """Each diff > 0 means 'as the paper says'; all must exceed the sampling noise."""
-    if ctx.is_smoke:
-        return "not tested"
-    return "direction reproduced" if all(d > noise for d in diffs) else "not reproduced"
-
-
-falls = {k: first[k] - final[k] for k in final.index}
+falls = [first[k] - final[k] for k in final.index]
 ctx.claim(claim="FID keeps falling with training steps (every size and variant)",
           paper="Fig. 4: reAR-S 3.72 (50k) -> 2.00 (250k); B 3.58 -> 1.91; L 3.42 -> 1.86",
           ours=f"{FID} first snapshot -> last: " + "; ".join(
               f"{v} {s} {first[(s, v)]:.4g} -> {final[(s, v)]:.4g}" for s, v in final.index),
-          verdict=verdict(list(falls.values())),
-          note=join("rule: first minus last snapshot > sampling noise for every curve", common, smoke_note))
-sizes = st["scaling_sizes"]
+          verdict=V.differences_verdict(falls, noise, smoke=ctx.is_smoke),
+          note=V.join_notes("rule: first minus last snapshot > sampling noise for every curve", common, smoke_note))
 steps_r = [final[(a, "reAR")] - final[(b, "reAR")] for a, b in zip(sizes, sizes[1:])]
 ctx.claim(claim="A larger reAR model reaches a lower FID (end of training)",
           paper="Fig. 4 at 250k steps: reAR-S 2.00 > reAR-B 1.91 > reAR-L 1.86",
           ours=f"{FID} reAR at the last step: " + ", ".join(f"{s} {final[(s, 'reAR')]:.4g}" for s in sizes),
-          verdict=verdict(steps_r), note=join("rule: each size step lowers FID by more than the noise", common,
-                                              smoke_note))
+          verdict=V.differences_verdict(steps_r, noise, smoke=ctx.is_smoke),
+          note=V.join_notes("rule: each size step lowers FID by more than the noise", common, smoke_note))
 gap = [final[(s, "AR")] - final[(s, "reAR")] for s in sizes]
 ctx.claim(claim="reAR beats AR at every model size",
           paper="Table 5: AR-B 3.12 vs reAR-B 1.91; AR-L 3.02 vs reAR-L 1.86 (Fig. 4 shows reAR only)",
           ours=f"{FID} AR vs reAR at the last step: " + ", ".join(
               f"{s} {final[(s, 'AR')]:.4g} vs {final[(s, 'reAR')]:.4g}" for s in sizes),
-          verdict=verdict(gap), note=join("rule: AR minus reAR > sampling noise at every size", common, smoke_note))
+          verdict=V.differences_verdict(gap, noise, smoke=ctx.is_smoke),
+          note=V.join_notes("rule: AR minus reAR > sampling noise at every size", common, smoke_note))
 print(f"total {time.time() - t_start:.1f} s")
 pd.DataFrame(ctx.claims)[["claim", "ours", "verdict"]]

@@ -18,10 +18,10 @@ COMMANDS = (
     ("vqgan", "rearlib.tokenizers.vqgan", "train or evaluate our VQ tokenizer"),
     ("pretokenize", "rearlib.tokenizers.pretokenize", "encode a dataset once into a token cache"),
     ("classifier", "rearlib.metrics.classifier", "train the in-project classifier (a diagnostic feature network)"),
-    ("analysis", "rearlib.analysis", "cost benchmark of the diagnosis analyses on a GPU"),
+    ("analysis", "rearlib.analysis.cost", "cost benchmark of the diagnosis analyses on a GPU"),
     ("bench", "rearlib.experiments.bench", "training and sampling speed, fast paths against plain paths"),
     ("notebook", "rearlib.experiments.notebook", "pair notebooks/*.py with notebooks/*.ipynb (sync / check)"),
-    ("teaching", "rearlib.teaching", "the teaching app's screenshots"),
+    ("teaching", "rearlib.teaching.screenshots", "the teaching app's screenshots (Voila + Chromium)"),
 )
 
 

@@ -51,13 +51,14 @@ frozen codebook buffer (set with :meth:`Generator.set_codebook`, rescaled by one
 Training attention always uses ``F.scaled_dot_product_attention(is_causal=True)`` (no float mask, so the flash
 kernel is eligible). Cached decoding takes an explicit :class:`KVCache` object as an argument - no module holds a
 "caching enabled" flag.
+
+Around the :class:`Generator` here: :mod:`rearlib.model_config` (:class:`GeneratorConfig`, the presets),
+:mod:`rearlib.model_layers` (blocks and heads), :mod:`rearlib.model_kv_cache` (:class:`KVCache`, decode attention)
+and :mod:`rearlib.model_official` (reading the authors' state dicts); their public names are importable from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -66,7 +67,11 @@ import torch.nn.functional as F
 
 from rearlib.checkpoints import StateDictMismatchError, check_state_dict
 from rearlib.kernels.fused_blocks import fused_block_stack
-from rearlib.kernels.ops import DROPOUT_KERNELS, decode_attention, dropout, register_ops, triton_available
+from rearlib.kernels.ops import triton_available
+from rearlib.model_config import BLOCK_KERNELS, PRESETS, GeneratorConfig, get_config  # noqa: F401
+from rearlib.model_kv_cache import DECODE_ATTENTION, KVCache, _CacheView
+from rearlib.model_layers import Attention, Block, Dropout, FinalAdaLN, Mlp, TiedLMHead, _align_mlp  # noqa: F401
+from rearlib.model_official import infer_config_from_state_dict, read_state_dict
 
 __all__ = [
     "GeneratorConfig",
@@ -84,145 +89,6 @@ __all__ = [
     "StateDictMismatchError",
 ]
 
-_LN_EPS = 1e-6
-#: GeneratorConfig.block_kernels: "auto" = the hand-scheduled block stack of :mod:`rearlib.kernels.fused_blocks` when
-#: training on CUDA under bf16 autocast; "module" = always the Block modules (compiled by torch.compile).
-BLOCK_KERNELS = ("auto", "module")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GeneratorConfig:
-    """Architecture of a :class:`Generator` (all sizes exact; see the module docstring for the function).
-
-    hidden: width C. depth: number of blocks. heads: attention heads (C % heads == 0).
-    codebook_size: K image-token ids. num_classes: M class labels (plus one null class).
-    seq_len: N image tokens per image (raster order). mlp_ratio: MLP hidden = int(C * mlp_ratio).
-    dropout: on the attention output projection and inside the MLP. attn_dropout: on attention probabilities.
-    dropout_kernel: where the ``dropout`` masks come from: "auto" = :func:`rearlib.kernels.dropout_keep_mask` on
-    CUDA (the distribution of ``nn.Dropout`` with p to 2^-17, a different random stream, eight mask elements per
-    Philox call), ``F.dropout`` elsewhere; "torch" = ``F.dropout`` everywhere. Speed only; attention-probability
-    dropout stays in SDPA.
-    block_kernels: "auto" = in CUDA training under bf16 autocast the blocks run as :func:`rearlib.kernels.fused_blocks.
-    fused_block_stack` (same function, hand-scheduled: one adaLN GEMM for all blocks, Triton kernels; +7% samples/s
-    on reAR-B in one A/B, more once tuned, see docs/performance.md); "module" = always the Block modules. Speed only.
-    encode_align_layer / decode_align_layer: 0-based block whose output feeds the encode ("EN") / decode ("DE")
-    alignment head; ``None`` disables that head. They may be equal (the official code cannot do that).
-    align_head: "silu3" = Linear(C,P)-SiLU-Linear(P,P)-SiLU-Linear(P,z) as in the released code (default);
-    "gelu2" = Linear(C,P)-GELU-Linear(P,z) as the paper's App. A describes.
-    projector_dim: P. z_dim: the tokenizer's code dimension (alignment targets; tied-codebook projection size).
-    tied_codebook: the "tied codebook embedding" baseline (module docstring).
-    pos_extra / time_extra: extra rows of the positional / timestep tables beyond N (1024 / 100 as RAR).
-    """
-
-    hidden: int
-    depth: int
-    heads: int
-    codebook_size: int
-    num_classes: int
-    seq_len: int
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
-    attn_dropout: float = 0.1
-    dropout_kernel: str = "auto"
-    block_kernels: str = "auto"
-    encode_align_layer: int | None = 0
-    decode_align_layer: int | None = None
-    align_head: str = "silu3"
-    projector_dim: int = 2048
-    z_dim: int = 256
-    tied_codebook: bool = False
-    pos_extra: int = 1024
-    time_extra: int = 100
-
-    def __post_init__(self):
-        for name in ("hidden", "depth", "heads", "codebook_size", "num_classes", "seq_len", "projector_dim", "z_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"GeneratorConfig.{name} must be a positive int, got {v!r}")
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
-        for name in ("encode_align_layer", "decode_align_layer"):
-            v = getattr(self, name)
-            if v is not None and not (0 <= v < self.depth):
-                raise ValueError(f"{name}={v} is not a block index in [0, {self.depth - 1}] (or None to disable)")
-        if self.align_head not in ("silu3", "gelu2"):
-            raise ValueError(f"align_head must be 'silu3' or 'gelu2', got {self.align_head!r}")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.dropout_kernel not in DROPOUT_KERNELS:
-            raise ValueError(f"dropout_kernel must be one of {DROPOUT_KERNELS}, got {self.dropout_kernel!r}")
-        if self.block_kernels not in BLOCK_KERNELS:
-            raise ValueError(f"block_kernels must be one of {BLOCK_KERNELS}, got {self.block_kernels!r}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if self.pos_extra < 2 or self.time_extra < 2:
-            raise ValueError("pos_extra and time_extra must be >= 2 (the sequence has N + 2 positions)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden * self.mlp_ratio)
-
-    @property
-    def vocab_size(self) -> int:
-        """Rows of the shared embedding table: K image ids + mask + M classes + null."""
-        return self.codebook_size + 1 + self.num_classes + 1
-
-    def replace(self, **overrides) -> "GeneratorConfig":
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown GeneratorConfig fields {sorted(unknown)}; "
-                             f"known: {[f.name for f in dataclasses.fields(self)]}")
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# Presets. "tiny" is exactly the architecture of the official conformance fixture (so CPU tests and the fixture
-# share one config; 0.45M parameters). "small" is ours for the 64 px embedded dataset (16x16 = 256 tokens):
-# 8 x 256 with 4 heads (head dim 64, as the paper's models), DE at block 6 of 8 (the paper's 15/20 and 18/24 are
-# both index/depth = 0.75), EN at 0; about 9.5M parameters without heads. It is sized by what this project can
-# afford and ship: each AR/reAR run trains in a few minutes on one H200, the fp16 weights fit in two 16 MiB
-# shards, and one decode step takes milliseconds on a laptop CPU (the teaching widgets sample live). The
-# projector is 512 wide (2x hidden; the paper's 2048 is 2.7x its 768). Training overrides codebook_size /
-# z_dim / num_classes to the tokenizer and dataset actually used. The "rear_*" presets are the released
-# configs (configs/rear_{s,b,l}.yaml).
-PRESETS: dict[str, GeneratorConfig] = {
-    "tiny": GeneratorConfig(hidden=64, depth=4, heads=4, codebook_size=32, num_classes=10, seq_len=16,
-                            encode_align_layer=0, decode_align_layer=2, projector_dim=128, z_dim=16),
-    "small": GeneratorConfig(hidden=256, depth=8, heads=4, codebook_size=1024, num_classes=10, seq_len=256,
-                             encode_align_layer=0, decode_align_layer=6, projector_dim=512, z_dim=32),
-    "rear_s": GeneratorConfig(hidden=768, depth=20, heads=16, codebook_size=1024, num_classes=1000, seq_len=256,
-                              encode_align_layer=0, decode_align_layer=15),
-    "rear_b": GeneratorConfig(hidden=768, depth=24, heads=16, codebook_size=1024, num_classes=1000, seq_len=256,
-                              encode_align_layer=0, decode_align_layer=18),
-    "rear_l": GeneratorConfig(hidden=1024, depth=24, heads=16, codebook_size=1024, num_classes=1000, seq_len=256,
-                              encode_align_layer=0, decode_align_layer=18),
-}
-
-
-def get_config(preset_or_config: str | GeneratorConfig | dict, **overrides) -> GeneratorConfig:
-    """Resolve a preset name, a config or a dict of config fields, then apply ``overrides``."""
-    if isinstance(preset_or_config, GeneratorConfig):
-        cfg = preset_or_config
-    elif isinstance(preset_or_config, dict):
-        cfg = GeneratorConfig(**preset_or_config)
-    elif isinstance(preset_or_config, str):
-        if preset_or_config not in PRESETS:
-            raise ValueError(f"unknown generator preset {preset_or_config!r}; presets: {sorted(PRESETS)}")
-        cfg = PRESETS[preset_or_config]
-    else:
-        raise TypeError(f"expected a preset name, GeneratorConfig or dict, got {type(preset_or_config).__name__}")
-    return cfg.replace(**overrides) if overrides else cfg
-
 
 class GeneratorOutput(NamedTuple):
     """logits [B, L, K] (position i predicts x_{i+1}; position 0 is the class token);
@@ -231,221 +97,6 @@ class GeneratorOutput(NamedTuple):
     logits: torch.Tensor
     encode_z: torch.Tensor | None
     decode_z: torch.Tensor | None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# KV cache
-# ----------------------------------------------------------------------------------------------------------------
-class KVCache:
-    """Static per-layer key/value cache for ``batch`` rows and ``max_len`` sequence positions.
-
-    ``k[l]`` and ``v[l]`` are ``[batch, heads, max_len, head_dim]`` tensors allocated once (zeros) and written in
-    place by position (prefill writes ``[0, S)``, a decode step writes one position) - never grown with ``cat``,
-    so their addresses are stable (a requirement of CUDA-graph replay). ``max_len = N + 1`` suffices for sampling:
-    the last token x_N is never fed back. The cache is a plain object passed explicitly to
-    :meth:`Generator.prefill` / :meth:`Generator.decode_step`.
-    """
-
-    def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int, *,
-                 device=None, dtype=torch.float32):
-        if batch <= 0 or max_len <= 0:
-            raise ValueError(f"KVCache needs batch > 0 and max_len > 0, got {batch}, {max_len}")
-        shape = (batch, heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.batch, self.max_len, self.dtype = batch, max_len, dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k[0].device
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def zero_(self) -> "KVCache":
-        for t in self.k + self.v:
-            t.zero_()
-        return self
-
-
-class _CacheView(NamedTuple):
-    """What one attention layer needs for cached inference (built by Generator, passed down explicitly)."""
-
-    k: torch.Tensor          # [B, H, max_len, hd] (this layer's slice of the KVCache)
-    v: torch.Tensor
-    pos: torch.Tensor | None  # decode: LongTensor [1], sequence position of the single new token; prefill: None
-    kv_len: int              # decode: attend over cache positions [0, kv_len) (static, >= pos + 1)
-    mask: torch.Tensor | None  # decode: bool [1, 1, 1, kv_len], True where position <= pos
-    attention: str = "sdpa"  # decode kernel, one of DECODE_ATTENTION (see Generator.decode_step)
-
-
-#: Kernels a decode step can attend with (all compute the same masked softmax attention; the choice is speed):
-#: "sdpa": F.scaled_dot_product_attention with the window mask (eager default); "reduce": two float32
-#: multiply-and-sum reductions that torch.compile fuses (see _single_query_attention); "flex": FlexAttention,
-#: whose split-KV decoding kernel torch.compile generates (CUDA + torch.compile only); "triton": our kernel
-#: (rearlib.kernels.decode_attention) that reads exactly positions [0, pos] whatever the window (CUDA + Triton).
-DECODE_ATTENTION = ("sdpa", "reduce", "flex", "triton")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Layers
-# ----------------------------------------------------------------------------------------------------------------
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose masks come from :func:`rearlib.kernels.dropout` (the fast mask kernel on CUDA)."""
-
-    def __init__(self, p: float, kernel: str = "auto"):
-        super().__init__(p)
-        self.kernel = kernel
-        if kernel == "auto" and p > 0 and torch.cuda.is_available():
-            register_ops()  # here, outside torch.compile, not at the first (compiled) forward
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training, self.kernel)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, attn_drop: float, proj_drop: float, dropout_kernel: str = "auto"):
-        super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=_LN_EPS)
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=_LN_EPS)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = Dropout(proj_drop, dropout_kernel)
-
-    def forward(self, x: torch.Tensor, cache: _CacheView | None = None) -> torch.Tensor:
-        B, S, C = x.shape
-        # QK-norm on the [B, S, H, d] views, then transpose: SDPA gets BSHD-strided q/k/v, so in training cuDNN
-        # writes O, dQ, dK and dV in that layout and no transposing copies surround the attention (one H200:
-        # reAR-B training 746 -> 800-803 samples/s, reports/small/bench/train_qknorm_layout_ab.json). For a
-        # one-position decode step the transposed views have the memory layout of contiguous [B, H, 1, d].
-        q, k, v = self.qkv(x).view(B, S, 3, self.heads, self.head_dim).unbind(2)
-        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
-        if cache is None:
-            # Training / full recomputation: causal over the whole sequence (CLS and class token included).
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.attn_drop if self.training else 0.0)
-        elif cache.pos is None:
-            # Prefill from position 0: store k/v, attend causally among the new positions only.
-            cache.k[:, :, :S] = k.to(cache.k.dtype)
-            cache.v[:, :, :S] = v.to(cache.v.dtype)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            # One decode step: write this position, attend over a static window [0, kv_len) masked to <= pos.
-            cache.k.index_copy_(2, cache.pos, k.to(cache.k.dtype))
-            cache.v.index_copy_(2, cache.pos, v.to(cache.v.dtype))
-            kc, vc = cache.k[:, :, :cache.kv_len], cache.v[:, :, :cache.kv_len]
-            if cache.attention == "triton":
-                o = decode_attention(q, cache.k, cache.v, cache.pos)
-            elif cache.attention == "reduce":
-                o = _single_query_attention(q, kc, vc, cache.mask)
-            elif cache.attention == "flex":
-                o = _flex_single_query_attention(q.to(kc.dtype), kc, vc, cache.pos)
-            else:
-                o = F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=cache.mask)
-        o = o.transpose(1, 2).reshape(B, S, C)
-        if not torch.is_autocast_enabled(o.device.type) and o.dtype != x.dtype:
-            o = o.to(x.dtype)
-        return self.proj_drop(self.proj(o))
-
-
-def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) masked to ``mask``) v for one query per (row, head): q [B, H, 1, d], k/v [B, H, W, d].
-
-    Written as two multiply-and-sum reductions accumulated in float32 (as SDPA's kernels accumulate) instead of
-    calling SDPA: with an explicit mask and a single query, SDPA dispatched to a cuDNN kernel that took 83 us per
-    layer, 58% of a reAR-B decode step on an H200 (batch 128 with CFG, profiled); these took 34 us at the same
-    window. Meant for torch.compile, where the casts fuse into the reductions (the bf16 cache is never
-    materialised in float32); eagerly SDPA is faster.
-    """
-    scores = (q.float() * k.float()).sum(-1, keepdim=True) * (q.shape[-1] ** -0.5)  # [B, H, W, 1]
-    scores = scores.masked_fill(~mask.view(1, 1, -1, 1), float("-inf"))
-    probs = torch.softmax(scores, dim=2)
-    return (probs * v.float()).sum(2, keepdim=True).to(v.dtype)  # [B, H, 1, d]
-
-
-def _flex_single_query_attention(q, k, v, pos):
-    """FlexAttention over the static window with keys after ``pos`` masked out (q [B, H, 1, d], pos LongTensor [1])."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    def keep_up_to_pos(score, b, h, q_idx, kv_idx):
-        return torch.where(kv_idx <= pos[0], score, float("-inf"))
-
-    return flex_attention(q, k, v, score_mod=keep_up_to_pos)
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU (erf) -> dropout -> fc2 -> dropout (timm's ``Mlp`` layout, names fc1/fc2)."""
-
-    def __init__(self, dim: int, hidden: int, drop: float, dropout_kernel: str = "auto"):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.drop1 = Dropout(drop, dropout_kernel)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = Dropout(drop, dropout_kernel)
-
-    def forward(self, x):
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-
-def _modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
-class Block(nn.Module):
-    """Pre-LN DiT block with adaLN-Zero; the condition ``c`` is per position ([B, S, C])."""
-
-    def __init__(self, cfg: GeneratorConfig):
-        super().__init__()
-        C = cfg.hidden
-        self.norm1 = nn.LayerNorm(C, eps=_LN_EPS)
-        self.attn = Attention(C, cfg.heads, cfg.attn_dropout, cfg.dropout, cfg.dropout_kernel)
-        self.norm2 = nn.LayerNorm(C, eps=_LN_EPS)
-        self.mlp = Mlp(C, cfg.mlp_hidden, cfg.dropout, cfg.dropout_kernel)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
-
-    def forward(self, x, c, cache: _CacheView | None = None, mod: torch.Tensor | None = None):
-        """``mod``: this block's precomputed ``adaLN_modulation(c)`` [..., 6C] (the decode step computes every
-        block's in one GEMM, see :meth:`Generator.stacked_block_adaln`); None computes it here from ``c``."""
-        mod = self.adaLN_modulation(c) if mod is None else mod
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        x = x + gate1 * self.attn(_modulate(self.norm1(x), shift1, scale1), cache)
-        x = x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
-        return x
-
-
-class FinalAdaLN(nn.Module):
-    """LayerNorm without affine, then ``* (1 + scale) + shift`` with (scale, shift) = chunk(Linear(SiLU(c)), 2)."""
-
-    def __init__(self, C: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(C, eps=_LN_EPS, elementwise_affine=False)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
-
-    def forward(self, x, c):
-        scale, shift = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return _modulate(self.norm_final(x), shift, scale)
-
-
-class TiedLMHead(nn.Module):
-    """Tied-codebook output: logits = proj(h) @ E.T + bias, E the (frozen, RMS-normalised) codebook [K, z]."""
-
-    def __init__(self, C: int, z: int, K: int):
-        super().__init__()
-        self.proj = nn.Linear(C, z)
-        self.bias = nn.Parameter(torch.zeros(K))
-
-    def forward(self, h, codebook):
-        return self.proj(h) @ codebook.to(h.dtype).t() + self.bias
-
-
-def _align_mlp(cfg: GeneratorConfig) -> nn.Sequential:
-    P = cfg.projector_dim
-    if cfg.align_head == "silu3":
-        return nn.Sequential(nn.Linear(cfg.hidden, P), nn.SiLU(), nn.Linear(P, P), nn.SiLU(), nn.Linear(P, cfg.z_dim))
-    return nn.Sequential(nn.Linear(cfg.hidden, P), nn.GELU(), nn.Linear(P, cfg.z_dim))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -807,70 +458,6 @@ def estimate_flops_per_token(config: str | GeneratorConfig, *, training: bool = 
 # ----------------------------------------------------------------------------------------------------------------
 # Official checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-def _read_state_dict(path_or_sd) -> dict:
-    if isinstance(path_or_sd, (str, Path)):
-        path = Path(path_or_sd)
-        if not path.exists():
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file  # optional dependency, only for .safetensors files
-            return load_file(str(path))
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        sd = path_or_sd
-    if not isinstance(sd, dict):
-        raise TypeError(f"expected a state dict (dict of tensors), got {type(sd).__name__}")
-    if "state_dict" in sd and isinstance(sd["state_dict"], dict):  # fixture / wrapped checkpoints
-        sd = sd["state_dict"]
-    return sd
-
-
-def infer_config_from_state_dict(state_dict: dict, **overrides) -> GeneratorConfig:
-    """Read the architecture off tensor shapes (K, M, N, C, depth, heads from the QK-norm size, MLP ratio,
-    head widths). The block indices the alignment heads tap are *not* stored in the weights: when the shapes
-    equal a preset's, that preset's indices are used, otherwise pass ``decode_align_layer=`` /
-    ``encode_align_layer=`` (EN defaults to 0 as in every official config)."""
-    sd = state_dict
-    try:
-        C = sd["embeddings.weight"].shape[1]
-        K = sd["lm_head.weight"].shape[0]
-        M = sd["embeddings.weight"].shape[0] - K - 2
-        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        head_dim = sd["blocks.0.attn.q_norm.weight"].shape[0]
-        mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
-        pos_rows = sd["pos_embed"].shape[1]
-        time_rows = sd["timesteps_embeddings"].shape[1]
-    except KeyError as e:
-        raise StateDictMismatchError(f"not a reAR/RAR generator state dict: missing {e.args[0]!r}") from None
-    pos_extra, time_extra = overrides.get("pos_extra", 1024), overrides.get("time_extra", 100)
-    N = pos_rows - pos_extra
-    if "seq_len" not in overrides and time_rows - time_extra != N:
-        raise StateDictMismatchError(f"cannot infer seq_len: pos_embed has {pos_rows} rows, timesteps_embeddings "
-                                     f"{time_rows}; pass seq_len= (and pos_extra= / time_extra=)")
-    fields = dict(hidden=C, depth=depth, heads=C // head_dim, codebook_size=K, num_classes=M, seq_len=N,
-                  mlp_ratio=mlp_hidden / C)
-    has_enc, has_dec = "encode_align_mlp.0.weight" in sd, "decode_align_mlp.0.weight" in sd
-    for prefix, present in (("encode_align_mlp", has_enc), ("decode_align_mlp", has_dec)):
-        if present:
-            lin = sorted(int(k.split(".")[1]) for k in sd if k.startswith(prefix + ".") and k.endswith(".weight"))
-            fields["projector_dim"] = sd[f"{prefix}.0.weight"].shape[0]
-            fields["z_dim"] = sd[f"{prefix}.{lin[-1]}.weight"].shape[0]
-            fields["align_head"] = "silu3" if len(lin) == 3 else "gelu2"
-    fields = {**fields, **overrides}
-    preset = next((p for p in PRESETS.values() if all(getattr(p, k) == v for k, v in fields.items()
-                                                      if k in ("hidden", "depth", "heads", "codebook_size",
-                                                               "num_classes", "seq_len", "projector_dim",
-                                                               "z_dim"))), None)
-    if "encode_align_layer" not in fields:
-        fields["encode_align_layer"] = (preset.encode_align_layer if preset else 0) if has_enc else None
-    if "decode_align_layer" not in fields:
-        if has_dec and preset is None:
-            raise StateDictMismatchError("the state dict has a decode alignment head but the block it taps is not "
-                                         "stored in the weights; pass decode_align_layer=")
-        fields["decode_align_layer"] = preset.decode_align_layer if has_dec else None
-    return GeneratorConfig(**fields)
-
-
 def load_official_state_dict(path_or_sd, preset_or_config: str | GeneratorConfig | dict | None = None, *,
                              device=None, **overrides) -> Generator:
     """Build a Generator and load an official (or our) state dict with strict name and shape checks.
@@ -881,7 +468,7 @@ def load_official_state_dict(path_or_sd, preset_or_config: str | GeneratorConfig
     (e.g. an AR baseline) loads into a config with the heads disabled. Raises :class:`StateDictMismatchError`
     naming every missing, unexpected and mis-shaped key. Returns the model in eval mode.
     """
-    sd = _read_state_dict(path_or_sd)
+    sd = read_state_dict(path_or_sd)
     if preset_or_config is None:
         cfg = infer_config_from_state_dict(sd, **overrides)
     else:

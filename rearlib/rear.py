@@ -50,6 +50,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rearlib.runtime import config_from_dict
+
 NOISE_SCHEDULES = ("none", "fixed", "uniform", "anneal")
 PERTURB_MODES = ("switch", "mask")
 
@@ -118,8 +120,6 @@ class ReARConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ReARConfig":
-        from rearlib.runtime import config_from_dict
-
         return config_from_dict(cls, d, "fields")
 
 

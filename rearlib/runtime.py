@@ -16,10 +16,12 @@ import os
 import platform
 import random
 import tempfile
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+# torch and numpy are imported inside the functions that use them: the reproduce driver, ``python -m rearlib
+# notebook`` and rearlib.vapi_config import this module without needing either, and torch takes seconds to import.
 
 #: The repository checkout this package runs from (reports/, figures/, data/ and artifacts/ live here).
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +32,7 @@ ARTIFACTS_ENV = "REARLIB_ARTIFACTS"
 
 def resolve_device(device: str = "auto"):
     """Map ``"auto"`` to CUDA when available, else CPU; validate explicit names early with a clear message."""
-    import torch
+    import torch  # deferred: see the note at the imports
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,7 +48,7 @@ def resolve_device(device: str = "auto"):
 @contextlib.contextmanager
 def tf32(enabled: bool):
     """TF32 for CUDA matmuls and cuDNN convolutions switched to ``enabled`` inside; both flags restored after."""
-    import torch
+    import torch  # deferred: see the note at the imports
 
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
@@ -145,7 +147,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    import torch
+    import torch  # deferred: see the note at the imports
 
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -159,7 +161,7 @@ class UnreadableFileError(ValueError):
 def load_torch_file(path: str | os.PathLike, what: str = "file", fix: str = "") -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, with an error that names the file and says what to do
     (``fix``) when it is missing, empty, truncated or holds something else."""
-    import torch
+    import torch  # deferred: see the note at the imports
 
     path = Path(path)
     hint = f" {fix}" if fix else ""
@@ -176,8 +178,8 @@ def load_torch_file(path: str | os.PathLike, what: str = "file", fix: str = "") 
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices). Code that needs exact streams passes torch.Generator objects."""
-    import numpy as np
-    import torch
+    import numpy as np  # deferred: see the note at the imports
+    import torch  # deferred: see the note at the imports
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -186,7 +188,7 @@ def seed_everything(seed: int) -> None:
 
 def hardware_info() -> dict:
     """CPU, GPU and library versions, for provenance records and benchmark tables."""
-    import torch
+    import torch  # deferred: see the note at the imports
 
     info = {
         "python": platform.python_version(),
@@ -211,7 +213,7 @@ def save_sharded(state: dict, path: str | os.PathLike, max_bytes: int = 15 * 2**
     Shipped checkpoints must stay under 16 MiB per file (repository and transfer limits); ``path`` holds the
     metadata and the names of the shards, each of which holds a subset of the tensors. Every file is atomic.
     """
-    import torch
+    import torch  # deferred: see the note at the imports
 
     path = Path(path)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -234,7 +236,7 @@ def save_sharded(state: dict, path: str | os.PathLike, max_bytes: int = 15 * 2**
 
 def load_sharded(path: str | os.PathLike) -> dict:
     """Inverse of :func:`save_sharded`: the metadata dict with every shard's tensors merged in."""
-    import torch
+    import torch  # deferred: see the note at the imports
 
     path = Path(path)
     index = torch.load(path, map_location="cpu", weights_only=True)
@@ -251,8 +253,6 @@ def load_sharded(path: str | os.PathLike) -> dict:
 
 def config_from_dict(cls, d: dict, noun: str = "fields"):
     """``cls(**d)`` for a config dataclass, refusing unknown keys with a message that lists the known ones."""
-    from dataclasses import fields
-
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:

@@ -181,7 +181,8 @@ EVALUATION: dict[str, Any] = {
 STUDIES: dict[str, Any] = {
     "smoke": dict(
         recipes={"main": {}, "ablation": dict(steps=12, warmup_steps=2, log_every=6, ckpt_every=12,
-                                              snapshot_every=6)},
+                                              snapshot_every=6),
+                 "paper_shape": dict(steps=16, warmup_steps=4, log_every=8, ckpt_every=16, snapshot_every=8)},
         base_size="tiny",
         sizes={"xs": dict(hidden=32, depth=2, heads=2, projector_dim=64, decode_align_layer=1),
                "tiny": {},
@@ -190,10 +191,14 @@ STUDIES: dict[str, Any] = {
         scaling_sizes=("xs", "tiny", "medium"),
         est_train_sps=120.0, est_run_overhead_s=3.0, est_eval_s=(1.0, 1.2), est_model_s=0.5),
     "small": dict(
-        # 1000-step ablations (1.3 passes over the 200k training views) and two scaling sizes: what one
-        # session's H200 time affords for all four studies (measured: a 5000-step run 181 s, an evaluation 12 s);
+        # 1000-step ablations (1.3 passes over the 200k training views) and two scaling sizes: what about 30 minutes
+        # of one H200 afford for all four studies (measured: a 5000-step run 181 s, an evaluation 12 s);
         # the medium size (12 x 384) is defined for a longer budget.
-        recipes={"main": {}, "ablation": dict(steps=1000, warmup_steps=100, snapshot_every=250)},
+        # paper_shape: the paper's proportions (warm-up a quarter of the run, cosine to the end LR, the noise
+        # schedule over the whole run) at 8000 steps, with snapshots for the learning curve that sets the length of
+        # the studies' recipe.
+        recipes={"main": {}, "ablation": dict(steps=1000, warmup_steps=100, snapshot_every=250),
+                 "paper_shape": dict(steps=8000, warmup_steps=2000, snapshot_every=1000)},
         base_size="small",
         sizes={"xs": dict(hidden=128, depth=4, heads=2, projector_dim=256, decode_align_layer=3),
                "small": {},

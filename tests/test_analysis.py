@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import rearlib.analysis as A
+import rearlib.analysis.replacement as replacement
 import rearlib.metrics as M
+from rearlib.analysis.forced_decoding import _pick
 from rearlib.model import build_generator
 from rearlib.tokenizers.vqgan import VQConfig, VQTokenizer
 
@@ -147,7 +149,7 @@ def test_multinomial_draws_follow_the_model_distribution(model):
     logits = torch.randn(1, K, generator=g) * 2
     R = 20000
     u = 1.0 - torch.rand(R, generator=g, dtype=torch.float64)
-    ids = A._pick(logits.expand(R, K), u, "multinomial", 1.0)
+    ids = _pick(logits.expand(R, K), u, "multinomial", 1.0)
     freq = torch.bincount(ids, minlength=K).double() / R
     p = torch.softmax(logits[0].double(), -1)
     assert float((freq - p).abs().max()) < 4 * math.sqrt(float(p.max()) / R)
@@ -227,7 +229,7 @@ def test_replacement_keeps_ctr_and_uses_true_token_neighbours(model, tok, data, 
 def test_replacement_raises_if_ctr_would_change(model, tok, data, monkeypatch):
     tokens, labels = data
     ident = torch.arange(K)
-    monkeypatch.setattr(A, "codebook_neighbours", lambda cb: {"nearest": ident, "farthest": ident})
+    monkeypatch.setattr(replacement, "codebook_neighbours", lambda cb: {"nearest": ident, "farthest": ident})
     with pytest.raises(RuntimeError, match="changed the CTR"):
         A.embedding_replacement(model, tok, tokens, labels, r_primes=(1.0,), modes=("nearest",), **FAST)
 
@@ -378,3 +380,262 @@ def test_image_data_are_encoded(model, tok, data):
     pd.testing.assert_frame_equal(df, direct)
     with pytest.raises(ValueError, match="tokenizer"):
         A.robustness(model, imgs, labels[:2], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics helpers and the paper's numbers
+# ---------------------------------------------------------------------------------------------------------------
+def test_welch_diff_matches_scipy_welch_test():
+    from scipy import stats
+
+    a = np.array([1.0, 2.0, 3.0, 4.5, 2.2])
+    b = np.array([0.0, 1.0, 1.5])
+    e = A.welch_diff(a, b)
+    t = stats.ttest_ind(a, b, equal_var=False)
+    d = a.mean() - b.mean()
+    half = stats.t.ppf(0.975, t.df) * d / t.statistic      # se = d / t
+    assert e["mean"] == pytest.approx(d) and e["n"] == 8
+    assert e["lo"] == pytest.approx(d - half) and e["hi"] == pytest.approx(d + half)
+    same = A.welch_diff([2.0, 2.0], [1.0, 1.0])            # no spread: a zero-width interval
+    assert same["lo"] == same["hi"] == 1.0
+
+
+def test_format_ci():
+    e = {"mean": 0.1234, "lo": -0.0100, "hi": 0.25, "n": 3}
+    assert A.format_ci(e) == "+0.123 [95% CI -0.010, +0.250]"
+    assert A.format_ci(e, 2, " pp") == "+0.12 pp [95% CI -0.01, +0.25]"
+    assert A.format_ci(e, 1, words=True) == "+0.1 (95% CI -0.0 to +0.2)"
+
+
+def test_paper_numbers_agree_with_the_paper_setting_in_the_code():
+    from rearlib.analysis import paper_numbers as PN
+    from rearlib.model import PRESETS
+    from rearlib.tokenizers.maskgit_vqgan import MaskGITVQGANConfig
+
+    cfg = MaskGITVQGANConfig()
+    assert (PN.TOKENIZER["resolution"], PN.TOKENIZER["codebook_size"], PN.TOKENIZER["code_dim"]) == (
+        cfg.resolution, cfg.codebook_size, cfg.z_channels)
+    assert PN.TOKENIZER["downsampling"] == 2 ** (cfg.num_resolutions - 1)
+    rear_s = PRESETS["rear_s"]
+    assert (PN.ANALYSIS_DEPTH, PN.ANALYSIS_HIDDEN) == (rear_s.depth, rear_s.hidden)
+    assert (PN.ENCODE_LAYER, PN.DECODE_LAYER) == (rear_s.encode_align_layer, rear_s.decode_align_layer)
+    assert PN.CKA_LAYERS[-1] == PN.ANALYSIS_DEPTH - 1
+
+
+def test_paper_number_views():
+    from rearlib.analysis import paper_numbers as PN
+
+    gap = PN.exposure_bias_gap()
+    assert list(gap.index) == sorted(PN.EXPOSURE_BIAS)
+    assert gap.loc[0.1, "perceptual"] == pytest.approx(0.06) and gap.loc[0.1, "psnr"] == pytest.approx(-1.0)
+    assert gap["perceptual"].mean() == pytest.approx(0.61 / 9)
+    ctr = PN.robustness_percent()
+    assert ctr[("reAR", "unseen", "noisy")] == 9.0 and len(ctr) == 8
+    cka = PN.cka_values()
+    assert cka[("reAR", "decoded", PN.DECODE_LAYER)] == 0.130 and cka.index.is_monotonic_increasing
+    c = A.paper_reference("C")
+    assert set(c.loc[c.condition == "noisy", "noise_fraction"]) == {PN.NOISE_FRACTION}
+
+
+def test_cost_cli_documents_every_option(capsys):
+    from rearlib.analysis.cost import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["benchmark", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: python -m rearlib analysis benchmark")
+    for option, text in (("--preset PRESET", "generator architecture"), ("--images IMAGES", "images timed"),
+                         ("--batch-size BATCH_SIZE", "rows per model call"), ("--device DEVICE", "torch device"),
+                         ("--out OUT", "write the result JSON")):
+        assert f"{option} {text}" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From rows to the notebooks' verdicts (synthetic rows with known effects)
+# ---------------------------------------------------------------------------------------------------------------
+def test_run_per_model_stacks_and_names_the_models(capsys):
+    def analysis(model, x, *, scale):
+        return pd.DataFrame({"value": [model * x, model * x + scale]})
+
+    df = A.run_per_model(analysis, {"ar": 1, "rear": 10}, 2, scale=0.5)
+    assert list(df.columns) == ["model", "value"] and list(df["model"]) == ["AR", "AR", "reAR", "reAR"]
+    assert list(df["value"]) == [2, 2.5, 20, 20.5] and list(df.index) == [0, 1, 2, 3]
+    assert "reAR: 2 rows" in capsys.readouterr().out
+
+
+def _exposure_rows(gap=0.1, models=("AR", "reAR")):
+    """Rows of exposure_bias: imperfect is worse by `gap` perceptual and 0.5 dB, and at r = 0.5 its perplexity is
+    lower by 3 (plus per-image noise)."""
+    g = np.random.default_rng(0)
+    rows = []
+    for m in models:
+        for i in range(8):
+            for r in (0.1, 0.5):
+                for p in ("perfect", "imperfect"):
+                    worse = p == "imperfect"
+                    rows.append({"model": m, "image_id": i, "repeat": 0, "protocol": p, "ratio": r,
+                                 "perceptual": 0.5 - r / 2 + gap * worse + 0.01 * g.standard_normal(),
+                                 "psnr": 15 + 5 * r - 0.5 * worse + 0.05 * g.standard_normal(),
+                                 "ppl": 40 - (3 if worse and r == 0.5 else 0) + 0.1 * g.standard_normal(),
+                                 "ctr": r + 0.01 * worse})
+    return pd.DataFrame(rows)
+
+
+def test_paired_diff_is_imperfect_minus_perfect_per_image():
+    rows = _exposure_rows()
+    d = A.paired_diff(rows[rows.model == "AR"], "psnr")
+    assert d.shape == (8, 2) and list(d.columns) == [0.1, 0.5]
+    one = rows[(rows.model == "AR") & (rows.image_id == 3) & (rows.ratio == 0.5)].set_index("protocol")["psnr"]
+    assert d.loc[(3, 0), 0.5] == pytest.approx(one["imperfect"] - one["perfect"])
+
+
+def test_exposure_bias_findings():
+    rows = _exposure_rows()
+    f = A.exposure_bias_findings(rows, [0.1, 0.5], "ST-LPIPS(alex)", "small", 64)
+    e = f.effects[("AR", "perceptual")]
+    assert e["mean"] == pytest.approx(A.paired_diff(rows[rows.model == "AR"], "perceptual").mean(axis=1).mean())
+    assert 0.08 < e["lo"] < 0.1 < e["hi"] < 0.12 and e["n"] == 8
+    table = f.tables["05_exposure_bias_paired_differences"]
+    assert len(table) == 2 * 4 * 2 and (table["perceptual_metric"] == "ST-LPIPS(alex)").all()
+    lp, ps, ppl = f.claims
+    assert lp["verdict"] == ps["verdict"] == "direction reproduced"   # not comparable at small scale
+    assert lp["paper"].startswith("LPIPS imperfect - perfect = +0.068 on average over r = 0.1..0.9")
+    assert "CI > 0 at 2/2 ratios" in lp["ours"] and lp["note"] == "magnitude not comparable: ST-LPIPS(alex) at 64 px"
+    assert ps["paper"].startswith("PSNR imperfect - perfect = -0.42 dB")
+    # Lower perplexity (CI < 0) at r = 0.5 only, where imperfect is still worse: the claim holds.
+    assert ppl["verdict"] == "direction reproduced" and "lower (CI < 0) at r = [0.5]" in ppl["ours"]
+    assert "perplexity ~1450-1950" in ppl["paper"]
+    assert len(f.notes) == 1 and f.notes[0].startswith("reAR vs AR (not a paper claim): exposure-bias gap")
+    smoke = A.exposure_bias_findings(rows, [0.1, 0.5], "ST-LPIPS(alex)", "smoke", 32)
+    assert all(c["verdict"] == "not tested" for c in smoke.claims)
+    assert smoke.claims[0]["note"].endswith("(the rule would give 'direction reproduced')")
+    assert smoke.rule["perceptual"] == "direction reproduced"
+    # No effect (and only AR): not reproduced; perplexity never lower, so that claim is not tested.
+    flat = _exposure_rows(gap=0.0, models=("AR",))
+    flat["ppl"] = 40.0 + np.arange(len(flat)) % 3
+    f0 = A.exposure_bias_findings(flat, [0.1, 0.5], "ST-LPIPS(alex)", "small", 64)
+    assert f0.claims[0]["verdict"] == "not reproduced" and f0.claims[2]["verdict"] == "not tested" and not f0.notes
+
+
+def _replacement_rows():
+    """AR rows of embedding_replacement at r' = 0 and 0.8: nearest improves, random less, farthest worsens."""
+    g = np.random.default_rng(1)
+    effect = {"nearest": -0.05, "random": 0.0, "farthest": 0.05}
+    rows = []
+    for m in ("AR", "reAR"):
+        for i in range(6):
+            for mode, d in effect.items():
+                for r in (0.0, 0.8):
+                    k = r / 0.8
+                    noise = 0.002 * g.standard_normal()
+                    rows.append({"model": m, "image_id": i, "repeat": 0, "mode": mode, "r_prime": r,
+                                 "perceptual": 0.6 + k * d + noise, "perceptual_delta": k * d + noise,
+                                 "psnr_delta": -k * d * 10 + noise, "emb_sim_wrong": 0.5 + 0.1 * (m == "reAR"),
+                                 "emb_sim_wrong_delta": -k * d + noise, "ppl_delta": 20 * k + noise,
+                                 "n_changed": 4 * k, "n_wrong": 5})
+    return pd.DataFrame(rows)
+
+
+def test_replacement_findings():
+    rows = _replacement_rows()
+    f = A.replacement_findings(rows, 0.8, "ST-LPIPS(alex)", "small")
+    assert [c["verdict"] for c in f.claims] == ["direction reproduced"] * 5
+    assert f.effects["perceptual_delta"]["mean"] == pytest.approx(
+        A.replacement_values(rows, "AR", "nearest", 0.8, "perceptual_delta").mean())
+    assert f.effects["random-nearest"]["mean"] == pytest.approx(0.05, abs=0.01)
+    assert f.claims[0]["paper"] == "-0.048 (perceptual; Fig. 3b/8e-g, LPIPS)"
+    assert f.claims[3]["paper"] == "+390 (ppl_delta; Fig. 3b/8e-g)"
+    assert f.claims[0]["claim"].endswith("(r′ = 0 → 0.8)") and " ST-LPIPS(alex), n = 6 images" in f.claims[0]["ours"]
+    table = f.tables["06_embedding_replacement_effects"]
+    assert list(table["effect"]) == ["perceptual_delta", "psnr_delta", "emb_sim_wrong_delta", "ppl_delta",
+                                     "random-nearest", "farthest-random"]
+    assert (table["r_prime"] == 0.8).all()
+    assert f.values["rear_minus_ar_similarity"]["mean"] == pytest.approx(0.1)
+    assert f.notes[0].startswith("reAR vs AR (not a paper claim): cosine")
+    # Without the paper's r' the paper column reads n/a.
+    assert A.replacement_findings(rows.replace({"r_prime": {0.8: 0.7}}), 0.7, "x", "small").claims[0][
+        "paper"].startswith("n/a")
+
+
+def _robustness_rows():
+    """CTR (%) per image: reAR +1 pp on unseen data; noise costs AR 3 pp and reAR 2 pp; AR overfits by 1 pp."""
+    g = np.random.default_rng(2)
+    rows = []
+    for m in ("AR", "reAR"):
+        for data in ("trained", "unseen"):
+            for i in range(10):
+                base = 12 + 0.5 * g.standard_normal()
+                for cond in ("clean", "noisy"):
+                    v = base + (m == "reAR") * (1 if data == "unseen" else 0) + (m == "AR") * (data == "trained")
+                    v -= (3 if m == "AR" else 2) * (cond == "noisy")
+                    rows.append({"model": m, "data": data, "condition": cond, "image_id": i + 100 * (data == "unseen"),
+                                 "ctr_percent": v + 0.05 * g.standard_normal()})
+    return pd.DataFrame(rows)
+
+
+def test_robustness_findings():
+    rows = _robustness_rows()
+    f = A.robustness_findings(rows, 0.1, "small", {"trained": 10, "unseen": 10}, "a short schedule")
+    assert len(f.claims) == 8
+    e = f.effects["reAR - AR, unseen, clean"]
+    diff = A.robustness_per_image(rows, "reAR", "unseen", "clean") - A.robustness_per_image(rows, "AR", "unseen",
+                                                                                          "clean")
+    assert e["mean"] == pytest.approx(diff.mean()) and e["n"] == 10
+    assert f.effects["gap(AR) - gap(reAR), clean"]["n"] == 20      # Welch over two independent samples
+    assert f.effects["drop(AR) - drop(reAR), unseen"]["mean"] == pytest.approx(1.0, abs=0.1)
+    verdicts = {c["claim"]: c["verdict"] for c in f.claims}
+    assert set(verdicts.values()) == {"direction reproduced"}
+    assert f.claims[0]["paper"] == "12.3% vs 11.8% (+0.5 pp; Fig. 9a)"
+    assert f.claims[2]["note"] == "our training: a short schedule" and "n = 10 + 10 images" in f.claims[2]["ours"]
+    assert f.claims[4]["claim"].startswith("reAR is more robust to 10% random context noise")
+    assert f.values["paper_diff"]["reAR - AR, unseen, clean"] == pytest.approx(0.5)
+    assert list(f.tables["07_robustness_effects"]["effect"]) == list(f.effects)
+
+
+def _cka_rows(depth=4, folds=3):
+    """Per-fold CKA: encoded decays from the input, decoded peaks at layer 2 of 0..3; reAR above AR."""
+    g = np.random.default_rng(3)
+    rows = []
+    for m, lift in (("AR", 0.0), ("reAR", 0.05)):
+        for f in range(folds):
+            for target in A.CKA_TARGETS:
+                for layer in range(depth):
+                    v = 0.5 - 0.1 * layer if target == "encoded" else 0.1 + 0.05 * min(layer, 2) - 0.08 * (layer == 3)
+                    rows.append({"model": m, "fold": str(f), "target": target, "layer": layer, "n_images": 2,
+                                 "cka": v + lift + 0.001 * g.standard_normal()})
+    return pd.DataFrame(rows)
+
+
+def test_cka_findings():
+    from rearlib.plots import wide_ci
+
+    fold_rows = _cka_rows()
+    wide = wide_ci(A.mean_ci(fold_rows, by=["model", "target", "layer"], values=["cka"]), ["model", "target", "layer"])
+    f = A.cka_findings(fold_rows, wide, 4, 0, 2, 6, "small")
+    assert f.values["peaks"] == {("AR", "encoded"): 0, ("AR", "decoded"): 2, ("reAR", "encoded"): 0,
+                                 ("reAR", "decoded"): 2}
+    assert f.values["target_layer"] == pytest.approx(15 / 19 * 3) and f.values["near"]
+    assert [c["verdict"] for c in f.claims] == ["reproduced", "reproduced", "reproduced", "direction reproduced",
+                                                "direction reproduced"]
+    assert "3 folds, 6 images" in f.claims[0]["ours"] and "(layer 0 → 19 of 20)" in f.claims[0]["paper"]
+    assert f.claims[2]["paper"] == "peak at layer 15 of 20 (relative 0.79), lower at 19, for AR and reAR"
+    assert f.claims[4]["paper"] == "layer 15: AR 0.099 → reAR 0.130 (+0.031, digitised ±0.005)"
+    assert f.effects["reAR - AR, decoded"]["mean"] == pytest.approx(0.05, abs=0.003)
+    assert f.effects["reAR - AR, decoded"]["n"] == 3
+    m = A.cka_fold_matrix(fold_rows, "AR", "encoded")
+    assert m.shape == (3, 4) and list(m.index) == ["0", "1", "2"]
+    smoke = A.cka_findings(fold_rows, wide, 4, 0, 2, 6, "smoke")
+    assert {c["verdict"] for c in smoke.claims} == {"not tested"}
+    # A decoded curve that rises to the last block: the peak is the last block, the claim fails.
+    rising = fold_rows.copy()
+    dec = rising.target == "decoded"
+    rising.loc[dec, "cka"] = 0.1 + 0.05 * rising.loc[dec, "layer"]
+    w2 = wide_ci(A.mean_ci(rising, by=["model", "target", "layer"], values=["cka"]), ["model", "target", "layer"])
+    f2 = A.cka_findings(rising, w2, 4, 0, 2, 6, "small")
+    assert f2.claims[2]["verdict"] == "not reproduced" and "peak is the last block" in f2.claims[2]["ours"]
+
+
+def test_cka_peaks_break_ties_towards_the_lower_layer():
+    wide = pd.DataFrame({"model": ["AR"] * 3, "target": ["decoded"] * 3, "layer": [2, 0, 1], "cka": [0.3, 0.1, 0.3]})
+    assert A.cka_peaks(wide) == {("AR", "decoded"): 1}

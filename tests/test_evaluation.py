@@ -1,4 +1,5 @@
-"""rearlib.experiments.evaluation: sample sets (padded fixed batches), labeled scores, recipe-keyed cached records (CPU, smoke)."""
+"""rearlib.experiments.evaluation: sample sets (padded fixed batches), labeled scores, recipe-keyed cached records,
+the floors of FID and teacher-forced token metrics (CPU, smoke)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import pytest
 import torch
 
 import rearlib.experiments.evaluation as E
-from rearlib.experiments.evaluation import Evaluator, canonical_cfg, load_record, record_path, run_model_key, setting_label
+from rearlib.data import render_batch
+from rearlib.experiments.evaluation import (Evaluator, canonical_cfg, load_record, record_path, run_model_key,
+                                            setting_label)
 from rearlib.metrics.classifier import get_classifier
+from rearlib.metrics.inception import KNOWN_SHA256
 from rearlib.model import build_generator
 from rearlib.tokenizers import get_tokenizer
 
@@ -115,8 +119,6 @@ def test_records_do_not_depend_on_the_loading_model_or_device_key(parts, records
 
 
 def test_fixed_image_sets_are_cached(parts, records_root):
-    from rearlib.data import render_batch
-
     tok, clf, _ = parts
     ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False, extractor="rearlib-classifier")
     calls = []
@@ -135,8 +137,6 @@ def test_fixed_image_sets_are_cached(parts, records_root):
 def test_default_extractor_is_the_inception_fid_network(parts, records_root):
     """Without an extractor named, FID / KID / precision / recall come from the Inception-v3 FID network, carry
     their plain names, and the extractor's identity is in the key; IS is absent (the network has no logits)."""
-    from rearlib.metrics.inception import KNOWN_SHA256
-
     tok, clf, model = parts
     ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False)
     classifier_ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False,
@@ -163,3 +163,43 @@ def test_bad_inputs(parts):
         ev.floor_key({}, 10)
     with pytest.raises(ValueError, match="n_ref"):
         Evaluator("smoke", tok, clf, "cpu", n_ref=1)
+
+
+def test_training_image_floors_are_cached_under_the_subject_the_studies_use(parts, records_root):
+    tok, clf, _ = parts
+    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False, extractor="rearlib-classifier")
+    subject = ev.training_images_subject()
+    assert subject == {"kind": "real", "dataset": "ShapeScenes-10", "split": "train", "seed": 0,
+                       "resolution": tok.resolution}
+    real = ev.evaluate_training_images(20)
+    assert load_record(ev.floor_key(subject, 20))["row"] == real and real["n generated"] == 20
+    recon = ev.evaluate_training_images(20, "tokenizer reconstruction")
+    assert load_record(ev.floor_key(ev.training_images_subject("tokenizer reconstruction"), 20))["row"] == recon
+    assert recon["FID[rearlib-classifier]"] != real["FID[rearlib-classifier]"]
+    with pytest.raises(ValueError, match="kind"):
+        ev.training_images_subject("fake")
+    tokens, labels = ev.training_tokens(6)
+    assert tokens.shape == (6, tok.num_tokens) and tokens.device.type == "cpu" and labels.tolist() == [
+        int(x) for x in ev.training_images(6)[1]]
+
+
+def test_teacher_forced_metrics_match_a_direct_computation(parts):
+    tok, _, model = parts
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, tok.codebook_size, (7, tok.num_tokens), generator=g)
+    labels = torch.arange(7) % 10
+    out = E.teacher_forced_metrics(model, tokens, labels, batch=3)  # 3 + 3 + 1: batches do not matter
+    with torch.no_grad():
+        logits = model(tokens, labels).logits.float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+    assert out["n sequences"] == 7 and out["ce_by_position"].shape == (tok.num_tokens,)
+    assert out["CE (nats/token)"] == pytest.approx(float(ce.mean()), rel=1e-5)
+    assert out["perplexity"] == pytest.approx(float(torch.exp(ce.mean())), rel=1e-5)
+    assert out["CTR"] == pytest.approx(float((logits.argmax(-1) == tokens).float().mean()))
+
+
+def test_samples_per_class_shrink_to_fit_the_budget():
+    assert E.samples_per_class_within(30.0, 8, 4, 1.0) == 8          # 8 s of 30: the target
+    assert E.samples_per_class_within(30.0, 100, 4, 1.0) == 30       # as many as fit, a multiple of 10
+    assert E.samples_per_class_within(30.0, 100, 4, 0.7) == 40       # 42.8 -> 40
+    assert E.samples_per_class_within(30.0, 100, 50, 1.0) == 50      # never below the minimum

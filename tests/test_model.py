@@ -3,10 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import rearlib.model as M
 from rearlib.model import (PRESETS, GeneratorOutput, StateDictMismatchError, build_generator,
                            count_parameters, estimate_flops_per_token, get_config, load_official_state_dict)
+from rearlib.model_kv_cache import _single_query_attention
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -254,7 +256,6 @@ def test_flops_formula_matches_a_flop_counter():
     """Our closed form equals torch's FlopCounterMode on a real forward for every matmul; the causal-attention
     term (which the counter does not see for the CPU SDPA kernel, and counts as a full square on GPU) is the
     closed form depth x 4 x C x S(S+1)/2 per image."""
-    from torch.utils.flop_counter import FlopCounterMode
     for overrides in ({}, {"encode_align_layer": None, "align_head": "gelu2"}, {"tied_codebook": True}):
         m = build_generator("tiny", **overrides).eval()
         cfg = m.config
@@ -332,10 +333,6 @@ def test_state_dict_round_trip_and_errors(tmp_path):
 
 def test_single_query_attention_equals_masked_sdpa():
     """The compiled decode step's attention (two float32 reductions) is SDPA with the window mask."""
-    import torch.nn.functional as F
-
-    from rearlib.model import _single_query_attention
-
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, n, 8, generator=g) for n in (1, 10, 10))
     mask = (torch.arange(10) <= 6).view(1, 1, 1, 10)

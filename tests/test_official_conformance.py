@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rearlib.model import (PRESETS, StateDictMismatchError, build_generator, count_parameters,
+from rearlib.model import (PRESETS, StateDictMismatchError, build_generator, check_state_dict, count_parameters,
                            infer_config_from_state_dict, load_official_state_dict)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,7 +183,6 @@ def test_meta_state_dict_round_trip_of_a_layout():
     """A state dict with the JSON's shapes loads into the preset (strict) and one with a wrong shape does not."""
     ref = _layout("s")["state_dict"]
     sd = {k: torch.empty(v, device="meta") for k, v in ref.items()}
-    from rearlib.model import check_state_dict
     model = build_generator("rear_s", device="meta")
     check_state_dict(model, sd)
     sd["pos_embed"] = torch.empty(1, 1024, 768, device="meta")

@@ -8,8 +8,10 @@ import torch
 import torch.nn as nn
 
 from rearlib.model import build_generator
-from rearlib.sample import (_FastDecoder, _pick, benchmark_sampling, cfg_scale_at, cfg_schedule, generate,
-                            generate_fid_samples, generate_progressive, image_seed, image_seeds, merge_fid_samples)
+from rearlib.sample import (benchmark_sampling, cfg_scale_at, cfg_schedule, generate, generate_fid_samples,
+                            generate_progressive, image_seed, image_seeds, merge_fid_samples)
+from rearlib.sample_fast_path import _FastDecoder
+from rearlib.sample_rule import _pick
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

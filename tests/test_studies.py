@@ -1,21 +1,34 @@
-"""rearlib.experiments.studies and training snapshots: specs, canonical run hashes, the resumable plan, the notebook-free path
-when every record exists, pack/unpack, and the CLI time limit (CPU, smoke scale, shrunken plans)."""
+"""rearlib.experiments.studies and training snapshots: specs, canonical run hashes, the resumable plan, the
+notebook-free path when every record exists, pack/unpack, the CLI (help and time limit) and the notebooks' tables
+and figure (CPU, smoke scale, shrunken plans)."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import tarfile
 
+import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 import torch
 
-from rearlib import scales
 import rearlib.experiments.studies as ST
+import rearlib.experiments.studies_plan as SP
+import rearlib.experiments.studies_results as SR
+import rearlib.experiments.studies_workspace as SW
 import rearlib.experiments.zoo as zoo
-from rearlib.rear import get_rear_config
+from rearlib import scales
 from rearlib.experiments.studies import RunSpec, Workspace, paper_layer, resolve
+from rearlib.experiments.studies_figures import VARIANT_COLORS, plot_fid_vs_steps
+from rearlib.experiments.studies_transfer import MEMBER
+from rearlib.rear import get_rear_config
+from rearlib.tokenizers import get_tokenizer
 from rearlib.train import TrainConfig, list_snapshots, load_generator, snapshot_path, train
+
+matplotlib.use("Agg")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -71,8 +84,6 @@ def test_snapshots_are_written_resume_exactly_and_load(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok():
-    from rearlib.tokenizers import get_tokenizer
-
     return get_tokenizer("smoke", "cpu", progress=False)
 
 
@@ -145,7 +156,7 @@ def shrunk(monkeypatch, tok, tmp_path):
                        "ablation": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2)}
     plan["seeds"], plan["cfg_scales"], plan["cfg_powers"] = (0, 1), (3.0,), (0.0,)
     monkeypatch.setitem(scales.STUDIES, "smoke", plan)
-    monkeypatch.setattr(ST, "PAPER_TABLE3", {k: ST.PAPER_TABLE3[k] for k in ("align_only", "rear")})
+    monkeypatch.setattr(SP, "PAPER_TABLE3", {k: SP.PAPER_TABLE3[k] for k in ("align_only", "rear")})
     monkeypatch.setitem(scales.EVALUATION, "smoke", dict(scales.EVALUATION["smoke"], n_ref=64, batch=20,
                                                          n_per_class=2))
     ws = Workspace("smoke", "cpu", progress=False)
@@ -194,7 +205,7 @@ def test_run_then_collect_without_models_pack_unpack(shrunk, monkeypatch, tmp_pa
     assert info["records"] == 4 and info["results"] == 2
     with tarfile.open(archive) as tar:
         names = tar.getnames()
-    assert not any(n.endswith(".pt") for n in names) and all(ST._MEMBER.match(n) for n in names)
+    assert not any(n.endswith(".pt") for n in names) and all(MEMBER.match(n) for n in names)
     monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path / "cpu_box"))
     assert ST.unpack(archive, log=lambda *a: None) == {"written": len(names), "kept": 0}
     assert ST.unpack(archive, log=lambda *a: None) == {"written": 0, "kept": len(names)}
@@ -246,3 +257,92 @@ def test_time_limit_stops_cleanly_and_a_stopped_training_resumes(shrunk, monkeyp
     assert not res["stopped"] and res["missing"] == 0
     result = json.loads((root / "generators" / run.run_hash / "result.json").read_text())
     assert result["resumed_from"] == 2 and result["status"] == "completed"
+
+
+# ------------------------------------------------------------------------------------- the CLI and the facade
+
+def test_every_subcommand_and_option_of_the_cli_explains_itself():
+    parser = ST._parser()
+    assert parser.prog == "python -m rearlib studies"
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"status", "run", "pack", "unpack"}
+    assert all(choice.help for choice in sub._choices_actions)
+    for name, p in sub.choices.items():
+        options = [a for a in p._actions if not isinstance(a, argparse._HelpAction)]
+        assert options and all(a.help for a in options), name
+
+
+def test_the_public_names_stay_importable_from_the_studies_module():
+    for name in ST.__all__:
+        assert getattr(ST, name) is not None
+    assert ST.Workspace is SW.Workspace and ST.collect is SR.collect
+    assert ST.study_specs is SP.study_specs and ST.PAPER_TABLE3 is SP.PAPER_TABLE3
+
+
+# ------------------------------------------------------------------------------------------------ the notebooks' tables
+
+def test_compare_seeds_runs_welch_on_the_seed_values():
+    fid = "FID[rearlib-classifier]"
+    rows = [{"condition": "no CFG", "model": m, "seed": s, fid: v, "IS": 5.0}
+            for m, vals in (("AR", (3.0, 3.1, 2.9)), ("reAR", (2.0, 2.1, 1.9))) for s, v in enumerate(vals)]
+    out = ST.compare_seeds(pd.DataFrame(rows), [(fid, True), ("IS", False)], conditions=("no CFG",))
+    f, i = out.iloc[0], out.iloc[1]
+    assert f["AR mean"] == pytest.approx(3.0) and f["reAR - AR"] == pytest.approx(-1.0)
+    assert f["reAR better"] and f["Welch p"] < 0.01 and not f["2 SE overlap"] and f["n seeds"] == 3
+    assert f["AR values"] == "3, 3.1, 2.9"
+    assert i["Welch p"] != i["Welch p"] and not i["reAR better"]  # no value varies: no test (NaN)
+
+
+def _frames(names, fid_of, **run_cols):
+    fid, isc, kid, _, _, cc = ST.metric_columns()
+    runs = pd.DataFrame([{"run": n, "noise": "x", "EN": 0, "DE": 2, "steps": 12, "samples/s": 100.0,
+                          "train time (s)": 1.0, "GPU": "CPU", "lambda": 1.0, "tied": False, "params": 10,
+                          "model": "4x64", **run_cols} for n in names])
+    evals = pd.DataFrame([{"run": n, "role": "report", fid: fid_of(n), isc: 2.0, kid: 0.1, cc: 0.5,
+                           "n generated": 80} for n in names])
+    return runs, evals
+
+
+def test_the_noise_table_sets_each_row_against_the_final_schedule():
+    names = list(SP.PAPER_TABLE3)
+    runs, evals = _frames(names, lambda n: 10.0 if n == "rear" else 12.0 if n == "fixed_0.5" else 10.5)
+    table = ST.noise_table(runs, evals, noise=1.0)
+    assert list(table["row"]) == names and (table["sampling noise"] == 1.0).all()
+    row = table.set_index("row")
+    assert row.loc["fixed_0.5", "Δ vs final"] == 2.0 and row.loc["fixed_0.5", "beyond noise"]
+    assert not row.loc["align_only", "beyond noise"] and row.loc["rear", "Δ vs final"] == 0.0
+    assert row.loc["fixed_0.5", "paper Δ vs final"] == pytest.approx(1.15)
+
+
+def test_the_embedding_table_has_one_row_per_paper_setting(tok):
+    rows = ST.embedding_rows("smoke")
+    names = [r["name"] for r in rows]
+    runs, evals = _frames(names, lambda n: 20.0 if n == "ar" else 19.0)
+    table = ST.embedding_table("smoke", runs, evals, noise=0.5)
+    assert len(table) == sum(max(1, len(r["paper"])) for r in rows)
+    assert table.loc[table["run"] == "ar", "Δ FID vs vanilla AR"].iloc[0] == 0.0
+    assert (table.loc[table["run"] != "ar", "Δ FID vs vanilla AR"] == -1.0).all()
+    assert list(table.loc[table["paper table"] == "Table 7", "paper setting"]) == [s for s, *_ in SP.PAPER_TABLE7]
+
+
+def test_scaling_tables_and_the_fid_figure_tell_ar_from_rear():
+    fid, _, _, _, _, cc = ST.metric_columns()
+    sizes = ("xs", "tiny")
+    runs = pd.DataFrame([{"run": f"{p} {s}", "preset": p, "size": s, "samples/s": 100.0 if p == "ar" else 90.0}
+                         for s in reversed(sizes) for p in ("rear", "ar")])
+    evals = pd.DataFrame([{"run": f"{p} {s}", "preset": p, "size": s, "model": "2x32", "step": step, "steps": 12,
+                           "role": "report", fid: 100.0 - step / 10, cc: 0.1}
+                          for s in sizes for p in ("ar", "rear") for step in (12, 6)])
+    runs, cost, curve = ST.scaling_tables(runs, evals, sizes, noise=0.5)
+    assert list(zip(runs["size"], runs["variant"])) == [("xs", "AR"), ("xs", "reAR"), ("tiny", "AR"), ("tiny", "reAR")]
+    assert list(cost.index) == list(sizes) and cost["reAR / AR time per step"].tolist() == pytest.approx([10 / 9] * 2)
+    assert curve["step"].tolist()[:2] == [6, 12] and (curve["sampling noise"] == 0.5).all()
+    fig = plot_fid_vs_steps(curve, sizes=sizes, fid=fid, cc=cc, noise=0.5, floor_fid=1.0, scale="smoke")
+    ax = fig.axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    colors = {matplotlib.colors.to_hex(h[0].get_color()) for h, label in zip(handles, labels) if label in
+              VARIANT_COLORS}
+    assert colors == {matplotlib.colors.to_hex(c) for c in VARIANT_COLORS.values()}
+    assert "lower is better" in ax.get_ylabel()
+    assert "real train images" in fig.axes[-1].texts[0].get_text()  # the floor is stated, not drawn off-scale
+    plt.close("all")

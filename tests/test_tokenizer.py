@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from rearlib import scales
 import rearlib.tokenizers as T
 import rearlib.tokenizers.vqgan as vqgan
+import rearlib.tokenizers.vqgan_training as vqgan_training
 from rearlib.data import render_batch
 from rearlib.tokenizers import StateDictMismatchError, TokenizerMismatchError, load_tokenizer, save_tokenizer
 from rearlib.tokenizers.vqgan import VQTrainConfig as TrainConfig, VQConfig, VQTokenizer, code_usage, psnr_ssim, train_vq
@@ -189,7 +190,7 @@ def test_dead_code_restart_uses_encoder_outputs():
     pool = F.normalize(torch.randn(2, 4, 3, 3), dim=1)
     dead = torch.tensor([1, 5])
     keep = q.embedding.weight.detach().clone()
-    vqgan._restart_codes(q, opt, dead, pool, torch.Generator().manual_seed(0))
+    vqgan_training._restart_codes(q, opt, dead, pool, torch.Generator().manual_seed(0))
     w = q.embedding.weight.detach()
     flat = pool.permute(0, 2, 3, 1).reshape(-1, 4)
     for k in dead:
@@ -243,7 +244,7 @@ def test_get_tokenizer_smoke_trains_once_then_caches(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("must not retrain")
 
-    monkeypatch.setattr(vqgan, "train_vq", boom)
+    monkeypatch.setattr(vqgan_training, "train_vq", boom)
     second = T.get_tokenizer("smoke", "cpu", progress=False)
     assert second.identity() == first.identity()
     assert second.checkpoint_meta["metrics"]["steps_done"] == 4

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 import rearlib.train as T
+from rearlib import train_step
+from rearlib.experiments import bench
 from rearlib.model import StateDictMismatchError, build_generator
 from rearlib.rear import get_rear_config
+from rearlib.tokenizers.pretokenize import TokenDataset
 from rearlib.train import (
     DeviceBatches,
     TrainConfig,
@@ -219,7 +222,7 @@ def test_every_variant_runs_one_loop(tmp_path, preset):
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     tokens, labels, cb = toy_data()
     calls = {"n": 0}
-    real = T.rear_loss
+    real = train_step.rear_loss
 
     def poisoned(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
@@ -229,7 +232,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
             stats = {**stats, "loss": loss.detach()}
         return loss, stats
 
-    monkeypatch.setattr(T, "rear_loss", poisoned)
+    monkeypatch.setattr(train_step, "rear_loss", poisoned)  # the loss the Stepper calls
     cfg = tiny_cfg(steps=12, log_every=1, ckpt_every=4)
     with pytest.raises(FloatingPointError, match="last good checkpoint") as err:
         train(cfg, tokens, labels, cb, tmp_path / "nan", device="cpu", progress=False)
@@ -256,8 +259,6 @@ def test_cli_trains_from_a_pretokenized_file(tmp_path):
 
 
 def test_pretokenize_format_views_become_samples(tmp_path):
-    from rearlib.tokenizers.pretokenize import TokenDataset
-
     tokens, labels, _ = toy_data()
     views = torch.stack([tokens, (tokens + 1) % K], dim=1).to(torch.uint8)  # [M, 2 views, 16]
     ds = TokenDataset(views, labels, grid_size=(4, 4), codebook_size=K, view_names=("center", "center_flip"),
@@ -270,8 +271,6 @@ def test_pretokenize_format_views_become_samples(tmp_path):
 
 
 def test_bench_smoke_on_cpu(tmp_path):
-    import rearlib.experiments.bench as bench
-
     res = bench.run("tiny", 4, steps=1, warmup=1, sample_steps=2, sample_repeats=1, device="cpu", progress=False)
     train_rows = [r for r in res["rows"] if r["kind"] == "train"]
     assert {r["variant"] for r in train_rows} == {"ar", "rear"}
@@ -291,8 +290,6 @@ def test_bench_smoke_on_cpu(tmp_path):
 def test_kernel_categories_sort_profiled_names():
     """The profile's kernel names (from an H200 run, reports/small/bench/) fall into the right kinds; cuDNN's
     attention kernels contain "sm90" and must not count as GEMMs; totals rows are skipped."""
-    from rearlib.experiments.bench import kernel_categories
-
     rows = [
         {"kernel": "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", "us_per_step": 100.0},
         {"kernel": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "us_per_step": 40.0},
@@ -304,24 +301,22 @@ def test_kernel_categories_sort_profiled_names():
         {"kernel": "void at::native::reduce_kernel<128, 4>", "us_per_step": 2.0},
         {"kernel": "(all device kernels)", "us_per_step": 180.0},
     ]
-    cats = kernel_categories(rows)
+    cats = bench.kernel_categories(rows)
     assert cats == {"GEMM": 100.0, "attention": 41.0, "Inductor-fused elementwise / reductions": 30.0,
                     "dropout masks (rearlib.kernels.ops)": 5.0, "optimizer": 3.0, "other": 2.0}
     assert list(cats) == sorted(cats, key=lambda c: -cats[c])
 
 
 def test_host_sync_count_only_counts_sync_debug_reports():
-    from rearlib.experiments.bench import count_sync_reports
     msgs = ["Synchronization debug mode is a prototype feature and does not detect every synchronization",
             "called a synchronizing CUDA operation", "some other warning",
             "Tensor.item(): called a synchronizing CUDA operation"]
-    assert count_sync_reports(msgs) == 2 and count_sync_reports([]) == 0
+    assert bench.count_sync_reports(msgs) == 2 and bench.count_sync_reports([]) == 0
 
 
 def test_profile_training_runs_on_cpu_and_leaves_tf32_as_it_was():
-    from rearlib.experiments.bench import profile_training
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    r = profile_training("tiny", "rear", 4, torch.device("cpu"), steps=1, warmup=1)
+    r = bench.profile_training("tiny", "rear", 4, torch.device("cpu"), steps=1, warmup=1)
     assert r["variant"] == "rear" and r["wall_ms_per_step_profiled"] > 0
     assert r["kernels"][-1]["kernel"] == "(all device kernels)"  # no CUDA kernels on the CPU, only the total row
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

@@ -9,7 +9,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import out_path
-from rearlib.experiments.bench import training_stepper, _release, _sync
+from rearlib.experiments.bench import training_stepper, _sync
 dev = torch.device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 res = {"gpu": torch.cuda.get_device_name(0)}

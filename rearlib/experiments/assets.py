@@ -12,6 +12,14 @@ from pathlib import Path
 
 import torch
 
+# Imported as a module: get_tokenizer is looked up at call time, so tests can replace it.
+from rearlib import tokenizers
+from rearlib.data import load_dataset, render_batch
+from rearlib.experiments import zoo
+from rearlib.metrics import perceptual_metric_name
+from rearlib.model import load_official_state_dict
+from rearlib.scales import GENERATOR_DATA as DATA
+
 
 def imagenet_root(data_root=None) -> Path | None:
     """``data_root``, else ``$REARLIB_DATA/imagenet``, else None."""
@@ -43,9 +51,6 @@ def paper_checkpoint(variant: str, path=None) -> Path | None:
 def check_paper_assets(checkpoints: dict, maskgit_path=None, data_root=None, splits=("val",),
                        need_lpips: bool = False) -> None:
     """Raise FileNotFoundError listing every missing paper-scale input (checkpoints, tokenizer, ImageNet, LPIPS)."""
-    from rearlib.metrics import perceptual_metric_name
-    from rearlib.tokenizers import find_maskgit_checkpoint
-
     problems = []
     for name, path in checkpoints.items():
         name = name.removesuffix("_checkpoint")
@@ -55,7 +60,7 @@ def check_paper_assets(checkpoints: dict, maskgit_path=None, data_root=None, spl
                             f"checkpoint is needed (notebook parameter {name}_checkpoint, or "
                             f"${f'REARLIB_{name.upper()}_CHECKPOINT'})")
     try:
-        find_maskgit_checkpoint(maskgit_path, data_root)
+        tokenizers.find_maskgit_checkpoint(maskgit_path, data_root)
     except FileNotFoundError as err:
         problems.append(str(err))
     root = imagenet_root(data_root)
@@ -75,12 +80,8 @@ def load_generators(scale: str, names, tokenizer, device, *, checkpoints: dict |
                     preset: str | None = None) -> dict:
     """``{variant: generator}``: the authors' checkpoints at ``paper`` (``checkpoints[variant]``), else the zoo's."""
     if scale == "paper":
-        from rearlib.model import load_official_state_dict
-
         return {v: load_official_state_dict(paper_checkpoint(v, checkpoints[v]), preset, device=device) for v in names}
-    from rearlib.experiments.zoo import get_generator
-
-    return {v: get_generator(scale, v, tokenizer=tokenizer, device=device, progress=False) for v in names}
+    return {v: zoo.get_generator(scale, v, tokenizer=tokenizer, device=device, progress=False) for v in names}
 
 
 def load_images(scale: str, tokenizer, split: str, n: int, device, *, data_root=None):
@@ -90,16 +91,11 @@ def load_images(scale: str, tokenizer, split: str, n: int, device, *, data_root=
     0..n-1 rendered with the zoo's data seed.
     """
     if scale == "paper":
-        from rearlib.data import load_dataset
-
         ds = load_dataset("imagenet", split=split, resolution=tokenizer.resolution, root=imagenet_root(data_root))
         pick = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique()
         items = [ds[int(i)] for i in pick]
         return (torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]),
                 f"ImageNet {split} ({len(items)} images spread over the class folders)")
-    from rearlib.data import render_batch
-    from rearlib.scales import GENERATOR_DATA as DATA
-
     x, y = render_batch(torch.arange(n), tokenizer.resolution, seed=DATA[scale]["seed"], split=split, device=device)
     return x.cpu(), y.cpu(), f"ShapeScenes-10 {split} (images 0..{n - 1})"
 
@@ -111,19 +107,17 @@ def load_tokens(scale: str, tokenizer, split: str, n: int, device, *, data_root=
     images than the generators saw. ``paper``: :func:`load_images` encoded by the tokenizer.
     """
     if scale == "paper":
+        # Imported here: rearlib.analysis brings scipy and pandas (over a second) that only this paper-scale path needs.
         from rearlib.analysis import encode_images
 
         x, y, desc = load_images(scale, tokenizer, split, n, device, data_root=data_root)
         with torch.no_grad():
             t = encode_images(tokenizer, x.to(device), batch_size)
         return t.cpu(), y, desc
-    from rearlib.scales import GENERATOR_DATA as DATA
-    from rearlib.experiments.zoo import get_tokens
-
     if split == "train" and n > DATA[scale]["train_size"]:
         raise ValueError(f"n_images={n} exceeds the {DATA[scale]['train_size']} images the {scale} generators "
                          f"were trained on")
-    ds = get_tokens(scale, tokenizer, split=split, size=n, progress=False)
+    ds = zoo.get_tokens(scale, tokenizer, split=split, size=n, progress=False)
     return ds.tokens[:, 0].long(), ds.labels, f"ShapeScenes-10 {split}, images 0..{n - 1}"
 
 
@@ -139,14 +133,12 @@ class AnalysisAssets:
     def __init__(self, scale: str, device, *, variants=("ar", "rear"), checkpoints: dict | None = None,
                  preset: str | None = None, maskgit_path=None, data_root=None, splits=("val",),
                  need_lpips: bool = False, batch_size: int = 256):
-        from rearlib.tokenizers import get_tokenizer
-
         self.scale, self.device, self.data_root, self.batch_size = scale, device, data_root, batch_size
         self.variants, self.checkpoints, self.preset = tuple(variants), dict(checkpoints or {}), preset
         if scale == "paper":
             check_paper_assets({f"{v}_checkpoint": self.checkpoints.get(v) for v in self.variants}, maskgit_path,
                                data_root, splits=splits, need_lpips=need_lpips)
-        self.tokenizer = get_tokenizer(scale, device, path=maskgit_path, data_root=data_root, progress=False)
+        self.tokenizer = tokenizers.get_tokenizer(scale, device, path=maskgit_path, data_root=data_root, progress=False)
 
     def generators(self, names=None) -> dict:
         """``{variant: generator}`` for ``names`` (default: the constructor's ``variants``; see

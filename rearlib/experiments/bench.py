@@ -24,19 +24,29 @@ Timing: ``--warmup`` untimed optimizer steps (they include compilation), then ``
 from __future__ import annotations
 
 import argparse
+import csv
 import gc
+import io
 import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from tqdm.auto import tqdm
 
-from rearlib.runtime import atomic_write_text, hardware_info, resolve_device, tf32
+from rearlib.model import build_generator, estimate_flops_per_token, get_config
 from rearlib.rear import get_rear_config
-from rearlib.train import COMPILE_MODES, DeviceBatches, DistInfo, Stepper, TrainConfig, build_model, concrete_device
+from rearlib.runtime import atomic_write_text, hardware_info, resolve_device, tf32
+from rearlib.sample import _FastDecoder
+from rearlib.train import (COMPILE_MODES, DeviceBatches, DistInfo, Stepper, TrainConfig, build_model, concrete_device,
+                           generator_overrides)
+from rearlib.train_config import parse_overrides
 
 #: Dense bf16 tensor-core peaks (FLOP/s) by GPU name fragment; MFU is left empty for other devices.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
@@ -70,9 +80,6 @@ def training_stepper(preset: str, variant: str, batch: int, device: torch.device
                       steps=1_000_000, batch_size=batch, warmup_steps=10, seed=seed,
                       compile=(compile_mode or True) if fast else False, bf16=fast, fused_adamw=fast,
                       log_every=10**9, ckpt_every=10**9)
-    from rearlib.model import get_config
-    from rearlib.train import generator_overrides
-
     mc = get_config(preset, **generator_overrides(cfg))
     g = torch.Generator().manual_seed(seed)
     m = max(4 * batch, 64)
@@ -92,8 +99,6 @@ def bench_training(preset: str, variant: str, batch: int, *, fast: bool, steps: 
                    peak: float | None = None, compile_mode: str | None = None) -> dict[str, Any]:
     """Time ``steps`` optimizer steps of ``variant`` (a reAR preset name) on random data; returns one row.
     compile_mode: a torch.compile mode for the fast path (rearlib.train.COMPILE_MODES; None = default)."""
-    from rearlib.model import estimate_flops_per_token
-
     rear = get_rear_config(variant)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -142,8 +147,6 @@ def count_host_syncs(stepper: Stepper, step: int, device: torch.device) -> int |
     """
     if device.type != "cuda":
         return None
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -172,6 +175,7 @@ def _path_name(fast: bool, device: torch.device) -> str:
 def _release(device: torch.device) -> None:
     gc.collect()
     try:
+        # Imported here: a torch build may lack dynamo (the except below).
         import torch._dynamo
 
         torch._dynamo.reset()  # each configuration compiles its own graphs; drop the old ones
@@ -184,11 +188,10 @@ def _release(device: torch.device) -> None:
 def bench_sampling(preset: str, batch: int, device: torch.device, *, steps: int | None, repeats: int,
                    modes: list[str] | None, model_overrides: dict | None = None) -> list[dict[str, Any]]:
     """Rows from rearlib.sample.benchmark_sampling (random weights), or [] when that function is missing."""
-    try:
+    try:  # imported here so that a missing benchmark_sampling gives [] (see the docstring)
         from rearlib.sample import benchmark_sampling
     except ImportError:
         return []
-    from rearlib.model import build_generator
 
     torch.manual_seed(0)
     model = build_generator(preset, **dict(model_overrides or {})).to(device).eval()
@@ -235,8 +238,6 @@ def kernel_categories(rows: list[dict[str, Any]]) -> dict[str, float]:
 def _kernel_table(prof, per: int, top: int) -> dict[str, Any]:
     """``kernels``: the ``top`` device kernels of a torch.profiler run by total time, per step (``per`` steps
     profiled), then their total; ``categories_us_per_step``: :func:`kernel_categories` over every kernel."""
-    from torch.autograd import DeviceType
-
     rows = []
     for e in prof.key_averages():
         if getattr(e, "device_type", None) != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
@@ -259,8 +260,6 @@ def _kernel_table(prof, per: int, top: int) -> dict[str, Any]:
 def profile_training(preset: str, variant: str, batch: int, device: torch.device, *, steps: int = 3,
                      warmup: int = 5, top: int = 25) -> dict[str, Any]:
     """Device-kernel breakdown of the fast training step (torch.profiler over ``steps`` steps after warm-up)."""
-    from torch.profiler import ProfilerActivity, profile
-
     with tf32(True):
         stepper = training_stepper(preset, variant, batch, device)
         for s in range(warmup):
@@ -285,11 +284,6 @@ def profile_sampling(preset: str, batch: int, device: torch.device, *, steps: in
 
     steps: decode steps profiled, default a whole image (N - 1), so attention over the growing prefix is
     weighted as in real sampling (the first steps alone understate it)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from rearlib.model import build_generator
-    from rearlib.sample import _FastDecoder
-
     torch.manual_seed(0)
     model = build_generator(preset).to(device).eval()
     with torch.no_grad():
@@ -320,8 +314,6 @@ def run(preset: str = "rear_b", batch: int = 128, *, variants=("ar", "rear"), st
         device: str = "auto", peak_tflops: float | None = None, model_overrides: dict | None = None,
         progress: bool = True, compile_mode: str | None = None) -> dict[str, Any]:
     """All measurements; returns {"rows": [...], "summary": {...}, "hardware": ..., "peak": ...}."""
-    from tqdm.auto import tqdm
-
     dev = concrete_device(resolve_device(device))
     peak, peak_desc = peak_flops(dev, peak_tflops)
     paths = [True] if dev.type == "cuda" else [False]
@@ -372,9 +364,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     """JSON at ``out`` and a CSV (one row per measurement) beside it, both written atomically."""
-    import csv
-    import io
-
     out = Path(out)
     atomic_write_text(out, json.dumps(result, indent=2, default=str))
     keys: list[str] = []
@@ -416,8 +405,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of timing: device-kernel breakdown (torch.profiler) of the fast training step of "
                         "each variant and of the compiled decode step; JSON to --out")
     a = p.parse_args(argv)
-    from rearlib.train import _parse_kv
-
     if a.profile:
         dev = concrete_device(resolve_device(a.device))
         if dev.type != "cuda":
@@ -446,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
               plain=not a.no_plain, plain_steps=a.plain_steps, sampling=not a.no_sampling,
               sample_batch=a.sample_batch, sample_steps=a.sample_steps, sample_repeats=a.sample_repeats,
               sample_modes=a.sample_modes.split(",") if a.sample_modes else None, device=a.device,
-              peak_tflops=a.peak_tflops, model_overrides=_parse_kv(a.model_set), compile_mode=a.compile_mode)
+              peak_tflops=a.peak_tflops, model_overrides=parse_overrides(a.model_set), compile_mode=a.compile_mode)
     print(f"device: {res['hardware'].get('gpu') or 'cpu'}   peak used for MFU: {res['peak']}")
     print(format_table(res["rows"]))
     for k, v in res["summary"].items():

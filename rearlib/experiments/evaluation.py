@@ -23,6 +23,11 @@ One :class:`Evaluator` per (scale, tokenizer, classifier, device) does what note
   only the classifier's identity).
   When the record exists the model is never loaded: ``model`` may be a zero-argument callable that is only
   called on a miss.
+* :meth:`Evaluator.evaluate_training_images`: the floors of FID for a generated set of that size: real training
+  images, or their tokenizer reconstructions (cached the same way, keyed by the image set).
+
+Besides: :func:`teacher_forced_metrics` (cross-entropy, perplexity and correct-token ratio of a generator given
+the true prefix) and :func:`samples_per_class_within` (how many samples per class fit a generation budget).
 
 Records do not depend on the device in their key: bf16 CUDA sampling and fp32 CPU sampling give slightly
 different images for the same seeds; the record's ``provenance`` says where it was made.
@@ -37,12 +42,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from rearlib.runtime import artifact_dir, artifacts_root, atomic_write_text, config_hash
+import rearlib.metrics as M
 from rearlib import scales
+from rearlib.data import render_batch
+from rearlib.metrics.classifier import class_consistency
+from rearlib.runtime import artifact_dir, artifacts_root, atomic_write_text, config_hash, hardware_info
+from rearlib.sample import generate, image_seeds, last_fast_path_info
 
 __all__ = ["RECORD_KIND", "RECORD_FORMAT", "Evaluator", "setting_label", "canonical_cfg",
-           "run_model_key", "record_path", "load_record", "iter_records"]
+           "run_model_key", "record_path", "load_record", "iter_records", "teacher_forced_metrics",
+           "samples_per_class_within"]
 
 RECORD_KIND = "eval_records"
 RECORD_FORMAT = "rearlib.evaluation/1"
@@ -124,8 +136,8 @@ class Evaluator:
     Args:
         scale: "smoke" or "small" (the settings of :data:`scales.EVALUATION`; keyword arguments override them).
         tokenizer: decodes sampled tokens; its ``identity()`` is part of every key.
-        classifier: the in-project classifier (``rearlib.metrics.classifier.get_classifier``) for class consistency (and for
-            FID when ``extractor="rearlib-classifier"``); its ``identity`` is in every key.
+        classifier: the in-project classifier (``rearlib.metrics.classifier.get_classifier``) for class consistency
+            (and for FID when ``extractor="rearlib-classifier"``); its ``identity`` is in every key.
         extractor: the feature extractor of FID / KID / precision / recall (:data:`rearlib.metrics.EXTRACTORS`).
         device: where sampling and scoring run.
         data_seed: seed of the embedded dataset (the reference images are ``val`` images 0..n_ref-1 of it).
@@ -135,8 +147,6 @@ class Evaluator:
     def __init__(self, scale: str, tokenizer, classifier, device, *, n_ref: int | None = None,
                  batch: int | None = None, sampler: str | bool | None = "scale", data_seed: int = 0,
                  progress: bool = True, extractor: str | None = None):
-        import rearlib.metrics as M
-
         if scale not in scales.EVALUATION:
             raise ValueError(f"no evaluation settings for scale {scale!r}; available: {', '.join(scales.EVALUATION)}")
         s = scales.EVALUATION[scale]
@@ -164,9 +174,7 @@ class Evaluator:
         if self.extractor == "rearlib-classifier":
             return None  # the classifier's identity is already in every key
         if self.extractor == "inception-v3-fid":
-            from rearlib.metrics import inception_fid_identity
-
-            return inception_fid_identity()
+            return M.inception_fid_identity()
         return self.extractor
 
     def _key_extractor(self) -> dict:
@@ -177,9 +185,6 @@ class Evaluator:
     def reference_u8(self) -> torch.Tensor:
         """uint8 [n_ref, 3, H, W] held-out real images (rendered on first use)."""
         if self._ref_u8 is None:
-            import rearlib.metrics as M
-            from rearlib.data import render_batch
-
             imgs = render_batch(torch.arange(self.n_ref), self.resolution, seed=self.data_seed, split="val",
                                 device=self.device)[0]
             self._ref_u8 = M.to_uint8(imgs).cpu()
@@ -190,11 +195,6 @@ class Evaluator:
     def sample_set(self, model, n_per_class: int, cfg_scale: float | None, cfg_power: float | None,
                    sample_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images [10 n, 3, H, W] and labels [10 n]: image i has class i // n and seed image_seed(seed, i)."""
-        from tqdm.auto import tqdm
-
-        import rearlib.metrics as M
-        from rearlib.sample import generate, image_seeds
-
         if int(n_per_class) < 1:
             raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
         g, p = canonical_cfg(cfg_scale, cfg_power)
@@ -213,9 +213,6 @@ class Evaluator:
 
     def score(self, images_u8: torch.Tensor, labels: torch.Tensor) -> dict:
         """Labeled FID / IS / KID / precision / recall against the reference, class consistency, counts."""
-        import rearlib.metrics as M
-        from rearlib.metrics.classifier import class_consistency
-
         dm = M.distribution_metrics(images_u8, self.reference_u8, extractor=self.extractor,
                                     classifier=self.classifier, device=self.device, cache_name=self.reference_name,
                                     reference_name=f"ShapeScenes-10 val n={self.n_ref}")
@@ -242,15 +239,11 @@ class Evaluator:
         return record_path(self.key(model_key, **settings)).is_file()
 
     def _provenance(self, t_gen: float | None, n: int) -> dict:
-        from rearlib.runtime import hardware_info
-
         hw = hardware_info()
         prov = {"device": str(self.device), "gpu": hw.get("gpu") if self.device.type == "cuda" else None,
                 "torch": hw["torch"], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "generation s": t_gen, "images/s": (n / t_gen) if t_gen else None}
         if t_gen is not None and self.device.type == "cuda":
-            from rearlib.sample import last_fast_path_info
-
             prov["sampler mode"] = last_fast_path_info().get("mode")
         return prov
 
@@ -290,8 +283,6 @@ class Evaluator:
         ``subject`` names the set (a dict, part of the key); ``make_images()`` returns (uint8 or [0, 1] float
         images [n, 3, H, W], labels [n]) and is only called when the record is missing.
         """
-        import rearlib.metrics as M
-
         key = self.floor_key(subject, n_images)
         stored = load_record(key)
         if stored is not None:
@@ -312,11 +303,50 @@ class Evaluator:
         return {"scale": self.scale, "images": subject, "n": int(n_images), "tokenizer": self.tokenizer_id,
                 "classifier": self.classifier_id, "reference": self.reference, **self._key_extractor()}
 
+    # -- real training images: the floors of FID ---------------------------------------------------------
+    def training_images(self, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images 0..n-1 of the embedded dataset (the evaluator's ``data_seed``) and their labels."""
+        with torch.no_grad():
+            return render_batch(torch.arange(int(n_images)), self.resolution, seed=self.data_seed, split="train",
+                                device=self.device)
+
+    def training_images_subject(self, kind: str = "real") -> dict:
+        """The ``subject`` of :meth:`evaluate_images` for training images ("real") or their tokenizer
+        reconstructions ("tokenizer reconstruction")."""
+        if kind not in ("real", "tokenizer reconstruction"):
+            raise ValueError(f"kind must be 'real' or 'tokenizer reconstruction', got {kind!r}")
+        return {"kind": kind, "dataset": "ShapeScenes-10", "split": "train", "seed": self.data_seed,
+                "resolution": self.resolution}
+
+    def evaluate_training_images(self, n_images: int, kind: str = "real") -> dict:
+        """Score ``n_images`` real training images (the finite-sample floor of FID for generated sets of that
+        size) or, with ``kind="tokenizer reconstruction"``, their reconstructions by the tokenizer (the best a
+        generator of tokens could do); cached like :meth:`evaluate_images`."""
+        subject = self.training_images_subject(kind)
+
+        def make():
+            images, labels = self.training_images(n_images)
+            if kind == "real":
+                return images, labels
+            with torch.no_grad():
+                recon = [self.tokenizer.decode(self.tokenizer.encode(images[i:i + 500]))
+                         for i in range(0, len(images), 500)]
+            return torch.cat(recon), labels
+
+        return self.evaluate_images(subject, make, n_images)
+
+    def training_tokens(self, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images 0..n-1 encoded by the tokenizer: CPU tokens [n, N] and labels [n]."""
+        images, labels = self.training_images(n_images)
+        n_tokens = math.prod(self.tokenizer.grid_size)
+        with torch.no_grad():
+            tokens = torch.cat([self.tokenizer.encode(images[i:i + 500]).reshape(-1, n_tokens).cpu()
+                                for i in range(0, len(images), 500)])
+        return tokens, labels.cpu()
+
     @torch.no_grad()
     def time_sampler(self, model, cfg_scale: float | None, cfg_power: float = 0.0, seed: int = 10_000) -> float:
         """images/s of the evaluation sampler (tokens + decode) on one full batch, after one warm-up batch."""
-        from rearlib.sample import generate
-
         g, p = canonical_cfg(cfg_scale, cfg_power)
         dev = next(model.parameters()).device
         labels = torch.arange(self.batch, device=dev) % NUM_CLASSES
@@ -327,3 +357,36 @@ class Evaluator:
         self.tokenizer.decode(generate(model, labels, **kw))
         _sync(self.device)
         return self.batch / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def teacher_forced_metrics(model, tokens: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> dict:
+    """Teacher-forced token metrics of ``model`` on ``tokens`` [n, N] with class ``labels`` [n].
+
+    Returns cross-entropy in nats per token ("CE (nats/token)"), its "perplexity" exp(CE), the correct-token ratio
+    "CTR" (argmax prediction given the true prefix = the true token), "n sequences", and "ce_by_position" (the mean
+    CE at each raster position, a CPU tensor [N]).
+    """
+    model.eval()
+    dev = next(model.parameters()).device
+    n_pos = tokens.shape[1]
+    ce_sum, hit, n_seq = torch.zeros(n_pos, dtype=torch.float64), torch.zeros(n_pos, dtype=torch.float64), 0
+    for s in range(0, len(tokens), batch):
+        t, y = tokens[s:s + batch].to(dev), labels[s:s + batch].to(dev)
+        logits = model(t, y).logits.float()  # logits[:, i] predicts x_{i+1} from [class, x_1..x_i]
+        ce_sum += F.cross_entropy(logits.transpose(1, 2), t, reduction="none").double().sum(0).cpu()
+        hit += (logits.argmax(-1) == t).double().sum(0).cpu()
+        n_seq += len(t)
+    ce_pos = ce_sum / n_seq
+    ce = float(ce_pos.mean())
+    return {"CE (nats/token)": ce, "perplexity": math.exp(ce), "CTR": float(hit.sum() / (n_seq * n_pos)),
+            "n sequences": n_seq, "ce_by_position": ce_pos}
+
+
+def samples_per_class_within(budget_s: float, target: int, minimum: int, seconds_per_class_sample: float) -> int:
+    """Samples per class of one evaluation: ``target`` when the planned evaluations fit ``budget_s`` seconds of
+    generation (``seconds_per_class_sample``: their generation time per sample of each class), else as many as
+    fit, rounded down to a multiple of 10, and at least ``minimum``."""
+    if target * seconds_per_class_sample <= budget_s:
+        return int(target)
+    return max(int(minimum), int(budget_s / seconds_per_class_sample) // 10 * 10)

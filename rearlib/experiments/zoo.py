@@ -29,13 +29,18 @@ from pathlib import Path
 
 import torch
 
-from rearlib.runtime import artifact_dir, artifacts_root, config_hash, load_sharded, resolve_device, save_sharded
-from rearlib.scales import validate_scale
-
-from rearlib.runtime import REPO_ROOT
 from rearlib import scales
-CHECKPOINTS = REPO_ROOT / "data" / "checkpoints"
+from rearlib.data import render_batch
+from rearlib.model import GeneratorConfig, build_generator
+from rearlib.runtime import (REPO_ROOT, artifact_dir, artifacts_root, config_hash, load_sharded, resolve_device,
+                             save_sharded)
+from rearlib.scales import validate_scale
+from rearlib.tokenizers import get_tokenizer
+from rearlib.tokenizers.pretokenize import pretokenize
+from rearlib.train import config_for_scale, load_generator, snapshot_path, train
+from rearlib.train_checkpoints import resume_key
 
+CHECKPOINTS = REPO_ROOT / "data" / "checkpoints"
 
 
 def _check_scale(scale: str) -> None:
@@ -48,9 +53,6 @@ def _check_scale(scale: str) -> None:
 
 def get_tokens(scale: str, tokenizer, *, split: str = "train", size: int | None = None, progress: bool = True):
     """The embedded dataset of ``scale`` encoded by ``tokenizer`` (a cached :class:`TokenDataset`)."""
-    from rearlib.data import render_batch
-    from rearlib.tokenizers.pretokenize import pretokenize
-
     _check_scale(scale)
     d = scales.GENERATOR_DATA[scale]
     n = size or (d["train_size"] if split == "train" else max(256, d["train_size"] // 10))
@@ -68,8 +70,6 @@ def train_config(scale: str, variant, tokenizer, seed: int = 0, **overrides):
     model size) is merged with the shapes the tokenizer and dataset fix (codebook size, code dimension, tokens
     per image, 10 classes), which it may not contradict.
     """
-    from rearlib.train import config_for_scale
-
     _check_scale(scale)
     shapes = {"codebook_size": tokenizer.codebook_size, "z_dim": tokenizer.code_dim,
               "seq_len": tokenizer.num_tokens, "num_classes": 10}
@@ -104,8 +104,6 @@ def run_dir(scale: str, variant, tokenizer, seed: int = 0, **overrides) -> Path:
 def train_generator(scale: str, variant, tokenizer, seed: int = 0, *, device="auto",
                     time_limit_s: float | None = None, progress: bool = True, **overrides) -> dict:
     """Train (or resume, or return the finished result of) a zoo generator in its artifact folder."""
-    from rearlib.train import train
-
     cfg = train_config(scale, variant, tokenizer, seed, **dict(overrides))
     data = get_tokens(scale, tokenizer, progress=progress)
     tokens, labels = data.tensors()
@@ -135,8 +133,6 @@ def export_generator(model_file: str | Path, out: str | Path) -> list[Path]:
 
 def load_shipped(path: str | Path, device="cpu"):
     """A generator from :func:`export_generator`'s files, in float32 and eval mode (strict name/shape check)."""
-    from rearlib.model import GeneratorConfig, build_generator
-
     state = load_sharded(path)
     if state.get("format") != "rearlib.zoo/1":
         raise ValueError(f"{path} is not a rearlib zoo generator")
@@ -160,15 +156,13 @@ def _shipped_for(scale: str, variant, seed: int, overrides: dict, cfg) -> Path |
     equal the recipe up to fields that change no numbers (logging / checkpoint / snapshot intervals), so a stale
     shipped file is never mistaken for a changed recipe.
     """
-    from rearlib.train import _resume_key
-
     if scale != "small" or not isinstance(variant, str) or overrides:
         return None
     path = shipped_path(scale, variant, seed)
     if not path.is_file():
         return None
     meta = _shipped_meta(path)
-    if _resume_key(meta.get("train_config", {})) != _resume_key(cfg.to_dict()):
+    if resume_key(meta.get("train_config", {})) != resume_key(cfg.to_dict()):
         raise ValueError(f"{path} was trained with another recipe than rearlib.experiments.zoo's current {scale!r} recipe for "
                          f"{variant!r} seed {seed}; re-export it or restore the recipe")
     return path
@@ -210,8 +204,6 @@ def load_run(scale: str, variant, tokenizer, seed: int = 0, *, step: int | None 
 
     Raises FileNotFoundError when those weights are not on this machine (e.g. only records were unpacked).
     """
-    from rearlib.train import load_generator, snapshot_path
-
     _check_scale(scale)
     dev = resolve_device(device) if isinstance(device, str) else device
     cfg = train_config(scale, variant, tokenizer, seed, **dict(overrides))
@@ -245,8 +237,6 @@ def get_generator(scale: str, variant="rear", *, tokenizer, seed: int = 0, devic
     shipped = _shipped_for(scale, variant, seed, overrides, cfg)
     if shipped is not None:
         return load_shipped(shipped, dev)
-    from rearlib.train import load_generator
-
     # A finished run is loaded directly: building the trainer would import torch._dynamo (seconds) for nothing.
     done = run_dir(scale, variant, tokenizer, seed, **overrides)
     if (done / "model.pt").is_file() and (done / "result.json").is_file():
@@ -284,9 +274,6 @@ def main(argv=None) -> int:
                    help="write fp16 shards (default path data/checkpoints/generator_<scale>_<variant>_seed<seed>.pt)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-
-    from rearlib.tokenizers import get_tokenizer
-
     dev = resolve_device(args.device)
     tok = get_tokenizer(args.scale, dev, progress=not args.no_progress)
     result = train_generator(args.scale, args.variant, tok, args.seed, device=dev, time_limit_s=args.time_limit,

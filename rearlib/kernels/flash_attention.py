@@ -33,7 +33,7 @@ import torch
 
 from rearlib.kernels.ops import _dropout_seed, keep_threshold, triton
 
-if triton is not None:
+if triton is not None:  # triton is optional (CPU installs lack it); ops defines its Philox helpers only with it
     import triton.language as tl
 
     from rearlib.kernels.ops import _philox_byte, _philox_key

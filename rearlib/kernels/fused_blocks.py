@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from rearlib.kernels.flash_attention import attention_dropout_bits, attention_seed, flash_attention_backward, flash_attention_forward
 from rearlib.kernels.ops import _dropout_seed, dropout_keep_bits, pack_keep, triton, triton_available, unpack_keep
 
-if triton is not None:
+if triton is not None:  # triton is optional: CPU installs run the plain-PyTorch stand-ins
     import triton.language as tl
 
 __all__ = ["SiteLN", "SiteResidual", "site_forward", "site_backward", "qknorm_forward", "qknorm_backward",

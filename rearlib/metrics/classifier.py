@@ -7,7 +7,7 @@ experiments work in. It serves three purposes:
 
 * a torch-fidelity feature extractor, registered as ``"rearlib-classifier"``: feature ``"pool"`` (global average
   of the last stage, the analogue of Inception's pool3) for FID/KID/PR and ``"logits"`` for IS;
-* the backbone of the DFD perceptual substitute in :mod:`rearlib.metrics` (multi-layer activations);
+* the backbone of the DFD perceptual distance in :mod:`rearlib.metrics.perceptual` (multi-layer activations);
 * a class-consistency score for conditional samples (:func:`class_consistency`).
 
 Every number computed with it must be labeled with its name (and its identity hash), never as "Inception" or
@@ -39,15 +39,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from rearlib.runtime import artifact_dir, atomic_torch_save, atomic_write_text, hardware_info, resolve_device
+from rearlib import scales
+from rearlib.data import NUM_CLASSES, render_batch
+from rearlib.runtime import (REPO_ROOT, artifact_dir, atomic_torch_save, atomic_write_text, hardware_info,
+                             resolve_device)
 from rearlib.scales import validate_scale
 
 #: Name under which the classifier is registered with torch-fidelity; every table uses it.
 EXTRACTOR_NAME = "rearlib-classifier"
 CHECKPOINT_FORMAT = "rearlib-classifier/1"
-from rearlib.runtime import REPO_ROOT
-from rearlib import scales
 
 
 # Fixed input normalisation (no dataset statistics needed; the renders are roughly centred at 0.4).
@@ -152,8 +154,6 @@ def state_identity(state_dict: dict, config: dict) -> str:
 
 
 def build_classifier(cfg: dict) -> Classifier:
-    from rearlib.data import NUM_CLASSES
-
     return Classifier(cfg["widths"], cfg.get("num_classes", NUM_CLASSES), cfg["resolution"], cfg.get("stem_stride", 1))
 
 
@@ -206,8 +206,6 @@ def load_classifier(path, device="cpu") -> Classifier:
 # ----------------------------------------------------------------------------------------------------------
 def data_fingerprint() -> str:
     """Hash of a few CPU renders of the embedded dataset: a changed renderer invalidates cached classifiers."""
-    from rearlib.data import render_batch
-
     imgs, labels = render_batch(torch.arange(4), 16, seed=0, split="train")
     h = hashlib.sha256(imgs.numpy().tobytes())
     h.update(labels.numpy().tobytes())
@@ -220,8 +218,6 @@ def scale_config(scale: str, seed: int = 0) -> dict:
         raise ValueError(
             "the in-project classifier is trained on the 10-class embedded dataset and is not defined for "
             "scale 'paper' (ImageNet): use extractor='inception-v3-compat' and LPIPS there")
-    from rearlib.data import NUM_CLASSES
-
     cfg = dict(scales.CLASSIFIER[scale])
     cfg.update({"scale": scale, "seed": int(seed), "num_classes": NUM_CLASSES, "data": data_fingerprint()})
     cfg["train_resolutions"] = list(cfg["train_resolutions"])
@@ -236,8 +232,6 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _render_pool(split: str, size: int, cfg: dict, device, seed: int, progress: bool):
     """uint8 images [size, 3, R, R] at the classifier resolution, mixing cfg['train_resolutions'] by index."""
-    from rearlib.data import render_batch
-
     R = cfg["resolution"]
     res_list = cfg["train_resolutions"]
     chunk = 4096 if device.type == "cuda" else 1024
@@ -245,8 +239,6 @@ def _render_pool(split: str, size: int, cfg: dict, device, seed: int, progress: 
     labels = torch.empty(size, dtype=torch.int64, device=device)
     res_of = torch.arange(size) % len(res_list)  # alternate resolutions so every class sees each of them
     it = range(0, size, chunk)
-    from tqdm.auto import tqdm
-
     for start in tqdm(it, desc=f"render {split} ({size})", disable=not progress, leave=False):
         idx = torch.arange(start, min(start + chunk, size))
         for k, r in enumerate(res_list):
@@ -299,8 +291,6 @@ def train_classifier(scale: str = "smoke", device="auto", *, seed: int = 0, prog
 
 
 def _train(scale, dev, seed, progress, cfg):
-    from tqdm.auto import tqdm
-
     cfg = dict(cfg or scale_config(scale, seed))
     t0 = time.time()
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -446,6 +436,7 @@ def class_consistency(images: torch.Tensor, labels: torch.Tensor, classifier: Cl
 # torch-fidelity integration
 # ----------------------------------------------------------------------------------------------------------
 def _fidelity_extractor_class():
+    # Imported here, not at the top: torch_fidelity imports torchvision, which takes seconds.
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.helpers import vassert
 
@@ -496,6 +487,7 @@ def _fidelity_extractor_class():
 
 def register_with_torch_fidelity() -> str:
     """Register the extractor as ``"rearlib-classifier"`` (idempotent); returns the name."""
+    # Imported here, not at the top: torch_fidelity imports torchvision, which takes seconds.
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
     if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
@@ -530,10 +522,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rearlib classifier", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the in-project classifier and write a checkpoint + JSON report")
-    t.add_argument("--scale", default="small", choices=("smoke", "small"))
+    t.add_argument("--scale", default="small", choices=("smoke", "small"),
+                   help="which scale's recipe (scales.CLASSIFIER) to train (default: small)")
     t.add_argument("--out", default=None, help="checkpoint path (default: the scale's default location)")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto",
+                   help='"auto" (a GPU if there is one; default), "cpu", "cuda" or "cuda:N"')
+    t.add_argument("--seed", type=int, default=0,
+                   help="random seed of the initial weights, the rendered data and the batch order (default: 0)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.cmd == "train":

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from rearlib.runtime import artifact_dir, atomic_torch_save
+
 #: Name under which the network is registered with torch-fidelity (``feature_extractor=`` of its functions).
 EXTRACTOR_NAME = "inception-v3-fid"
 #: Environment variable that points at the TorchScript weights file (overrides the installed package).
@@ -126,6 +128,7 @@ def _torchscript_convs(module) -> list[tuple[str, dict]]:
 
 def _fidelity_convs(model) -> list[str]:
     """Module names of torch-fidelity's ``BasicConv2d`` blocks, in definition order."""
+    # Imported here, not at the top: torch_fidelity imports torchvision, which takes seconds.
     from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
 
     return [name for name, m in model.named_modules() if isinstance(m, BasicConv2d)]
@@ -138,6 +141,7 @@ def torch_fidelity_state_dict(weights=None) -> tuple[dict, dict]:
     file lacks, is zero, so logits are unusable and this module refuses them) and :func:`weights_info`.
     Raises :class:`InceptionMappingError` when the convolutions differ in count, order or shape.
     """
+    # Imported here, not at the top: torch_fidelity imports torchvision, which takes seconds.
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     info = weights_info(weights)
@@ -186,8 +190,6 @@ _converted: dict = {}
 def converted_weights_file(weights=None) -> Path:
     """The mapped state dict as a file torch-fidelity can load (written once per source file, in the artifacts
     cache, keyed by the source's sha256)."""
-    from rearlib.runtime import artifact_dir, atomic_torch_save
-
     info = weights_info(weights)
     if info["sha256"] in _converted and _converted[info["sha256"]].is_file():
         return _converted[info["sha256"]]
@@ -200,6 +202,7 @@ def converted_weights_file(weights=None) -> Path:
 
 
 def _extractor_class():
+    # Imported here, not at the top: torch_fidelity imports torchvision, which takes seconds.
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     from torch_fidelity.helpers import vassert
 
@@ -231,6 +234,7 @@ def _extractor_class():
 
 def register_with_torch_fidelity() -> str:
     """Register the extractor as :data:`EXTRACTOR_NAME` (idempotent); returns the name."""
+    # Imported here, not at the top: torch_fidelity imports torchvision, which takes seconds.
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
     if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rearlib.checkpoints import StateDictMismatchError, load_state_dict_strict
-from rearlib.runtime import load_torch_file
+from rearlib.runtime import config_from_dict, load_torch_file
 from rearlib.tokenizers.base import Tokenizer
 
 #: The configuration of the released ImageNet checkpoint (``official_maskgit_vqgan_state_dict.json``).
@@ -81,8 +81,6 @@ class MaskGITVQGANConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MaskGITVQGANConfig":
-        from rearlib.runtime import config_from_dict
-
         return config_from_dict(cls, d, "keys")
 
 
@@ -277,7 +275,7 @@ def _read_state_dict(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"MaskGIT-VQGAN weights {path} not found")
     if path.suffix == ".safetensors":
-        try:
+        try:  # safetensors is optional: only .safetensors weights need it
             from safetensors.torch import load_file
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError(f"{path} is a safetensors file; pip install safetensors to read it") from err

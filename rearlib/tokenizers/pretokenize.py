@@ -28,6 +28,7 @@ CLI: ``python -m rearlib pretokenize --scale small --split train --size 50000 --
 
 from __future__ import annotations
 
+import argparse
 import functools
 import time
 import warnings
@@ -36,9 +37,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
-from rearlib.runtime import UnreadableFileError, load_torch_file
+# Imported as a module: get_tokenizer is looked up at call time, so tests can replace it.
+from rearlib import tokenizers
+from rearlib.data import EmbeddedDataset
+from rearlib.runtime import UnreadableFileError, artifact_dir, atomic_torch_save, load_torch_file
 from rearlib.tokenizers.base import TokenizerMismatchError
 
 FORMAT = "rearlib-tokens"
@@ -155,8 +160,6 @@ class TokenDataset(Dataset):
                 "view_names": list(self.view_names), "tokenizer_identity": self.tokenizer_identity, **self.meta}
 
     def save(self, path) -> Path:
-        from rearlib.runtime import atomic_torch_save
-
         return atomic_torch_save(self.to_dict(), path)
 
     def __repr__(self) -> str:
@@ -222,8 +225,6 @@ def _batches(source, size: int, batch_size: int, device, num_workers: int):
                 x, y = source.batch(start, min(start + batch_size, size), device=device)
                 yield x, y
             return
-        from torch.utils.data import DataLoader, Subset
-
         ds = source if size == len(source) else Subset(source, range(size))
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=device.type == "cuda")
@@ -256,10 +257,6 @@ def pretokenize(tokenizer, dataset_or_render_fn: Dataset | Callable, *, size: in
     :class:`~rearlib.tokenizers.TokenizerMismatchError`; different options raise ``ValueError`` unless
     ``overwrite=True``.
     """
-    from tqdm.auto import tqdm
-
-    from rearlib.runtime import artifact_dir
-
     if size is None:
         if not isinstance(dataset_or_render_fn, Dataset):
             raise ValueError("size is required when a render function is given")
@@ -328,11 +325,6 @@ def pretokenize(tokenizer, dataset_or_render_fn: Dataset | Callable, *, size: in
 
 def main(argv=None) -> int:
     """``python -m rearlib pretokenize --scale small --split train --size 50000 [--flip | --ten-crop]``"""
-    import argparse
-
-    from rearlib.data import EmbeddedDataset
-    from rearlib.tokenizers import get_tokenizer
-
     p = argparse.ArgumentParser(prog="python -m rearlib pretokenize",
                                 description="encode ShapeScenes-10 images once with the scale's tokenizer")
     p.add_argument("--scale", default="small", choices=["smoke", "small"], help="whose tokenizer encodes the images")
@@ -345,7 +337,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=512, help="images per encoder call")
     a = p.parse_args(argv)
-    tok = get_tokenizer(a.scale, a.device)
+    tok = tokenizers.get_tokenizer(a.scale, a.device)
     # Ten-crop renders the source at int(1.1 R) directly instead of upsampling R-pixel images.
     res = int(1.1 * tok.resolution) if a.ten_crop else tok.resolution
     ds = EmbeddedDataset(a.split, size=a.size, resolution=res, seed=a.seed)

@@ -1,0 +1,267 @@
+"""The studies' results as tables: what notebooks 04 and 10-13 show, from cached records.
+
+:func:`collect` gathers a study's runs and evaluations (computing missing records first when asked);
+:func:`sampling_noise` measures the FID change between two sampling seeds of the same weights, the yardstick of
+the verdicts (:mod:`rearlib.experiments.verdicts`); the remaining functions build each notebook's table:
+:func:`compare_seeds` (notebook 10: AR vs reAR over training seeds, Welch's t-test), :func:`noise_table`
+(notebook 11, Table 3), :func:`embedding_table` (notebook 12, Tables 4 and 7), :func:`scaling_tables`
+(notebook 13, Fig. 4) and :func:`zoo_training_record` (notebook 04: a zoo generator's training record).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from rearlib import scales
+from rearlib.experiments import zoo
+from rearlib.experiments.evaluation import load_record, setting_label
+from rearlib.experiments.studies_plan import PAPER_TABLE3, STUDIES, STUDIES_EXTRACTOR, embedding_rows, study_specs
+from rearlib.experiments.studies_runner import run_studies
+from rearlib.experiments.studies_workspace import Workspace
+from rearlib.metrics import metric_label
+
+#: The variants of the studies' comparisons, by preset.
+VARIANT_NAMES = {"ar": "AR", "rear": "reAR"}
+CC = "class consistency"
+
+
+def metric_columns(extractor: str = STUDIES_EXTRACTOR) -> tuple[str, str, str, str, str, str]:
+    """The labeled metric columns of the studies' evaluations: (FID, IS, KID, precision, recall, class
+    consistency), e.g. "FID[rearlib-classifier]" (never an unlabeled FID-like number)."""
+    fid, isc, kid, prec, rec = (metric_label(k, extractor) for k in ("fid", "isc_mean", "kid_mean", "precision",
+                                                                     "recall"))
+    return fid, isc, kid, prec, rec, CC
+
+
+def _noise_text(r) -> str:
+    if r.noise == "none":
+        return "none"
+    if r.noise == "fixed":
+        return f"fixed {r.noise_max:g}"
+    if r.noise == "uniform":
+        return f"U(0, {r.noise_max:g})"
+    return f"U(0, {r.noise_max:g}·max(0, 1 - t/{r.anneal_end:g}))"
+
+
+def provenance_note(result: dict) -> str:
+    """Where a collected study's trainings and evaluation records were made (a notebook may only tabulate them)."""
+    gpus = sorted({str(g) for g in result["runs"].get("GPU", []) if g is not None})
+    ev = result["evals"]
+    where = sorted({str(g if isinstance(g, str) and g else d) for g, d in zip(ev.get("eval GPU", []),
+                                                                          ev.get("eval device", []))})
+    return (f"trainings ran on: {', '.join(gpus) or 'unknown'}; evaluation records made on: "
+            f"{', '.join(where) or 'unknown'} (this notebook tabulates the cached records and loads no model "
+            f"when all of them exist)")
+
+
+def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, compute: bool = True,
+            progress: bool = True, ws: Workspace | None = None, extractor: str | None = None) -> dict:
+    """Everything a study notebook shows, from records; missing records are computed first when ``compute``.
+
+    Returns {"runs": DataFrame (one row per run: spec, layers, training record), "evals": DataFrame (one row
+    per evaluation: run, step, setting, role, labeled metrics, provenance), "floor": dict (real training images,
+    the same count), "workspace": the Workspace}. At ``small`` without a GPU, missing records raise a
+    FileNotFoundError that says how to make them (``python -m rearlib studies run`` on a GPU, or ``unpack``).
+    """
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; allowed: {', '.join(STUDIES)}")
+    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress, extractor=extractor)
+    missing = [it for it in ws.items(study) if it.pending or not ws.is_done(it)]
+    if missing and compute:
+        if scale != "smoke" and ws.device.type != "cuda":
+            raise FileNotFoundError(
+                f"{len(missing)} evaluation record(s) of the {study!r} study are missing at scale {scale!r} and this "
+                f"machine has no GPU. On a GPU: python -m rearlib studies run --scale {scale} --study {study}; "
+                f"then bring them here with `python -m rearlib studies pack/unpack`.")
+        res = run_studies(scale, study, ws=ws, progress=progress, log=(print if progress else (lambda *a: None)))
+        if res["missing"]:
+            raise RuntimeError(f"{res['missing']} evaluation(s) of {study!r} are still missing: {res['reason']}")
+    elif missing:
+        raise FileNotFoundError(f"{len(missing)} evaluation record(s) of the {study!r} study are missing "
+                                f"(compute=False)")
+    run_rows, seen = [], set()
+    for spec in study_specs(scale, study):
+        run = ws.resolve(spec)
+        if run.run_hash in seen:
+            continue
+        seen.add(run.run_hash)
+        r = ws.training_result(run) or {}
+        rc = run.cfg.rear
+        final = r.get("final") or {}
+        run_rows.append({
+            "run": spec.name, "preset": spec.rear, "overrides": json.dumps(spec.overrides) if spec.overrides else "",
+            "seed": spec.seed, "recipe": spec.recipe, "size": run.size, "model": run.size_label,
+            "heads": run.heads, "EN": run.encode_layer, "DE": run.decode_layer,
+            "lambda": rc.align_weight if rc.uses_alignment else 0.0, "noise": _noise_text(rc),
+            "tied": rc.tied_codebook, "steps": run.steps, "batch": run.cfg.batch_size * run.cfg.grad_accum,
+            "params": r.get("params"), "train time (s)": r.get("train_time_s"),
+            "wall time (s)": r.get("wall_time_s"), "samples/s": r.get("samples_per_s"), "GPU": r.get("gpu") or "CPU",
+            "final loss": final.get("loss"), "final CE": final.get("ce"), "run hash": run.run_hash,
+            "trained": bool(r), "source": r.get("source", ""),
+        })
+    eval_rows = []
+    floor = None
+    for it in ws.items(study):
+        rec = load_record(it.key)
+        if it.floor:
+            floor = dict(rec["row"]) if rec else None
+            continue
+        if rec is None:
+            continue
+        prov = rec.get("provenance", {})
+        eval_rows.append({
+            "run": it.run.spec.name, "preset": it.run.spec.rear, "seed": it.run.spec.seed, "size": it.run.size,
+            "model": it.run.size_label, "step": it.step, "steps": it.run.steps,
+            "setting": setting_label(it.cfg_scale, it.cfg_power),
+            "cfg_scale": it.cfg_scale if it.cfg_scale is not None else 1.0,
+            "cfg_power": it.cfg_power if it.cfg_scale is not None else float("nan"),
+            "sample_seed": it.sample_seed, "role": it.role, **rec["row"],
+            "eval device": prov.get("device"), "eval GPU": prov.get("gpu"), "run hash": it.run.run_hash,
+        })
+    return {"runs": pd.DataFrame(run_rows), "evals": pd.DataFrame(eval_rows), "floor": floor, "workspace": ws}
+
+
+def sampling_noise(evals, fid_col: str, rows: Iterable[str], report_seed: int, noise_seed: int) -> float:
+    """max over ``rows`` of |FID(report seed) - FID(noise seed)| of the final weights, without CFG."""
+    d = evals[(evals["setting"] == "no CFG") & (evals["step"] == evals["steps"]) & evals["run"].isin(list(rows))]
+    out = []
+    for _, g in d.groupby("run"):
+        a = g.loc[g["sample_seed"] == report_seed, fid_col]
+        b = g.loc[g["sample_seed"] == noise_seed, fid_col]
+        if len(a) and len(b):
+            out.append(abs(float(a.iloc[0]) - float(b.iloc[0])))
+    if not out:
+        raise ValueError(f"no pair of sampling seeds ({report_seed}, {noise_seed}) for rows {list(rows)}")
+    return max(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The notebooks' tables
+# ----------------------------------------------------------------------------------------------------------------
+def compare_seeds(reported: pd.DataFrame, metrics: Sequence[tuple[str, bool]],
+                  conditions: Sequence[str] = ("no CFG", "best CFG")) -> pd.DataFrame:
+    """AR vs reAR over training seeds, one row per (condition, metric): means, sample standard deviations, the
+    values, Welch's two-sided t-test of reAR vs AR and whether the mean ± 2 SE intervals overlap.
+
+    ``reported``: one row per evaluation with columns "condition", "model" ("AR" / "reAR"), "seed" and the
+    metrics; ``metrics``: (column, lower is better) pairs. Welch p is NaN with fewer than two values per side or
+    when no value varies.
+    """
+    def se(x):
+        return x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+
+    rows = []
+    for cond in conditions:
+        for metric, lower_better in metrics:
+            d = reported[reported["condition"] == cond]
+            a = d.loc[d["model"] == "AR"].sort_values("seed")[metric].astype(float).to_numpy()
+            b = d.loc[d["model"] == "reAR"].sort_values("seed")[metric].astype(float).to_numpy()
+            if len(a) > 1 and len(b) > 1 and (a.std() > 0 or b.std() > 0):
+                p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+            else:
+                p = float("nan")
+            overlap = not (abs(b.mean() - a.mean()) > 2 * (se(a) + se(b)))
+            better = b.mean() < a.mean() if lower_better else b.mean() > a.mean()
+            rows.append({"condition": cond, "metric": metric, "AR mean": a.mean(),
+                         "AR sd": a.std(ddof=1) if len(a) > 1 else float("nan"), "reAR mean": b.mean(),
+                         "reAR sd": b.std(ddof=1) if len(b) > 1 else float("nan"), "reAR - AR": b.mean() - a.mean(),
+                         "AR values": ", ".join(f"{x:.4g}" for x in a),
+                         "reAR values": ", ".join(f"{x:.4g}" for x in b), "Welch p": p, "2 SE overlap": overlap,
+                         "reAR better": better, "lower is better": lower_better, "n seeds": min(len(a), len(b))})
+    return pd.DataFrame(rows)
+
+
+def noise_table(runs: pd.DataFrame, evals: pd.DataFrame, noise: float,
+                extractor: str = STUDIES_EXTRACTOR) -> pd.DataFrame:
+    """Table 3 next to ours: one row per noise setting with the paper's FID, our metrics at the reporting seed,
+    the difference to the final schedule, whether it exceeds the sampling ``noise``, and the training cost."""
+    fid, isc, kid, _, _, cc = metric_columns(extractor)
+    rep = evals[(evals["role"] == "report")].set_index("run")
+    rows = []
+    for name, (setting, paper_fid) in PAPER_TABLE3.items():
+        r, t = rep.loc[name], runs.set_index("run").loc[name]
+        rows.append({"row": name, "paper setting": setting, "paper FID": paper_fid,
+                     "paper Δ vs final": paper_fid - PAPER_TABLE3["rear"][1],
+                     "noise (ours)": t["noise"], "EN": t["EN"], "DE": t["DE"], fid: r[fid],
+                     "Δ vs final": r[fid] - rep.loc["rear", fid], isc: r[isc], kid: r[kid], cc: r[cc],
+                     "n generated": r["n generated"], "steps": t["steps"], "samples/s": t["samples/s"],
+                     "train time (s)": t["train time (s)"], "GPU": t["GPU"]})
+    table = pd.DataFrame(rows)
+    table["sampling noise"] = noise
+    table["beyond noise"] = table["Δ vs final"].abs() > noise
+    return table
+
+
+def embedding_table(scale: str, runs: pd.DataFrame, evals: pd.DataFrame, noise: float,
+                    extractor: str = STUDIES_EXTRACTOR) -> pd.DataFrame:
+    """Tables 4 and 7 next to ours: one row per paper setting (Table 4, then Table 7; a run the paper lacks gets
+    one row of its own) joined to the run it maps to, with our metrics and the FID difference to vanilla AR."""
+    fid, isc, kid, _, _, cc = metric_columns(extractor)
+    rep = evals[evals["role"] == "report"].set_index("run")
+    rr = runs.set_index("run")
+    rows = []
+    for r in embedding_rows(scale):
+        name = r["name"]
+        for table_name, setting, pfid, pis in r["paper"] or [("-", "(not in the paper)", np.nan, np.nan)]:
+            rows.append({"paper table": table_name, "paper setting": setting, "paper FID": pfid, "paper IS": pis,
+                         "run": name, "EN": rr.loc[name, "EN"], "DE": rr.loc[name, "DE"],
+                         "lambda": rr.loc[name, "lambda"], "noise": rr.loc[name, "noise"],
+                         "tied": rr.loc[name, "tied"], fid: rep.loc[name, fid], isc: rep.loc[name, isc],
+                         kid: rep.loc[name, kid], cc: rep.loc[name, cc], "n generated": rep.loc[name, "n generated"],
+                         "samples/s": rr.loc[name, "samples/s"], "params": rr.loc[name, "params"],
+                         "GPU": rr.loc[name, "GPU"]})
+    table = pd.DataFrame(rows)
+    table["Δ FID vs vanilla AR"] = table[fid] - rep.loc["ar", fid]
+    table["sampling noise"] = noise
+    return table
+
+
+def scaling_tables(runs: pd.DataFrame, evals: pd.DataFrame, sizes: Sequence[str],
+                   noise: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Fig. 4 at our scale: (runs ordered by size and variant, cost per size (reAR / AR time per step), the
+    reported evaluation at every snapshot ordered by size, variant and step, with the sampling ``noise``)."""
+    order = {s: i for i, s in enumerate(sizes)}
+
+    def by_size(c):
+        return c.map(order) if c.name == "size" else c
+
+    runs = runs.assign(variant=runs["preset"].map(VARIANT_NAMES))
+    runs = runs.sort_values(["size", "variant"], key=by_size)
+    cost = runs.pivot(index="size", columns="variant", values="samples/s")
+    cost["reAR / AR time per step"] = cost["AR"] / cost["reAR"]
+    cost = cost.reindex(list(sizes))
+    curve = evals[evals["role"] == "report"].copy()
+    curve["variant"] = curve["preset"].map(VARIANT_NAMES)
+    curve = curve.sort_values(["size", "variant", "step"], key=by_size)
+    curve["sampling noise"] = noise
+    return runs, cost, curve
+
+
+def zoo_training_record(scale: str, name: str, variant: str, model, tokenizer, seed: int = 0) -> dict:
+    """One row of a zoo generator's training record: steps, epochs, time, steady-state samples/s and s/epoch,
+    GPU, the last logging window's loss terms, and where the record came from (the shipped checkpoint's
+    metadata, or the zoo's ``result.json`` of a run trained here)."""
+    info = getattr(model, "zoo_info", None)
+    if info and info.get("result"):
+        r, source = info["result"], info["path"]
+    else:  # trained here (smoke): its result.json sits in the run folder
+        path = zoo.run_dir(scale, variant, tokenizer, seed) / "result.json"
+        r, source = json.loads(path.read_text()), str(path)
+    cfg = zoo.train_config(scale, variant, tokenizer, seed)
+    d = scales.GENERATOR_DATA[scale]
+    n_seq = d["train_size"] * (2 if d["flip"] else 1)
+    batch = cfg.batch_size * cfg.grad_accum
+    sps = r.get("samples_per_s")
+    final = r.get("final") or {}
+    return {"model": name, "variant": variant, "params": r.get("params"), "steps": r.get("step"),
+            "global batch (recipe)": batch, "train sequences": n_seq, "epochs": r.get("step", 0) * batch / n_seq,
+            "train time (s)": r.get("train_time_s"), "samples/s": sps,
+            "s/epoch": n_seq / sps if sps else float("nan"), "GPU": r.get("gpu") or "CPU",
+            "final loss": final.get("loss"), "final CE": final.get("ce"), "final acc": final.get("acc"),
+            "final L_enc (-cos)": final.get("enc"), "final L_dec (-cos)": final.get("dec"), "source": source}
