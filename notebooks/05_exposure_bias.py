@@ -46,10 +46,12 @@ data_root = None       # paper: ImageNet root holding val/<wnid>/*.JPEG (else $R
 
 # %%
 from rearlib import scales
-from rearlib.experiments.notebook import setup
+from rearlib.experiments.notebook import check_int_param, setup
 
 ctx = setup(notebook="05_exposure_bias", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
+n_images = check_int_param("n_images", n_images, optional=True)
+n_examples = check_int_param("n_examples", n_examples)
 
 # %%
 import time

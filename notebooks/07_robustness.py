@@ -34,10 +34,11 @@ data_root = None       # paper: ImageNet root with train/<wnid>/ and val/<wnid>/
 
 # %%
 from rearlib import scales
-from rearlib.experiments.notebook import setup
+from rearlib.experiments.notebook import check_int_param, setup
 
 ctx = setup(notebook="07_robustness", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
+n_images = check_int_param("n_images", n_images, optional=True)
 
 # %%
 import time

@@ -36,10 +36,13 @@ data_root = None       # paper: ImageNet root holding val/<wnid>/*.JPEG (else $R
 
 # %%
 from rearlib import scales
-from rearlib.experiments.notebook import setup
+from rearlib.experiments.notebook import check_int_param, setup
 
 ctx = setup(notebook="08_cka", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
+# two images at least: the confidence intervals need two folds
+n_images = check_int_param("n_images", n_images, minimum=2, optional=True)
+n_folds = check_int_param("n_folds", n_folds, minimum=2)
 
 # %%
 import time

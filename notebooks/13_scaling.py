@@ -43,7 +43,7 @@ import torch
 
 import rearlib.experiments.studies as studies
 import rearlib.experiments.verdicts as V
-from rearlib.experiments.studies_figures import plot_fid_vs_steps
+from rearlib.experiments.studies_figures import plot_fid_vs_steps, plot_learning_curve
 
 if ctx.scale == "paper":
     raise ValueError("13_scaling trains generators at 'smoke' or 'small' only.")
@@ -82,7 +82,32 @@ plt.show()
 curve.pivot_table(index=["size", "variant"], columns="step", values=FID)
 
 # %% [markdown]
-# ## 3 · Claims
+# ## 3 · How long should a recipe be? The learning curve of the paper's proportions
+# AR and reAR trained once with the paper's shape of schedule (warm-up a quarter of the run, cosine to the end
+# learning rate, the noise schedule over the whole run; `rearlib.scales.STUDIES[scale]["recipes"]["paper_shape"]`),
+# evaluated at every snapshot with the Inception FID network (smoke: the in-project classifier, for speed). A
+# snapshot is mid-schedule: the curve shows where FID stops improving, not what a shorter run would reach. Where
+# the last snapshots improve by less than about twice the sampling noise, the run is long enough for our studies.
+
+# %%
+curve_extractor = "rearlib-classifier" if ctx.is_smoke else "inception-v3-fid"
+recipe = studies.collect(ctx.scale, "recipe", device=ctx.device, sample_seed=ctx.seed, extractor=curve_extractor)
+RFID = studies.metric_columns(curve_extractor)[0]
+recipe_noise = studies.sampling_noise(recipe["evals"], RFID, ["ar paper-shape", "rear paper-shape"], R, S)
+learning = studies.learning_curve(recipe["evals"], RFID)
+ctx.save_csv(learning, "13_recipe_learning_curve")
+fig = plot_learning_curve(learning, fid=RFID, floor_fid=recipe["floor"][RFID], noise=recipe_noise)
+ctx.save_fig(fig, "13_recipe_learning_curve")
+plt.show()
+last = learning.groupby("variant").tail(1).set_index("variant")
+change = last[f"relative change of {RFID} per 1000 steps"]
+ctx.note(f"recipe learning curve ({int(last['step'].iloc[0])} steps, {recipe['runs']['GPU'].iloc[0]}): {RFID} at the "
+         f"last snapshot " + ", ".join(f"{v} {last.loc[v, RFID]:.4g} ({change[v]:+.1%} per 1000 steps)"
+                                       for v in last.index) + f"; sampling noise {recipe_noise:.3g}")
+learning.pivot_table(index="variant", columns="step", values=RFID)
+
+# %% [markdown]
+# ## 4 · Claims
 # Each claim names differences that must all have the paper's sign and exceed the sampling noise
 # (`rearlib.experiments.verdicts.differences_verdict`).
 

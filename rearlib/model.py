@@ -59,6 +59,7 @@ and :mod:`rearlib.model_official` (reading the authors' state dicts); their publ
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -466,16 +467,23 @@ def load_official_state_dict(path_or_sd, preset_or_config: str | GeneratorConfig
     ``{"state_dict": ...}`` wrapper is unwrapped). ``preset_or_config``: preset name / config / dict, or None to
     infer it from the tensor shapes (:func:`infer_config_from_state_dict`). A state dict without alignment heads
     (e.g. an AR baseline) loads into a config with the heads disabled. Raises :class:`StateDictMismatchError`
-    naming every missing, unexpected and mis-shaped key. Returns the model in eval mode.
+    naming every missing, unexpected and mis-shaped key, and a ValueError naming a tensor that holds NaN or inf
+    (or the file, if it cannot be read). Returns the model in eval mode.
     """
     sd = read_state_dict(path_or_sd)
+    what = f"state dict {path_or_sd}" if isinstance(path_or_sd, (str, Path)) else "state dict"
     if preset_or_config is None:
         cfg = infer_config_from_state_dict(sd, **overrides)
     else:
         cfg = get_config(preset_or_config, **overrides)
     with torch.device("meta"):
         model = Generator(cfg)
-    check_state_dict(model, sd)
+    check_state_dict(model, sd, what)
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and v.device.type != "meta"
+                and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"{what} holds non-finite values (NaN or inf) in {bad}: it comes from a run that diverged "
+                         f"or is damaged; use an intact copy")
     # Assign float32 copies on the target device to the meta model (no second random init, no aliasing of the
     # caller's tensors). Checkpoints stored in bf16/fp16 are upcast: the Generator keeps float32 master weights.
     dev = torch.device(device or "cpu")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rearlib.kernels.ops import DROPOUT_KERNELS
 
@@ -40,7 +41,15 @@ class GeneratorConfig:
     projector_dim: P. z_dim: the tokenizer's code dimension (alignment targets; tied-codebook projection size).
     tied_codebook: the "tied codebook embedding" baseline (:mod:`rearlib.model`'s docstring).
     pos_extra / time_extra: extra rows of the positional / timestep tables beyond N (1024 / 100 as RAR).
+
+    ``decode_align_layer_source`` (not a field: it changes no numbers and is not saved) says where
+    ``decode_align_layer`` came from when the config was read off a state dict, which does not store it
+    (:func:`rearlib.model_official.infer_config_from_state_dict`): ``"preset 'NAME'"`` (taken from the preset whose
+    shapes the weights have), ``"argument"`` (passed by the caller), or None (no decode head, or a config built
+    directly).
     """
+
+    decode_align_layer_source: ClassVar[str | None] = None
 
     hidden: int
     depth: int

@@ -79,6 +79,9 @@ def main(argv=None) -> int:
                    help="power p of the guidance schedule, 0 = constant g (default as --cfg-scale)")
     f.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0, 0 = greedy)")
     f.add_argument("--ema", action="store_true", help="use the EMA weights of a rearlib.train checkpoint")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace samples of another configuration found in --out (default: refuse; samples of this "
+                        "same configuration are resumed either way)")
     a = ap.parse_args(argv)
     if a.cmd == "fid":
         _fid_cli(a)
@@ -143,7 +146,7 @@ def _fid_cli(a) -> None:
     tok = get_tokenizer(a.scale, device, path=a.tokenizer)
     res = generate_fid_samples(model, tok, a.num_per_class or sc["num_per_class"], a.out, seed=a.seed,
                                batch_size=a.batch_size or sc["batch_size"], cfg_scale=g, cfg_power=p,
-                               temperature=a.temperature)
+                               temperature=a.temperature, overwrite=a.overwrite)
     res.update(cfg_scale=g, cfg_power=p, seed=a.seed)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(res, indent=2))

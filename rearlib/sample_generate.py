@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from rearlib.model import Generator
 from rearlib.sample_fast_path import _bucket_for, _buckets, _get_fast_decoder
-from rearlib.sample_rule import (_autocast, _fill_uniform_, _pick, _resolve_seeds, _unwrap, _validate_settings,
-                                 cfg_schedule)
+from rearlib.sample_rule import (_as_classes, _autocast, _fill_uniform_, _pick, _resolve_seeds, _unwrap,
+                                 _validate_settings, cfg_schedule)
 
 __all__ = ["generate", "generate_progressive"]
 
@@ -42,7 +42,7 @@ def generate(model: Generator, classes, *, cfg_scale: float | None = None, cfg_p
     """
     model = _unwrap(model)
     device = model.pos_embed.device
-    classes = torch.as_tensor(classes, device=device).long().flatten()
+    classes = _as_classes(classes, device)
     use_cfg, n_tok, K = _validate_settings(model, classes, cfg_scale, cfg_power, temperature, top_k, top_p,
                                            num_tokens)
     seeds = _resolve_seeds(classes.numel(), seed, generator, image_seeds)
@@ -126,7 +126,7 @@ def generate_progressive(model: Generator, classes, *, every: int = 32, cfg_scal
     device = model.pos_embed.device
     if int(every) < 1:
         raise ValueError(f"every must be >= 1, got {every!r}")
-    classes = torch.as_tensor(classes, device=device).long().flatten()
+    classes = _as_classes(classes, device)
     use_cfg, n_tok, K = _validate_settings(model, classes, cfg_scale, cfg_power, temperature, top_k, top_p,
                                            num_tokens)
     seeds = _resolve_seeds(classes.numel(), seed, None, image_seeds)

@@ -23,7 +23,9 @@ Definitions (N = number of image tokens, K = codebook size, M = number of classe
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -130,24 +132,77 @@ def _unwrap(model) -> Generator:
                     f"got {type(model).__name__}")
 
 
+def _scalar(value):
+    """A 0-d tensor or 0-d numpy array as its Python number; anything else unchanged."""
+    if (torch.is_tensor(value) or isinstance(value, np.ndarray)) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+def _finite(value, name: str, *, optional: bool = False) -> float | None:
+    """``value`` as a finite float. Refused: bools and strings (``"3"`` or ``True`` would silently pass as numbers)
+    and NaN / inf (a NaN guidance scale makes every logit NaN, so argmax returns token 0 everywhere; a NaN
+    temperature fails both ``t > 0`` and ``t == 0``, so it silently samples at 1.0)."""
+    value = _scalar(value)
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number{' or None' if optional else ''}, got {value!r} "
+                        f"({type(value).__name__})")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _integer(value, name: str) -> int:
+    """``value`` as an int; floats (1.5 would be truncated) and bools are refused."""
+    value = _scalar(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _as_classes(classes, device) -> torch.Tensor:
+    """Class labels as a flat int64 tensor on ``device``. Floats and bools are refused rather than cast: ``.long()``
+    would turn 1.7 into class 1 and True / False into classes 1 / 0 without a word."""
+    if not torch.is_tensor(classes):
+        arr = np.asarray(classes)
+        if arr.size == 0:
+            raise ValueError("classes must be a non-empty 1-D tensor of labels, got no labels")
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"classes must be integer labels, got {arr.dtype} values {arr.ravel()[:4].tolist()}")
+        classes = torch.as_tensor(arr)
+    elif classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        raise TypeError(f"classes must be integer labels, got {classes.dtype}")
+    return classes.to(device=device, dtype=torch.long).flatten()
+
+
+def _check_sampling_args(cfg_scale, cfg_power, temperature, top_k, top_p) -> None:
+    """The settings every sampling entry point shares (generate, generate_progressive, FID samples)."""
+    _finite(cfg_scale, "cfg_scale", optional=True)
+    if cfg_power is None or _finite(cfg_power, "cfg_power") < 0:
+        raise ValueError(f"cfg_power must be >= 0, got {cfg_power}")
+    if temperature is None or _finite(temperature, "temperature") < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    # A plain int only: top_k is a static argument of the compiled step, and True would pass as top-1.
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    top_p = _finite(top_p, "top_p", optional=True)
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
 def _validate_settings(model, classes, cfg_scale, cfg_power, temperature, top_k, top_p, num_tokens):
     M, N, K = model.config.num_classes, model.config.seq_len, model.config.codebook_size
     if classes.dim() != 1 or classes.numel() == 0:
         raise ValueError(f"classes must be a non-empty 1-D tensor of labels, got shape {tuple(classes.shape)}")
-    if classes.is_floating_point():
-        raise ValueError(f"classes must be integer labels, got {classes.dtype}")
+    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        raise TypeError(f"classes must be integer labels, got {classes.dtype}")
     if bool(((classes < 0) | (classes > M)).any()):
         raise ValueError(f"class labels must be in [0, {M}] ({M} = null class); got values in "
                          f"[{int(classes.min())}, {int(classes.max())}]")
-    if cfg_power is None or cfg_power < 0:
-        raise ValueError(f"cfg_power must be >= 0, got {cfg_power}")
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    num_tokens = N if num_tokens is None else int(num_tokens)
+    _check_sampling_args(cfg_scale, cfg_power, temperature, top_k, top_p)
+    num_tokens = N if num_tokens is None else _integer(num_tokens, "num_tokens")
     if not 1 <= num_tokens <= N:
         raise ValueError(f"num_tokens must be in [1, {N}], got {num_tokens}")
     use_cfg = cfg_scale is not None and float(cfg_scale) != 1.0
@@ -159,14 +214,15 @@ def _resolve_seeds(B: int, seed, generator, image_seeds_arg) -> list[int]:
     if given > 1:
         raise ValueError("pass at most one of seed=, generator=, image_seeds=")
     if image_seeds_arg is not None:
-        seeds = [int(s) for s in (image_seeds_arg.tolist() if torch.is_tensor(image_seeds_arg) else image_seeds_arg)]
+        raw = image_seeds_arg.tolist() if torch.is_tensor(image_seeds_arg) else image_seeds_arg
+        seeds = [_integer(s, "image_seeds entries") for s in raw]
         if len(seeds) != B:
             raise ValueError(f"image_seeds has {len(seeds)} entries for {B} classes")
         return seeds
     if generator is not None:
         base = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
         return image_seeds(base, range(B))
-    return image_seeds(0 if seed is None else int(seed), range(B))
+    return image_seeds(0 if seed is None else _integer(seed, "seed"), range(B))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -12,10 +12,13 @@ CPU: plain fp32 eager, which is what the tests use; on CPU a resumed run is bit-
 
 Reliability: checkpoints are written atomically (temporary file + rename) every ``ckpt_every`` steps with the
 configs, step, model, optimizer, scheduler, EMA, log history and RNG states (torch CPU, CUDA, and both batch
-generators of every rank). A non-finite loss stops training with an error naming the last good checkpoint, which
-is never overwritten by a bad state. DDP: launched by ``torchrun`` (WORLD_SIZE > 1) the same code wraps the model
-in DistributedDataParallel (nccl on GPU, gloo on CPU); every rank draws its own batches as a deterministic
-function of (seed, rank) and rank 0 writes the files.
+generators of every rank). A non-finite loss, or non-finite weights or optimizer state at a checkpoint, stops
+training with an error naming the last good checkpoint: one whose state is finite and whose weights gave a finite
+loss (:class:`rearlib.train_checkpoints.RunFolder`). The output folder is checked to be writable before training,
+temporary files of writes killed half-way are removed at the next start, and a fresh run (``resume=False``) leaves
+an earlier run's files in place until it has a checkpoint of its own. DDP: launched by ``torchrun``
+(WORLD_SIZE > 1) the same code wraps the model in DistributedDataParallel (nccl on GPU, gloo on CPU); every rank
+draws its own batches as a deterministic function of (seed, rank) and rank 0 writes the files.
 
 Entry points: :func:`train` and ``python -m rearlib train --preset small --rear rear --tokens FILE --steps N
 --out DIR`` (see ``--help``); :func:`load_generator` rebuilds a trained generator from ``model.pt`` or a checkpoint.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -45,20 +49,27 @@ from tqdm.auto import tqdm
 from rearlib.model import get_config
 from rearlib.rear import PRESETS as REAR_PRESETS
 from rearlib.rear import get_rear_config
-from rearlib.runtime import atomic_torch_save, atomic_write_text, resolve_device
+from rearlib.runtime import atomic_torch_save, atomic_write_text, load_torch_file, resolve_device
 from rearlib.tokenizers import get_tokenizer
 from rearlib.train_checkpoints import (
     CHECKPOINT_FORMAT,
     RESUME_FREE_FIELDS,
+    RESUME_HINT,
+    NonFiniteCheckpointError,
+    RunFolder,
     check_resumable,
+    first_nonfinite,
     list_snapshots,
     load_checkpoint,
     load_generator,
+    prepare_out_dir,
     resume_key,
     rng_state,
+    run_files,
     set_rng_state,
     snapshot_path,
     strict_load,
+    training_state,
     weights_file,
     write_snapshot,
 )
@@ -105,6 +116,7 @@ __all__ = [
     "RESUME_FREE_FIELDS",
     "DeviceBatches",
     "DistInfo",
+    "NonFiniteCheckpointError",
     "Stepper",
     "TrainConfig",
     "build_model",
@@ -135,6 +147,10 @@ def _model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _log(msg: str) -> None:
+    tqdm.write(f"train: {msg}", file=sys.stderr)
+
+
 def train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codebook: torch.Tensor | None,
           out_dir: str | os.PathLike, device: str | torch.device = "auto", resume: bool = True, *,
           stop_at: int | None = None, time_limit_s: float | None = None, progress: bool = True) -> dict[str, Any]:
@@ -148,7 +164,8 @@ def train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codebook
         out_dir: folder for ``checkpoint.pt`` (full state), ``model.pt`` (weights + configs) and ``result.json``.
         device: "auto", "cpu", "cuda" or a torch.device; under torchrun each rank uses cuda:LOCAL_RANK.
         resume: continue from ``out_dir/checkpoint.pt`` if present (its config must match; a finished run returns
-            its stored result without training). False starts over (the old files are overwritten).
+            its stored result without training). False starts over: an earlier run's files stay until this run
+            writes its first checkpoint, which replaces them (a kill before that leaves them intact).
         stop_at: stop (with a checkpoint) after this optimizer step: chunked runs and resume tests.
         time_limit_s: stop (with a checkpoint) at the first log step after this many seconds of this call.
         progress: show the tqdm bar (rank 0 only).
@@ -175,6 +192,26 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
            time_limit_s: float | None, progress: bool) -> dict[str, Any]:
     t_call = time.perf_counter()
     ckpt_path, model_path, result_path = out_dir / "checkpoint.pt", out_dir / "model.pt", out_dir / "result.json"
+    # Before any work: an unwritable folder would otherwise surface at the first checkpoint.
+    problem, replacing = None, []
+    if info.is_main:
+        try:
+            removed = prepare_out_dir(out_dir)
+        except OSError as err:
+            problem = err
+        else:
+            if removed:
+                _log(f"removed {len(removed)} unfinished temporary file(s) left in {out_dir} by writes that were "
+                     f"killed: {', '.join(removed)}")
+            if not resume:
+                replacing = run_files(out_dir)
+                if replacing:
+                    _log(f"starting over (resume=False): the earlier run's files in {out_dir} "
+                         f"({', '.join(f.name for f in replacing)}) are kept until this run writes its first "
+                         f"checkpoint, which replaces them")
+    if all_reduce_mean(torch.tensor(float(problem is not None), device=device), info).item() > 0:
+        raise problem if problem is not None else OSError(f"output folder {out_dir} is not writable (see rank 0)")
+    files = RunFolder(out_dir, replacing, _log)
     if device.type == "cuda":
         # TF32 for any fp32 matmul left outside autocast (the authors train with TF32 on).
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -200,13 +237,9 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
 
     step, history, train_time = 0, [], 0.0
     resumed_from = None
-    if not resume and info.is_main:
-        # Starting over: stale files of an earlier run must not be mistaken for this run's outputs.
-        for f in (ckpt_path, model_path, result_path):
-            f.unlink(missing_ok=True)
     barrier(info)
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, RESUME_HINT)
         check_resumable(ckpt, cfg, fingerprint, info.world, ckpt_path)
         strict_load(model, ckpt["model"], str(ckpt_path))
         stepper.optimizer.load_state_dict(ckpt["optimizer"])
@@ -216,6 +249,7 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
         set_rng_state(ckpt["rng"][info.rank], device, batches, stepper.noise_gen)
         step, history, train_time = int(ckpt["step"]), list(ckpt["history"]), float(ckpt["train_time_s"])
         resumed_from = step
+        files.resumed(step)
         del ckpt
 
     stepper.wrap()
@@ -227,11 +261,12 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
         "checkpoint": str(ckpt_path), "model_path": str(model_path), "resumed_from": resumed_from,
     }
 
+    saved_at = None
+
     def save(step_now: int) -> None:
         # Called on every rank (the RNG gather is collective); only rank 0 writes.
+        nonlocal saved_at
         rng = gather_objects(rng_state(device, batches, stepper.noise_gen), info)
-        if not info.is_main:
-            return
         state = {
             "format": CHECKPOINT_FORMAT, "train_config": cfg.to_dict(), "model_config": asdict(mc),
             "step": step_now, "model": model.state_dict(), "optimizer": stepper.optimizer.state_dict(),
@@ -240,17 +275,29 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
             "rng": rng, "world_size": info.world, "data_fingerprint": fingerprint, "history": history,
             "train_time_s": train_time,
         }
-        atomic_torch_save(state, ckpt_path)
+        # The losses were checked, but they were computed before this step's update: an update can overflow.
+        # Every rank checks (DDP keeps the state equal) so that all of them stop together.
+        bad = first_nonfinite(training_state(state, model, stepper.optimizer))
+        if bad is not None:
+            good = files.last_good() if info.is_main else "rank 0 names the last good checkpoint"
+            raise FloatingPointError(
+                f"non-finite values in {bad} after optimizer step {step_now} (its loss was finite: the update "
+                f"overflowed); training stopped and {good}. Lower lr or raise warmup_steps.")
+        saved_at = step_now
+        if info.is_main:
+            files.write(state, step_now)
 
     def check_finite(upto: int) -> None:
         bad = all_reduce_mean(stepper.nonfinite.float(), info).item()
         if bad > 0:
             last = history[-1]["step"] if history else 0
-            good = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists()
-                    else "no checkpoint was written yet")
+            first = min(s for s in gather_objects(int(stepper.first_nonfinite), info) if s > 0)
+            good = files.diverged(first) if info.is_main else "rank 0 names the last good checkpoint"
             raise FloatingPointError(
-                f"non-finite loss at or before step {upto} (last finite log at step {last}); training stopped and "
+                f"non-finite loss at step {first} (last finite log at step {last}); training stopped and "
                 f"{good}. Lower lr, raise warmup_steps or check the data.")
+        if info.is_main:
+            files.checked(upto)
 
     if step >= cfg.steps:
         if result_path.exists():
@@ -258,7 +305,6 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
             res["model"] = model.eval()
             return res
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     if stop_at is not None and step >= stop_at and step < cfg.steps:
         # Already past the requested stopping point (a chunked run re-launched): nothing to do.
         return {**base, "status": "stopped", "step": step, "steps": cfg.steps, "history": history,
@@ -282,8 +328,17 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
             window_steps += 1
             bar.update(1)
             if cfg.snapshot_every is not None and (step % cfg.snapshot_every == 0 or step == cfg.steps):
+                t_snap = 0.0
+                if not resume and saved_at is None:
+                    # A fresh run replaces an earlier run's files (snapshots too) only once it has a checkpoint.
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # queued steps belong to training time
+                    t_snap = time.perf_counter()
+                    check_finite(step)
+                    save(step)
+                    t_snap = time.perf_counter() - t_snap
                 # Snapshot write time (it syncs the device) is not training time, nor part of the window's rate.
-                t_snap = write_snapshot(cfg, mc, model, stepper.ema, step, out_dir, device, info)
+                t_snap += write_snapshot(cfg, mc, model, stepper.ema, step, out_dir, device, info)
                 last_step_time += t_snap
                 window_t0 += t_snap
             at_log = step % cfg.log_every == 0 or step == cfg.steps or step == stop_at
@@ -311,7 +366,7 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
                 if time_limit_s is not None:
                     over = torch.tensor(float(time.perf_counter() - t_call > time_limit_s), device=device)
                     stop = stop or all_reduce_mean(over, info).item() > 0
-                if at_ckpt or stop:
+                if (at_ckpt or stop) and saved_at != step:
                     save(step)
                     last_step_time = time.perf_counter()  # checkpoint I/O is not training time
                     window_t0 = last_step_time
@@ -338,11 +393,34 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
     if info.is_main:
         if status == "completed":
             atomic_torch_save(weights_file(cfg, mc, model, stepper.ema, step), model_path)
+            files.finished()
         atomic_write_text(result_path, json.dumps(result, indent=2, default=str))
     result["model"] = model.eval()
     if stepper.ema is not None:
         result["ema_state_dict"] = stepper.ema.model_state_dict(model)
     return result
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a float that is not inf or nan (argparse names the option in its error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -354,7 +432,7 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tokens", help="pretokenized file (rearlib.tokenizers.pretokenize file, or a .pt / .npz dict "
                                       "with tokens, labels[, codebook])")
-    src.add_argument("--synthetic", type=int, metavar="M",
+    src.add_argument("--synthetic", type=_count, metavar="M",
                      help="M random token sequences, labels and a random codebook in the preset's shapes: a speed "
                           "/ DDP smoke test without data (numbers mean nothing)")
     p.add_argument("--codebook", default=None, help="torch file with the codebook [K, D] (if not in --tokens)")
@@ -367,15 +445,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="per-process micro-batch (default: %(default)s)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step; global batch = batch size x grad accum x processes")
-    p.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--end-lr", type=float, default=1e-5,
+    p.add_argument("--lr", type=_finite_float, default=4e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--end-lr", type=_finite_float, default=1e-5,
                    help="learning rate at the end of the cosine decay (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps // 4, as 62.5k/250k)")
-    p.add_argument("--weight-decay", type=float, default=0.03,
+    p.add_argument("--weight-decay", type=_finite_float, default=0.03,
                    help="AdamW weight decay of the decayed group (default: %(default)s)")
-    p.add_argument("--class-dropout", type=float, default=0.1,
+    p.add_argument("--class-dropout", type=_finite_float, default=0.1,
                    help="probability of replacing a label by the null class, for CFG (default: %(default)s)")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay (default: no EMA, as the authors)")
+    p.add_argument("--ema", type=_finite_float, default=None, help="EMA decay (default: no EMA, as the authors)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the model init, batch order, noise and dropout (default: %(default)s)")
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval in steps (default: %(default)s)")
@@ -386,8 +464,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop with a checkpoint after this optimizer step (a later call resumes)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds; stop with a checkpoint after this")
-    p.add_argument("--fresh", action="store_true", help="do not resume from an existing checkpoint")
+    p.add_argument("--time-limit", type=_finite_float, default=None,
+                   help="seconds; stop with a checkpoint after this")
+    p.add_argument("--fresh", action="store_true",
+                   help="do not resume from an existing checkpoint; the earlier run's files stay until this run's "
+                        "first checkpoint replaces them")
     return p
 
 
@@ -409,7 +490,8 @@ def _cli_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, tor
     if tok is not None:
         codebook = tok.codebook.detach().float().cpu()
     if args.codebook:
-        codebook = torch.load(args.codebook, map_location="cpu", weights_only=True)
+        codebook = load_torch_file(args.codebook, "codebook file (--codebook)",
+                                   "Pass a torch file holding the codebook tensor [K, D] or a dict with 'codebook'.")
         if isinstance(codebook, dict):
             codebook = codebook["codebook"]
     if codebook is None and "codebook_size" in data:

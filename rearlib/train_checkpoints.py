@@ -3,13 +3,22 @@
 either.
 
 Format tags: ``rearlib.train/1`` for a checkpoint, ``rearlib.train/1/model`` for a weights file. Files are read with
-weights-only unpickling and loaded with a strict key and shape check.
+weights-only unpickling and loaded with a strict key and shape check; a file that is damaged or holds non-finite
+weights is refused with an error naming it.
+
+:class:`RunFolder` keeps ``checkpoint.pt`` honest: no file with non-finite state is written, the checkpoint before
+the last one is kept (as ``checkpoint.prev.pt``) until a finite loss has been computed from the last one's weights,
+and the files of an earlier run that a fresh run replaces stay in place until that run has a checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
+import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,13 +28,19 @@ from torch import nn
 
 from rearlib.checkpoints import StateDictMismatchError, check_state_dict
 from rearlib.model import GeneratorConfig, build_generator
-from rearlib.runtime import atomic_torch_save, resolve_device
+from rearlib.runtime import atomic_torch_save, load_torch_file, resolve_device
 from rearlib.train_config import TrainConfig
 from rearlib.train_data import DeviceBatches
 from rearlib.train_distributed import DistInfo
 from rearlib.train_step import EMA
 
 CHECKPOINT_FORMAT = "rearlib.train/1"
+
+#: What to do about a damaged checkpoint or weights file, for :func:`load_checkpoint`'s errors.
+REPLACE_FILE_HINT = ("Copy the file again from where it was made, or retrain it (python -m rearlib train ... writes "
+                     "model.pt and checkpoint.pt).")
+RESUME_HINT = ("Move it out of the run folder (or pass --fresh / resume=False) to start this run over, or put back "
+               "an intact copy to resume.")
 
 #: Fields that may differ between a checkpoint and the config used to resume it (they change no numbers).
 RESUME_FREE_FIELDS = ("log_every", "ckpt_every", "snapshot_every")
@@ -72,11 +87,60 @@ def set_rng_state(state: dict[str, Any], device: torch.device, batches: DeviceBa
     noise_gen.set_state(state["noise"])
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint (weights-only unpickling) and check its format tag."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+class NonFiniteCheckpointError(ValueError):
+    """A checkpoint or weights file holds NaN or infinite weights or optimizer state (a diverged run)."""
+
+
+def _named_tensors(obj: Any, prefix: str = "") -> Iterable[tuple[str, torch.Tensor]]:
+    """Every tensor in nested dicts / lists / tuples, with a readable path (``model['lm_head.weight']``)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _named_tensors(v, f"{prefix}[{k!r}]" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _named_tensors(v, f"{prefix}[{i}]")
+
+
+def first_nonfinite(obj: Any) -> str | None:
+    """The path of the first floating tensor in ``obj`` holding NaN or inf, or None. One host sync per device."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in _named_tensors(obj):
+        if t.is_floating_point() and t.numel() and t.device.type != "meta":
+            by_device.setdefault(t.device, []).append((name, t))
+    for group in by_device.values():
+        ok = torch.stack([torch.isfinite(t).all() for _, t in group]).cpu()
+        if not bool(ok.all()):
+            return group[int((~ok).nonzero()[0])][0]
+    return None
+
+
+def training_state(ckpt: dict[str, Any], model: nn.Module | None = None,
+                   optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """The numeric state of a checkpoint or weights file: weights, EMA and optimizer state (not RNG states).
+    Given the live ``model`` and ``optimizer``, the optimizer state is keyed by parameter name (an error can then
+    name ``optimizer['lm_head.weight']['exp_avg_sq']`` instead of a parameter index)."""
+    out = {k: ckpt.get(k) for k in ("model", "ema_model", "ema", "optimizer") if ckpt.get(k) is not None}
+    if model is not None and optimizer is not None and "optimizer" in out:
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names.get(id(p), str(i)) for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])]
+        out["optimizer"] = {order[i] if isinstance(i, int) and i < len(order) else str(i): v
+                            for i, v in out["optimizer"]["state"].items()}
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike, fix: str = REPLACE_FILE_HINT) -> dict[str, Any]:
+    """Read a training checkpoint (weights-only unpickling) and check its format tag and that its weights and
+    optimizer state are finite. Errors name the file; ``fix`` says what to do about a damaged one."""
+    ckpt = load_torch_file(path, "rearlib.train checkpoint / weights file", fix)
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT + "/model"):
         raise ValueError(f"{path} is not a rearlib.train checkpoint or model file")
+    bad = first_nonfinite(training_state(ckpt))
+    if bad is not None:
+        raise NonFiniteCheckpointError(
+            f"{path} holds non-finite values (NaN or inf) in {bad}: it was written by a run that diverged and "
+            f"cannot be used. {fix}")
     return ckpt
 
 
@@ -140,10 +204,136 @@ def weights_file(cfg: TrainConfig, mc: Any, model: nn.Module, ema: EMA | None, s
 def write_snapshot(cfg: TrainConfig, mc: Any, model: nn.Module, ema: EMA | None, step: int, out_dir: Path,
                    device: torch.device, info: DistInfo) -> float:
     """Rank 0 writes ``model_step{step}.pt`` (the format of ``model.pt``); returns the seconds the write took."""
-    if not info.is_main:
-        return 0.0
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # queued steps belong to training time, not to the write
     t0 = time.perf_counter()
-    atomic_torch_save(weights_file(cfg, mc, model, ema, step), snapshot_path(out_dir, step))
+    # Every rank checks (the weights are the same on all), so that all of them stop together.
+    content = weights_file(cfg, mc, model, ema, step)
+    bad = first_nonfinite(training_state(content))
+    if bad is not None:
+        raise FloatingPointError(f"non-finite weights ({bad}) after optimizer step {step}; the snapshot "
+                                 f"{snapshot_path(out_dir, step)} was not written. Lower lr or raise warmup_steps.")
+    if not info.is_main:
+        return 0.0
+    atomic_torch_save(content, snapshot_path(out_dir, step))
     return time.perf_counter() - t0
+
+
+#: The files of a run folder that belong to one run (snapshots ``model_step{N}.pt`` too).
+RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "model.pt", "result.json")
+
+#: Temporary files of :func:`rearlib.runtime.atomic_write_bytes` (``.<name>.<random>.tmp``) for the run files;
+#: one outlives its write only when the process was killed during the write.
+TMP_PATTERNS = tuple(f".{name}.*.tmp" for name in RUN_FILES) + (".model_step*.pt.*.tmp", ".write-test.*.tmp")
+
+
+def prepare_out_dir(out_dir: Path) -> list[str]:
+    """Create ``out_dir``, make sure files can be written there, and remove the temporary files that killed
+    writes left behind. Returns the names removed; raises OSError naming the folder if it is not writable."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        msg = (f"output folder {out_dir} is not writable ({err.strerror or err}); choose another --out / out_dir "
+               f"or make it writable. Nothing was trained.")
+        raise (OSError(err.errno, msg) if err.errno else OSError(msg)) from err
+    removed = sorted({p.name for pattern in TMP_PATTERNS for p in out_dir.glob(pattern) if p.is_file()})
+    for name in removed:
+        (out_dir / name).unlink(missing_ok=True)
+    return removed
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The files of a run present in ``out_dir`` (checkpoints, weights, result, snapshots)."""
+    found = [out_dir / n for n in RUN_FILES if (out_dir / n).is_file()]
+    return found + list(list_snapshots(out_dir).values())
+
+
+class RunFolder:
+    """The checkpoint files of one run in its folder (rank 0 only writes; see the module docstring).
+
+    ``step``: the step of ``checkpoint.pt`` when it is this run's (None when it is absent or an earlier run's);
+    ``verified``: a finite loss has been computed from its weights. ``replacing``: an earlier run's files that a
+    fresh run (resume=False) removes once it has written its own first checkpoint.
+    """
+
+    def __init__(self, out_dir: Path, replacing: list[Path], log: Callable[[str], None]):
+        self.ckpt, self.prev = out_dir / "checkpoint.pt", out_dir / "checkpoint.prev.pt"
+        self.replacing, self.log = replacing, log
+        self.step: int | None = None
+        self.prev_step: int | None = None
+        self.verified = False
+
+    def resumed(self, step: int) -> None:
+        self.step, self.verified = step, False
+
+    def checked(self, upto: int) -> None:
+        """The losses up to optimizer step ``upto`` were finite (so those computed from the last checkpoint's
+        weights, if it is older): its fallback is no longer needed."""
+        if self.step is not None and upto > self.step:
+            self.verified = True
+            self.prev.unlink(missing_ok=True)
+            self.prev_step = None
+
+    def write(self, state: dict[str, Any], step: int) -> None:
+        if self.replacing:
+            atomic_torch_save(state, self.ckpt)
+            for f in self.replacing:
+                if f != self.ckpt:
+                    f.unlink(missing_ok=True)
+            self.log(f"replaced the earlier run's files in {self.ckpt.parent} by this run's checkpoint "
+                     f"(step {step})")
+            self.replacing = []
+        else:
+            if self.verified and self.ckpt.exists():
+                # The verified checkpoint stays the fallback until the new one's weights gave a finite loss.
+                self.prev.unlink(missing_ok=True)
+                try:
+                    os.link(self.ckpt, self.prev)
+                except OSError:  # file systems without hard links
+                    shutil.copy2(self.ckpt, self.prev)
+                self.prev_step = self.step
+            atomic_torch_save(state, self.ckpt)
+        self.step, self.verified = step, False
+
+    def finished(self) -> None:
+        """A completed run needs no fallback checkpoint."""
+        self.prev.unlink(missing_ok=True)
+
+    def last_good(self) -> str:
+        """Where the last good state is, for an error message."""
+        if self.step is None:
+            extra = (f" (the earlier run's files in {self.ckpt.parent} were left as they were)"
+                     if self.replacing else "")
+            return f"no checkpoint of this run was written yet{extra}"
+        return f"the last good checkpoint is {self.ckpt} (step {self.step})"
+
+    def diverged(self, first_bad: int) -> str:
+        """A non-finite loss appeared at optimizer step ``first_bad`` (1-based; it was computed from the weights
+        after step ``first_bad - 1``). Discard a checkpoint of those or later weights, put back the one before it
+        if it was kept, and say where the last good state is."""
+        if self.step is None or self.step < first_bad - 1:
+            if self.step is not None:  # a finite loss came from its weights: it is good, the fallback is not needed
+                self.prev.unlink(missing_ok=True)
+            return self.last_good()
+        bad_step = self.step
+        if self.prev.exists():
+            prev_step = self.prev_step if self.prev_step is not None else _step_of(self.prev)
+            os.replace(self.prev, self.ckpt)
+            self.step, self.prev_step, self.verified = prev_step, None, True
+            return (f"the last good checkpoint is {self.ckpt} (step {prev_step}); the checkpoint of step {bad_step}, "
+                    f"whose weights gave that loss, was discarded")
+        self.ckpt.unlink(missing_ok=True)
+        self.step = None
+        return (f"no good checkpoint is left: the checkpoint of step {bad_step}, whose weights gave that loss, was "
+                f"deleted")
+
+
+def _step_of(path: Path) -> int | str:
+    try:  # mmap: only the small "step" entry is read from a possibly large file
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError):
+        # the message is still useful without it
+        return "unknown"

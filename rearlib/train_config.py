@@ -8,6 +8,8 @@ are part of the on-disk format.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -77,6 +79,16 @@ class TrainConfig:
         elif isinstance(self.rear, str):
             self.rear = get_rear_config(self.rear)
         self.betas = tuple(float(b) for b in self.betas)
+        # inf/nan pass the range checks below (inf > 0) and turn the first update into NaN weights.
+        for name in ("lr", "end_lr", "weight_decay", "grad_clip", "class_dropout", "ema_decay", "betas"):
+            v = getattr(self, name)
+            values = v if name == "betas" else ([] if v is None and name == "ema_decay" else [v])
+            if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in values):
+                what = "finite numbers" if name == "betas" else "a finite number"
+                raise ValueError(f"TrainConfig.{name} must be {what}, got {v!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0 (0 disables), got weight_decay="
+                             f"{self.weight_decay}, grad_clip={self.grad_clip}")
         for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -97,8 +109,8 @@ class TrainConfig:
                              f"got {self.compile!r}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be None or in (0, 1), got {self.ema_decay}")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must have two values, got {self.betas}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

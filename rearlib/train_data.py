@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rearlib.rear import ReARConfig
+from rearlib.runtime import load_torch_file
 from rearlib.tokenizers.pretokenize import load_tokens
 
 
@@ -131,7 +132,8 @@ def load_pretokenized(path: str | os.PathLike, tokenizer: Any = None) -> dict[st
         with np.load(path) as z:
             d = {k: torch.from_numpy(z[k]) for k in z.files}
     else:
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        d = load_torch_file(path, "pretokenized file", "Create it again with "
+                            "rearlib.tokenizers.pretokenize.pretokenize(...) or copy it again.")
     if isinstance(d, dict) and d.get("format") == "rearlib-tokens":
         ds = load_tokens(path, tokenizer if tokenizer is not None else d["tokenizer_identity"])
         n, v, length = ds.tokens.shape

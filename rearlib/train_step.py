@@ -144,6 +144,9 @@ class Stepper:
         self.ddp_model: nn.Module | None = None
         self.loss_fn = self._loss
         self.nonfinite = torch.zeros((), dtype=torch.int32, device=device)
+        # 1-based optimizer step of the first non-finite loss (0: none yet); it tells whether the weights of the
+        # last checkpoint are the ones that produced it.
+        self.first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)
 
     def wrap(self) -> None:
         """Compile, then DDP-wrap (after any checkpoint was loaded into the raw model).
@@ -205,5 +208,7 @@ class Stepper:
         out = {k: v / cfg.grad_accum for k, v in total.items()}
         out["grad_norm"] = gnorm.detach().float()
         # Counted on the device; read back (and acted upon) only at log / checkpoint time.
-        self.nonfinite += (~torch.isfinite(out["loss"])).int()
+        bad = ~torch.isfinite(out["loss"])
+        self.nonfinite += bad.int()
+        self.first_nonfinite = torch.where(bad & (self.first_nonfinite == 0), step + 1, self.first_nonfinite)
         return out

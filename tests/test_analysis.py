@@ -372,6 +372,25 @@ def test_bad_inputs(model, tok, data):
         A.robustness(model, tokens, labels, generator="seed", progress=False)
 
 
+@pytest.mark.parametrize("kind", ["images", "tokens"])
+def test_an_empty_image_set_is_refused_by_every_analysis(model, tok, kind):
+    """0 images (e.g. a notebook's n_images = 0) fail with a message about the image count, not inside torch."""
+    data = torch.rand(0, 3, 16, 16) if kind == "images" else torch.zeros(0, N, dtype=torch.long)
+    labels = torch.zeros(0, dtype=torch.long)
+    runs = {"exposure_bias": lambda: A.exposure_bias(model, tok, data, labels, **FAST),
+            "embedding_replacement": lambda: A.embedding_replacement(model, tok, data, labels, **FAST),
+            "robustness": lambda: A.robustness(model, data, labels, tokenizer=tok, progress=False),
+            "cka_layers": lambda: A.cka_layers(model, tok, data, labels, progress=False)}
+    if kind == "images":
+        runs["encode_images"] = lambda: A.encode_images(tok, data)
+    else:
+        runs["teacher_forced_predictions"] = lambda: A.teacher_forced_predictions(model, data, labels)
+    for name, run in runs.items():
+        with pytest.raises(ValueError, match="at least one image") as e:
+            run()
+        assert "0 images" in str(e.value), name
+
+
 def test_image_data_are_encoded(model, tok, data):
     tokens, labels = data
     imgs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -10,6 +10,7 @@ import torch
 from rearlib import scales
 import rearlib.metrics.classifier as Fe
 from rearlib.data import NUM_CLASSES, render_batch
+from rearlib.runtime import UnreadableFileError
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,18 @@ def test_checkpoint_roundtrip_and_strict_loading(tmp_path):
         Fe.load_classifier(tmp_path / "foreign.pt")
     with pytest.raises(FileNotFoundError):
         Fe.load_classifier(tmp_path / "missing.pt")
+
+
+def test_damaged_classifier_checkpoints_are_named_with_what_to_do(tmp_path):
+    torch.manual_seed(1)
+    path = Fe.save_classifier(Fe.Classifier((8, 16), 10, 32, 2).eval(), tmp_path / "c.pt")
+    data = path.read_bytes()
+    g = torch.Generator().manual_seed(0)
+    for name, content in (("empty.pt", b""), ("truncated.pt", data[:len(data) // 2]),
+                          ("random.pt", bytes(torch.randint(0, 256, (4096,), generator=g).tolist()))):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UnreadableFileError, match=rf"{name}[\s\S]*classifier train"):
+            Fe.load_classifier(tmp_path / name)
 
 
 def test_smoke_classifier_learns_and_is_cached(smoke_classifier, val_batch):

@@ -1,5 +1,7 @@
 """Generator: configuration, shapes, causality, init, input validation, tied codebook, FLOPs, KV cache + CFG."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ import rearlib.model as M
 from rearlib.model import (PRESETS, GeneratorOutput, StateDictMismatchError, build_generator,
                            count_parameters, estimate_flops_per_token, get_config, load_official_state_dict)
 from rearlib.model_kv_cache import _single_query_attention
+from rearlib.runtime import UnreadableFileError
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -345,3 +348,76 @@ def test_single_query_attention_equals_masked_sdpa():
     k2[:, :, 7:] += 100.0
     v2[:, :, 7:] -= 50.0
     torch.testing.assert_close(_single_query_attention(q, k2, v2, mask), out)
+
+
+# ---- authors'-layout state dicts: damaged files, damaged dicts, where the decode block came from -----------------
+def _tiny_official_sd():
+    return {k: v.clone() for k, v in _randomize(build_generator("tiny")).state_dict().items()}
+
+
+def test_damaged_state_dict_files_are_named_with_what_to_do(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(_tiny_official_sd(), good)
+    data = good.read_bytes()
+    g = torch.Generator().manual_seed(0)
+    for name, content in (("empty.pt", b""), ("truncated.pt", data[:len(data) // 2]),
+                          ("random.pt", bytes(torch.randint(0, 256, (4096,), generator=g).tolist()))):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UnreadableFileError, match=rf"{name}[\s\S]*(download|copy)"):
+            load_official_state_dict(tmp_path / name, "tiny")
+        with pytest.raises(UnreadableFileError, match=name):
+            M.read_state_dict(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        M.read_state_dict(tmp_path / "missing.pt")
+    sd = _tiny_official_sd()
+    sd["blocks.2.attn.proj.weight"][0, 0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"nan\.pt[\s\S]*non-finite[\s\S]*blocks\.2\.attn\.proj\.weight"):
+        load_official_state_dict(tmp_path / "nan.pt", "tiny")
+
+
+def _first_named(msg: str, key: str) -> bool:
+    """``key`` is named in ``msg`` before any advice to pass decode_align_layer=."""
+    return key in msg and ("decode_align_layer=" not in msg or msg.index(key) < msg.index("decode_align_layer="))
+
+
+@pytest.mark.parametrize("damage,key", [
+    ("lm_head_rows", "lm_head.weight"),
+    ("lm_head_width", "lm_head.weight"),
+    ("embedding_rows", "embeddings.weight"),
+    ("middle_block", "blocks.1."),
+    ("last_block", "blocks.3."),
+    ("one_block_tensor", "blocks.2.mlp.fc1.weight"),
+])
+def test_a_damaged_state_dict_names_the_offending_key_first(damage, key):
+    sd = _tiny_official_sd()
+    if damage == "lm_head_rows":
+        sd["lm_head.weight"] = sd["lm_head.weight"][:-1]
+    elif damage == "lm_head_width":
+        sd["lm_head.weight"] = sd["lm_head.weight"][:, :-1]
+    elif damage == "embedding_rows":
+        sd["embeddings.weight"] = sd["embeddings.weight"][:-1]
+    elif damage in ("middle_block", "last_block"):
+        sd = {k: v for k, v in sd.items() if not k.startswith(key)}
+    else:
+        del sd[key]
+    with pytest.raises(StateDictMismatchError) as err:
+        M.infer_config_from_state_dict(sd)
+    assert _first_named(str(err.value), key), str(err.value)
+
+
+def test_the_decode_block_taken_from_a_preset_is_announced_and_recorded():
+    sd = _tiny_official_sd()
+    with pytest.warns(UserWarning, match=r"decode_align_layer=2[\s\S]*preset 'tiny'"):
+        cfg = M.infer_config_from_state_dict(sd)
+    assert cfg.decode_align_layer == 2 and cfg.decode_align_layer_source == "preset 'tiny'"
+    with pytest.warns(UserWarning, match="preset 'tiny'"):
+        model = load_official_state_dict(sd)
+    assert model.config.decode_align_layer_source == "preset 'tiny'"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        given = M.infer_config_from_state_dict(sd, decode_align_layer=1)
+        no_head = M.infer_config_from_state_dict({k: v for k, v in sd.items() if "decode_align" not in k})
+    assert given.decode_align_layer == 1 and given.decode_align_layer_source == "argument"
+    assert no_head.decode_align_layer is None and no_head.decode_align_layer_source is None
+    assert get_config("tiny").decode_align_layer_source is None  # a config built directly names no source

@@ -15,6 +15,7 @@ import torch
 
 from rearlib.model import (PRESETS, StateDictMismatchError, build_generator, check_state_dict, count_parameters,
                            infer_config_from_state_dict, load_official_state_dict)
+from rearlib.runtime import UnreadableFileError
 
 REPO = Path(__file__).resolve().parent.parent
 _CANDIDATES = [os.environ.get("REARLIB_REFERENCE"), os.environ.get("REARLIB_REFERENCE_DIR"), REPO / "tests" / "reference",
@@ -50,11 +51,14 @@ def fx():
 
 @pytest.fixture(scope="module")
 def model(fx):
-    return load_official_state_dict(fx["state_dict"])
+    with pytest.warns(UserWarning, match="preset 'tiny'"):  # the decode block is not in the weights
+        return load_official_state_dict(fx["state_dict"])
 
 
 def test_inferred_config_is_the_fixture_architecture(fx, model):
-    cfg = infer_config_from_state_dict(fx["state_dict"])
+    with pytest.warns(UserWarning, match=r"decode_align_layer=2 from the preset 'tiny'"):
+        cfg = infer_config_from_state_dict(fx["state_dict"])
+    assert cfg.decode_align_layer_source == model.config.decode_align_layer_source == "preset 'tiny'"
     want = fx["config"]
     assert (cfg.hidden, cfg.depth, cfg.heads, cfg.seq_len, cfg.codebook_size, cfg.num_classes) == (
         want["hidden"], want["layers"], want["heads"], want["image_seq_len"], want["codebook_size"],
@@ -154,6 +158,10 @@ def test_loading_from_a_file(fx, tmp_path):
         _close(m.full_logits(fx["tokens"], fx["classes"]), fx["logits"])
     with pytest.raises(FileNotFoundError):
         load_official_state_dict(tmp_path / "missing.pt", "tiny")
+    # a damaged copy of the authors' file is named, with what to do
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UnreadableFileError, match=r"sd\.pt[\s\S]*truncated"):
+        load_official_state_dict(path, "tiny")
 
 
 def _layout(name):

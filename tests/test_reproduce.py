@@ -1,11 +1,12 @@
 """The papermill runner: order, outputs, provenance, SUMMARY, failure reporting and skipping unchanged work."""
 
 import json
+import re
 import textwrap
 
 import pytest
 
-from rearlib.experiments.notebook import setup
+from rearlib.experiments.notebook import NOTEBOOK_DIR, check_int_param, setup
 import rearlib.experiments.reproduce as reproduce
 from rearlib.experiments.reproduce import build_summary, main, select
 
@@ -273,3 +274,38 @@ def test_concurrent_provenance_updates_keep_every_record(tmp_path):
     for t in threads:
         t.join()
     assert len(json.loads((reports / "provenance.json").read_text())["notebooks"]) == 40
+
+
+def test_check_int_param_names_the_parameter():
+    assert check_int_param("n_images", 3) == 3 and check_int_param("n_images", None, optional=True) is None
+    assert check_int_param("n_folds", 2, minimum=2) == 2
+    for bad in (0, -1, 2.5, True, "8", None):
+        with pytest.raises(ValueError, match=r"parameter n_images must be an integer >= 1, got"):
+            check_int_param("n_images", bad)
+    with pytest.raises(ValueError, match=r"n_folds must be an integer >= 2 or None, got 1"):
+        check_int_param("n_folds", 1, minimum=2, optional=True)
+
+
+def _run_first_cells(name, tmp_path, **params):
+    """Run a notebook's parameters cell, then ``params`` as papermill would inject them, then its first cell."""
+    parts = re.split(r"(?m)^(# %%.*)$", (NOTEBOOK_DIR / f"{name}.py").read_text())
+    cells = list(zip(parts[1::2], parts[2::2]))
+    at = next(i for i, (head, _) in enumerate(cells) if "parameters" in head)
+    first = next(body for head, body in cells[at + 1:] if "[markdown]" not in head)
+    ns = {}
+    exec(cells[at][1], ns)
+    ns.update(reports_dir=str(tmp_path / "r"), figures_dir=str(tmp_path / "f"), device="cpu", **params)
+    exec(first, ns)
+    return ns
+
+
+@pytest.mark.parametrize("name,param,bad", [
+    ("05_exposure_bias", "n_images", -1), ("05_exposure_bias", "n_images", 0), ("05_exposure_bias", "n_examples", 0),
+    ("06_embedding_replacement", "n_images", 0), ("06_embedding_replacement", "n_examples", -2),
+    ("07_robustness", "n_images", 0), ("07_robustness", "n_images", 2.5),
+    ("08_cka", "n_images", 0), ("08_cka", "n_images", 1), ("08_cka", "n_folds", 1),
+])
+def test_diagnosis_notebooks_check_their_counts_in_the_first_cell(tmp_path, name, param, bad):
+    assert _run_first_cells(name, tmp_path)["ctx"].notebook == name  # the defaults pass
+    with pytest.raises(ValueError, match=rf"parameter {param} must be an integer"):
+        _run_first_cells(name, tmp_path, **{param: bad})

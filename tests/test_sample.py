@@ -1,5 +1,6 @@
 """Sampler: CFG schedule, seeds, determinism, cache == recomputation, the sampling rule, FID sharding."""
 
+import copy
 import math
 
 import numpy as np
@@ -207,7 +208,7 @@ class PaletteTokenizer(nn.Module):
 
     def __init__(self, K=32, grid=(3, 4), patch=2):
         super().__init__()
-        self.grid, self.patch = grid, patch
+        self.grid, self.patch, self.codebook_size = grid, patch, K
         self.register_buffer("palette", torch.rand(K, 3, generator=torch.Generator().manual_seed(0)))
 
     def decode(self, tokens):
@@ -242,6 +243,90 @@ def test_fid_samples_do_not_depend_on_world_size(model, tmp_path):
         merge_fid_samples(tmp_path / "w2", 10)
     with pytest.raises(ValueError, match="rank"):
         generate_fid_samples(model, tok, 3, tmp_path / "x", rank=2, world_size=2, **kw)
+
+
+def test_fid_samples_resume_only_their_own_configuration(model, tmp_path):
+    """Images on disk are reused only when the model, tokenizer and every setting that shapes an image are the ones
+    that made them; anything else is refused with the differing fields named, unless overwrite=True."""
+    tok = PaletteTokenizer()
+    out = tmp_path / "fid"
+    kw = dict(batch_size=4, classes=[0, 5], progress=False)
+    first = generate_fid_samples(model, tok, 2, out, seed=0, **kw)
+    assert first["generated"] == 4
+    before = np.load(first["npz"])["arr_0"]
+    with pytest.raises(ValueError, match=r"(?s)seed.*cfg_scale.*overwrite=True"):
+        generate_fid_samples(model, tok, 2, out, seed=123, cfg_scale=3.0, **kw)
+    for change, field in ((dict(temperature=0.5), "temperature"), (dict(top_k=4), "top_k"), (dict(top_p=0.9), "top_p"),
+                          (dict(cfg_scale=2.0, cfg_power=1.0), "cfg_power"), (dict(classes=[0, 6]), "classes")):
+        with pytest.raises(ValueError, match=field):
+            generate_fid_samples(model, tok, 2, out, seed=0, **{**kw, **change})
+    with pytest.raises(ValueError, match="num_per_class"):
+        generate_fid_samples(model, tok, 3, out, seed=0, **kw)
+    other_model = copy.deepcopy(model)
+    with torch.no_grad():
+        other_model.pos_embed.add_(0.01)
+    with pytest.raises(ValueError, match="model"):
+        generate_fid_samples(other_model, tok, 2, out, seed=0, **kw)
+    other_tok = PaletteTokenizer()
+    other_tok.palette.copy_(other_tok.palette.flip(0))
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate_fid_samples(model, other_tok, 2, out, seed=0, **kw)
+    assert np.array_equal(np.load(first["npz"])["arr_0"], before)  # refusals touch nothing
+    # the same run resumes; guidance off is the same whether spelled None or 1.0
+    again = generate_fid_samples(model, tok, 2, out, seed=0, cfg_scale=1.0, **kw)
+    assert again["generated"] == 0 and again["skipped"] == 4
+    # overwrite=True replaces the samples, after which the new configuration resumes
+    new = generate_fid_samples(model, tok, 2, out, seed=123, cfg_scale=3.0, overwrite=True, **kw)
+    assert new["generated"] == 4 and new["skipped"] == 0
+    assert not np.array_equal(np.load(new["npz"])["arr_0"], before)
+    direct = generate_fid_samples(model, tok, 2, tmp_path / "direct", seed=123, cfg_scale=3.0, **kw)
+    assert np.array_equal(np.load(new["npz"])["arr_0"], np.load(direct["npz"])["arr_0"])
+    assert generate_fid_samples(model, tok, 2, out, seed=123, cfg_scale=3.0, **kw)["skipped"] == 4
+    # images of unknown origin (no recorded configuration) are not trusted either
+    (tmp_path / "bare" / "images").mkdir(parents=True)
+    (tmp_path / "bare" / "images" / "000000.png").write_bytes((out / "images" / "000000.png").read_bytes())
+    with pytest.raises(ValueError, match="no record of the configuration"):
+        generate_fid_samples(model, tok, 2, tmp_path / "bare", seed=0, **kw)
+
+
+def test_fid_samples_need_the_generators_tokenizer(model, tmp_path):
+    with pytest.raises(ValueError, match=r"(?s)codebook_size 64.*codebook_size 32"):
+        generate_fid_samples(model, PaletteTokenizer(K=64), 1, tmp_path / "k", batch_size=4, classes=[0],
+                             progress=False)
+    assert not (tmp_path / "k").exists()
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(cfg_scale=NAN), "cfg_scale"), (dict(cfg_scale=INF), "cfg_scale"), (dict(cfg_scale="3"), "cfg_scale"),
+    (dict(cfg_scale=2.0, cfg_power=NAN), "cfg_power"), (dict(cfg_power=INF), "cfg_power"),
+    (dict(temperature=NAN), "temperature"), (dict(temperature=INF), "temperature"),
+    (dict(temperature=True), "temperature"), (dict(top_p=NAN), "top_p"), (dict(top_k=True), "top_k"),
+    (dict(top_k=2.0), "top_k"), (dict(classes=[1.7, 2.2]), "classes"),
+    (dict(classes=torch.tensor([True, False])), "classes"), (dict(classes=np.array([1.0, 2.0])), "classes"),
+    (dict(seed=1.5), "seed"), (dict(image_seeds=[1.5, 2]), "image_seeds"),
+])
+def test_generate_refuses_non_finite_or_ill_typed_settings(model, kw, name):
+    classes = kw.pop("classes", torch.tensor([1, 2]))
+    with pytest.raises((ValueError, TypeError), match=name):
+        generate(model, classes, **kw)
+    with pytest.raises((ValueError, TypeError), match=name):  # the same checks
+        next(generate_progressive(model, classes, **kw))
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(cfg_scale=NAN), "cfg_scale"), (dict(temperature=NAN), "temperature"), (dict(cfg_power=-INF), "cfg_power"),
+    (dict(classes=[1.7, 2.2]), "classes"), (dict(classes=[True]), "classes"), (dict(seed=1.5), "seed"),
+    (dict(seed=True), "seed"), (dict(num_per_class=1.5), "num_per_class"), (dict(num_per_class=True), "num_per_class"),
+    (dict(batch_size=2.0), "batch_size"),
+])
+def test_fid_samples_refuse_non_finite_or_ill_typed_settings(model, tmp_path, kw, name):
+    kw = {"num_per_class": 1, "classes": [1, 2], "batch_size": 4, **kw}
+    with pytest.raises((ValueError, TypeError), match=name):
+        generate_fid_samples(model, PaletteTokenizer(), kw.pop("num_per_class"), tmp_path / "o", progress=False, **kw)
+    assert not (tmp_path / "o").exists()
 
 
 def test_benchmark_reports_both_paths_on_cpu(model):

@@ -21,6 +21,7 @@ import rearlib.experiments.studies_results as SR
 import rearlib.experiments.studies_workspace as SW
 import rearlib.experiments.zoo as zoo
 from rearlib import scales
+from rearlib.experiments import studies_runner
 from rearlib.experiments.studies import RunSpec, Workspace, paper_layer, resolve
 from rearlib.experiments.studies_figures import VARIANT_COLORS, plot_fid_vs_steps
 from rearlib.experiments.studies_transfer import MEMBER
@@ -153,7 +154,8 @@ def shrunk(monkeypatch, tok, tmp_path):
 
     plan = dict(scales.STUDIES["smoke"])
     plan["recipes"] = {"main": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4),
-                       "ablation": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2)}
+                       "ablation": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2),
+                       "paper_shape": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2)}
     plan["seeds"], plan["cfg_scales"], plan["cfg_powers"] = (0, 1), (3.0,), (0.0,)
     monkeypatch.setitem(scales.STUDIES, "smoke", plan)
     monkeypatch.setattr(SP, "PAPER_TABLE3", {k: SP.PAPER_TABLE3[k] for k in ("align_only", "rear")})
@@ -257,6 +259,18 @@ def test_time_limit_stops_cleanly_and_a_stopped_training_resumes(shrunk, monkeyp
     assert not res["stopped"] and res["missing"] == 0
     result = json.loads((root / "generators" / run.run_hash / "result.json").read_text())
     assert result["resumed_from"] == 2 and result["status"] == "completed"
+
+
+@pytest.mark.parametrize("limit", ["-5", "0", "nan", "inf"])
+def test_a_time_limit_that_allows_nothing_is_an_error_naming_the_option(limit, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(ST, "Workspace", lambda *a, **k: calls.append("workspace"))
+    monkeypatch.setattr(ST, "run_studies", lambda *a, **k: calls.append("run") or {"items": []})
+    with pytest.raises(SystemExit) as err:
+        ST.main(["run", "--scale", "smoke", "--time-limit", limit, "--device", "cpu", "--no-progress"])
+    assert err.value.code != 0 and "--time-limit" in capsys.readouterr().err and not calls
+    with pytest.raises(ValueError, match="time_limit_s"):  # the function refuses it too, before any work
+        studies_runner.run_studies("smoke", "noise", time_limit_s=float(limit), ws=object(), log=lambda *a: None)
 
 
 # ------------------------------------------------------------------------------------- the CLI and the facade

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from rearlib import train_step
 from rearlib.experiments import bench
 from rearlib.model import StateDictMismatchError, build_generator
 from rearlib.rear import get_rear_config
+from rearlib.runtime import UnreadableFileError
 from rearlib.tokenizers.pretokenize import TokenDataset
 from rearlib.train import (
     DeviceBatches,
@@ -320,3 +324,208 @@ def test_profile_training_runs_on_cpu_and_leaves_tf32_as_it_was():
     assert r["variant"] == "rear" and r["wall_ms_per_step_profiled"] > 0
     assert r["kernels"][-1]["kernel"] == "(all device kernels)"  # no CUDA kernels on the CPU, only the total row
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+# ------------------------------------------------------------------------------------------------ failure modes
+
+def _truncated_and_garbage_files(tmp_path, good):
+    """An empty file, the first half of ``good`` and random bytes: the damaged files a loader must explain."""
+    data = good.read_bytes()
+    files = {"empty.pt": b"", "truncated.pt": data[:len(data) // 2],
+             "random.pt": bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist())}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    return [tmp_path / name for name in files]
+
+
+def test_non_finite_hyper_parameters_are_refused_by_name():
+    inf, nan = float("inf"), float("nan")
+    for field, value in (("lr", inf), ("end_lr", nan), ("weight_decay", inf), ("grad_clip", nan),
+                         ("class_dropout", nan), ("ema_decay", nan)):
+        with pytest.raises(ValueError, match=rf"TrainConfig\.{field} .*finite"):
+            tiny_cfg(**{field: value})
+    with pytest.raises(ValueError, match=r"TrainConfig\.betas .*finite"):
+        tiny_cfg(betas=(0.9, inf))
+    with pytest.raises(SystemExit):  # the command line reports it before any data is made
+        T.main(["--preset", "tiny", "--synthetic", "16", "--lr", "inf", "--out", "unused", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("where", ["weights", "optimizer"])
+def test_a_state_that_turns_non_finite_after_its_update_is_never_checkpointed(tmp_path, monkeypatch, where):
+    """The loss is computed before the update: NaN weights (or an overflowed AdamW moment, which leaves the
+    weights finite) after a step with a finite loss must not become the 'last good checkpoint'."""
+    tokens, labels, cb = toy_data()
+    real_step = train_step.Stepper.step
+
+    def step(self, i):
+        out = real_step(self, i)
+        if i == 2:  # after the update of optimizer step 3, whose loss was finite
+            with torch.no_grad():
+                w = self.raw.lm_head.weight
+                if where == "weights":
+                    w[0, 0] = float("nan")
+                else:
+                    self.optimizer.state[w]["exp_avg_sq"][0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(train_step.Stepper, "step", step)
+    cfg = tiny_cfg(steps=8, log_every=1, ckpt_every=1, ema_decay=None)
+    named = r"lm_head\.weight'\]\['exp_avg_sq" if where == "optimizer" else r"lm_head\.weight"
+    with pytest.raises(FloatingPointError, match=rf"{named}[\s\S]*last good checkpoint") as err:
+        train(cfg, tokens, labels, cb, tmp_path / "run", device="cpu", progress=False)
+    assert str(tmp_path / "run" / "checkpoint.pt") in str(err.value)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(t).all() for s in ck["optimizer"]["state"].values() for t in s.values())
+
+
+def test_a_huge_learning_rate_leaves_no_diverged_checkpoint(tmp_path):
+    """lr=1e30 is finite, but the weights after one step are ~1e30 and the next loss is not finite: the
+    checkpoint holding them is not a 'good' one and is not kept."""
+    tokens, labels, cb = toy_data()
+    cfg = tiny_cfg(steps=20, lr=1e30, end_lr=0.0, warmup_steps=0, log_every=1, ckpt_every=1, ema_decay=None)
+    with pytest.raises(FloatingPointError, match="non-finite loss") as err:
+        train(cfg, tokens, labels, cb, tmp_path / "run", device="cpu", progress=False)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert "last good checkpoint" not in str(err.value) and not ckpt.exists()
+    assert not list((tmp_path / "run").glob("checkpoint*"))
+
+
+def test_a_diverging_run_falls_back_to_the_checkpoint_before_the_bad_one(tmp_path, monkeypatch):
+    """The checkpoint whose (finite) weights gave the first non-finite loss is replaced by the one before it."""
+    tokens, labels, cb = toy_data()
+    real_step, real_loss = train_step.Stepper.step, train_step.rear_loss
+
+    def step(self, i):
+        out = real_step(self, i)
+        if i == 3:  # the weights after step 4: finite, but marked to give a non-finite loss at step 5
+            with torch.no_grad():
+                self.raw.lm_head.bias[0] = 1e4
+        return out
+
+    def loss(out, *args, **kwargs):
+        value, stats = real_loss(out, *args, **kwargs)
+        if out.logits[..., 0].max() > 5e3:
+            value = value * float("nan")
+            stats = {**stats, "loss": value.detach()}
+        return value, stats
+
+    monkeypatch.setattr(train_step.Stepper, "step", step)
+    monkeypatch.setattr(train_step, "rear_loss", loss)
+    cfg = tiny_cfg(steps=8, log_every=2, ckpt_every=2, ema_decay=None)
+    with pytest.raises(FloatingPointError, match="last good checkpoint") as err:
+        train(cfg, tokens, labels, cb, tmp_path / "run", device="cpu", progress=False)
+    assert "step 5" in str(err.value) and "step 2" in str(err.value)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["model"]["lm_head.bias"].abs().max() < 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt"]
+
+
+def test_loaders_refuse_non_finite_weights_naming_the_file(tmp_path):
+    tokens, labels, cb = toy_data()
+    res = train(tiny_cfg(steps=2, log_every=1, ema_decay=None), tokens, labels, cb, tmp_path / "run", device="cpu",
+                progress=False)
+    assert res["status"] == "completed"
+    for name in ("model.pt", "checkpoint.pt"):
+        d = torch.load(tmp_path / "run" / name, weights_only=True)
+        d["model"]["blocks.1.mlp.fc2.weight"][3, 4] = float("inf")
+        torch.save(d, tmp_path / f"bad_{name}")
+        with pytest.raises(ValueError, match=rf"bad_{name}[\s\S]*non-finite[\s\S]*blocks\.1\.mlp\.fc2\.weight"):
+            load_generator(tmp_path / f"bad_{name}")
+        with pytest.raises(ValueError, match=rf"bad_{name}[\s\S]*non-finite"):
+            T.load_checkpoint(tmp_path / f"bad_{name}")
+
+
+def test_damaged_checkpoint_files_are_named_with_what_to_do(tmp_path):
+    tokens, labels, cb = toy_data()
+    cfg = tiny_cfg(steps=4, log_every=2, ckpt_every=2, ema_decay=None)
+    train(cfg, tokens, labels, cb, tmp_path / "run", device="cpu", progress=False, stop_at=2)
+    for bad in _truncated_and_garbage_files(tmp_path, tmp_path / "run" / "checkpoint.pt"):
+        with pytest.raises(UnreadableFileError, match=rf"{bad.name}[\s\S]*(train|copy)"):
+            load_generator(bad)
+        out = tmp_path / f"resume_{bad.stem}"
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(bad.read_bytes())
+        with pytest.raises(UnreadableFileError, match=r"checkpoint\.pt[\s\S]*(--fresh|resume=False)"):
+            train(cfg, tokens, labels, cb, out, device="cpu", progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_generator(tmp_path / "missing.pt")
+
+
+def test_fresh_keeps_the_finished_run_until_the_new_one_has_a_checkpoint(tmp_path, monkeypatch, capsys):
+    tokens, labels, cb = toy_data()
+    out = tmp_path / "run"
+    done = train(tiny_cfg(steps=4, log_every=2, ckpt_every=2, snapshot_every=2, ema_decay=None), tokens, labels, cb,
+                 out, device="cpu", progress=False)
+    assert done["status"] == "completed"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"checkpoint.pt", "model.pt", "result.json", "model_step2.pt", "model_step4.pt"} <= set(before)
+
+    real_step = train_step.Stepper.step
+
+    def killed_at_step_2(self, i):
+        if i == 1:
+            raise KeyboardInterrupt  # a kill before the new run's first checkpoint
+        return real_step(self, i)
+
+    new_cfg = tiny_cfg(steps=4, lr=2e-3, log_every=2, ckpt_every=2, ema_decay=None)
+    monkeypatch.setattr(train_step.Stepper, "step", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(new_cfg, tokens, labels, cb, out, device="cpu", progress=False, resume=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the finished run is untouched
+    assert "kept until" in capsys.readouterr().err
+
+    monkeypatch.setattr(train_step.Stepper, "step", real_step)
+    new = train(new_cfg, tokens, labels, cb, out, device="cpu", progress=False, resume=False)
+    assert new["status"] == "completed"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "model.pt", "result.json"]
+    assert json.loads((out / "result.json").read_text())["train_config"]["lr"] == 2e-3
+    assert "replaced" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_folder_is_reported_before_training(tmp_path, monkeypatch):
+    tokens, labels, cb = toy_data()
+    out = tmp_path / "ro"
+    out.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):  # what a read-only folder does (root ignores permission bits)
+        if dir is not None and Path(dir) == out:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    steps = {"n": 0}
+    real_step = train_step.Stepper.step
+
+    def counting(self, i):
+        steps["n"] += 1
+        return real_step(self, i)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(train_step.Stepper, "step", counting)
+    with pytest.raises(PermissionError, match=rf"{re.escape(str(out))}[\s\S]*not writable"):
+        train(tiny_cfg(steps=4, ckpt_every=4, ema_decay=None), tokens, labels, cb, out, device="cpu", progress=False)
+    assert steps["n"] == 0
+
+
+def test_orphaned_temporary_files_are_removed_at_the_next_start(tmp_path, capsys):
+    tokens, labels, cb = toy_data()
+    out = tmp_path / "run"
+    out.mkdir()
+    orphans = [out / ".checkpoint.pt.k2j3h4.tmp", out / ".model.pt.abc.tmp", out / ".result.json.x1.tmp",
+               out / ".model_step4.pt.zz.tmp"]
+    for p in orphans:
+        p.write_bytes(b"half a file")
+    keep = out / "notes.tmp"
+    keep.write_text("not ours")
+    train(tiny_cfg(steps=2, log_every=1, ema_decay=None), tokens, labels, cb, out, device="cpu", progress=False)
+    assert not any(p.exists() for p in orphans) and keep.exists()
+    err = capsys.readouterr().err
+    assert "removed 4" in err and ".checkpoint.pt.k2j3h4.tmp" in err
+
+
+def test_cli_refuses_an_empty_synthetic_set(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--preset", "tiny", "--synthetic", "0", "--out", str(tmp_path / "x"), "--device", "cpu"])
+    assert "--synthetic" in capsys.readouterr().err

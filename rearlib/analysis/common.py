@@ -92,6 +92,16 @@ def check_pair(model, tokenizer) -> None:
         raise ValueError(f"tokenizer grid {h}x{w} = {h * w} tokens != generator seq_len {N}")
 
 
+def check_image_count(n, what: str = "n_images") -> int:
+    """``n`` as a positive int number of images. Without this, 0 images surface deep inside an analysis as an empty
+    ``torch.cat`` and a negative count as a ``torch.arange`` error, neither of which names the cause."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{what} must be an integer number of images, got {n!r}")
+    if n < 1:
+        raise ValueError(f"{what}: {int(n)} images, but at least one image is needed")
+    return int(n)
+
+
 def flat_tokens(tokens, N: int, K: int, name: str = "tokens") -> torch.Tensor:
     if not torch.is_tensor(tokens):
         raise TypeError(f"{name} must be a LongTensor [B, N] or [B, h, w], got {type(tokens).__name__}")
@@ -100,8 +110,7 @@ def flat_tokens(tokens, N: int, K: int, name: str = "tokens") -> torch.Tensor:
     t = tokens.reshape(tokens.shape[0], -1) if tokens.ndim == 3 else tokens
     if t.ndim != 2 or t.shape[1] != N:
         raise ValueError(f"{name} must be [B, {N}] or a [B, h, w] grid with h*w = {N}; got {tuple(tokens.shape)}")
-    if t.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
+    check_image_count(t.shape[0], name)
     if int(t.min()) < 0 or int(t.max()) >= K:
         raise ValueError(f"{name} ids must be image codes in [0, {K}); got range [{int(t.min())}, {int(t.max())}]")
     return t.long()
@@ -192,6 +201,7 @@ def encode_images(tokenizer, images: torch.Tensor, batch_size: int = 256) -> tor
     check_batch_size(batch_size)
     if not torch.is_tensor(images) or not images.is_floating_point() or images.ndim != 4:
         raise TypeError("images must be a float tensor [B, 3, R, R] in [0, 1]")
+    check_image_count(images.shape[0], "images")
     out = [tokenizer.encode(images[s:s + batch_size]).reshape(min(batch_size, len(images) - s), -1)
            for s in range(0, len(images), batch_size)]
     return torch.cat(out)
@@ -204,6 +214,8 @@ def prepare(model, tokenizer, data, labels, images, image_ids, batch_size):
     dev = model_device(model)
     if not torch.is_tensor(data):
         raise TypeError("data must be float images [B, 3, R, R] in [0, 1] or integer tokens [B, N] / [B, h, w]")
+    if data.ndim:
+        check_image_count(data.shape[0], "data")
     if data.is_floating_point():
         if images is not None:
             raise ValueError("data are images already; pass images= only together with token data")

@@ -14,6 +14,7 @@ import argparse
 import gzip
 import io
 import json
+import numbers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,20 @@ def setup(notebook: str, scale: str = "smoke", seed: int = 0, device: str = "aut
         if scale == "smoke":
             print("smoke scale: proves that every code path runs; its numbers are NOT meaningful.")
     return ctx
+
+
+def check_int_param(name: str, value, *, minimum: int = 1, optional: bool = False):
+    """A notebook's integer parameter, checked in its first cell: ``value`` as an int ``>= minimum`` (or None when
+    ``optional``, for "use the scale's default"). A bad count otherwise fails minutes later deep inside torch
+    (``n_images = -1`` as a ``torch.arange`` error), and ``2.5`` or ``True`` would be truncated or read as 1."""
+    if value is None and optional:
+        return None
+    allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"parameter {name} must be {allowed}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"parameter {name} must be {allowed}, got {value}")
+    return int(value)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ The parts, by role (this module re-exports their public names and holds the CLI)
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -61,7 +62,7 @@ from rearlib.experiments.studies_plan import (PAPER_DEPTH, PAPER_FIG4, PAPER_FIN
                                               settings, study_names, study_specs)
 from rearlib.experiments.studies_results import (VARIANT_NAMES, collect, compare_seeds, embedding_table,
                                                  metric_columns, noise_table, provenance_note, sampling_noise,
-                                                 scaling_tables, zoo_training_record)
+                                                 scaling_tables, learning_curve, zoo_training_record)
 from rearlib.experiments.studies_runner import item_line, run_studies, status
 from rearlib.experiments.studies_transfer import pack, unpack
 from rearlib.experiments.studies_workspace import Item, Workspace
@@ -72,8 +73,20 @@ __all__ = ["STUDIES", "RECIPES", "STUDIES_EXTRACTOR", "PAPER_TABLE3", "PAPER_TAB
            "PAPER_FIG4", "PAPER_DEPTH", "PAPER_FINAL_DE", "settings", "study_names", "study_specs", "RunSpec",
            "Resolved", "resolve", "paper_layer", "base_layers", "embedding_rows", "Item", "Workspace",
            "run_studies", "status", "collect", "provenance_note", "sampling_noise", "metric_columns",
-           "VARIANT_NAMES", "compare_seeds", "noise_table", "embedding_table", "scaling_tables",
+           "VARIANT_NAMES", "compare_seeds", "noise_table", "embedding_table", "scaling_tables", "learning_curve",
            "zoo_training_record", "pack", "unpack", "main"]
+
+
+def _time_limit(text: str) -> float:
+    """argparse type of --time-limit: a limit that is not positive and finite would let nothing run and exit 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r} "
+                                         f"(leave the option out for no limit)")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--extractor", default=None, choices=EXTRACTORS,
                        help=f"FID feature extractor (default: {STUDIES_EXTRACTOR})")
         if cmd == "run":
-            p.add_argument("--time-limit", type=float, default=None,
+            p.add_argument("--time-limit", type=_time_limit, default=None,
                            help="seconds from the start of this command; stop cleanly before it")
             p.add_argument("--whole-runs", action="store_true",
                            help="start a training only if it and the run's evaluations are expected to finish "

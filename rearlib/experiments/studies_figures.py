@@ -114,3 +114,22 @@ def plot_cfg_sweep(axes, sweep: pd.DataFrame, *, metrics: Sequence[str], fid: st
         ax.set_xlabel("guidance g")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+
+
+def plot_learning_curve(curve: pd.DataFrame, *, fid: str, floor_fid: float | None, noise: float):
+    """FID against training step for AR and reAR (the recipe study), with ± the sampling ``noise`` and the FID of
+    real training images of the same count (``floor_fid``) as a dotted line."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.6))
+    for variant in VARIANT_COLORS:
+        d = curve[curve["variant"] == variant].sort_values("step")
+        if not d.empty:
+            ax.errorbar(d["step"], d[fid], yerr=noise, capsize=2, ms=4, color=VARIANT_COLORS[variant],
+                        ls=VARIANT_LINES[variant], marker=VARIANT_MARKERS[variant], label=variant)
+    if floor_fid is not None:
+        ax.axhline(floor_fid, color="0.4", ls=":", lw=1, label=f"real training images ({floor_fid:.3g})")
+    label_fid(ax, fid)
+    ax.set_xlabel("training step (snapshots of one run; warm-up ends at a quarter)", fontsize=8)
+    ax.set_title("learning curve of the paper-proportioned recipe", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

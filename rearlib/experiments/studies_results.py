@@ -243,6 +243,18 @@ def scaling_tables(runs: pd.DataFrame, evals: pd.DataFrame, sizes: Sequence[str]
     return runs, cost, curve
 
 
+def learning_curve(evals: pd.DataFrame, fid: str, per_steps: int = 1000) -> pd.DataFrame:
+    """The recipe study's learning curve: one row per variant and snapshot step (the reported sampling seed), with
+    the relative change of FID per ``per_steps`` steps since the previous snapshot (negative: still improving)."""
+    curve = evals[evals["role"] == "report"].copy()
+    curve["variant"] = curve["preset"].map(VARIANT_NAMES)
+    curve = curve.sort_values(["variant", "step"]).reset_index(drop=True)
+    prev = curve.groupby("variant")[[fid, "step"]].shift()
+    curve[f"relative change of {fid} per {per_steps} steps"] = (
+        (curve[fid] / prev[fid] - 1) * per_steps / (curve["step"] - prev["step"]))
+    return curve
+
+
 def zoo_training_record(scale: str, name: str, variant: str, model, tokenizer, seed: int = 0) -> dict:
     """One row of a zoo generator's training record: steps, epochs, time, steady-state samples/s and s/epoch,
     GPU, the last logging window's loss terms, and where the record came from (the shipped checkpoint's

@@ -37,6 +37,10 @@ def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: i
     only when it and the run's evaluations are expected to finish within the limit. Returns {"stopped": bool,
     "reason": str, "items": [rows of the progress table], "missing": int}.
     """
+    if time_limit_s is not None and not (math.isfinite(float(time_limit_s)) and float(time_limit_s) > 0):
+        # Such a limit would stop before the first item and report success having done nothing.
+        raise ValueError(f"time_limit_s must be a positive, finite number of seconds (or None for no limit), "
+                         f"got {time_limit_s!r}")
     t0 = time.monotonic() if t_start is None else t_start
     deadline = None if time_limit_s is None else t0 + float(time_limit_s)
     ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress, extractor=extractor)

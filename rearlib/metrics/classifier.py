@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from rearlib import scales
 from rearlib.data import NUM_CLASSES, render_batch
 from rearlib.runtime import (REPO_ROOT, artifact_dir, atomic_torch_save, atomic_write_text, hardware_info,
-                             resolve_device)
+                             load_torch_file, resolve_device)
 from rearlib.scales import validate_scale
 
 #: Name under which the classifier is registered with torch-fidelity; every table uses it.
@@ -175,9 +175,9 @@ def save_classifier(model: Classifier, path, metrics: dict | None = None) -> Pat
 def load_classifier(path, device="cpu") -> Classifier:
     """Load a checkpoint written by :func:`save_classifier`; names and shapes are checked strictly."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier checkpoint {path} not found")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_torch_file(path, "classifier checkpoint",
+                              "Delete it and train it again: python -m rearlib classifier train --scale SCALE "
+                              "[--out PATH] (a deleted smoke classifier is retrained when next needed).")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a rearlib classifier checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     cfg = payload["config"]
