@@ -176,6 +176,20 @@ def load_torch_file(path: str | os.PathLike, what: str = "file", fix: str = "") 
                                   f"corrupt or not a torch file ({type(err).__name__}: {str(err)[:200]}).{hint}") from err
 
 
+def read_json(path: str | os.PathLike, what: str = "record") -> dict:
+    """A JSON object from ``path``; :class:`UnreadableFileError` naming the file if it is empty, truncated or not a
+    JSON object (callers that own the file as a cache rebuild it, others pass the error on)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UnreadableFileError(f"{what} {path} ({path.stat().st_size:,} bytes) is not valid JSON: truncated or "
+                                  f"overwritten ({err})") from err
+    if not isinstance(value, dict):
+        raise UnreadableFileError(f"{what} {path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices). Code that needs exact streams passes torch.Generator objects."""
     import numpy as np  # deferred: see the note at the imports

@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ from tqdm.auto import tqdm
 from rearlib.model import get_config
 from rearlib.rear import PRESETS as REAR_PRESETS
 from rearlib.rear import get_rear_config
-from rearlib.runtime import atomic_torch_save, atomic_write_text, load_torch_file, resolve_device
+from rearlib.runtime import (UnreadableFileError, atomic_torch_save, atomic_write_text, load_torch_file, read_json,
+                             resolve_device)
 from rearlib.tokenizers import get_tokenizer
 from rearlib.train_checkpoints import (
     CHECKPOINT_FORMAT,
@@ -299,11 +301,13 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
         if info.is_main:
             files.checked(upto)
 
-    if step >= cfg.steps:
-        if result_path.exists():
-            res = json.loads(result_path.read_text())
+    if step >= cfg.steps and result_path.exists():
+        try:
+            res = read_json(result_path, "training result")
             res["model"] = model.eval()
             return res
+        except UnreadableFileError as err:  # ours to rebuild: the checkpoint holds everything it records
+            warnings.warn(f"{err}; writing it again from {ckpt_path.name}", stacklevel=2)
 
     if stop_at is not None and step >= stop_at and step < cfg.steps:
         # Already past the requested stopping point (a chunked run re-launched): nothing to do.

@@ -203,3 +203,14 @@ def test_samples_per_class_shrink_to_fit_the_budget():
     assert E.samples_per_class_within(30.0, 100, 4, 1.0) == 30       # as many as fit, a multiple of 10
     assert E.samples_per_class_within(30.0, 100, 4, 0.7) == 40       # 42.8 -> 40
     assert E.samples_per_class_within(30.0, 100, 50, 1.0) == 50      # never below the minimum
+
+
+def test_a_damaged_record_counts_as_missing_and_is_evaluated_again(records_root, tmp_path):
+    key = {"scale": "smoke", "subject": "damaged-record-test"}
+    E.save_record(key, {"fid": 1.0}, {"where": "here"}, root=records_root)
+    path = record_path(key, records_root)
+    path.write_text(path.read_text()[:20])
+    with pytest.warns(UserWarning, match=r"record\.json .*not valid JSON.*evaluating again"):
+        assert load_record(key, records_root) is None
+    E.save_record(key, {"fid": 2.0}, {"where": "here"}, root=records_root)
+    assert load_record(key, records_root)["row"] == {"fid": 2.0}

@@ -32,7 +32,10 @@ def _fixed_library_digest(monkeypatch):
     monkeypatch.setattr(reproduce, "_library_digest", lambda: "fixed")
 
 
-def test_runner_reports_failure_keeps_others_and_skips_unchanged(tmp_path, capsys):
+def test_runner_reports_failure_keeps_others_and_skips_unchanged(tmp_path, capsys, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # kernels' IPC sockets must not land in the working folder
     nbs = tmp_path / "nbs"
     nbs.mkdir()
     _write(nbs, "01_ok", '''
@@ -66,6 +69,7 @@ ctx.note("ran after a failure")
     assert (reports / "notebooks" / "02_broken.ipynb").exists()  # the failed notebook is kept for reading
     summary = (reports / "SUMMARY.md").read_text()
     assert "| 01_ok | c | p | o | **not tested** |" in summary and "ran after a failure" in summary
+    assert list(work.iterdir()) == []
 
     # second run: the two good notebooks are unchanged and skipped; the broken one runs (and fails) again
     assert main(args + ["--only", "01,03"]) == 0

@@ -360,3 +360,43 @@ def test_scaling_tables_and_the_fid_figure_tell_ar_from_rear():
     assert "lower is better" in ax.get_ylabel()
     assert "real train images" in fig.axes[-1].texts[0].get_text()  # the floor is stated, not drawn off-scale
     plt.close("all")
+
+
+def test_two_processes_asking_for_one_run_take_turns_and_the_second_reuses_it(tok, tmp_path, monkeypatch):
+    import threading
+    import time as _time
+
+    monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path))
+
+    class FakeTokens:
+        def tensors(self):
+            return torch.zeros(4, 16, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+
+    monkeypatch.setattr(zoo, "get_tokens", lambda *a, **k: FakeTokens())
+    active, overlaps, trained = [], [], []
+
+    def fake_train(cfg, tokens, labels, codebook, out, **kw):  # finishes a run unless it is already finished
+        active.append(1)
+        overlaps.append(len(active) > 1)
+        try:
+            done = out / "result.json"
+            if not done.exists():
+                _time.sleep(0.3)
+                out.mkdir(parents=True, exist_ok=True)
+                done.write_text('{"status": "completed"}')
+                trained.append(threading.current_thread().name)
+            return json.loads(done.read_text())
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(zoo, "train", fake_train)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(zoo.train_generator("smoke", "ar", tok, 0,
+                                                                                  device="cpu", progress=False)),
+                                name=f"caller{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [{"status": "completed"}] * 2
+    assert overlaps == [False, False] and len(trained) == 1  # one trained, the other waited and reused

@@ -293,3 +293,26 @@ def test_running_mean_centering_is_a_buffer_updated_only_by_training_passes(imag
     assert torch.allclose(m.z_mean, raw, atol=1e-5) and int(m.z_mean_count) == 1
     assert "z_mean" in m.state_dict()     # part of the weights, so part of identity() and of checkpoints
     assert m.config_dict()["center"] and "center" not in micro().config_dict()  # off: config as before
+
+
+def test_a_damaged_cached_smoke_tokenizer_is_trained_again(tmp_path, monkeypatch):
+    mc, _ = vqgan_training.scale_configs("smoke")
+    calls = []
+
+    def quick_train(model_cfg, train_cfg, **kw):  # the training itself is tested above; here only the cache
+        calls.append(1)
+        torch.manual_seed(len(calls))
+        model = VQTokenizer(model_cfg)
+        vqgan_training.round_weights_(model, torch.float16)  # as the real trainer hands back what it caches
+        return model, {"history": []}
+
+    monkeypatch.setattr(vqgan_training, "train_vq", quick_train)
+    first = vqgan_training.get_or_train("smoke", device="cpu", progress=False, root=tmp_path)
+    path = next(tmp_path.glob("tokenizer/*/tokenizer.pt"))
+    assert vqgan_training.get_or_train("smoke", device="cpu", root=tmp_path).identity() == first.identity()
+    assert len(calls) == 1  # cached
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.warns(UserWarning, match=r"tokenizer\.pt.*training the smoke tokenizer again"):
+        rebuilt = vqgan_training.get_or_train("smoke", device="cpu", progress=False, root=tmp_path)
+    assert len(calls) == 2 and rebuilt.identity() != first.identity()
+    assert vqgan_training.get_or_train("smoke", device="cpu", root=tmp_path).identity() == rebuilt.identity()

@@ -529,3 +529,17 @@ def test_cli_refuses_an_empty_synthetic_set(tmp_path, capsys):
     with pytest.raises(SystemExit):
         T.main(["--preset", "tiny", "--synthetic", "0", "--out", str(tmp_path / "x"), "--device", "cpu"])
     assert "--synthetic" in capsys.readouterr().err
+
+
+def test_a_damaged_result_file_of_a_finished_run_is_written_again(tmp_path):
+    tokens, labels, cb = toy_data()
+    out = tmp_path / "run"
+    done = train(tiny_cfg(steps=4, ema_decay=None), tokens, labels, cb, out, device="cpu", progress=False)
+    model_bytes = (out / "model.pt").read_bytes()
+    (out / "result.json").write_text('{"status": "compl')  # a write cut short (disk full, copy interrupted)
+    with pytest.warns(UserWarning, match=r"result\.json .*not valid JSON.*writing it again"):
+        again = train(tiny_cfg(steps=4, ema_decay=None), tokens, labels, cb, out, device="cpu", progress=False)
+    assert again["status"] == "completed" and again["step"] == done["step"] == 4
+    record = json.loads((out / "result.json").read_text())
+    assert record["status"] == "completed" and record["history"] == json.loads(json.dumps(done["history"]))
+    assert (out / "model.pt").read_bytes() == model_bytes  # the same weights, not a retrained model

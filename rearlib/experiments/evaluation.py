@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -49,7 +50,8 @@ import rearlib.metrics as M
 from rearlib import scales
 from rearlib.data import render_batch
 from rearlib.metrics.classifier import class_consistency
-from rearlib.runtime import artifact_dir, artifacts_root, atomic_write_text, config_hash, hardware_info
+from rearlib.runtime import (UnreadableFileError, artifact_dir, artifacts_root, atomic_write_text, config_hash,
+                             hardware_info, read_json)
 from rearlib.sample import generate, image_seeds, last_fast_path_info
 
 __all__ = ["RECORD_KIND", "RECORD_FORMAT", "Evaluator", "setting_label", "canonical_cfg",
@@ -95,7 +97,11 @@ def load_record(key: dict, root=None) -> dict | None:
     path = record_path(key, root)
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    try:
+        record = read_json(path, "evaluation record")
+    except UnreadableFileError as err:  # a cache entry: evaluated again and rewritten
+        warnings.warn(f"{err}; evaluating again", stacklevel=2)
+        return None
     if record.get("format") != RECORD_FORMAT:
         raise ValueError(f"{path} is not a {RECORD_FORMAT} record")
     return record

@@ -136,6 +136,11 @@ class LocalKernelManager(AsyncKernelManager):
 
     transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
 
+    def _ip_default(self) -> str:
+        # jupyter_client's default puts the sockets ("kernel-ipc-N") in the working folder, i.e. the repository.
+        # The sockets are "<ip>-<n>" files, removed when the kernel shuts down.
+        return os.path.join(tempfile.gettempdir(), f"rearlib-kernel-{os.getpid()}")
+
 
 def run_notebook(script: Path, params: dict, out_path: Path, cwd: Path, progress: bool = True) -> None:
     """Execute ``script`` with papermill into ``out_path``; ``progress`` shows a bar of the notebook's cells."""

@@ -25,6 +25,7 @@ from rearlib.experiments.studies_plan import PAPER_TABLE3, STUDIES, STUDIES_EXTR
 from rearlib.experiments.studies_runner import run_studies
 from rearlib.experiments.studies_workspace import Workspace
 from rearlib.metrics import metric_label
+from rearlib.runtime import read_json
 
 #: The variants of the studies' comparisons, by preset.
 VARIANT_NAMES = {"ar": "AR", "rear": "reAR"}
@@ -264,7 +265,7 @@ def zoo_training_record(scale: str, name: str, variant: str, model, tokenizer, s
         r, source = info["result"], info["path"]
     else:  # trained here (smoke): its result.json sits in the run folder
         path = zoo.run_dir(scale, variant, tokenizer, seed) / "result.json"
-        r, source = json.loads(path.read_text()), str(path)
+        r, source = read_json(path, "training result"), str(path)
     cfg = zoo.train_config(scale, variant, tokenizer, seed)
     d = scales.GENERATOR_DATA[scale]
     n_seq = d["train_size"] * (2 if d["flip"] else 1)

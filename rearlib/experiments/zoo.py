@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,8 +33,8 @@ import torch
 from rearlib import scales
 from rearlib.data import render_batch
 from rearlib.model import GeneratorConfig, build_generator
-from rearlib.runtime import (REPO_ROOT, artifact_dir, artifacts_root, config_hash, load_sharded, resolve_device,
-                             save_sharded)
+from rearlib.runtime import (REPO_ROOT, UnreadableFileError, artifact_dir, artifacts_root, config_hash, file_lock,
+                             load_sharded, read_json, resolve_device, save_sharded)
 from rearlib.scales import validate_scale
 from rearlib.tokenizers import get_tokenizer
 from rearlib.tokenizers.pretokenize import pretokenize
@@ -109,8 +110,11 @@ def train_generator(scale: str, variant, tokenizer, seed: int = 0, *, device="au
     tokens, labels = data.tensors()
     tokens = tokens.reshape(-1, tokens.shape[-1]) if tokens.ndim == 3 else tokens
     out = run_dir(scale, variant, tokenizer, seed, **overrides)
-    return train(cfg, tokens, labels, tokenizer.codebook.detach().float().cpu(), out, device=device,
-                 time_limit_s=time_limit_s, progress=progress)
+    # Two processes asking for one run (two notebooks, two `studies run`) take turns: the second waits, then
+    # finds the run finished (or resumes where the first stopped) instead of training it a second time.
+    with file_lock(out.parent / f".{out.name}.lock"):
+        return train(cfg, tokens, labels, tokenizer.codebook.detach().float().cpu(), out, device=device,
+                     time_limit_s=time_limit_s, progress=progress)
 
 
 def shipped_path(scale: str, variant: str, seed: int = 0) -> Path:
@@ -125,7 +129,7 @@ def export_generator(model_file: str | Path, out: str | Path) -> list[Path]:
                  step=ckpt["step"])
     result = Path(model_file).with_name("result.json")
     if result.is_file():
-        r = json.loads(result.read_text())
+        r = read_json(result, "training result")
         state["result"] = json.dumps({k: r.get(k) for k in ("status", "step", "steps", "train_time_s",
                                                              "samples_per_s", "final", "gpu", "params")})
     return save_sharded(state, out)
@@ -176,6 +180,19 @@ def _shipped_meta(path: Path) -> dict:
     return dict(index["meta"])
 
 
+def _finished_record(path: Path) -> dict | None:
+    """The run's ``result.json`` if it records a completed run; None if absent, unfinished or damaged (a damaged
+    one is rewritten from the run's checkpoint the next time the run is trained or resumed)."""
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path, "training result")
+    except UnreadableFileError as err:
+        warnings.warn(f"{err}; the run counts as unfinished until it is resumed", stacklevel=3)
+        return None
+    return record if record.get("status") == "completed" else None
+
+
 def training_result(scale: str, variant, tokenizer, seed: int = 0, **overrides) -> dict | None:
     """The finished training record of a run without loading any weights, or None if it has not finished.
 
@@ -186,10 +203,9 @@ def training_result(scale: str, variant, tokenizer, seed: int = 0, **overrides) 
     _check_scale(scale)
     cfg = train_config(scale, variant, tokenizer, seed, **dict(overrides))
     path = artifacts_root() / "generators" / config_hash(recipe_key(scale, cfg, tokenizer.identity())) / "result.json"
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if record.get("status") == "completed":
-            return {**record, "source": str(path)}
+    record = _finished_record(path)
+    if record is not None:
+        return {**record, "source": str(path)}
     shipped = _shipped_for(scale, variant, seed, overrides, cfg)
     if shipped is not None:
         meta = _shipped_meta(shipped)
@@ -239,12 +255,11 @@ def get_generator(scale: str, variant="rear", *, tokenizer, seed: int = 0, devic
         return load_shipped(shipped, dev)
     # A finished run is loaded directly: building the trainer would import torch._dynamo (seconds) for nothing.
     done = run_dir(scale, variant, tokenizer, seed, **overrides)
-    if (done / "model.pt").is_file() and (done / "result.json").is_file():
-        record = json.loads((done / "result.json").read_text())
-        if record.get("status") == "completed":
-            model = load_generator(done / "model.pt", dev)
-            model.zoo_info = {"path": str(done / "model.pt"), "step": record.get("step"), "result": record}
-            return model
+    record = _finished_record(done / "result.json")
+    if record is not None and (done / "model.pt").is_file():
+        model = load_generator(done / "model.pt", dev)
+        model.zoo_info = {"path": str(done / "model.pt"), "step": record.get("step"), "result": record}
+        return model
     if scale == "small" and dev.type != "cuda":
         what = variant if isinstance(variant, str) else "a custom ReARConfig"
         raise FileNotFoundError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from rearlib import scales
 from rearlib.data import render_batch
-from rearlib.runtime import artifact_dir, config_from_dict, hardware_info, resolve_device
+from rearlib.runtime import UnreadableFileError, artifact_dir, config_from_dict, hardware_info, resolve_device
 from rearlib.scales import validate_scale
 from rearlib.tokenizers.base import load_checkpoint, round_weights_, save_tokenizer
 from rearlib.tokenizers.vqgan_metrics import evaluate
@@ -269,7 +270,10 @@ def get_or_train(scale: str = "smoke", device="auto", progress: bool = True, roo
     key = {"scale": scale, "model": asdict(mc), "train": asdict(tc), "trainer_version": TRAINER_VERSION}
     path = artifact_dir("tokenizer", key, root=root) / "tokenizer.pt"
     if path.is_file():
-        return load_checkpoint(path, device)
+        try:
+            return load_checkpoint(path, device)
+        except UnreadableFileError as err:  # a damaged cache entry is ours to rebuild
+            warnings.warn(f"{err}; training the {scale} tokenizer again", stacklevel=2)
     # Rounded to fp16 before evaluation: the cached weights are exactly the ones the metrics describe.
     model, metrics = train_vq(mc, tc, device=device, progress=progress, round_to=torch.float16)
     save_tokenizer(model, path, dtype=torch.float16, meta={"metrics": metrics})
