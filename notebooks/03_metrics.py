@@ -29,9 +29,11 @@ device = "auto"
 reports_dir = "reports"
 figures_dir = "figures"
 token_corruption = True  # also damage images through the tokenizer (uses the scale's tokenizer)
+n_images = None        # images damaged and scored (None: the scale's setting below)
+n_ref = None           # reference images of the distribution metrics (None: the scale's setting below)
 
 # %%
-from rearlib.experiments.notebook import setup
+from rearlib.experiments.notebook import check_int_param, setup
 
 ctx = setup(notebook="03_metrics", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -58,7 +60,9 @@ SETTINGS = {
     "small": dict(dataset="embedded", resolution=64, n=5000, n_ref=10000, n_gen=5000, extractor="inception-v3-fid"),
     "paper": dict(dataset="imagenet", resolution=256, n=2000, n_ref=10000, n_gen=0, extractor="inception-v3-fid"),
 }[ctx.scale]
-res, n, n_ref = SETTINGS["resolution"], SETTINGS["n"], SETTINGS["n_ref"]
+res = SETTINGS["resolution"]
+n = check_int_param("n_images", n_images, minimum=2, optional=True) or SETTINGS["n"]
+n_ref = check_int_param("n_ref", n_ref, minimum=2, optional=True) or SETTINGS["n_ref"]
 t_start = time.time()
 
 

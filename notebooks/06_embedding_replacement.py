@@ -44,6 +44,7 @@ ar_checkpoint = None   # paper: the authors' vanilla AR state dict
 rear_checkpoint = None  # paper: the authors' reAR state dict (needed when compare_rear)
 generator_preset = "rear_s"  # paper: architecture of both checkpoints (None: infer from the tensor shapes)
 data_root = None       # paper: ImageNet root holding val/<wnid>/*.JPEG (else $REARLIB_DATA/imagenet)
+require_lpips = True   # paper: refuse to run without LPIPS-VGG (the paper's metric); False: ST-LPIPS(alex), labeled
 
 # %%
 from rearlib import scales
@@ -86,7 +87,7 @@ MODELS = ["ar", "rear"] if compare_rear else ["ar"]
 # At `paper` scale this first checks every input and names each missing one, before anything heavy is loaded.
 assets = AnalysisAssets(ctx.scale, ctx.device, variants=MODELS,
                         checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint}, preset=generator_preset,
-                        maskgit_path=maskgit_path, data_root=data_root, need_lpips=True)
+                        maskgit_path=maskgit_path, data_root=data_root, need_lpips=require_lpips)
 tok = assets.tokenizer
 models = assets.generators()
 images, labels, data_desc = assets.images("val", SETTINGS["images"])

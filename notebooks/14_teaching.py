@@ -41,6 +41,7 @@ ar_checkpoint = None   # paper: the authors' vanilla AR state dict
 rear_checkpoint = None  # paper: the authors' reAR state dict
 generator_preset = "rear_s"  # paper: architecture of both checkpoints
 data_root = None       # paper: ImageNet root holding val/<wnid>/*.JPEG (else $REARLIB_DATA/imagenet)
+require_lpips = True   # paper: refuse to run without LPIPS-VGG (the paper's metric); False: ST-LPIPS(alex), labeled
 
 # %%
 from rearlib import scales
@@ -78,7 +79,7 @@ if ctx.scale == "paper":
     from rearlib.tokenizers import get_tokenizer
 
     assets.check_paper_assets({"ar_checkpoint": ar_checkpoint, "rear_checkpoint": rear_checkpoint}, maskgit_path,
-                              data_root, splits=("val",), need_lpips=True)
+                              data_root, splits=("val",), need_lpips=require_lpips)
     tok = get_tokenizer("paper", ctx.device, path=maskgit_path, data_root=data_root, progress=False)
     gens = assets.load_generators("paper", ["ar", "rear"], tok, ctx.device, preset=generator_preset,
                                   checkpoints={"ar": ar_checkpoint, "rear": rear_checkpoint})

@@ -10,6 +10,10 @@ import sys
 COMMANDS = (
     ("reproduce", "rearlib.experiments.reproduce",
      "run the numbered notebooks with papermill and assemble reports/<scale>/ (make reproduce)"),
+    ("standins", "rearlib.experiments.standins",
+     "write stand-in paper assets (random weights in the released layouts, an ImageNet-shaped folder)"),
+    ("rehearse", "rearlib.experiments.rehearsal",
+     "run every paper-capable notebook on stand-in assets and record time and memory"),
     ("train", "rearlib.train", "train a generator: plain AR, reAR or any ablation (torchrun for several GPUs)"),
     ("sample", "rearlib.sample", "sample a generator, e.g. the 50k-image FID set, sharded over GPUs"),
     ("vapi", "rearlib.vapi", "VA-π post-training of a generator"),

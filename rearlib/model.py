@@ -42,11 +42,30 @@ Exact definitions (K = codebook size, N = image tokens, C = width, M = number of
   cut at +-2 absolute as timm's ``trunc_normal_``), biases 0, LayerNorm weight 1 / bias 0, and the adaLN output
   Linear of every block and of the final layer all zero (adaLN-Zero): a fresh model's blocks are the identity.
 
-``tied_codebook=True`` builds the paper's "tied codebook embedding" baseline (docs/paper.md, reAR §6 item 13; the
-paper does not describe it, this is our construction): image-token inputs are ``codebook_in(E[x])`` with ``E`` the
-frozen codebook buffer (set with :meth:`Generator.set_codebook`, rescaled by one scalar to unit RMS) and
-``codebook_in = Linear(z -> C)``; logits are ``lm_head.proj(h) @ E.T + lm_head.bias`` with
-``lm_head.proj = Linear(C -> z)``. Mask/class/null ids keep the ``embeddings`` table (its image rows are unused).
+``tied_codebook`` builds the paper's "tied codebook embedding" baseline (Table 4: FID 21.08 against vanilla AR's
+21.32). The paper names it and nothing more (docs/paper.md, reAR §6 item 13): not how the codebook enters the input,
+whether the output is tied to it, nor how a code dimension z is reconciled with the width C. What it does fix is the
+idea: one table of per-code vectors derived from the tokenizer's codebook serves both as the input embedding of an
+image token and as the output embedding its logit is a dot product with. Both variants below share a code table
+``U`` [K, D] between input and output, with ``E`` the frozen codebook buffer (set with
+:meth:`Generator.set_codebook`, rescaled by one scalar to unit RMS): image-token inputs are ``codebook_in(U[x])``
+(``codebook_in = Linear(D -> C)``), logits are ``lm_head.proj(h) @ U.T + lm_head.bias``
+(``lm_head.proj = Linear(C -> D)``); mask/class/null ids keep the ``embeddings`` table (its image rows are unused).
+
+* ``True`` (or ``"codebook"``): ``U = E``, D = z. The logits of all K codes are then linear in z numbers, so every
+  next-token logit vector lies in one z-dimensional affine subspace of R^K and a [positions, K] logit matrix has
+  rank <= z + 1. With the paper's 256-d codebook that is a mild limit (and this variant is the closer reading of
+  the paper at that scale); with a 32-d codebook and K = 1024 it is a handicap the paper's baseline did not have.
+* ``"projected"``: ``U = code_lift(E)`` with :class:`~rearlib.model_layers.CodeLift`
+  (``normalize(fc2(GELU(fc1(e))))``, z -> D -> D, D = ``config.tied_dim`` = max(z, 256)). The nonlinearity lets the
+  K lifted codes span min(K, D) dimensions, so the logits' rank is bounded by D >= 256 (the paper's bound with its
+  256-d codebook) rather than by z, while every per-code vector is still a function of the code's codebook vector
+  alone: the lift is smooth, so codes close in the codebook get close rows of ``U``, and the model has no free
+  per-code parameter except the logit bias. We prefer this to a free table initialised from the codebook, which
+  would drift into ordinary weight tying and lose the codebook as the source of the embedding. ``fc1`` starts with
+  weights N(0, 1/z), so that its pre-activations (codebook rows of unit RMS) have unit variance and the GELU works
+  in its curved range from the first step; at the 0.02-std init of other layers they would have std 0.02 sqrt(z)
+  (0.11 for z = 32) and the lift would be nearly linear, i.e. nearly of rank z again.
 
 Training attention always uses ``F.scaled_dot_product_attention(is_causal=True)`` (no float mask, so the flash
 kernel is eligible). Cached decoding takes an explicit :class:`KVCache` object as an argument - no module holds a
@@ -71,7 +90,8 @@ from rearlib.kernels.fused_blocks import fused_block_stack
 from rearlib.kernels.ops import triton_available
 from rearlib.model_config import BLOCK_KERNELS, PRESETS, GeneratorConfig, get_config  # noqa: F401
 from rearlib.model_kv_cache import DECODE_ATTENTION, KVCache, _CacheView
-from rearlib.model_layers import Attention, Block, Dropout, FinalAdaLN, Mlp, TiedLMHead, _align_mlp  # noqa: F401
+from rearlib.model_layers import (Attention, Block, CodeLift, Dropout, FinalAdaLN, Mlp, TiedLMHead,  # noqa: F401
+                                  _align_mlp)
 from rearlib.model_official import infer_config_from_state_dict, read_state_dict
 
 __all__ = [
@@ -127,8 +147,10 @@ class Generator(nn.Module):
         self.adaln_before_head = FinalAdaLN(C)
         if cfg.tied_codebook:
             self.register_buffer("codebook", torch.zeros(cfg.codebook_size, cfg.z_dim))
-            self.codebook_in = nn.Linear(cfg.z_dim, C)
-            self.lm_head = TiedLMHead(C, cfg.z_dim, cfg.codebook_size)
+            if cfg.tied_mode == "projected":
+                self.code_lift = CodeLift(cfg.z_dim, cfg.tied_dim)
+            self.codebook_in = nn.Linear(cfg.tied_dim, C)
+            self.lm_head = TiedLMHead(C, cfg.tied_dim, cfg.codebook_size)
             self._codebook_ready = False
             self.register_load_state_dict_post_hook(_mark_codebook_ready)
         else:
@@ -159,6 +181,8 @@ class Generator(nn.Module):
         nn.init.zeros_(self.adaln_before_head.adaLN_modulation[-1].bias)
         if self.config.tied_codebook:
             nn.init.zeros_(self.lm_head.bias)
+        if self.config.tied_mode == "projected":  # unit-variance pre-activations (the model docstring says why)
+            nn.init.normal_(self.code_lift.fc1.weight, std=self.config.z_dim ** -0.5)
 
     # ---- ids / small helpers -----------------------------------------------------------------------------------
     @property
@@ -174,13 +198,14 @@ class Generator(nn.Module):
         return classes + (self.config.codebook_size + 1)
 
     def set_codebook(self, codebook: torch.Tensor) -> None:
-        """Tied-codebook mode only: store the tokenizer codebook [K, z] (frozen), rescaled to unit RMS.
+        """Tied-codebook modes only: store the tokenizer codebook [K, z] (frozen), rescaled to unit RMS.
 
         The single scalar rescale keeps the tied input/output well conditioned whatever the tokenizer's code
-        scale; it is absorbed by the trainable ``codebook_in`` / ``lm_head.proj`` and changes nothing else.
+        scale; it is absorbed by the trainable ``codebook_in`` / ``lm_head.proj`` (or ``code_lift.fc1``) and
+        changes nothing else.
         """
         if not self.config.tied_codebook:
-            raise ValueError("set_codebook() is only for tied_codebook=True models")
+            raise ValueError("set_codebook() is only for tied_codebook models (True, 'codebook' or 'projected')")
         K, z = self.config.codebook_size, self.config.z_dim
         if tuple(codebook.shape) != (K, z):
             raise ValueError(f"codebook must have shape [{K}, {z}] (codebook_size, z_dim), got {tuple(codebook.shape)}")
@@ -225,12 +250,17 @@ class Generator(nn.Module):
         layout = torch.cat([zero, ta[:, 2:N + 2], zero], dim=1)  # [1, N + 2, C]
         return self.pos_embed[:, :S] + layout[:, :S]
 
+    def _code_table(self, codes: torch.Tensor) -> torch.Tensor:
+        """Rows of the tied code table U for codebook rows ``codes`` (the lift is row-wise, so lifting the gathered
+        rows equals gathering rows of the lifted table)."""
+        return self.code_lift(codes) if self.config.tied_mode == "projected" else codes
+
     def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.config.tied_codebook:
             return self.embeddings(tokens)
         K = self.config.codebook_size
         is_img = tokens < K
-        img = self.codebook_in(self.codebook[tokens.clamp(max=K - 1)])
+        img = self.codebook_in(self._code_table(self.codebook[tokens.clamp(max=K - 1)]))
         other = self.embeddings(tokens)
         return torch.where(is_img[..., None], img.to(other.dtype) if img.dtype != other.dtype else img, other)
 
@@ -259,7 +289,7 @@ class Generator(nn.Module):
     def _head(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.adaln_before_head(h, cond)
         if self.config.tied_codebook:
-            return self.lm_head(h, self.codebook)
+            return self.lm_head(h, self._code_table(self.codebook))
         return self.lm_head(h)
 
     # ---- full (teacher-forced) passes ------------------------------------------------------------------------
@@ -437,16 +467,22 @@ def estimate_flops_per_token(config: str | GeneratorConfig, *, training: bool = 
                               + S x (enabled alignment heads' MACs, if ``align``) ]
                         + depth x 4 x C x S(S+1)/2   (QK^T and AV over the causal, unmasked pairs),
     divided by N. ``training`` multiplies by 3 (backward = 2 x forward). LayerNorms, softmax, embeddings and
-    elementwise ops are ignored, as in nanoGPT's estimate. For the tied-codebook head, C*K becomes C*z + z*K.
+    elementwise ops are ignored, as in nanoGPT's estimate. For the tied-codebook head, C*K becomes C*D + D*K with
+    D = ``tied_dim``, and the N image-token inputs add ``codebook_in`` (D*C each) and, when "projected", their lift
+    (z*D + D*D each). Not per token, and so not counted: the "projected" head lifts all K codes once per forward
+    pass, 2*K*(z*D + D*D) FLOPs whatever the batch.
     """
     cfg = get_config(config)
     N = cfg.seq_len if seq_len is None else seq_len
     S = N + 2
     C, Cm, K, D = cfg.hidden, cfg.mlp_hidden, cfg.codebook_size, cfg.depth
     macs = S * D * (3 * C * C + C * C + 2 * C * Cm + 6 * C * C)
-    macs += N * (2 * C * C + (C * cfg.z_dim + cfg.z_dim * K if cfg.tied_codebook else C * K))
+    Dt = cfg.tied_dim
+    macs += N * (2 * C * C + (C * Dt + Dt * K if cfg.tied_codebook else C * K))
     if cfg.tied_codebook:
-        macs += N * cfg.z_dim * C  # codebook_in on the N image-token inputs
+        macs += N * Dt * C  # codebook_in on the N image-token inputs
+    if cfg.tied_mode == "projected":
+        macs += N * (cfg.z_dim * Dt + Dt * Dt)  # the lift of the N input codes
     if align:
         P, z = cfg.projector_dim, cfg.z_dim
         head = C * P + (P * P if cfg.align_head == "silu3" else 0) + P * z

@@ -11,11 +11,19 @@ from typing import ClassVar
 
 from rearlib.kernels.ops import DROPOUT_KERNELS
 
-__all__ = ["BLOCK_KERNELS", "GeneratorConfig", "PRESETS", "get_config"]
+__all__ = ["BLOCK_KERNELS", "TIED_CODEBOOK", "TIED_PROJECTED_MIN_DIM", "GeneratorConfig", "PRESETS", "get_config"]
 
 #: GeneratorConfig.block_kernels: "auto" = the hand-scheduled block stack of :mod:`rearlib.kernels.fused_blocks` when
 #: training on CUDA under bf16 autocast; "module" = always the Block modules (compiled by torch.compile).
 BLOCK_KERNELS = ("auto", "module")
+
+#: GeneratorConfig.tied_codebook values: False = untied; True (also spelled "codebook", stored as True) = input and
+#: output through the codebook itself, rank <= z_dim; "projected" = through a learned lift of the codebook.
+TIED_CODEBOOK = (False, True, "codebook", "projected")
+
+#: Smallest width of the "projected" tied code table: the paper's codebook dimension (MaskGIT-VQGAN, 256), so the
+#: logits' rank budget is at least the paper's whatever our tokenizer's z_dim.
+TIED_PROJECTED_MIN_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,10 @@ class GeneratorConfig:
     align_head: "silu3" = Linear(C,P)-SiLU-Linear(P,P)-SiLU-Linear(P,z) as in the released code (default);
     "gelu2" = Linear(C,P)-GELU-Linear(P,z) as the paper's App. A describes.
     projector_dim: P. z_dim: the tokenizer's code dimension (alignment targets; tied-codebook projection size).
-    tied_codebook: the "tied codebook embedding" baseline (:mod:`rearlib.model`'s docstring).
+    tied_codebook: the "tied codebook embedding" baseline (:mod:`rearlib.model`'s docstring), one of
+    :data:`TIED_CODEBOOK`: False (untied), True (or "codebook": logits through the z-dimensional codebook) or
+    "projected" (through a learned lift of the codebook to :attr:`tied_dim` dimensions). A string rather than a
+    second field, so that every config written before "projected" existed keeps its dict and hash.
     pos_extra / time_extra: extra rows of the positional / timestep tables beyond N (1024 / 100 as RAR).
 
     ``decode_align_layer_source`` (not a field: it changes no numbers and is not saved) says where
@@ -67,7 +78,7 @@ class GeneratorConfig:
     align_head: str = "silu3"
     projector_dim: int = 2048
     z_dim: int = 256
-    tied_codebook: bool = False
+    tied_codebook: bool | str = False
     pos_extra: int = 1024
     time_extra: int = 100
 
@@ -93,6 +104,10 @@ class GeneratorConfig:
             raise ValueError(f"block_kernels must be one of {BLOCK_KERNELS}, got {self.block_kernels!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not (isinstance(self.tied_codebook, bool) or self.tied_codebook in ("codebook", "projected")):
+            raise ValueError(f"tied_codebook must be one of {TIED_CODEBOOK}, got {self.tied_codebook!r}")
+        if self.tied_codebook == "codebook":
+            object.__setattr__(self, "tied_codebook", True)  # one spelling per model, so one hash
         if self.pos_extra < 2 or self.time_extra < 2:
             raise ValueError("pos_extra and time_extra must be >= 2 (the sequence has N + 2 positions)")
 
@@ -103,6 +118,21 @@ class GeneratorConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden * self.mlp_ratio)
+
+    @property
+    def tied_mode(self) -> str | None:
+        """None (untied), "codebook" or "projected"."""
+        if self.tied_codebook is False:
+            return None
+        return "projected" if self.tied_codebook == "projected" else "codebook"
+
+    @property
+    def tied_dim(self) -> int | None:
+        """Width D of the tied code table: z_dim ("codebook"), max(z_dim, 256) ("projected"), None (untied)."""
+        mode = self.tied_mode
+        if mode is None:
+            return None
+        return self.z_dim if mode == "codebook" else max(self.z_dim, TIED_PROJECTED_MIN_DIM)
 
     @property
     def vocab_size(self) -> int:

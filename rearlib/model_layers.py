@@ -1,6 +1,6 @@
 """The layers of a :class:`rearlib.model.Generator` (exact definitions in :mod:`rearlib.model`'s docstring):
 dropout, attention (training, prefill and one-token decode), MLP, the adaLN-Zero block, the final adaLN, the
-tied-codebook head and the alignment heads.
+tied-codebook head and code lift, and the alignment heads.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from rearlib.kernels.ops import decode_attention, dropout, register_ops
 from rearlib.model_config import GeneratorConfig
 from rearlib.model_kv_cache import _CacheView, _flex_single_query_attention, _single_query_attention
 
-__all__ = ["Dropout", "Attention", "Mlp", "Block", "FinalAdaLN", "TiedLMHead"]
+__all__ = ["Dropout", "Attention", "Mlp", "Block", "FinalAdaLN", "TiedLMHead", "CodeLift"]
 
 _LN_EPS = 1e-6
 
@@ -134,15 +134,34 @@ class FinalAdaLN(nn.Module):
 
 
 class TiedLMHead(nn.Module):
-    """Tied-codebook output: logits = proj(h) @ E.T + bias, E the (frozen, RMS-normalised) codebook [K, z]."""
+    """Tied-codebook output: logits = proj(h) @ U.T + bias, U the code table [K, D] shared with the input side (the
+    frozen RMS-normalised codebook, or its :class:`CodeLift`)."""
 
-    def __init__(self, C: int, z: int, K: int):
+    def __init__(self, C: int, D: int, K: int):
         super().__init__()
-        self.proj = nn.Linear(C, z)
+        self.proj = nn.Linear(C, D)
         self.bias = nn.Parameter(torch.zeros(K))
 
-    def forward(self, h, codebook):
-        return self.proj(h) @ codebook.to(h.dtype).t() + self.bias
+    def forward(self, h, codes):
+        return self.proj(h) @ codes.to(h.dtype).t() + self.bias
+
+
+class CodeLift(nn.Module):
+    """Code vectors e [.., z] -> u = normalize(fc2(GELU(fc1(e)))) [.., D], one unit vector per code.
+
+    A linear map would keep the K lifted codes in a z-dimensional subspace; the GELU lets them span up to
+    min(K, D) dimensions. Unit length fixes the scale of the shared table, so the learned ``codebook_in`` /
+    ``proj`` set the input and logit scales (a unit row times the 0.02-std init of ``codebook_in`` gives the
+    0.02-std entries of the untied embedding table).
+    """
+
+    def __init__(self, z: int, D: int):
+        super().__init__()
+        self.fc1 = nn.Linear(z, D)
+        self.fc2 = nn.Linear(D, D)
+
+    def forward(self, codes):
+        return F.normalize(self.fc2(F.gelu(self.fc1(codes))), dim=-1)
 
 
 def _align_mlp(cfg: GeneratorConfig) -> nn.Sequential:

@@ -73,8 +73,11 @@ class ReARConfig:
         align_weight: lambda in L = CE + lambda (L_enc + L_dec).
         encode_mask_noisy: True (the code): perturbed positions contribute 0 to L_enc; False: the paper's text.
         official_fallback: True reproduces the code's double counting when exactly one head is enabled.
-        tied_codebook: Table 4's "+ tied codebook embedding" baseline; forwarded to
-            ``GeneratorConfig.tied_codebook`` (the model engineer's construction, see model.py).
+        tied_codebook: Table 4's "+ tied codebook embedding" baseline, forwarded to
+            ``GeneratorConfig.tied_codebook`` (constructions in :mod:`rearlib.model`'s docstring): False (none),
+            True (or "codebook": logits through the codebook itself, rank <= z_dim + 1; the preset "tied") or
+            "projected" (through a learned nonlinear lift of the codebook to >= 256 dimensions; the preset
+            "tied_projected").
     """
 
     noise: str = "none"
@@ -88,7 +91,7 @@ class ReARConfig:
     align_weight: float = 1.0
     encode_mask_noisy: bool = True
     official_fallback: bool = False
-    tied_codebook: bool = False
+    tied_codebook: bool | str = False
 
     def __post_init__(self) -> None:
         if self.noise not in NOISE_SCHEDULES:
@@ -106,6 +109,12 @@ class ReARConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise ValueError(f"{name} must be None or a 0-based block index >= 0, got {v!r}")
+        if not (isinstance(self.tied_codebook, bool) or self.tied_codebook in ("codebook", "projected")):
+            raise ValueError(f"tied_codebook must be False, True, 'codebook' or 'projected', "
+                             f"got {self.tied_codebook!r}")
+        if self.tied_codebook == "codebook":
+            # One spelling per setting: a run's hash (its artifact folder) must not depend on the spelling.
+            object.__setattr__(self, "tied_codebook", True)
 
     @property
     def uses_noise(self) -> bool:
@@ -130,7 +139,8 @@ _FINAL_NOISE = dict(noise="anneal", noise_max=1.0, anneal_end=0.75)
 #: (Table 3: noise schedules on top of EN+DE alignment; Table 4/7: alignment variants; layer indices for the
 #: "@k" rows are set with ``get_rear_config("de_only", decode_layer=k)``). Whether Table 4's rows had noise on
 #: is not stated (docs/paper.md, reAR §6 item 11); these presets keep the final noise for reAR rows and none
-#: for "ar"/"tied".
+#: for "ar"/"tied"/"tied_projected". "tied" is the rank-limited construction the committed records used;
+#: "tied_projected" the one that is not limited by the tokenizer's code dimension (model.py's docstring).
 PRESETS: dict[str, ReARConfig] = {
     "ar": ReARConfig(),
     "rear": ReARConfig(**_FINAL_NOISE, **_FULL_ALIGN),
@@ -144,6 +154,7 @@ PRESETS: dict[str, ReARConfig] = {
     "noise_only": ReARConfig(**_FINAL_NOISE),
     # Table 4 / 7
     "tied": ReARConfig(tied_codebook=True),
+    "tied_projected": ReARConfig(tied_codebook="projected"),
     "de_only": ReARConfig(**_FINAL_NOISE, decode_align=True),
     "en_only": ReARConfig(**_FINAL_NOISE, encode_align=True),
 }

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     f.add_argument("--scale", required=True, help="tokenizer scale: smoke | small | paper")
     f.add_argument("--tokenizer", default=None, help="tokenizer checkpoint path (default: the scale's)")
     f.add_argument("--num-per-class", type=int, default=None, help="default: scales.SAMPLING[scale]['num_per_class']")
+    f.add_argument("--num-classes", type=int, default=None,
+                   help="sample only the first N classes (default: all of the generator's; fewer only to rehearse)")
     f.add_argument("--out", required=True, help="output folder: images/{index:06d}.png and samples.npz")
     f.add_argument("--seed", type=int, default=0, help="run seed; image i gets image_seed(seed, i) (default 0)")
     f.add_argument("--batch-size", type=int, default=None,
@@ -146,6 +148,7 @@ def _fid_cli(a) -> None:
     tok = get_tokenizer(a.scale, device, path=a.tokenizer)
     res = generate_fid_samples(model, tok, a.num_per_class or sc["num_per_class"], a.out, seed=a.seed,
                                batch_size=a.batch_size or sc["batch_size"], cfg_scale=g, cfg_power=p,
+                               classes=None if a.num_classes is None else list(range(a.num_classes)),
                                temperature=a.temperature, overwrite=a.overwrite)
     res.update(cfg_scale=g, cfg_power=p, seed=a.seed)
     if not dist.is_initialized() or dist.get_rank() == 0:

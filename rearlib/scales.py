@@ -36,6 +36,7 @@ NOTEBOOK_SCALES: dict[str, tuple[str, ...]] = {
     "12_embedding_ablation": ("smoke", "small"),
     "13_scaling": ("smoke", "small"),
     "14_teaching": SCALE_NAMES,
+    "15_table1": ("smoke", "paper"),
 }
 
 
@@ -213,17 +214,33 @@ STUDIES: dict[str, Any] = {
 # VA-π post-training (rearlib.vapi)
 # --------------------------------------------------------------------------------------------------------------
 #: Per-scale settings: VAPIConfig overrides, post-training steps and the size of the embedded-data pool.
-#: "paper" is the released C2I recipe (128 images x G = 8 per step, 100 steps, lr 1e-6 for a 1.4B model).
-#: "small" is our choice for the 25M-parameter "small" generator: lr 1e-5 because a model trained at peak lr 4e-4
-#: for minutes moves very little at 1e-6 in 100 steps (the paper's 1e-6 is ~1% of LlamaGen's training lr 1e-4;
-#: 1e-5 is ~2.5% of ours). It is not tuned; sweep it. "smoke" only proves the code path runs.
+#: "paper" is the released C2I recipe (128 images x G = 8 per step, 100 steps, lr 1e-6 for a 1.4B model, dropout in
+#: the update pass as the code runs it). "small" is our choice for the 25M-parameter "small" generator: lr 1e-5
+#: because a model trained at peak lr 4e-4 for minutes moves very little at 1e-6 in 100 steps (the paper's 1e-6 is
+#: ~1% of LlamaGen's training lr 1e-4; 1e-5 is ~2.5% of ours); the update in eval mode (no dropout), a documented
+#: deviation from the code (see VAPIConfig.update_mode: with dropout on, about half of each update ignores the
+#: reward); the perceptual term ST-LPIPS(alex) by name, whatever weights a machine caches. "smoke" only proves the
+#: code paths run.
+#: Studies of the method: ``lr_sweep`` (learning rates) run with the scale's config plus ``sweep_config`` for
+#: ``sweep_steps`` steps (at small: 128 images x G = 8 per step, 4 accumulated micro-batches of 32 images, the
+#: paper's batch); ``controls`` are the runs that tell what the reward contributes (VAPIConfig.control), each with
+#: the same seeds. rearlib.vapi_config.lr_sweep_configs / control_configs build the configs.
 VAPI: dict[str, Any] = {
-    "smoke": {"config": dict(batch_size=2, group_size=4, lr=1e-4, decode_batch=64), "steps": 3,
-              "data_size": 64},
-    "small": {"config": dict(batch_size=32, group_size=8, lr=1e-5, micro_batch_images=0, decode_batch=256),
-              "steps": 100, "data_size": 100_000},
-    "paper": {"config": dict(batch_size=128, group_size=8, lr=1e-6, micro_batch_images=1, decode_batch=64),
-              "steps": 100, "data_size": None},
+    "smoke": {"config": dict(batch_size=2, group_size=4, lr=1e-4, decode_batch=64, update_mode="eval",
+                             perceptual="st-lpips-alex"),
+              "steps": 3, "data_size": 64,
+              "lr_sweep": (1e-4, 3e-4), "sweep_config": dict(batch_size=4, group_size=4, micro_batch_images=2),
+              "sweep_steps": 2, "controls": ("full", "prior_only", "shuffled_rewards")},
+    "small": {"config": dict(batch_size=32, group_size=8, lr=1e-5, micro_batch_images=0, decode_batch=256,
+                             update_mode="eval", perceptual="st-lpips-alex"),
+              "steps": 100, "data_size": 100_000,
+              "lr_sweep": (1e-6, 3e-6, 1e-5), "sweep_config": dict(batch_size=128, group_size=8, micro_batch_images=32),
+              "sweep_steps": 100, "controls": ("full", "prior_only", "shuffled_rewards")},
+    "paper": {"config": dict(batch_size=128, group_size=8, lr=1e-6, micro_batch_images=1, decode_batch=64,
+                             update_mode="train"),
+              "steps": 100, "data_size": None,
+              "lr_sweep": (1e-6,), "sweep_config": {}, "sweep_steps": 100,
+              "controls": ("full", "prior_only", "shuffled_rewards")},
 }
 
 

@@ -21,32 +21,43 @@ codebook size K) and class labels c_b, with G = ``group_size``:
 3. **Reward** (docs/paper.md, VA-π §1.4, :func:`compute_rewards`): every sample is decoded by the frozen tokenizer,
    Î = decode(x^{(g)}_b), and R = -(w_mse · MSE(Î, I) + w_p · D_p(Î, I)), with MSE the per-image mean over C×H×W
    of squared differences of the images mapped to [-1, 1] (i.e. 4× the MSE in [0, 1] units) and D_p a per-image
-   perceptual distance (LPIPS-VGG in the paper's code; here :func:`rearlib.metrics.perceptual_distance`: LPIPS-VGG
-   where its ImageNet trunk is on disk, else ST-LPIPS(alex), named as such; or any callable).
+   perceptual distance (LPIPS-VGG in the paper's code; here :func:`rearlib.metrics.perceptual_distance`:
+   ST-LPIPS(alex) at the smoke and small scales, LPIPS-VGG where its ImageNet trunk is on disk with
+   ``perceptual="auto"``, the in-project classifier's DFD only when asked for by name; or any callable).
+   ``reward_terms`` selects "mse", "perceptual" or "both"; w_p = λ_p is best set from the terms' within-group
+   spreads (:func:`reward_spreads`), which every step logs.
 4. **Advantages** (:func:`group_advantages`): A_{b,g} = clip((R_{b,g} - mean_g R_b) / (std_g R_b + 1e-8), ±5),
    std the unbiased (n - 1) standard deviation over the G samples of image b only (no batch normalisation).
-5. **Update** (docs/paper.md, VA-π §1.6, :func:`vapi_loss`): a train-mode teacher-forced pass on the **same** contexts
-   (``update_mode``; with dropout and class-label dropout 0.1 as the code's GPT in train mode) gives new
-   log-probs; per-token ratio ρ = exp(log π_θ - log π_old); per-token PPO term
+5. **Update** (docs/paper.md, VA-π §1.6, :func:`vapi_loss`): a teacher-forced pass on the **same** contexts gives new
+   log-probs - in train mode as the code (``update_mode="train"``, the paper scale: dropout and class-label
+   dropout 0.1, so the ratio differs from 1 through dropout alone), or in eval mode (the smoke and small scales, a
+   documented deviation: see :class:`VAPIConfig`, ``update_mode``); per-token ratio ρ = exp(log π_θ - log π_old);
+   per-token PPO term
    -min(ρ A, clip(ρ, 1 - ε, 1 + ε) A), averaged over the N tokens of a sequence and then over sequences; plus
    β · CE(logits, x*) (next-token cross-entropy on the GT tokens under the noisy context, mean over tokens);
    plus, optionally, κ · KL to a frozen copy of the initial model (off by default, as the released launchers).
    One optimizer step per sampling round (``ppo_epochs = num_minibatches = 1``, the code's effective setting),
    gradient-norm clip 1.0, AdamW (0.9, 0.999), weight decay 1e-4 on matrices only, constant lr.
 
+Controls (``control``, :mod:`rearlib.vapi_controls`): "prior_only" updates with the CE prior alone, "shuffled_rewards"
+permutes the rewards across the batch before the advantages; both keep every seed of the method's run.
+
 Compute note: when the update pass is deterministic (``update_mode="eval"``, or a model without dropout and
 ``class_dropout = 0``), the G copies of a context give identical logits, so the update runs one forward per image
 and gathers the G samples from it - the same numbers as G forwards, G times cheaper. Otherwise (the default) it
 runs one forward per sequence, as the code does, so every copy gets its own dropout and label-dropout draw.
 
-Entry points: :class:`VAPIConfig`, :func:`config_for_scale`, :func:`corrupt_context`, :func:`compute_rewards`,
-:func:`group_advantages`, :func:`vapi_loss`, :func:`vapi_step`, :func:`post_train`, :func:`make_perceptual_fn`,
-:class:`EmbeddedSource`; CLI ``python -m rearlib vapi --scale small --generator MODEL.pt --out DIR``.
+Entry points: :class:`VAPIConfig`, :func:`config_for_scale`, :func:`lr_sweep_configs`, :func:`control_configs`,
+:func:`corrupt_context`, :func:`compute_rewards`, :func:`reward_spreads`, :func:`group_advantages`,
+:func:`shuffle_rewards`, :func:`vapi_loss`, :func:`vapi_step`, :func:`post_train`, :func:`make_perceptual_fn`,
+:func:`heldout_reconstruction_reward`, :class:`EmbeddedSource`; CLI
+``python -m rearlib vapi --scale small --generator MODEL.pt --out DIR``.
 
 Layout: this module holds the loop (:func:`post_train`) and the CLI and re-exports the public names of its pieces:
-:mod:`rearlib.vapi_config` (VAPIConfig, config_for_scale), :mod:`rearlib.vapi_rewards` (rewards, perceptual
-distance, advantages), :mod:`rearlib.vapi_step` (context noise, loss, the step, the optimizer) and
-:mod:`rearlib.vapi_data` (the data sources).
+:mod:`rearlib.vapi_config` (VAPIConfig, config_for_scale, the sweep and control configs), :mod:`rearlib.vapi_rewards`
+(rewards, their spreads, perceptual distance, advantages, the held-out reward), :mod:`rearlib.vapi_controls` (the
+controls), :mod:`rearlib.vapi_step` (context noise, loss, the step, the optimizer) and :mod:`rearlib.vapi_data` (the
+data sources).
 """
 
 from __future__ import annotations
@@ -77,27 +88,40 @@ from rearlib.train_checkpoints import CHECKPOINT_FORMAT as TRAIN_FORMAT
 from rearlib.train_checkpoints import load_generator
 from rearlib.train_config import parse_overrides
 from rearlib.vapi_config import (
+    CONTROLS,
     KL_ESTIMATORS,
     MODES,
     NOISE_KERNELS,
     RATIO_LEVELS,
+    REWARD_TERMS,
     VAPIConfig,
     config_for_scale,
+    control_configs,
+    lr_sweep_configs,
 )
+from rearlib.vapi_controls import shuffle_generator, shuffle_rewards
 from rearlib.vapi_data import BatchSource, EmbeddedSource
 from rearlib.vapi_rewards import (
+    HeldoutRewards,
     RewardResult,
+    RewardSpreads,
     compute_rewards,
     group_advantages,
+    group_std_mean,
+    heldout_reconstruction_reward,
     make_perceptual_fn,
     perceptual_name,
+    reward_spreads,
 )
 from rearlib.vapi_step import build_optimizer, corrupt_context, vapi_loss, vapi_step
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "KL_ESTIMATORS", "MODES", "NOISE_KERNELS", "RATIO_LEVELS", "BatchSource", "EmbeddedSource",
-    "RewardResult", "VAPIConfig", "build_optimizer", "compute_rewards", "config_for_scale", "corrupt_context",
-    "group_advantages", "main", "make_perceptual_fn", "perceptual_name", "post_train", "vapi_loss", "vapi_step",
+    "CHECKPOINT_FORMAT", "CONTROLS", "KL_ESTIMATORS", "MODES", "NOISE_KERNELS", "RATIO_LEVELS", "REWARD_TERMS",
+    "BatchSource", "EmbeddedSource", "HeldoutRewards", "RewardResult", "RewardSpreads", "VAPIConfig",
+    "build_optimizer", "compute_rewards", "config_for_scale", "control_configs", "corrupt_context",
+    "group_advantages", "group_std_mean", "heldout_reconstruction_reward", "lr_sweep_configs", "main",
+    "make_perceptual_fn", "perceptual_name", "post_train", "reward_spreads", "shuffle_generator", "shuffle_rewards",
+    "vapi_loss", "vapi_step",
 ]
 
 CHECKPOINT_FORMAT = "rearlib.vapi/1"
@@ -113,16 +137,19 @@ def _weights_fingerprint(model_or_sd: nn.Module | dict) -> str:
     return h.hexdigest()[:16]
 
 
-def _rng_state(data_gen: torch.Generator, step_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
-    st = {"data": data_gen.get_state(), "step": step_gen.get_state(), "torch_cpu": torch.get_rng_state()}
+def _rng_state(data_gen: torch.Generator, step_gen: torch.Generator, shuffle_gen: torch.Generator,
+               device: torch.device) -> dict[str, Any]:
+    st = {"data": data_gen.get_state(), "step": step_gen.get_state(), "shuffle": shuffle_gen.get_state(),
+          "torch_cpu": torch.get_rng_state()}
     if device.type == "cuda":
         st["torch_cuda"] = torch.cuda.get_rng_state(device)
     return st
 
 
-def _set_rng_state(st: dict[str, Any], data_gen, step_gen, device: torch.device) -> None:
+def _set_rng_state(st: dict[str, Any], data_gen, step_gen, shuffle_gen, device: torch.device) -> None:
     data_gen.set_state(st["data"])
     step_gen.set_state(st["step"])
+    shuffle_gen.set_state(st["shuffle"])
     torch.set_rng_state(st["torch_cpu"])
     if device.type == "cuda" and "torch_cuda" in st:
         torch.cuda.set_rng_state(st["torch_cuda"], device)
@@ -148,14 +175,17 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
         out_dir: receives ``checkpoint.pt`` (full state, every ``ckpt_every`` steps and at the end), ``model.pt``
             (final weights in the ``rearlib.train`` model format, loadable with ``rearlib.train.load_generator``),
             ``history.csv`` (one row per step) and ``result.json``.
-        perceptual_fn: callable(a, b) -> [M]; default :func:`make_perceptual_fn` (``cfg.perceptual``, ``scale``).
+        perceptual_fn: callable(a, b) -> [M]; default :func:`make_perceptual_fn` (``cfg.perceptual``, ``scale``)
+            when the perceptual term enters the reward.
         scale: used only to find the substitute perceptual network when LPIPS is unavailable.
         resume: continue from ``out_dir/checkpoint.pt`` when its config and starting weights match.
         time_limit_s: stop with a checkpoint after the first step past this many seconds (chunked GPU runs).
 
     Randomness: the batch order comes from a CPU generator seeded with ``cfg.seed``, the noise / sampling / label
-    dropout from a device generator seeded with ``cfg.seed + 1``, and torch's global RNG (model dropout) is
-    reseeded with ``cfg.seed + 2``; all three are checkpointed, so a resumed run equals an uninterrupted one
+    dropout from a device generator seeded with ``cfg.seed + 1``, torch's global RNG (model dropout) is
+    reseeded with ``cfg.seed + 2`` and the reward permutations of ``control="shuffled_rewards"`` come from a CPU
+    generator seeded with ``cfg.seed + 3`` (so a control draws the same batches, contexts and first-step samples as
+    the method); all four are checkpointed, so a resumed run equals an uninterrupted one
     (bit-exact on CPU; on CUDA up to nondeterministic kernels).
 
     Returns a dict: ``status`` ("completed" | "stopped"), ``step``, ``steps``, ``history`` (list of per-step
@@ -188,15 +218,16 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    if perceptual_fn is None and cfg.reward_perceptual_weight > 0:
+    if perceptual_fn is None and cfg.uses_perceptual:
         perceptual_fn = make_perceptual_fn(cfg.perceptual, scale=scale, device=device)
-    metric = perceptual_name(perceptual_fn) if cfg.reward_perceptual_weight > 0 else "none"
+    metric = perceptual_name(perceptual_fn) if cfg.uses_perceptual else "none"
 
     optimizer = build_optimizer(model, cfg, device)
     data_gen = torch.Generator(device="cpu")
     data_gen.manual_seed(cfg.seed)
     step_gen = torch.Generator(device=device)
     step_gen.manual_seed(cfg.seed + 1)
+    shuffle_gen = shuffle_generator(cfg.seed)
     torch.manual_seed(cfg.seed + 2)  # dropout inside the model
     if device.type == "cuda":
         torch.cuda.manual_seed(cfg.seed + 2)
@@ -220,7 +251,7 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
             raise ValueError(f"{ckpt_path} used perceptual metric {ck['perceptual_metric']}, now {metric}")
         model.load_state_dict(ck["model"], strict=True)
         optimizer.load_state_dict(ck["optimizer"])
-        _set_rng_state(ck["rng"], data_gen, step_gen, device)
+        _set_rng_state(ck["rng"], data_gen, step_gen, shuffle_gen, device)
         step, history, train_time = int(ck["step"]), list(ck["history"]), float(ck["train_time_s"])
         del ck
 
@@ -233,7 +264,8 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
     def save_ckpt() -> None:
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "vapi_config": cfg.to_dict(),
                            "model_config": asdict(model.config), "step": step, "model": model.state_dict(),
-                           "optimizer": optimizer.state_dict(), "rng": _rng_state(data_gen, step_gen, device),
+                           "optimizer": optimizer.state_dict(),
+                           "rng": _rng_state(data_gen, step_gen, shuffle_gen, device),
                            "history": history, "train_time_s": train_time, "base_fingerprint": base_fp,
                            "perceptual_metric": metric}, ckpt_path)
 
@@ -248,7 +280,7 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
             idx = torch.randperm(len(src), generator=data_gen)[:cfg.batch_size]
             images, labels, tokens = src.fetch(idx, device)
             stats = vapi_step(model, tokenizer, images, tokens, labels, optimizer, cfg, step_gen, perceptual_fn,
-                              ref_model=ref_model)
+                              ref_model=ref_model, shuffle_generator=shuffle_gen)
             step += 1
             train_time += time.perf_counter() - t_step
             history.append({"step": step, "lr": optimizer.param_groups[0]["lr"], **stats,
@@ -275,7 +307,8 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
     result = {**base, "status": status, "step": step, "steps": steps, "history": history,
               "wall_time_s": time.perf_counter() - t_call, "train_time_s": train_time,
               "final": {k: history[-1].get(k) for k in ("reward_mean", "mse_mean", "perceptual_mean", "ce",
-                                                        "clip_frac", "kl")} if history else {}}
+                                                        "clip_frac", "kl", "mse_group_std",
+                                                        "perceptual_group_std")} if history else {}}
     atomic_write_text(result_path, json.dumps(result, indent=2, default=str))
     result["history_df"] = pd.DataFrame(history)
     result["model"] = model.eval()
@@ -329,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
                     "mse_first10pct": _window_mean(h, "mse_mean", True),
                     "mse_last10pct": _window_mean(h, "mse_mean", False),
                     "sec_per_step": (res["train_time_s"] / res["step"]) if res["step"] else None,
-                    "lr": cfg.lr, "batch_size": cfg.batch_size, "group_size": cfg.group_size})
+                    "lr": cfg.lr, "batch_size": cfg.batch_size, "group_size": cfg.group_size,
+                    "control": cfg.control, "update_mode": cfg.update_mode, "reward_terms": cfg.reward_terms,
+                    "reward_perceptual_weight": cfg.reward_perceptual_weight,
+                    "mse_group_std_mean": _window_mean(h, "mse_group_std", True, 1.0),
+                    "perceptual_group_std_mean": _window_mean(h, "perceptual_group_std", True, 1.0)})
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -15,6 +15,10 @@ NOISE_KERNELS = ("code", "paper")
 MODES = ("train", "eval")
 RATIO_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k3", "full")
+#: Which update a run performs: the method, or one of its controls (same seeds, same data, same rollout).
+CONTROLS = ("full", "prior_only", "shuffled_rewards")
+#: Which reconstruction terms enter the reward.
+REWARD_TERMS = ("mse", "perceptual", "both")
 
 
 @dataclass(frozen=True)
@@ -46,19 +50,40 @@ class VAPIConfig:
         noise_kernel: "code" (uniform over all K codes, may redraw the GT id) or "paper" (uniform over the K - 1
             codes other than the GT id, Eq. 28-29).
     Reward:
+        reward_terms: which terms enter R: "both" (the paper and code: R = -(w_mse · MSE + λ_p · D_p)), "mse" or
+            "perceptual" (the one-term rows of the paper's Table 4). A term enters only if it is selected here and
+            its weight is > 0, so "both" with one weight 0 is a one-term reward too.
         reward_mse_weight: w_mse (code: 1.0; not in the paper). MSE on images in [-1, 1], per image.
         reward_perceptual_weight: w_p = λ_p (code: 1.0; not in the paper). 0 disables the perceptual term.
-            λ_p = 1 balances LPIPS (typical values 0.1-0.6) against MSE on [-1, 1]; ST-LPIPS lives on a smaller
-            scale and the classifier distance "dfd" on a much larger one (a sum over layers, up to 2 per layer),
-            so the same weight is a different reward - report the metric name with every result.
+            λ_p = 1 balances LPIPS-VGG (typical values 0.1-0.6) against MSE on [-1, 1] only roughly, and other
+            metrics live on other scales, so the same weight is a different reward. What matters after group
+            normalisation is each term's spread among the G samples of one image: :func:`rearlib.vapi.reward_spreads`
+            reports both spreads and the λ_p that equalises them, and every step logs them (``mse_group_std``,
+            ``perceptual_group_std``). Report the metric name and λ_p with every result.
         perceptual: perceptual metric for :func:`make_perceptual_fn`, one of
-            :data:`rearlib.metrics.PERCEPTUAL_CHOICES`. "auto" (default): LPIPS-VGG, the code's metric, when its
-            weights are on disk, else ST-LPIPS(alex). "dfd" (the in-project classifier) only by name: it shares its
-            network with the classifier-based FID, so a reward on it optimises that evaluator's features.
+            :data:`rearlib.metrics.PERCEPTUAL_CHOICES`. "auto" (the class default): LPIPS-VGG, the code's metric,
+            when its weights are on disk, else ST-LPIPS(alex); the smoke and small scales ask for "st-lpips-alex"
+            explicitly so that a run's reward does not depend on which weights a machine happens to cache. "dfd"
+            (the in-project classifier, labeled ``DFD[rearlib-classifier]``) only by name: it shares its network
+            with the classifier-based FID, so a reward on it optimises that evaluator's features.
+    Control (each a run with the same seeds as the method, to tell what the reward contributes):
+        control: "full" (the method), "prior_only" (the paper's Table 4 row with no reward term: the update is
+            β · CE (+ κ · KL) alone; rollouts and rewards are still computed and logged, the policy-gradient term is
+            left out of the loss) or "shuffled_rewards" (the B·G rewards of a round are permuted across the whole
+            batch, by a generator seeded from ``seed``, before the advantages: the same reward values reach random
+            samples, so whatever this run gains over "prior_only" does not come from the reward).
     Modes (the code's choice is the default):
         rollout_mode: "eval" (code: sampling forward in eval(), no grad, bf16) or "train" (dropout and class-label
             dropout active while sampling, as a LlamaGen GPT in train mode would do).
-        update_mode: "train" (code: dropout 0.1 and class-label dropout active in the update pass) or "eval".
+        update_mode: "train" (code: dropout 0.1, attention dropout 0.1 and class-label dropout 0.1 active in the
+            update pass) or "eval" (no dropout in the update: on-policy, the ratio is exactly 1 until the first
+            optimizer step of the round). The class default is the code's; the smoke and small scales use "eval",
+            a documented deviation. With the code's arrangement (eval-mode rollout, train-mode update) the ratio
+            differs from 1 only through dropout, and on the small generator (G = 8, 32 images per step) every run
+            logged approx_kl 0.18-0.27 per token and clip fraction 0.63-0.70; a policy gradient computed with
+            shuffled rewards had the same norm as the real one and cosine 0.68 with it, against -0.05 with the
+            update in eval mode. About half of each train-mode update therefore does not depend on the reward.
+            "train" stays available, and is the paper scale's setting, for fidelity to the released code.
         class_dropout: probability that a sequence's label is replaced by the null class in a train-mode pass
             (the code's GPT: ``class_dropout_prob = 0.1``). Keeps the unconditional (CFG) branch trained.
         bf16: bf16 autocast for the rollout and update passes on CUDA (code: bf16 everywhere). Ignored on CPU.
@@ -71,9 +96,13 @@ class VAPIConfig:
         num_minibatches: optimizer steps per pass; images are split into this many groups-preserving
             minibatches (code: 1 - its 16 micro-batches all accumulate into one step).
         micro_batch_images: images per forward/backward in the update (memory only; 0 = the whole minibatch).
-            The code's micro-batch of 8 sequences at G = 8 is one image.
+            The gradients of the micro-batches accumulate into one optimizer step per minibatch, weighted by their
+            share of it, so 128 images x G = 8 per step with ``micro_batch_images=16`` is 8 accumulated
+            micro-batches of 128 sequences and the same update as one pass over all 1024. The code's micro-batch of
+            8 sequences at G = 8 is one image.
         decode_batch: sequences per tokenizer decode / reward call (memory only).
-        seed: seeds the data order, the context noise, the sampling and the dropout streams of :func:`post_train`.
+        seed: seeds the data order, the context noise, the sampling, the dropout and the reward-permutation streams
+            of :func:`post_train`.
     """
 
     group_size: int = 8
@@ -88,9 +117,11 @@ class VAPIConfig:
     kl_estimator: str = "k3"
     noise_rate: float = 0.0
     noise_kernel: str = "code"
+    reward_terms: str = "both"
     reward_mse_weight: float = 1.0
     reward_perceptual_weight: float = 1.0
     perceptual: str = "auto"
+    control: str = "full"
     rollout_mode: str = "eval"
     update_mode: str = "train"
     class_dropout: float = 0.1
@@ -132,6 +163,16 @@ class VAPIConfig:
                 raise ValueError(f"VAPIConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.reward_mse_weight == 0 and self.reward_perceptual_weight == 0:
             raise ValueError("reward_mse_weight and reward_perceptual_weight are both 0: the reward would be constant")
+        for name, allowed in (("reward_terms", REWARD_TERMS), ("control", CONTROLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"VAPIConfig.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.reward_terms == "mse" and self.reward_mse_weight == 0:
+            raise ValueError("reward_terms='mse' with reward_mse_weight=0: the reward would be constant")
+        if self.reward_terms == "perceptual" and self.reward_perceptual_weight == 0:
+            raise ValueError("reward_terms='perceptual' with reward_perceptual_weight=0: the reward would be constant")
+        if self.control == "prior_only" and self.ce_weight == 0:
+            raise ValueError("control='prior_only' updates with the CE prior alone, so it needs ce_weight > 0 "
+                             f"(got {self.ce_weight})")
         if not 0.0 <= self.noise_rate <= 1.0:
             raise ValueError(f"noise_rate (xi) must lie in [0, 1], got {self.noise_rate}")
         if not 0.0 <= self.class_dropout < 1.0:
@@ -144,6 +185,16 @@ class VAPIConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
+
+    @property
+    def uses_mse(self) -> bool:
+        """Whether the MSE term enters the reward."""
+        return self.reward_terms in ("mse", "both") and self.reward_mse_weight > 0
+
+    @property
+    def uses_perceptual(self) -> bool:
+        """Whether the perceptual term enters the reward (and a perceptual callable is needed)."""
+        return self.reward_terms in ("perceptual", "both") and self.reward_perceptual_weight > 0
 
     def replace(self, **overrides: Any) -> VAPIConfig:
         unknown = set(overrides) - {f.name for f in fields(self)}
@@ -165,3 +216,24 @@ def config_for_scale(scale: str, **overrides: Any) -> VAPIConfig:
     """The :class:`VAPIConfig` of ``scale`` (see :data:`scales.VAPI`) with field ``overrides``."""
     validate_scale(scale)
     return VAPIConfig(**{**scales.VAPI[scale]["config"], **overrides})
+
+
+def lr_sweep_configs(scale: str, **overrides: Any) -> dict[float, VAPIConfig]:
+    """The learning-rate sweep of ``scale``: {lr: config} for every lr of ``scales.VAPI[scale]["lr_sweep"]``, each
+    the scale's config with the sweep's settings (``"sweep_config"``: images per step, G, accumulation) and then
+    ``overrides`` (e.g. ``seed``); ``lr`` itself cannot be overridden here. Its steps: ``"sweep_steps"``."""
+    validate_scale(scale)
+    if "lr" in overrides:
+        raise ValueError("lr_sweep_configs sets lr from the sweep; pass the other overrides only")
+    entry = scales.VAPI[scale]
+    return {float(lr): config_for_scale(scale, **{**entry["sweep_config"], **overrides, "lr": lr})
+            for lr in entry["lr_sweep"]}
+
+
+def control_configs(cfg: VAPIConfig, controls: tuple[str, ...] = CONTROLS) -> dict[str, VAPIConfig]:
+    """{control: ``cfg`` with that control}: the method and its controls under otherwise identical settings and
+    seeds (e.g. ``control_configs(cfg, scales.VAPI[scale]["controls"])``)."""
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:
+        raise ValueError(f"unknown controls {unknown}; allowed: {', '.join(CONTROLS)}")
+    return {c: cfg.replace(control=c) for c in controls}

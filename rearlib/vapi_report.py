@@ -19,11 +19,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from rearlib.data import render_batch
 from rearlib.vapi_config import VAPIConfig
-from rearlib.vapi_rewards import compute_rewards
+from rearlib.vapi_rewards import heldout_reconstruction_reward
 
 SMOKE_NOTE = "smoke scale: numbers are not meaningful"
 
@@ -38,7 +37,7 @@ def run_key(base: dict, tokenizer_identity: Any, cfg: VAPIConfig, steps: int, da
     and the device type."""
     return {"base": base, "tokenizer": tokenizer_identity, "vapi": cfg.to_dict(), "steps": steps,
             "data": {"dataset": "ShapeScenes-10", "split": "train", "size": data_size, "seed": data_seed},
-            "perceptual": perceptual if cfg.reward_perceptual_weight > 0 else "none", "device": device_type}
+            "perceptual": perceptual if cfg.uses_perceptual else "none", "device": device_type}
 
 
 def history_table(results: dict[tuple, dict], runs: dict[str, tuple]) -> pd.DataFrame:
@@ -53,9 +52,14 @@ def window_mean(h: pd.DataFrame, col: str, first: bool, frac: float = 0.1) -> fl
     return float((h.head(n) if first else h.tail(n))[col].mean())
 
 
+def _mean_or_nan(h: pd.DataFrame, col: str) -> float:
+    """Mean of column ``col`` of ``h``; NaN when the records do not log it."""
+    return float(h[col].mean()) if col in h else math.nan
+
+
 def runs_table(results: dict[tuple, dict], runs: dict[str, tuple], cfg: VAPIConfig) -> pd.DataFrame:
-    """One row per (run, VA-π seed): the recipe, the post-training time, and the reward, MSE and CE over the first
-    and last 10% of the steps."""
+    """One row per (run, VA-π seed): the recipe, the post-training time, the reward, MSE and CE over the first
+    and last 10% of the steps, and the mean within-group spread of each reward term (NaN where not logged)."""
     rows = []
     for (run, vseed), r in results.items():
         h = r["history_df"]
@@ -69,6 +73,8 @@ def runs_table(results: dict[tuple, dict], runs: dict[str, tuple], cfg: VAPIConf
             "MSE first 10%": window_mean(h, "mse_mean", True), "MSE last 10%": window_mean(h, "mse_mean", False),
             "CE first 10%": window_mean(h, "ce", True), "CE last 10%": window_mean(h, "ce", False),
             "clip fraction (mean)": float(h["clip_frac"].mean()),
+            "MSE within-group std (mean)": _mean_or_nan(h, "mse_group_std"),
+            "perceptual within-group std (mean)": _mean_or_nan(h, "perceptual_group_std"),
         })
     return pd.DataFrame(rows)
 
@@ -87,46 +93,40 @@ def heldout_images(tokenizer, n: int, data_seed: int, device, chunk: int = 250
     return images, labels, tokens
 
 
-@torch.no_grad()
 def heldout_reconstruction(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor,
                            cfg: VAPIConfig, perceptual_fn: Callable | None, perceptual: str, *, seed: int,
-                           batch: int = 250) -> dict[str, float]:
-    """Teacher-forced reconstruction of held-out images by ``model`` (set to eval mode).
+                           batch: int = 250, samples_per_image: int = 1) -> dict[str, float]:
+    """Means over held-out images of :func:`rearlib.vapi_rewards.heldout_reconstruction_reward` (teacher-forced
+    draws from the true prefix, decoded and scored under ``cfg``; every model scored with the same ``seed`` gets the
+    same random numbers).
 
-    Given the true prefix, one token is drawn per position from the model's logits (a generator seeded with
-    ``seed``, so every model gets the same random numbers), the draw is decoded and scored against the real image
-    with :func:`rearlib.vapi.compute_rewards` under ``cfg``. Returns the means over the images of MSE,
-    ``held-out {perceptual}`` (the perceptual distance), the reward -(MSE + perceptual), and the teacher-forced CE
-    and CTR (argmax = true token) of the GT tokens.
+    Returns ``held-out MSE``, ``held-out {perceptual}`` (the perceptual distance), ``held-out reward`` (the reward
+    ``cfg`` defines: its terms and weights), ``held-out CE`` and ``held-out CTR`` (argmax = true token) of the GT
+    tokens; with ``samples_per_image`` > 1 also each term's mean within-image spread (``held-out MSE spread``,
+    ``held-out {perceptual} spread``) and ``held-out λ_p`` (the perceptual weight that equalises them; NaN where
+    the perceptual term does not vary).
     """
-    model.eval()
-    n, seq_len = tokens.shape
-    k = tokenizer.codebook_size
-    gen = torch.Generator(device=images.device).manual_seed(seed)
-    sums = {"mse": 0.0, "perc": 0.0, "ce": 0.0, "ctr": 0.0}
-    for s in range(0, n, batch):
-        t, y, img = tokens[s:s + batch], labels[s:s + batch], images[s:s + batch]
-        logits = model(t, y).logits.float()  # logits[:, i] predicts x_{i+1} from the true prefix
-        probs = logits.softmax(-1)
-        draw = torch.multinomial(probs.reshape(-1, k), 1, generator=gen).view(len(t), seq_len)
-        rr = compute_rewards(tokenizer.decode(draw).float(), img, cfg, perceptual_fn)
-        sums["mse"] += float(rr.mse.sum())
-        sums["perc"] += float(rr.perceptual.sum())
-        sums["ce"] += float(F.cross_entropy(logits.transpose(1, 2), t, reduction="none").mean(1).sum())
-        sums["ctr"] += float((logits.argmax(-1) == t).float().mean(1).sum())
-    m = {key: v / n for key, v in sums.items()}
-    return {"held-out MSE": m["mse"], f"held-out {perceptual}": m["perc"], "held-out reward": -(m["mse"] + m["perc"]),
-            "held-out CE": m["ce"], "held-out CTR": m["ctr"]}
+    res = heldout_reconstruction_reward(model, tokenizer, images, labels, tokens, cfg, perceptual_fn, seed=seed,
+                                        samples_per_image=samples_per_image, batch=batch)
+    out = {"held-out MSE": float(res.mse.mean()), f"held-out {perceptual}": float(res.perceptual.mean()),
+           "held-out reward": float(res.rewards.mean()), "held-out CE": float(res.ce.mean()),
+           "held-out CTR": float(res.ctr.mean())}
+    if samples_per_image > 1:
+        ms = float(res.mse.std(1, correction=1).mean())
+        ps = float(res.perceptual.std(1, correction=1).mean())
+        out.update({"held-out MSE spread": ms, f"held-out {perceptual} spread": ps,
+                    "held-out λ_p": ms / ps if ps > 0 else math.nan})
+    return out
 
 
 def heldout_table(models: dict[tuple, Any], tokenizer, images: torch.Tensor, labels: torch.Tensor,
                   tokens: torch.Tensor, cfg: VAPIConfig, perceptual_fn: Callable | None, perceptual: str, *,
-                  seed: int) -> pd.DataFrame:
+                  seed: int, samples_per_image: int = 1) -> pd.DataFrame:
     """:func:`heldout_reconstruction` of every model of ``models`` ({(name, vapi_seed or None): model}), one row
     each, with the number of images."""
     table = pd.DataFrame([{"model": name, "vapi_seed": vseed,
                            **heldout_reconstruction(m, tokenizer, images, labels, tokens, cfg, perceptual_fn,
-                                                    perceptual, seed=seed)}
+                                                    perceptual, seed=seed, samples_per_image=samples_per_image)}
                           for (name, vseed), m in models.items()])
     table["vapi_seed"] = table["vapi_seed"].astype("Int64")
     table["n images"] = len(tokens)

@@ -1,6 +1,7 @@
 """One VA-π step (:func:`vapi_step`): noisy teacher-forcing context, rollout, reward, advantages and the PPO-style
 update, with the pieces it is made of (:func:`corrupt_context`, :func:`vapi_loss`) and the optimizer it steps
-(:func:`build_optimizer`). The algorithm is spelled out in the docstring of :mod:`rearlib.vapi`."""
+(:func:`build_optimizer`). The algorithm is spelled out in the docstring of :mod:`rearlib.vapi`; the controls
+(``cfg.control``) in :mod:`rearlib.vapi_controls`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rearlib.vapi_config import NOISE_KERNELS, VAPIConfig
-from rearlib.vapi_rewards import check_image_batch, compute_rewards, group_advantages
+from rearlib.vapi_controls import shuffle_rewards
+from rearlib.vapi_rewards import check_image_batch, compute_rewards, group_advantages, group_std_mean
 
 #: Guard for the paper's sequence-level ratio: the summed log-ratio over N tokens is clamped to this magnitude
 #: before exp() so that a float32 overflow cannot turn the loss into inf/NaN (exp(20) ~ 5e8 is already far outside
@@ -69,7 +71,8 @@ def vapi_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
         new_logp: [M, N] log π_θ of the sampled tokens (carries the gradient).
         old_logp: [M, N] log π_old of the same tokens from the rollout (treated as a constant).
         advantages: [M] one advantage per sequence (treated as a constant), broadcast to its tokens.
-        cfg: uses ``clip_range`` ε, ``ratio_level``, ``ce_weight`` β, ``kl_coef`` κ.
+        cfg: uses ``clip_range`` ε, ``ratio_level``, ``ce_weight`` β, ``kl_coef`` κ and ``control`` (with
+            "prior_only" the policy-gradient term is reported but left out of the loss).
         ce: scalar next-token CE on the GT tokens under the noisy context (required when β > 0).
         ref_logp: [M, N] log π_ref of the sampled tokens (the "k3" KL estimator; needed when κ > 0 and ``kl`` is
             not given).
@@ -78,7 +81,8 @@ def vapi_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     Definition (``ratio_level="token"``, the code): ρ_{i,t} = exp(new - old),
     L_pg = mean_i mean_t [ -min(ρ_{i,t} A_i, clip(ρ_{i,t}, 1-ε, 1+ε) A_i) ]. With ``"sequence"`` (paper Eq. 11)
     ρ_i = exp(Σ_t (new - old)) and L_pg = mean_i [ -min(ρ_i A_i, clip(ρ_i) A_i) ]. Total
-    L = L_pg + β · ce + κ · KL, KL_k3 = mean_i mean_t [exp(ref - new) - (ref - new) - 1].
+    L = L_pg + β · ce + κ · KL (``control="prior_only"``: L = β · ce + κ · KL), KL_k3 = mean_i mean_t
+    [exp(ref - new) - (ref - new) - 1].
 
     Returns (loss, stats) with detached scalar stats: pg_loss, ce, kl, ratio_mean/min/max, clip_frac (fraction of
     ratios outside [1-ε, 1+ε]), clip_active (fraction where the clip zeroes the gradient), approx_kl
@@ -103,8 +107,8 @@ def vapi_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     ratio = log_ratio.exp()
     surr = torch.minimum(ratio * A, ratio.clamp(1 - eps, 1 + eps) * A)
     pg = -(surr.mean(1).mean(0) if cfg.ratio_level == "token" else surr.mean())
-    loss = pg
     zero = pg.detach() * 0
+    loss = pg if cfg.control != "prior_only" else zero
     ce_val = zero
     if cfg.ce_weight > 0:
         if ce is None:
@@ -188,7 +192,8 @@ def _decode(tokenizer: nn.Module, seqs: torch.Tensor, chunk: int, device: torch.
 def vapi_step(model: nn.Module, tokenizer: nn.Module, images: torch.Tensor, tokens: torch.Tensor | None,
               labels: torch.Tensor, optimizer: torch.optim.Optimizer, cfg: VAPIConfig,
               generator: torch.Generator | None = None, perceptual_fn: Callable | None = None, *,
-              ref_model: nn.Module | None = None) -> dict[str, Any]:
+              ref_model: nn.Module | None = None,
+              shuffle_generator: torch.Generator | None = None) -> dict[str, Any]:
     """One VA-π sampling round and its update(s) (the docstring of :mod:`rearlib.vapi` spells out the algorithm).
 
     Args:
@@ -201,14 +206,26 @@ def vapi_step(model: nn.Module, tokenizer: nn.Module, images: torch.Tensor, toke
         cfg: :class:`VAPIConfig` (``batch_size`` is not enforced here: B is whatever is passed).
         generator: torch.Generator on the model's device driving the noise, sampling, label dropout and minibatch
             order (dropout inside the model uses the global RNG). None uses the global RNG.
-        perceptual_fn: callable(decoded, reference) -> [M] distances (or (values, name)); required when
-            ``cfg.reward_perceptual_weight > 0``.
+        perceptual_fn: callable(decoded, reference) -> [M] distances (or (values, name)); required when the
+            perceptual term enters the reward (``cfg.uses_perceptual``).
         ref_model: frozen reference for the optional KL (required when ``cfg.kl_coef > 0``).
+        shuffle_generator: CPU torch.Generator of the reward permutations (required by
+            ``cfg.control="shuffled_rewards"``; :func:`rearlib.vapi_controls.shuffle_generator`). A stream of its
+            own, so that the shuffled run draws the same contexts and samples as the method with the same seeds.
+
+    On-policy ratio: the rollout's log-probs are the ratio's denominator, except where the update pass computes
+    exactly the rollout's function (both deterministic: eval mode or no dropout, and no optimizer step yet in this
+    round). There the update's own log-probs, detached, are the denominator, so the ratio is exactly 1 rather than
+    1 up to the rounding of a differently batched (bf16) forward; ``rollout_logp_gap`` reports that rounding.
 
     Returns a dict of Python floats (and the perceptual metric name): reward_mean / reward_std (over all B·G
     samples, unbiased) / reward_group_std (mean within-group std) / mse_mean / perceptual_mean /
-    perceptual_metric, adv_abs_mean / adv_clip_frac, pg_loss, ce, kl, ratio_mean / ratio_min / ratio_max,
-    clip_frac, clip_active, approx_kl, grad_norm (before clipping, last optimizer step), entropy (mean per-token
+    perceptual_metric, mse_group_std / perceptual_group_std (each term's mean within-group std, unweighted; NaN
+    for a term not measured), control, adv_abs_mean / adv_clip_frac, pg_loss, ce, kl, ratio_mean / ratio_min /
+    ratio_max, clip_frac, clip_active, approx_kl, approx_kl_first / clip_frac_first (of the round's first
+    micro-batch, where θ = θ_old: what differs there is the rollout and update passes, e.g. dropout),
+    rollout_logp_gap (mean |log π_update - log π_rollout| of the sampled tokens before the first optimizer step),
+    grad_norm (before clipping, last optimizer step), entropy (mean per-token
     entropy of the rollout policy), gt_logp (mean rollout log-prob of the GT tokens), sample_gt_match (fraction
     of sampled tokens equal to the GT token), context_replaced (fraction of the N - 1 context positions
     replaced), n_sequences, shared_forward, optimizer_steps, step_time_s.
@@ -220,8 +237,12 @@ def vapi_step(model: nn.Module, tokenizer: nn.Module, images: torch.Tensor, toke
                          f"torch.Generator(device={str(device)!r})")
     if cfg.kl_coef > 0 and ref_model is None:
         raise ValueError("cfg.kl_coef > 0 needs ref_model (a frozen copy of the initial generator)")
-    if cfg.reward_perceptual_weight > 0 and perceptual_fn is None:
-        raise ValueError("reward_perceptual_weight > 0 needs a perceptual_fn (see make_perceptual_fn)")
+    if cfg.uses_perceptual and perceptual_fn is None:
+        raise ValueError("the reward's perceptual term (reward_terms / reward_perceptual_weight) needs a "
+                         "perceptual_fn (see make_perceptual_fn)")
+    if cfg.control == "shuffled_rewards" and shuffle_generator is None:
+        raise ValueError("control='shuffled_rewards' needs shuffle_generator "
+                         "(rearlib.vapi_controls.shuffle_generator(cfg.seed))")
     images, tokens, labels = _check_batch(model, tokenizer, images, tokens, labels, device)
     B, N = tokens.shape
     G, K = cfg.group_size, model.config.codebook_size
@@ -265,15 +286,21 @@ def vapi_step(model: nn.Module, tokenizer: nn.Module, images: torch.Tensor, toke
             reference = images.repeat_interleave(G, dim=0)
             rr = compute_rewards(decoded, reference, cfg, perceptual_fn)
             rewards = rr.rewards.view(B, G)
-            # 4. Group-normalised, clipped advantages.
-            adv = group_advantages(rewards, G, cfg.adv_clip, eps=cfg.adv_eps)                 # [B, G]
-            unclipped = group_advantages(rewards, G, None, eps=cfg.adv_eps)
+            # 4. Group-normalised, clipped advantages (of permuted rewards in the shuffled control).
+            adv_rewards = shuffle_rewards(rewards, shuffle_generator) if cfg.control == "shuffled_rewards" \
+                else rewards
+            adv = group_advantages(adv_rewards, G, cfg.adv_clip, eps=cfg.adv_eps)             # [B, G]
+            unclipped = group_advantages(adv_rewards, G, None, eps=cfg.adv_eps)
             del decoded, reference
 
         # 5. Update on the same contexts.
         model.train(cfg.update_mode == "train")
-        shared = cfg.update_mode == "eval" or (not _has_dropout(model) and cfg.class_dropout == 0)
+        no_dropout = not _has_dropout(model) and cfg.class_dropout == 0
+        shared = cfg.update_mode == "eval" or no_dropout
+        same_function = shared and (cfg.rollout_mode == "eval" or no_dropout)
         sums: dict[str, float] = {}
+        first: dict[str, float] = {}
+        gap_sum, gap_n = torch.zeros((), device=device), 0
         n_acc, opt_steps, gnorm = 0, 0, float("nan")
         params = [p for p in model.parameters() if p.requires_grad]
         for _ in range(cfg.ppo_epochs):
@@ -307,9 +334,19 @@ def vapi_step(model: nn.Module, tokenizer: nn.Module, images: torch.Tensor, toke
                         full_kl = None
                         if cfg.kl_coef > 0 and cfg.kl_estimator == "full":
                             full_kl = (lp.exp() * (lp - ref_logp_all[rows])).sum(-1).mean()
-                    loss, st = vapi_loss(new_logp, old_logp[idx].reshape(m * G, N), adv[idx].reshape(m * G), cfg,
+                    old = old_logp[idx].reshape(m * G, N)
+                    if opt_steps == 0:
+                        gap_sum += (new_logp.detach() - old).abs().sum()
+                        gap_n += old.numel()
+                        if same_function:
+                            # θ = θ_old and the same deterministic function: the on-policy ratio is 1 by definition.
+                            old = new_logp.detach()
+                            old_logp[idx] = old.view(m, G, N)
+                    loss, st = vapi_loss(new_logp, old, adv[idx].reshape(m * G), cfg,
                                          ce=ce, ref_logp=None if ref_logp is None else ref_logp[idx].reshape(m * G, N),
                                          kl=full_kl)
+                    if not first:
+                        first = {"approx_kl_first": float(st["approx_kl"]), "clip_frac_first": float(st["clip_frac"])}
                     if not bool(torch.isfinite(loss)):
                         optimizer.zero_grad(set_to_none=True)
                         raise FloatingPointError(
@@ -346,6 +383,11 @@ def vapi_step(model: nn.Module, tokenizer: nn.Module, images: torch.Tensor, toke
         "mse_mean": float(rr.mse.mean()),
         "perceptual_mean": float(rr.perceptual.mean()),
         "perceptual_metric": rr.perceptual_metric,
+        "mse_group_std": group_std_mean(rr.mse, G),
+        "perceptual_group_std": group_std_mean(rr.perceptual, G) if rr.perceptual_metric != "none" else math.nan,
+        "control": cfg.control,
+        **first,
+        "rollout_logp_gap": float(gap_sum) / max(gap_n, 1),
         "adv_abs_mean": float(adv.abs().mean()),
         "adv_clip_frac": float((unclipped.abs() > cfg.adv_clip).float().mean()) if cfg.adv_clip is not None else 0.0,
         "grad_norm": gnorm,

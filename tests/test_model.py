@@ -1,4 +1,5 @@
-"""Generator: configuration, shapes, causality, init, input validation, tied codebook, FLOPs, KV cache + CFG."""
+"""Generator: configuration, shapes, causality, init, input validation, tied codebook (both constructions), FLOPs,
+KV cache + CFG."""
 
 import warnings
 
@@ -254,12 +255,117 @@ def test_tied_codebook_model():
     _assert_close(m3(x, c).logits, m(x, c).logits)
 
 
+def _tied(mode, codebook_seed=0, **overrides):
+    m = build_generator("tiny", tied_codebook=mode, **overrides)
+    g = torch.Generator().manual_seed(codebook_seed)
+    m.set_codebook(torch.randn(m.config.codebook_size, m.config.z_dim, generator=g))
+    return m
+
+
+@torch.no_grad()
+def test_projected_tied_logits_are_not_rank_limited_by_the_code_dimension():
+    """Logits over 128 positions of a K = 32 model with a 4-d codebook: through the codebook itself they span at
+    most z + 1 = 5 dimensions; through the lifted codebook they span far more, both fresh and trained-like."""
+    shapes = dict(z_dim=4, codebook_size=32, hidden=64)
+    x, c = _inputs(get_config("tiny", **shapes), B=8, seed=1)
+
+    def rank(m):
+        logits = m.eval().full_logits(x, c).reshape(-1, 32)
+        assert logits.shape[0] == 8 * 17
+        return int(torch.linalg.matrix_rank(logits.double(), rtol=1e-6))
+
+    assert rank(_tied(True, **shapes)) <= 4                               # fresh: bias 0, so <= z
+    assert rank(_randomize(_tied(True, **shapes), seed=2)) <= 5             # + the bias
+    fresh = _tied("projected", **shapes)
+    assert fresh.config.tied_dim == 256 and rank(fresh) > 16
+    assert rank(_randomize(_tied("projected", **shapes), seed=2, std=0.3)) > 16
+    # the code table itself: K unit vectors spanning more than z dimensions
+    table = fresh._code_table(fresh.codebook)
+    assert table.shape == (32, 256) and torch.allclose(table.norm(dim=1), torch.ones(32))
+    assert int(torch.linalg.matrix_rank(table.double(), rtol=1e-6)) > 16
+
+
+def test_projected_tied_model_layout_head_and_round_trip(tmp_path):
+    m = build_generator("tiny", tied_codebook="projected")
+    cfg = m.config
+    D = cfg.tied_dim
+    assert cfg.tied_mode == "projected" and D == max(256, cfg.z_dim)
+    names = dict(m.named_parameters())
+    assert "lm_head.weight" not in names and names["lm_head.proj.weight"].shape == (D, cfg.hidden)
+    assert names["codebook_in.weight"].shape == (cfg.hidden, D)
+    assert names["code_lift.fc1.weight"].shape == (D, cfg.z_dim) and names["code_lift.fc2.weight"].shape == (D, D)
+    # fc1 starts at unit-variance pre-activations (std 1/sqrt(z)), unlike the 0.02 of other layers
+    assert 0.7 < names["code_lift.fc1.weight"].std().item() * cfg.z_dim ** 0.5 < 1.3
+    assert "codebook" in dict(m.named_buffers()) and "codebook" not in names
+    x, c = _inputs(cfg)
+    with pytest.raises(RuntimeError, match="set_codebook"):
+        m(x, c)
+    m.set_codebook(torch.randn(cfg.codebook_size, cfg.z_dim) * 3.0)
+    _randomize(m).eval()
+    out = m(x, c)
+    # by hand: U = normalize(fc2(gelu(fc1(E)))), input codebook_in(U[x]), logits proj(h) @ U^T + bias
+    with torch.no_grad():
+        lift = m.code_lift
+        U = F.normalize(lift.fc2(F.gelu(lift.fc1(m.codebook))), dim=-1)
+        _assert_close(m._embed_tokens(x), m.codebook_in(U[x]))
+        h = m.forward_features(x, c, [cfg.depth - 1])[cfg.depth - 1]
+        hh = m.adaln_before_head(h[:, 1:-1], m._embed(x, c)[1][:, 1:-1])
+        _assert_close(out.logits, m.lm_head.proj(hh) @ U.t() + m.lm_head.bias)
+    # the codebook is an input of the lift: swapping two codes changes the outputs
+    cb2 = m.codebook.clone()
+    cb2[[0, 1]] = cb2[[1, 0]]
+    m2 = load_official_state_dict({**m.state_dict(), "codebook": cb2}, cfg)
+    assert not torch.allclose(m2(x, c).logits, out.logits)
+    # state dict round trip through a file, strict names and shapes
+    path = tmp_path / "tied.pt"
+    torch.save(m.state_dict(), path)
+    m3 = load_official_state_dict(path, cfg)
+    assert m3.state_dict().keys() == m.state_dict().keys()
+    _assert_close(m3(x, c).logits, out.logits, rtol=0, atol=0)
+    # a "codebook" state dict does not load into a "projected" model: the mismatch is named
+    with pytest.raises(StateDictMismatchError, match="code_lift"):
+        load_official_state_dict(_tied(True).state_dict(), cfg)
+
+
+@torch.no_grad()
+def test_projected_tied_kv_cache_equals_recomputation():
+    m = _randomize(_tied("projected", seq_len=8), seed=5).eval()
+    x, c = _inputs(m.config, B=2, seed=3)
+    cache = m.new_kv_cache(2)
+    logits = [m.prefill(x[:, :0], c, cache)]
+    for t in range(1, m.config.seq_len):
+        logits.append(m.decode_step(x[:, t - 1], torch.tensor([t + 1]), c, cache))
+    ref = torch.stack([m.next_token_logits(x[:, :L], c) for L in range(m.config.seq_len)], 1)
+    _assert_close(torch.stack(logits, 1), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_codebook_values_and_unchanged_untied_configs():
+    assert get_config("tiny", tied_codebook="codebook").tied_codebook is True   # one spelling, one hash
+    assert get_config("tiny", tied_codebook="codebook") == get_config("tiny", tied_codebook=True)
+    assert get_config("tiny").tied_mode is None and get_config("tiny").tied_dim is None
+    assert get_config("tiny", tied_codebook=True).tied_dim == 16
+    assert get_config("tiny", tied_codebook="projected", z_dim=512).tied_dim == 512
+    for bad in ("tied", 1, None):
+        with pytest.raises(ValueError, match="tied_codebook must be one of"):
+            get_config("tiny", tied_codebook=bad)
+    # the option adds no field: configs written before it keep their dict (and the cache keys built from it)
+    keys = {"hidden", "depth", "heads", "codebook_size", "num_classes", "seq_len", "mlp_ratio", "dropout",
+            "attn_dropout", "dropout_kernel", "block_kernels", "encode_align_layer", "decode_align_layer",
+            "align_head", "projector_dim", "z_dim", "tied_codebook", "pos_extra", "time_extra"}
+    for cfg in PRESETS.values():
+        assert set(cfg.to_dict()) == keys and cfg.to_dict()["tied_codebook"] is False
+    assert sorted(dict(build_generator("tiny").named_parameters())) == sorted(
+        dict(build_generator("tiny", tied_codebook=False).named_parameters()))
+    assert not any(k.startswith(("code_lift", "codebook")) for k in build_generator("tiny").state_dict())
+
+
 # ---- counts and FLOPs -----------------------------------------------------------------------------------------------
 def test_flops_formula_matches_a_flop_counter():
     """Our closed form equals torch's FlopCounterMode on a real forward for every matmul; the causal-attention
     term (which the counter does not see for the CPU SDPA kernel, and counts as a full square on GPU) is the
     closed form depth x 4 x C x S(S+1)/2 per image."""
-    for overrides in ({}, {"encode_align_layer": None, "align_head": "gelu2"}, {"tied_codebook": True}):
+    for overrides in ({}, {"encode_align_layer": None, "align_head": "gelu2"}, {"tied_codebook": True},
+                      {"tied_codebook": "projected"}):
         m = build_generator("tiny", **overrides).eval()
         cfg = m.config
         if cfg.tied_codebook:
@@ -272,13 +378,17 @@ def test_flops_formula_matches_a_flop_counter():
         matmul = sum(v for k, v in counts.items() if "attention" not in str(k))
         S, N = cfg.seq_len + 2, cfg.seq_len
         attn = cfg.depth * 4 * cfg.hidden * S * (S + 1) / 2
-        want = (estimate_flops_per_token(cfg, training=False) * N - attn) * B
+        # the "projected" head lifts the K codes once per pass, not per token (see the docstring)
+        lift = 0
+        if cfg.tied_mode == "projected":
+            lift = 2 * cfg.codebook_size * (cfg.z_dim * cfg.tied_dim + cfg.tied_dim ** 2)
+        want = (estimate_flops_per_token(cfg, training=False) * N - attn) * B + lift
         assert abs(matmul - want) / want < 1e-9, (overrides, matmul, want)
         # without the heads the estimate drops by exactly their matmuls
         no_heads = estimate_flops_per_token(cfg, training=False, align=False) * N - attn
         head_flops = sum(v for k, v in fc.get_flop_counts().items() if k.endswith("_align_mlp")
                          for v in v.values())
-        assert abs((want - no_heads * B) - head_flops) < 1e-6 * want
+        assert abs((want - lift - no_heads * B) - head_flops) < 1e-6 * want
     assert estimate_flops_per_token("tiny") == 3 * estimate_flops_per_token("tiny", training=False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import NamedTuple
 
@@ -20,6 +21,9 @@ from rearlib.rear import (
     rear_loss,
     sample_noise_levels,
 )
+from rearlib.runtime import config_hash
+from rearlib.train_config import TrainConfig, generator_overrides
+from rearlib.train_step import build_model
 
 
 class Out(NamedTuple):
@@ -90,6 +94,30 @@ def test_presets_match_paper():
     assert not a.uses_noise and not a.uses_alignment and not a.tied_codebook
     assert get_rear_config("rear", align_weight=0.5).align_weight == 0.5
     assert ReARConfig.from_dict(r.to_dict()) == r
+
+
+def test_tied_presets_select_the_two_constructions_and_existing_configs_keep_their_hash():
+    assert PRESETS["tied"].tied_codebook is True and PRESETS["tied_projected"].tied_codebook == "projected"
+    for name in ("tied", "tied_projected"):
+        r = PRESETS[name]
+        assert not r.uses_noise and not r.uses_alignment
+        assert ReARConfig.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    assert ReARConfig(tied_codebook="codebook") == PRESETS["tied"]              # one spelling, one hash
+    with pytest.raises(ValueError, match="tied_codebook must be"):
+        ReARConfig(tied_codebook="lifted")
+    # the run hashes of the committed records: the option added no field and changed no preset
+    assert {n: config_hash(PRESETS[n].to_dict()) for n in ("ar", "rear", "tied", "de_only")} == {
+        "ar": "bf5d590ce78b", "rear": "e5ac198eba43", "tied": "79f04c383a07", "de_only": "ee2986253b44"}
+
+
+def test_the_tied_projected_preset_reaches_the_generator():
+    cfg = TrainConfig(model="tiny", rear="tied_projected", steps=2, batch_size=2, warmup_steps=0)
+    assert generator_overrides(cfg)["tied_codebook"] == "projected"
+    model = build_model(cfg, torch.randn(32, 16), torch.device("cpu"))
+    assert model.config.tied_mode == "projected" and model.config.tied_dim == 256
+    assert model.code_lift.fc1.in_features == 16 and torch.count_nonzero(model.codebook) > 0
+    tokens = torch.randint(0, 32, (2, 16), generator=gen(0))
+    assert model(tokens, torch.tensor([0, 1])).logits.shape == (2, 16, 32)
 
 
 # ------------------------------------------------------------------------------------------------ perturbation

@@ -23,22 +23,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rearlib import vapi_figures, vapi_report
+from rearlib import scales, vapi_figures, vapi_report
 from rearlib.metrics import DFD_NAME, resolve_perceptual
 from rearlib.metrics.classifier import Classifier
+from rearlib.metrics.perceptual import st_lpips_distance
 from rearlib.model import PRESETS, build_generator
 from rearlib.tokenizers.vqgan import VQConfig, VQTokenizer
 from rearlib.train import load_generator
 from rearlib.vapi import (
+    CONTROLS,
     EmbeddedSource,
     VAPIConfig,
     build_optimizer,
     compute_rewards,
     config_for_scale,
+    control_configs,
     corrupt_context,
     group_advantages,
+    group_std_mean,
+    heldout_reconstruction_reward,
+    lr_sweep_configs,
     make_perceptual_fn,
     post_train,
+    reward_spreads,
+    shuffle_generator,
+    shuffle_rewards,
     vapi_loss,
     vapi_step,
 )
@@ -142,6 +151,7 @@ def test_config_defaults_are_the_codes_and_validation():
                                                                                           "train")
     assert (c.reward_mse_weight, c.reward_perceptual_weight, c.ratio_level, c.ppo_epochs, c.num_minibatches) == \
         (1.0, 1.0, "token", 1, 1)
+    assert (c.reward_terms, c.control, c.uses_mse, c.uses_perceptual) == ("both", "full", True, True)
     assert VAPIConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="group_size"):
         VAPIConfig(group_size=1)
@@ -156,6 +166,50 @@ def test_config_defaults_are_the_codes_and_validation():
     with pytest.raises(ValueError, match="unknown scale"):
         config_for_scale("huge")
     assert config_for_scale("small", lr=2e-5).lr == 2e-5
+
+
+def test_config_controls_reward_terms_and_their_validation():
+    d = VAPIConfig(control="shuffled_rewards", reward_terms="mse").to_dict()
+    assert (d["control"], d["reward_terms"]) == ("shuffled_rewards", "mse")
+    assert VAPIConfig.from_dict(d) == VAPIConfig(control="shuffled_rewards", reward_terms="mse")
+    assert VAPIConfig().to_dict() != VAPIConfig(control="prior_only").to_dict()  # a control is a different run
+    for kw, msg in ((dict(control="no_reward"), "control"), (dict(reward_terms="lpips"), "reward_terms"),
+                    (dict(control="prior_only", ce_weight=0.0), "ce_weight"),
+                    (dict(reward_terms="mse", reward_mse_weight=0.0), "reward_mse_weight"),
+                    (dict(reward_terms="perceptual", reward_perceptual_weight=0.0), "reward_perceptual_weight")):
+        with pytest.raises(ValueError, match=msg):
+            VAPIConfig(**kw)
+    # A term enters the reward when it is selected and weighted.
+    assert (VAPIConfig(reward_terms="mse").uses_mse, VAPIConfig(reward_terms="mse").uses_perceptual) == (True, False)
+    assert (VAPIConfig(reward_terms="perceptual").uses_mse, VAPIConfig(reward_terms="perceptual").uses_perceptual) == \
+        (False, True)
+    assert not VAPIConfig(reward_perceptual_weight=0.0).uses_perceptual
+
+
+def test_scale_settings_update_mode_perceptual_sweep_and_controls():
+    # The update without dropout at smoke and small; the released code's train-mode update at paper scale.
+    assert [config_for_scale(s).update_mode for s in ("smoke", "small", "paper")] == ["eval", "eval", "train"]
+    # ST-LPIPS by name at smoke and small, not the classifier distance of the evaluator.
+    assert config_for_scale("small").perceptual == config_for_scale("smoke").perceptual == "st-lpips-alex"
+    # The small learning-rate sweep: 128 images x G = 8 per step, accumulated over micro-batches into one step.
+    sweep = lr_sweep_configs("small", seed=4)
+    assert list(sweep) == [1e-6, 3e-6, 1e-5] and scales.VAPI["small"]["sweep_steps"] == 100
+    for lr, c in sweep.items():
+        assert (c.lr, c.batch_size, c.group_size, c.seed) == (lr, 128, 8, 4)
+        assert 0 < c.micro_batch_images < c.batch_size and c.batch_size % c.micro_batch_images == 0
+        assert (c.num_minibatches, c.ppo_epochs) == (1, 1)  # every micro-batch accumulates into one step
+        assert c.update_mode == "eval" and c.control == "full"
+    with pytest.raises(ValueError, match="lr"):
+        lr_sweep_configs("small", lr=1e-3)
+    for s in ("smoke", "small", "paper"):
+        assert tuple(scales.VAPI[s]["controls"]) == CONTROLS
+        assert set(lr_sweep_configs(s)) == set(scales.VAPI[s]["lr_sweep"])
+    runs = control_configs(config_for_scale("small", seed=2))
+    assert list(runs) == list(CONTROLS)
+    assert {k: v.replace(control="full") for k, v in runs.items()} == dict.fromkeys(CONTROLS,
+                                                                                  config_for_scale("small", seed=2))
+    with pytest.raises(ValueError, match="unknown controls"):
+        control_configs(VAPIConfig(), ("full", "no_prior"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -206,6 +260,56 @@ def test_rewards_reject_bad_input():
         compute_rewards(x, x, VAPIConfig(), lambda a, b: torch.zeros(3))
 
 
+def test_reward_terms_select_what_enters_the_reward():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(4, 3, 8, 8, generator=g), torch.rand(4, 3, 8, 8, generator=g)
+
+    def l1(x, y):
+        return (x - y).abs().flatten(1).mean(1)
+
+    both = compute_rewards(a, b, VAPIConfig(reward_mse_weight=1.0, reward_perceptual_weight=3.0), l1)
+    assert torch.allclose(both.rewards, -(both.mse + 3.0 * both.perceptual))
+    only_mse = compute_rewards(a, b, VAPIConfig(reward_terms="mse", reward_perceptual_weight=3.0), l1)
+    assert torch.equal(only_mse.rewards, -only_mse.mse) and only_mse.perceptual_metric == "none"
+    assert torch.equal(only_mse.perceptual, torch.zeros(4))  # not computed: the MSE-only reward needs no network
+    measured = compute_rewards(a, b, VAPIConfig(reward_terms="mse"), l1, measure_perceptual=True)
+    assert torch.equal(measured.rewards, -measured.mse) and torch.allclose(measured.perceptual, both.perceptual)
+    assert measured.perceptual_metric == "l1"
+    only_p = compute_rewards(a, b, VAPIConfig(reward_terms="perceptual", reward_perceptual_weight=3.0), l1)
+    assert torch.allclose(only_p.rewards, -3.0 * only_p.perceptual)
+    assert torch.allclose(only_p.mse, both.mse)  # MSE is still measured and logged
+    with pytest.raises(ValueError, match="perceptual_fn"):
+        compute_rewards(a, b, VAPIConfig(reward_terms="perceptual"))
+
+
+def test_reward_spreads_and_the_balancing_weight():
+    B, G = 3, 4
+    z = torch.tensor([-1.5, -0.5, 0.5, 1.5])
+    z = z / z.std(correction=1)                                # unit unbiased std within a group
+    mse_sd, perc_sd = torch.tensor([0.01, 0.02, 0.03]), torch.tensor([0.5, 1.0, 3.0])
+    mse = 0.2 + mse_sd[:, None] * z                            # [B, G]
+    perc = 0.7 + perc_sd[:, None] * z.flip(0)
+    sp = reward_spreads(mse, perc, G)
+    assert sp.groups == B
+    assert sp.mse_spread == pytest.approx(0.02) and sp.perceptual_spread == pytest.approx(1.5)
+    assert sp.lambda_p == pytest.approx(0.02 / 1.5)
+    # With that weight the perceptual term's spread matches the MSE's (whatever their levels).
+    assert group_std_mean(sp.lambda_p * perc, G) == pytest.approx(group_std_mean(mse, G))
+    # Flat image-major input gives the same numbers; a weighted MSE scales lambda_p.
+    assert reward_spreads(mse.flatten(), perc.flatten(), G) == sp
+    assert reward_spreads(mse, perc, G, mse_weight=2.0).lambda_p == pytest.approx(2 * sp.lambda_p)
+    # Levels do not matter, only within-group differences: shifting one group changes nothing.
+    shifted = perc.clone()
+    shifted[1] += 100
+    assert reward_spreads(mse, shifted, G).lambda_p == pytest.approx(sp.lambda_p)
+    with pytest.raises(ValueError, match="no spread"):
+        reward_spreads(mse, torch.full((B, G), 0.3), G)
+    with pytest.raises(ValueError, match="different samples"):
+        reward_spreads(mse, perc[:2], G)
+    with pytest.raises(ValueError, match="whole number of groups"):
+        reward_spreads(mse.flatten()[:10], perc.flatten()[:10], G)
+
+
 def test_make_perceptual_fn_uses_metrics_and_labels_substitute():
     torch.manual_seed(0)
     clf = Classifier(widths=(8, 16), resolution=16, stem_stride=2).eval()
@@ -228,6 +332,10 @@ def test_reward_default_perceptual_term_is_not_the_evaluator():
     assert fn.metric_name.startswith(("LPIPS", "ST-LPIPS")) and "classifier" not in fn.metric_name
     a = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(fn(a, a), torch.zeros(2), atol=1e-6) and bool((fn(a, a.flip(0)) > 0).all())
+    # The scales' explicit choice is the project's ST-LPIPS network, the same numbers as rearlib.metrics gives.
+    st = make_perceptual_fn(config_for_scale("small").perceptual)
+    assert st.metric_name == "ST-LPIPS(alex)"
+    assert torch.allclose(st(a, a.flip(0)), st_lpips_distance(a, a.flip(0), "alex").float())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -336,6 +444,41 @@ def test_sequence_level_ratio_option_and_regularisers():
         vapi_loss(new, old, adv, cfg_kl)
 
 
+def test_prior_only_loss_has_no_policy_gradient():
+    old = torch.zeros(2, 3)
+    new = torch.full((2, 3), math.log(1.1)).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0])
+    ce = torch.tensor(2.5, requires_grad=True)
+    full, st_full = vapi_loss(new, old, adv, VAPIConfig(ce_weight=0.1), ce=ce)
+    prior, st_prior = vapi_loss(new, old, adv, VAPIConfig(ce_weight=0.1, control="prior_only"), ce=ce)
+    assert torch.autograd.grad(full, new)[0].abs().sum() > 0
+    g_new, g_ce = torch.autograd.grad(prior, (new, ce), allow_unused=True)
+    assert g_new is None and float(g_ce) == pytest.approx(0.1)  # only beta * CE carries gradient
+    assert float(prior.detach()) == pytest.approx(0.25)
+    assert st_prior["pg_loss"] == st_full["pg_loss"]  # still reported, for the logs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Controls
+# ------------------------------------------------------------------------------------------------------------
+def test_shuffle_rewards_permutes_across_the_batch_deterministically():
+    B, G = 4, 8
+    r = torch.arange(B * G, dtype=torch.float32).view(B, G) / 10
+    s0 = shuffle_rewards(r, shuffle_generator(0))
+    assert s0.shape == r.shape
+    assert torch.equal(s0.flatten().sort().values, r.flatten())              # the same multiset of rewards
+    assert not torch.equal(s0, r)                                             # assigned to other samples
+    assert torch.equal(shuffle_rewards(r, shuffle_generator(0)), s0)          # the same seed, the same permutation
+    assert not torch.equal(shuffle_rewards(r, shuffle_generator(1)), s0)
+    # Across groups, not within: some group now holds rewards of another image.
+    assert any(set(s0[b].tolist()) != set(r[b].tolist()) for b in range(B))
+    assert torch.equal(shuffle_rewards(r.flatten(), shuffle_generator(0)), s0.flatten())
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        shuffle_rewards(r, None)
+    with pytest.raises(ValueError, match="at least 2"):
+        shuffle_rewards(torch.zeros(1), shuffle_generator(0))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Context noise
 # ------------------------------------------------------------------------------------------------------------
@@ -409,6 +552,150 @@ def test_step_stats_and_eval_mode_ratio():
     assert st_t["ratio_max"] > 1.0 + 1e-4 and not st_t["shared_forward"]
     for k in ("reward_mean", "reward_std", "pg_loss", "ce", "kl", "grad_norm", "approx_kl", "adv_abs_mean"):
         assert math.isfinite(st_t[k]), k
+
+
+def test_eval_update_is_on_policy_and_train_update_is_not():
+    """update_mode="eval": before the round's first optimizer step the update computes the rollout's function, so
+    the ratio is exactly 1 (approx_kl 0, clip fraction 0); "train" with dropout > 0: it is not."""
+    tok, images, tokens, labels = make_batch(B=2, seed=4)
+    assert TINY.dropout > 0 and TINY.attn_dropout > 0
+    base = fresh_model(4)
+
+    def step(**kw):
+        model = copy.deepcopy(base)
+        cfg = mse_only(group_size=4, ce_weight=0.1, **kw)
+        torch.manual_seed(0)
+        return vapi_step(model, tok, images, tokens, labels, build_optimizer(model, cfg), cfg,
+                         torch.Generator().manual_seed(0))
+
+    ev = step(update_mode="eval", micro_batch_images=1)       # two micro-batches, one optimizer step
+    assert ev["optimizer_steps"] == 1
+    assert ev["ratio_min"] == 1.0 and ev["ratio_max"] == 1.0
+    assert ev["approx_kl"] == 0.0 and ev["clip_frac"] == 0.0
+    assert ev["approx_kl_first"] == 0.0 and ev["clip_frac_first"] == 0.0
+    assert ev["rollout_logp_gap"] < 1e-5                         # the rollout's log-probs agree up to rounding
+    tr = step(update_mode="train")
+    assert tr["approx_kl_first"] > 1e-4 and tr["clip_frac_first"] > 0 and tr["ratio_max"] > 1.0
+    assert tr["rollout_logp_gap"] > 100 * ev["rollout_logp_gap"]  # dropout, not rounding
+    # After an optimizer step the policy has moved: the second minibatch's ratios leave 1, the first's do not.
+    two = step(update_mode="eval", num_minibatches=2)
+    assert two["optimizer_steps"] == 2 and two["approx_kl_first"] == 0.0
+    assert two["ratio_max"] > 1.0 or two["ratio_min"] < 1.0
+
+
+class _BatchRounding(nn.Module):
+    """The generator, with logits that depend slightly on the batch size, as a differently batched bf16 forward
+    rounds differently on a GPU."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, tokens, labels):
+        logits = self.inner(tokens, labels).logits
+        return SimpleNamespace(logits=logits + 1e-3 * tokens.shape[0] * torch.linspace(0, 1, K))
+
+
+def test_on_policy_ratio_does_not_depend_on_how_the_forward_is_batched():
+    tok, images, tokens, labels = make_batch(B=2, seed=4)
+    model = _BatchRounding(fresh_model(4))
+    cfg = mse_only(group_size=4, update_mode="eval", micro_batch_images=1)  # rollout on 2 images, update on 1
+    st = vapi_step(model, tok, images, tokens, labels, build_optimizer(model, cfg), cfg,
+                   torch.Generator().manual_seed(0))
+    assert st["rollout_logp_gap"] > 1e-5                       # the rollout's log-probs are off by the rounding
+    assert st["ratio_min"] == st["ratio_max"] == 1.0 and st["approx_kl"] == 0.0
+
+
+def test_accumulated_micro_batches_give_the_one_pass_update():
+    """Images per step beyond memory: micro-batches accumulate into one optimizer step with the same result."""
+    tok, images, tokens, labels = make_batch(B=4, seed=5)
+    base = fresh_model(5)
+    out = {}
+    for micro in (0, 1, 3):
+        model = copy.deepcopy(base)
+        cfg = mse_only(group_size=4, update_mode="eval", ce_weight=0.1, micro_batch_images=micro)
+        st = vapi_step(model, tok, images, tokens, labels, build_optimizer(model, cfg), cfg,
+                       torch.Generator().manual_seed(0))
+        assert st["optimizer_steps"] == 1
+        out[micro] = (model.state_dict(), st)
+    moved = max(float((out[0][0][k] - v).abs().max()) for k, v in base.state_dict().items())
+    assert moved > 1e-4
+    for micro in (1, 3):  # 4 micro-batches of 1 image; 3 + 1 (unequal shares)
+        for k, v in out[0][0].items():
+            assert torch.allclose(out[micro][0][k], v, atol=1e-6, rtol=1e-5), (micro, k)
+        assert out[micro][1]["grad_norm"] == pytest.approx(out[0][1]["grad_norm"], rel=1e-5)
+        assert out[micro][1]["ce"] == pytest.approx(out[0][1]["ce"], rel=1e-5)
+
+
+def test_prior_only_control_is_a_ce_only_update():
+    tok, images, tokens, labels = make_batch(B=3, seed=6)
+    base = fresh_model(6)
+    cfg = mse_only(group_size=4, update_mode="eval", ce_weight=0.1, control="prior_only")
+
+    model = copy.deepcopy(base)
+    st = vapi_step(model, tok, images, tokens, labels, build_optimizer(model, cfg), cfg,
+                   torch.Generator().manual_seed(0))
+    # The same optimizer step on beta * CE(logits, GT) alone, clean context, no dropout.
+    ref = copy.deepcopy(base)
+    opt = build_optimizer(ref, cfg)
+    ref.eval()
+    logits = ref(tokens.reshape(3, -1), labels).logits
+    (cfg.ce_weight * F.cross_entropy(logits.reshape(-1, K), tokens.reshape(-1))).backward()
+    torch.nn.utils.clip_grad_norm_(list(ref.parameters()), cfg.grad_clip)
+    opt.step()
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(model.state_dict()[k], v, atol=1e-7, rtol=1e-6), k
+    # The rollout and its reward are still measured and logged.
+    assert st["control"] == "prior_only" and st["reward_std"] > 0 and st["pg_loss"] != 0
+    # The full method from the same start and seeds lands elsewhere: the comparison above can fail.
+    full = copy.deepcopy(base)
+    cfg_full = cfg.replace(control="full")
+    vapi_step(full, tok, images, tokens, labels, build_optimizer(full, cfg_full), cfg_full,
+              torch.Generator().manual_seed(0))
+    assert max(float((full.state_dict()[k] - v).abs().max()) for k, v in ref.state_dict().items()) > 1e-5
+
+
+def test_shuffled_rewards_control_keeps_the_samples_and_changes_the_update():
+    tok, images, tokens, labels = make_batch(B=4, seed=7)
+    base = fresh_model(7)
+    cfg = mse_only(group_size=4, update_mode="eval")
+    runs = {}
+    for control in ("full", "shuffled_rewards"):
+        model = copy.deepcopy(base)
+        c = cfg.replace(control=control)
+        st = vapi_step(model, tok, images, tokens, labels, build_optimizer(model, c), c,
+                       torch.Generator().manual_seed(0), shuffle_generator=shuffle_generator(c.seed))
+        runs[control] = (model, st)
+    (m_full, s_full), (m_shuf, s_shuf) = runs["full"], runs["shuffled_rewards"]
+    # The same contexts and samples (the shuffle has its own stream), so the same logged rewards ...
+    for k in ("reward_mean", "reward_std", "mse_mean", "mse_group_std", "entropy", "sample_gt_match"):
+        assert s_shuf[k] == s_full[k], k
+    # ... but other advantages, hence another update.
+    assert max(float((v - m_shuf.state_dict()[k]).abs().max()) for k, v in m_full.state_dict().items()) > 1e-5
+    with pytest.raises(ValueError, match="shuffle_generator"):
+        c = cfg.replace(control="shuffled_rewards")
+        vapi_step(copy.deepcopy(base), tok, images, tokens, labels, build_optimizer(base, c), c)
+
+
+def test_step_logs_the_spread_of_each_reward_term():
+    tok, images, tokens, labels = make_batch(B=3, seed=8)
+
+    def l1(a, b):
+        return (a - b).abs().flatten(1).mean(1)
+
+    def step(cfg, fn=None):
+        model = fresh_model(8)
+        return vapi_step(model, tok, images, tokens, labels, build_optimizer(model, cfg), cfg,
+                         torch.Generator().manual_seed(0), fn)
+
+    mse = step(mse_only(group_size=4))
+    # With R = -MSE the reward's within-group spread is the MSE's; no perceptual term was measured.
+    assert mse["mse_group_std"] > 0 and mse["reward_group_std"] == pytest.approx(mse["mse_group_std"], rel=1e-5)
+    assert math.isnan(mse["perceptual_group_std"])
+    perc = step(mse_only(group_size=4, reward_terms="perceptual", reward_perceptual_weight=2.0), l1)
+    assert perc["reward_group_std"] == pytest.approx(2.0 * perc["perceptual_group_std"], rel=1e-5)
+    both = step(mse_only(group_size=4, reward_perceptual_weight=1.0), l1)
+    assert both["perceptual_group_std"] > 0 and both["mse_group_std"] == mse["mse_group_std"]
 
 
 def test_step_noise_kl_and_minibatches():
@@ -538,6 +825,26 @@ def test_post_train_logs_checkpoints_and_resumes(tmp_path):
         post_train(fresh_model(5), tok, data, cfg, 4, tmp_path / "b", "cpu", progress=False)
 
 
+def test_post_train_shuffled_control_is_seeded_and_resumes(tmp_path):
+    tok, data = _data(M=8, seed=1)
+    base = fresh_model(1)
+    cfg = mse_only(group_size=4, batch_size=2, update_mode="eval", control="shuffled_rewards")
+    full = post_train(copy.deepcopy(base), tok, data, cfg, 3, tmp_path / "a", "cpu", progress=False)
+    post_train(copy.deepcopy(base), tok, data, cfg, 2, tmp_path / "b", "cpu", progress=False)
+    resumed = post_train(copy.deepcopy(base), tok, data, cfg, 3, tmp_path / "b", "cpu", progress=False)
+    for k, v in full["model"].state_dict().items():
+        assert torch.equal(resumed["model"].state_dict()[k], v), k
+    assert [h["grad_norm"] for h in resumed["history"]] == [h["grad_norm"] for h in full["history"]]
+    assert {h["control"] for h in full["history"]} == {"shuffled_rewards"}
+    # The method with the same seeds draws the same first batch and samples; only the update differs.
+    one = post_train(copy.deepcopy(base), tok, data, cfg, 1, tmp_path / "d", "cpu", progress=False)
+    method = post_train(copy.deepcopy(base), tok, data, cfg.replace(control="full"), 1, tmp_path / "c", "cpu",
+                        progress=False)
+    assert method["history"][0]["reward_mean"] == one["history"][0]["reward_mean"]
+    assert max(float((v - one["model"].state_dict()[k]).abs().max())
+               for k, v in method["model"].state_dict().items()) > 1e-5
+
+
 def test_post_train_accepts_datasets_and_checks_sizes(tmp_path):
     tok, data = _data(M=6)
     ds = list(zip(data["images"], data["labels"].tolist()))  # a map-style "dataset" of (image, label)
@@ -643,6 +950,59 @@ def test_heldout_images_and_reconstruction():
     assert list(table["model"]) == ["sure", "flat"] and str(table["vapi_seed"].dtype) == "Int64"
     assert table["vapi_seed"].isna().tolist() == [True, False] and set(table["n images"]) == {7}
     assert table.iloc[1]["held-out CE"] == flat["held-out CE"]
+
+
+def test_heldout_reconstruction_reward_is_the_runs_reward_on_unseen_images():
+    tok = PaletteTokenizer()
+    images, labels, tokens = vapi_report.heldout_images(tok, 6, data_seed=0, device="cpu")
+    uniform = _FixedLogits(0.0).train()
+
+    def l1(a, b):
+        return (a - b).abs().flatten(1).mean(1)
+
+    S = 64
+    mse_run = VAPIConfig(reward_terms="mse")
+    res = heldout_reconstruction_reward(uniform, tok, images, labels, tokens, mse_run, l1, seed=1,
+                                        samples_per_image=S, batch=4)
+    assert res.rewards.shape == res.mse.shape == res.perceptual.shape == (6, S) and res.ce.shape == (6,)
+    assert uniform.training  # the caller's mode is restored
+    # The reward is the run's (MSE only here); the perceptual distance is measured all the same.
+    assert torch.equal(res.rewards, -res.mse) and bool((res.perceptual > 0).all()) and res.perceptual_metric == "l1"
+    # Unbiased: the mean sampled MSE matches the exact expectation under the uniform policy.
+    exact = -expected_mse_reward(uniform, tok, images, tokens, labels)
+    assert abs(float(res.mse.mean()) - exact) < 4 * float(res.mse.std()) / math.sqrt(res.mse.numel())
+    assert torch.allclose(res.ce, torch.full((6,), math.log(K)), rtol=1e-6) and bool((res.ctr <= 1).all())
+    # Another reward definition rescores the same draws (same seed): -(MSE + 2 * perceptual).
+    both = heldout_reconstruction_reward(uniform, tok, images, labels, tokens,
+                                         VAPIConfig(reward_perceptual_weight=2.0), l1, seed=1, samples_per_image=S)
+    assert torch.equal(both.mse, res.mse)
+    assert torch.allclose(both.rewards, -(both.mse + 2.0 * both.perceptual))
+    sp = reward_spreads(res.mse, res.perceptual, S)
+    assert sp.mse_spread > 0 and sp.perceptual_spread > 0
+    # The study's table: means, and with several draws per image the spreads and the balancing weight.
+    row = vapi_report.heldout_reconstruction(uniform, tok, images, labels, tokens, mse_run, l1, "P", seed=1,
+                                             samples_per_image=S)
+    assert row["held-out reward"] == pytest.approx(-row["held-out MSE"])
+    assert row["held-out MSE spread"] == pytest.approx(sp.mse_spread)
+    assert row["held-out P spread"] == pytest.approx(sp.perceptual_spread)
+    assert row["held-out λ_p"] == pytest.approx(sp.lambda_p)
+    with pytest.raises(ValueError, match="samples_per_image"):
+        heldout_reconstruction_reward(uniform, tok, images, labels, tokens, mse_run, l1, seed=1, samples_per_image=0)
+    with pytest.raises(ValueError, match="tokens"):
+        heldout_reconstruction_reward(uniform, tok, images, labels, tokens[:2], mse_run, l1, seed=1)
+
+
+def test_runs_table_reports_the_reward_terms_spreads():
+    results = _study_results()
+    cfg = VAPIConfig(group_size=4, batch_size=2, lr=1e-4)
+    runs = vapi_report.runs_table(results, STUDY_RUNS, cfg)
+    assert runs["MSE within-group std (mean)"].isna().all()  # not logged by these records
+    h = results[("AR + VA-π", 0)]["history_df"]
+    h["mse_group_std"] = np.linspace(0.01, 0.03, len(h))
+    h["perceptual_group_std"] = 0.5
+    runs = vapi_report.runs_table(results, STUDY_RUNS, cfg)
+    assert runs.iloc[0]["MSE within-group std (mean)"] == pytest.approx(0.02)
+    assert runs.iloc[0]["perceptual within-group std (mean)"] == pytest.approx(0.5)
 
 
 def test_fid_plan_keeps_the_target_when_it_fits_else_rounds_down():

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from rearlib.metrics.cka import cka_by_layer, linear_cka, linear_cka_gram, minibatch_cka, unbiased_hsic
 from rearlib.metrics.distribution import (DEFAULT_EXTRACTOR, EXTRACTORS, INCEPTION_EXTRACTORS, UInt8Images,
-                                          check_extractor, distribution_metrics, extractor_has_logits,
+                                          check_extractor, distribution_metrics, extractor_has_logits, feature_statistics,
                                           inception_available, inception_weights_file, load_adm_reference,
                                           metric_label)
 from rearlib.metrics.image import psnr, ssim, to_uint8
@@ -60,6 +60,6 @@ __all__ = [
     "perceptual_metric_name", "perceptual_distance",
     "EXTRACTORS", "DEFAULT_EXTRACTOR", "INCEPTION_EXTRACTORS", "check_extractor", "extractor_has_logits",
     "UInt8Images", "inception_weights_file", "inception_available", "metric_label",
-    "load_adm_reference", "distribution_metrics",
+    "load_adm_reference", "distribution_metrics", "feature_statistics",
     "linear_cka", "linear_cka_gram", "unbiased_hsic", "minibatch_cka", "cka_by_layer",
 ]

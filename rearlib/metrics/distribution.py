@@ -165,6 +165,44 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
 
 
+def _extractor_kwargs(extractor: str, classifier, scale: str, inception_weights) -> tuple[dict, str]:
+    """torch-fidelity keyword arguments that select ``extractor``'s weights, and the extractor's identity."""
+    kwargs = {}
+    if extractor == "rearlib-classifier":
+        register_classifier()
+        if classifier is None:
+            classifier = get_classifier(scale, "cpu")
+        if isinstance(classifier, (str, Path)):
+            classifier = load_classifier(classifier, "cpu")
+        if not isinstance(classifier, Classifier):
+            raise TypeError("classifier must be a rearlib.metrics.classifier.Classifier or a checkpoint path")
+        if classifier.checkpoint_path is None or not Path(classifier.checkpoint_path).is_file():
+            # torch-fidelity builds extractors from a weights path: store this in-memory model by content hash.
+            key = {"adhoc": state_identity(classifier.state_dict(), classifier.config)}
+            save_classifier(classifier, artifact_dir("classifier", key) / "classifier.pt")
+        kwargs["feature_extractor_weights_path"] = str(classifier.checkpoint_path)
+        extractor_id = classifier.identity
+    elif extractor == "inception-v3-fid":
+        register_inception()
+        info = weights_info(inception_weights)
+        kwargs["feature_extractor_weights_path"] = info["file"]
+        extractor_id = inception_fid_identity(info)
+    else:
+        weights = Path(inception_weights) if inception_weights else inception_weights_file()
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"Inception-v3 weights for torch-fidelity are not on this machine ({weights}); nothing is downloaded "
+                f"here. Fetch the file once where the network is reachable (any torch-fidelity run does, or "
+                f"download torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3) and place it there, or "
+                f"use extractor='rearlib-classifier' (labeled as such).")
+        if inception_weights:
+            kwargs["feature_extractor_weights_path"] = str(weights)
+        extractor_id = "tf-inception-2015-12-05" if not inception_weights else hashlib.sha256(
+            str(weights.resolve()).encode()).hexdigest()[:10]
+
+    return kwargs, extractor_id
+
+
 def distribution_metrics(generated, reference, *, extractor: str = DEFAULT_EXTRACTOR, fid: bool = True,
                          isc: bool | None = None, kid: bool = True, prc: bool = True, cache_name: str | None = None,
                          reference_name: str | None = None, classifier=None, scale: str = "smoke",
@@ -193,7 +231,8 @@ def distribution_metrics(generated, reference, *, extractor: str = DEFAULT_EXTRA
     Reference: when ``reference`` is an ADM reference npz that carries ``mu``/``sigma`` (VIRTUAL_imagenet256_
     labeled.npz), FID is computed against those whole-train-set statistics (the paper's/ADM protocol), while
     KID and precision/recall use its 10k images. The statistics must come from the same extractor: for ADM files
-    that is ``"inception-v3-compat"`` (2048-d); a dimension mismatch raises.
+    that is an Inception extractor (``"inception-v3-fid"`` or ``"inception-v3-compat"``, 2048-d pool3 of the same
+    network); a dimension mismatch raises.
     Otherwise all metrics use the reference images, via ``torch_fidelity.calculate_metrics``.
 
     Caching: with ``cache_name`` (e.g. ``"embedded-val-r32-n5000"``), torch-fidelity caches the reference's
@@ -237,39 +276,7 @@ def distribution_metrics(generated, reference, *, extractor: str = DEFAULT_EXTRA
         raise ValueError(f"need at least 2 images on each side; got {len(gen_images)} generated, "
                          f"{len(ref_images)} reference")
 
-    kwargs = {}
-    if extractor == "rearlib-classifier":
-        register_classifier()
-        if classifier is None:
-            classifier = get_classifier(scale, "cpu")
-        if isinstance(classifier, (str, Path)):
-            classifier = load_classifier(classifier, "cpu")
-        if not isinstance(classifier, Classifier):
-            raise TypeError("classifier must be a rearlib.metrics.classifier.Classifier or a checkpoint path")
-        if classifier.checkpoint_path is None or not Path(classifier.checkpoint_path).is_file():
-            # torch-fidelity builds extractors from a weights path: store this in-memory model by content hash.
-            key = {"adhoc": state_identity(classifier.state_dict(), classifier.config)}
-            save_classifier(classifier, artifact_dir("classifier", key) / "classifier.pt")
-        kwargs["feature_extractor_weights_path"] = str(classifier.checkpoint_path)
-        extractor_id = classifier.identity
-    elif extractor == "inception-v3-fid":
-        register_inception()
-        info = weights_info(inception_weights)
-        kwargs["feature_extractor_weights_path"] = info["file"]
-        extractor_id = inception_fid_identity(info)
-    else:
-        weights = Path(inception_weights) if inception_weights else inception_weights_file()
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"Inception-v3 weights for torch-fidelity are not on this machine ({weights}); nothing is downloaded "
-                f"here. Fetch the file once where the network is reachable (any torch-fidelity run does, or "
-                f"download torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3) and place it there, or "
-                f"use extractor='rearlib-classifier' (labeled as such).")
-        if inception_weights:
-            kwargs["feature_extractor_weights_path"] = str(weights)
-        extractor_id = "tf-inception-2015-12-05" if not inception_weights else hashlib.sha256(
-            str(weights.resolve()).encode()).hexdigest()[:10]
-
+    kwargs, extractor_id = _extractor_kwargs(extractor, classifier, scale, inception_weights)
     cuda = dev.type == "cuda"
     ksize = min(kid_subset_size, len(gen_images), len(ref_images))
     kwargs.update(
@@ -310,6 +317,34 @@ def distribution_metrics(generated, reference, *, extractor: str = DEFAULT_EXTRA
                        f"published ADM-protocol numbers use 50,000 (50 per class), and FID is biased upward at "
                        f"smaller counts")
     return out
+
+
+def feature_statistics(images, *, extractor: str = DEFAULT_EXTRACTOR, inception_weights=None, device="auto",
+                       batch_size: int | None = None, classifier=None, scale: str = "smoke") -> dict:
+    """``{"mu", "sigma"}`` (float64) of ``extractor``'s FID features over ``images`` (uint8 or [0, 1] float NCHW,
+    or an ADM-style npz path): what an ADM reference batch stores for the whole ImageNet train set."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
+    from torch_fidelity.utils import (
+        create_feature_extractor,
+        extract_featuresdict_from_input_id,
+        resolve_feature_layer_for_metric,
+    )
+
+    check_extractor(extractor)
+    imgs = _as_uint8_nchw(images, "images")
+    if len(imgs) < 2:
+        raise ValueError(f"images: need at least 2 to estimate a covariance, got {len(imgs)}")
+    dev = resolve_device(device) if isinstance(device, str) or device is None else device
+    kwargs, _ = _extractor_kwargs(extractor, classifier, scale, inception_weights)
+    cuda = dev.type == "cuda"
+    kwargs.update(input1=UInt8Images(imgs), cuda=cuda, batch_size=batch_size or (128 if cuda else 16),
+                  feature_extractor=extractor, fid=True, verbose=False, save_cpu_ram=True)
+    layer = resolve_feature_layer_for_metric("fid", **kwargs)
+    with (torch.cuda.device(dev) if cuda else contextlib.nullcontext()):
+        fe = create_feature_extractor(extractor, [layer], **kwargs)
+        feats = extract_featuresdict_from_input_id(1, fe, **kwargs)
+    stats = fid_featuresdict_to_statistics(feats, layer)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
 
 
 def _metrics_against_npz_stats(kwargs: dict, ref_stats: dict) -> dict:
