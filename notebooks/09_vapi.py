@@ -10,26 +10,41 @@
 # the ground-truth tokens (weight β = 0.1) keeps the model a good next-token predictor. No reference model, no
 # external reward model. Implementation: `rearlib.vapi` (defaults = the released C2I code; see its docstring).
 #
-# Here we post-train the zoo's **AR** and **reAR** generators with VA-π and compare before / after:
-# reward curves, the wall time of post-training, FID[rearlib-classifier] with and without CFG, class
-# consistency, and the reconstruction the reward measures, on held-out images. Then the **reward-composition
-# ablation** on AR: MSE only, perceptual only, both (the CE prior kept in all three).
+# Here we post-train the zoo's **AR** and **reAR** generators and ask plainly: does VA-π lower FID on these
+# generators, by how much, at what cost, and, where it does not, which part of the update is to blame. Besides the
+# method the notebook runs two controls, a learning-rate sweep at the paper's batch and the reward-composition
+# ablation (the table in §2).
 #
-# Perceptual distance. The paper's reward uses LPIPS-VGG. LPIPS needs torchvision's ImageNet VGG weights, which an
-# offline machine may not have; then `rearlib` substitutes **DFD[rearlib-classifier]** (an LPIPS-style feature
-# distance in the in-project classifier, *not* LPIPS, on another numeric scale: with λ_p = 1 it weighs the
-# perceptual term very differently). Every perceptual number below carries the name of the metric actually used.
+# **The reward.** The paper's perceptual term is LPIPS-VGG, whose ImageNet weights an offline machine lacks. At
+# `smoke` and `small` the reward uses **ST-LPIPS(alex)** (shift-tolerant LPIPS, ECCV 2022; its wheel ships the
+# complete network), asked for by name so that a run's reward does not depend on which weights a machine caches;
+# every perceptual number carries the metric's name. ST-LPIPS lives on another scale than LPIPS-VGG, and after group
+# normalisation only each term's spread among the G samples of one image matters, so λ_p is not the released code's
+# 1.0 but calibrated on the base AR before the runs (§1).
+#
+# **The update runs in eval mode at `smoke` and `small`** (`VAPIConfig.update_mode`), a documented deviation from
+# the released code, which samples in eval mode and updates in train mode (dropout 0.1). In the code's arrangement
+# the PPO ratio differs from 1 only through dropout: on the small generator (G = 8, 32 images per step) every run
+# logged approx_kl 0.18-0.27 per token and a clip fraction of 0.63-0.70, and a policy gradient computed with shuffled
+# rewards had cosine 0.68 with the real one (with the update in eval mode: -0.05). About half of each train-mode
+# update does not depend on the reward. The `paper` scale keeps the code's train mode.
+#
+# **The step size.** The released recipe is lr 1e-6 at 128 images x G = 8 per step for LlamaGen-XXL (1.4B
+# parameters), about 1% of its training lr. Our 25M-parameter generator ended pre-training at lr 1e-5 (the end of its
+# cosine schedule), and the scale's VA-π runs use that lr at 32 images per step: steps as large as the last ones of
+# pre-training, on a noisier gradient. At `small` the sweep repeats the method at the paper's batch with lr 1e-6, 3e-6
+# and 1e-5.
 #
 # FID here is computed with the in-project feature extractor and labeled `FID[rearlib-classifier]`; it is not the
 # Inception FID of the paper and the values are not comparable. One training seed per generator and several VA-π
-# runs per setting (VA-π seeds; three at `small`): a verdict needs every VA-π run to agree, and at most the
-# *direction* of the paper's effects can be reproduced. (VA-π on a GPU is not bit-reproducible: two runs of the
-# same recipe and seed on an H200 logged identical steps for the first 7-16 steps, then drifted apart, and ended
-# 1-6 points of no-CFG FID apart (AR + VA-π: 10.6 and 16.4). One run cannot carry a verdict.)
+# runs per setting (VA-π seeds; three at `small`): every verdict rests on the interval of a difference over the VA-π
+# seeds (§6). VA-π on a GPU is not bit-reproducible: two runs of the same recipe and seed on an H200 logged identical
+# steps for the first 7-16 steps, then drifted apart, and ended 1-6 points of no-CFG FID apart. One run cannot
+# carry a verdict.
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
-seed = 0               # first VA-π seed (the runs use seed, seed + 1, ...) and the sampling seed
+seed = 0               # first VA-π seed (the runs use seed, seed + 1, ...) and the sampling seeds
 device = "auto"
 reports_dir = "reports"
 figures_dir = "figures"
@@ -51,7 +66,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rearlib.metrics as M
-from rearlib import scales, vapi, vapi_figures, vapi_report
+from rearlib import scales, vapi, vapi_claims, vapi_figures, vapi_report
 from rearlib.data import NUM_CLASSES
 from rearlib.experiments.evaluation import Evaluator, run_model_key
 from rearlib.experiments.zoo import get_generator, run_dir, run_hash, train_config
@@ -66,25 +81,21 @@ if ctx.scale == "paper":
                      "For LlamaGen/ImageNet use `python -m rearlib vapi --scale paper --generator ... --out ...` "
                      "(the released C2I recipe) and evaluate with `python -m rearlib sample fid`.")
 
-# Per scale. steps: VA-π optimizer steps (the library's per-scale recipe, rearlib.scales.VAPI: a few at smoke,
-# 100 at small as the paper's C2I run). vapi_seeds: VA-π runs per setting (seeds seed, seed + 1, ...; each is
-# evaluated, so the table shows the run-to-run spread of post-training itself). fid_per_class: the target samples
-# per class for one FID evaluation, lowered automatically when the measured sampling speed says the planned
-# evaluations would not fit gen_budget_s.
-# n_heldout: val images for the teacher-forced reconstruction check. From rearlib.scales.EVALUATION (shared with
-# 04 and 10-13): n_ref, held-out real images (val) for FID; batch, images per sampler call; sampler ("graph": CUDA
-# graphs without torch.compile, whose compile time per model would not fit the budget; None: library default).
-# cfg: the one CFG setting (g, p) used "with CFG", rearlib.sample's per-scale default (a constant g, as the VA-π
-# paper's evaluation uses).
+# Per scale. The VA-π recipes (steps, batch, lr, the sweep, the controls) are rearlib.scales.VAPI[scale].
+# vapi_seeds: VA-π runs per setting (seeds seed, seed + 1, ...; the run of seed s is evaluated at sampling seed s,
+# as the base models are, so differences pair by seed). fid_per_class: the target samples per class for one FID
+# evaluation, lowered automatically when the measured sampling speed says the planned evaluations would not fit
+# gen_budget_s. n_heldout: val images for the teacher-forced reconstruction check; n_calib: the first n_calib of
+# them, G draws each, calibrate λ_p. From rearlib.scales.EVALUATION (shared with 04 and 10-13): n_ref, held-out
+# real images (val) for FID; batch, images per sampler call; sampler ("graph": CUDA graphs without torch.compile).
 VSCALE = scales.VAPI[ctx.scale]
 SETTINGS = {
-    "smoke": dict(steps=VSCALE["steps"], data_size=VSCALE["data_size"], vapi_seeds=2, fid_per_class=8,
-                  fid_min_per_class=4, n_heldout=32, gen_budget_s=30.0, grid_per_class=3),
-    "small": dict(steps=VSCALE["steps"], data_size=VSCALE["data_size"], vapi_seeds=3, fid_per_class=1000,
-                  fid_min_per_class=200, n_heldout=1000, gen_budget_s=400.0, grid_per_class=6),
+    "smoke": dict(data_size=VSCALE["data_size"], vapi_seeds=2, fid_per_class=8, fid_min_per_class=4, n_heldout=32,
+                  n_calib=8, gen_budget_s=30.0, grid_per_class=3),
+    "small": dict(data_size=VSCALE["data_size"], vapi_seeds=3, fid_per_class=1000, fid_min_per_class=200,
+                  n_heldout=1000, n_calib=128, gen_budget_s=600.0, grid_per_class=6),
 }[ctx.scale]
 SETTINGS.update({k: scales.EVALUATION[ctx.scale][k] for k in ("n_ref", "batch", "sampler")})
-CFG_G, CFG_P = scales.SAMPLING[ctx.scale]["cfg_scale"], scales.SAMPLING[ctx.scale]["cfg_power"]
 if ctx.device.type == "cpu":
     # On a busy 2-core machine OpenMP threads spin-waiting for each other made the sampler ~50x slower (measured);
     # one thread is faster and predictable.
@@ -94,7 +105,7 @@ data_seed = DATA[ctx.scale]["seed"]
 t_start = time.time()
 
 tok = get_tokenizer(ctx.scale, dev, progress=False)
-VARIANTS = {"AR": "ar", "reAR": "rear"}
+VARIANTS = vapi_report.BASE_VARIANTS
 base_models = {name: get_generator(ctx.scale, v, tokenizer=tok, seed=generator_seed, device=dev, progress=False)
                for name, v in VARIANTS.items()}
 classifier = get_classifier(ctx.scale, dev)
@@ -105,52 +116,68 @@ evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extr
 base_cfg = vapi.config_for_scale(ctx.scale, seed=ctx.seed)
 perceptual_fn = vapi.make_perceptual_fn(base_cfg.perceptual, scale=ctx.scale, device=dev, classifier=classifier)
 PERC = perceptual_fn.metric_name
+FID = M.metric_label("fid", EXTRACTOR_NAME)
 ctx.note(f"perceptual distance in the reward and in every perceptual column: {PERC} ({perceptual_fn.reason})")
 ctx.note(f"feature extractor for FID/IS/KID/PR and class consistency: {EXTRACTOR_NAME}:{classifier.identity}")
-print(f"VA-π config ({ctx.scale}): {base_cfg.to_dict()}; {SETTINGS['steps']} steps")
+ctx.note(f"VA-π update in {base_cfg.update_mode} mode; the AR generator's pre-training ended at lr "
+         f"{train_config(ctx.scale, 'ar', tok, generator_seed).end_lr:g}")
 
 # %% [markdown]
-# ## 1 · Post-training runs
-# | run | starts from | reward |
-# |---|---|---|
-# | AR + VA-π | AR | MSE + λ_p · perceptual (the paper's reward) |
-# | reAR + VA-π | reAR | MSE + λ_p · perceptual |
-# | AR + VA-π (MSE only) | AR | MSE |
-# | AR + VA-π (perceptual only) | AR | perceptual |
-#
-# Each setting runs once per VA-π seed. All with the CE prior (β = 0.1), G samples per image, clip 0.2, advantage
-# clip 5, no contextual noise (the C2I setting), the code's eval-mode rollout and train-mode update, and the scale's
-# batch size and learning rate (`rearlib.scales.VAPI`; at `small` lr 1e-5, an untuned choice for our 8-block model,
-# see the module). Images come from the `train` split, the one the generators were trained on. Runs are cached
-# under `artifacts/vapi/` (keyed by the base generator's training recipe and the VA-π config) and resume if
-# interrupted. "post-training time" is the run record's sum of step times (sampling, decoding, reward, update;
-# checkpoint writes excluded), so a cached run reports the time of the run that did the work. Tables, figures and
-# verdicts are computed by `rearlib.vapi_report` and `rearlib.vapi_figures`.
+# ## 1 · λ_p: both reward terms with the same weight in the advantages
+# After group normalisation a reward term counts by its spread among the G samples of one image. On the base AR,
+# for the first `n_calib` held-out images, G tokens are drawn per position from the true prefix (the rollout
+# policy), decoded and scored; the mean within-image standard deviation of the MSE and of the perceptual distance
+# give the λ_p that equalises them. The runs whose reward has both terms use it, rounded to two significant digits.
 
 # %%
-RUNS = {
-    "AR + VA-π": ("AR", "MSE + perceptual", {}),
-    "reAR + VA-π": ("reAR", "MSE + perceptual", {}),
-    "AR + VA-π (MSE only)": ("AR", "MSE only", {"reward_perceptual_weight": 0.0}),
-    "AR + VA-π (perceptual only)": ("AR", "perceptual only", {"reward_mse_weight": 0.0}),
-}
+ho_img, ho_lab, ho_tok = vapi_report.heldout_images(tok, SETTINGS["n_heldout"], data_seed, dev)
+n_cal, G = SETTINGS["n_calib"], base_cfg.group_size
+calib = vapi_report.heldout_table({("AR", None): base_models["AR"]}, tok, ho_img[:n_cal], ho_lab[:n_cal],
+                                  ho_tok[:n_cal], base_cfg, perceptual_fn, PERC, seed=20_000 + ctx.seed,
+                                  samples_per_image=G)
+cal = vapi_report.calibrate_lambda_p(calib, PERC, G)
+calib["λ_p used"] = cal.lambda_p
+ctx.save_csv(calib, "09_lambda_p_calibration")
+ctx.note(cal.note)
+calib.T
+
+# %% [markdown]
+# ## 2 · Post-training runs
+# | run | starts from | what differs from "AR + VA-π" |
+# |---|---|---|
+# | AR + VA-π | AR | the method: reward -(MSE + λ_p · ST-LPIPS(alex)), CE prior β = 0.1 |
+# | reAR + VA-π | reAR | the base model |
+# | AR + VA-π (CE prior only) | AR | control: the update is β · CE alone; rewards are computed and logged only |
+# | AR + VA-π (shuffled rewards) | AR | control: the rewards are permuted across the batch before the advantages |
+# | AR + VA-π (lr ..., N images/step) | AR | the sweep: the paper's batch (128 images x G = 8 at `small`), one run per lr |
+# | AR + VA-π (MSE only) / (perceptual only) | AR | the reward ablation; "both" is the method's run |
+#
+# Each setting runs once per VA-π seed, with the same seeds in every setting (the controls draw the same batches,
+# contexts and first samples as the method). All: G samples per image, clip 0.2, advantage clip 5, no contextual
+# noise (the C2I setting), eval-mode rollout, and the update mode, batch and learning rate of
+# `rearlib.scales.VAPI[scale]`. Images come from the `train` split, the one the generators were trained on. Runs
+# are cached under `artifacts/vapi/` (keyed by the base generator's training recipe and the VA-π config) and
+# resume if interrupted. "post-training time" is the run record's sum of step times (sampling, decoding, reward,
+# update; checkpoint writes excluded), so a cached run reports the time of the run that did the work.
+
+# %%
+RUNS = vapi_report.study_runs(ctx.scale, cal.lambda_p)
 source = vapi.EmbeddedSource(SETTINGS["data_size"], tok.resolution, "train", data_seed)
+VAPI_SEEDS = [ctx.seed + i for i in range(SETTINGS["vapi_seeds"])]
 # The model part of evaluation keys: the base generators' training recipe and final step (rearlib.experiments.zoo),
 # and for a post-trained model the hash of its VA-π run key (which holds the base recipe).
-# Every model is named (model, VA-π seed); the base generators have no VA-π seed (None).
-VAPI_SEEDS = [ctx.seed + i for i in range(SETTINGS["vapi_seeds"])]
-model_keys = {(name, None): run_model_key(run_hash(ctx.scale, v, tok, generator_seed),
-                                          train_config(ctx.scale, v, tok, generator_seed).steps)
+RUN_HASHES = {name: run_hash(ctx.scale, v, tok, generator_seed) for name, v in VARIANTS.items()}
+model_keys = {(name, None): run_model_key(RUN_HASHES[name], train_config(ctx.scale, v, tok, generator_seed).steps)
               for name, v in VARIANTS.items()}
 post, results = {}, {}
-for run, (base, reward, overrides) in RUNS.items():
+for run, spec in RUNS.items():
     for vseed in VAPI_SEEDS:
-        cfg = base_cfg.replace(seed=vseed, **overrides)
-        key = vapi_report.run_key(model_keys[(base, None)], tok.identity(), cfg, SETTINGS["steps"],
+        cfg = spec.cfg.replace(seed=vseed)
+        key = vapi_report.run_key(model_keys[(spec.base, None)], tok.identity(), cfg, spec.steps,
                                   SETTINGS["data_size"], data_seed, PERC, dev.type)
         out = artifact_dir("vapi", key)
         print(f"{run}, VA-π seed {vseed}: {out}")
-        r = vapi.post_train(copy.deepcopy(base_models[base]), tok, source, cfg, SETTINGS["steps"], out, dev,
+        r = vapi.post_train(copy.deepcopy(base_models[spec.base]), tok, source, cfg, spec.steps, out, dev,
                             perceptual_fn=perceptual_fn, scale=ctx.scale, progress=True)
         if r["status"] != "completed":
             raise RuntimeError(f"{run} (VA-π seed {vseed}) stopped at step {r['step']} of {r['steps']}; "
@@ -158,108 +185,101 @@ for run, (base, reward, overrides) in RUNS.items():
         post[(run, vseed)], results[(run, vseed)] = r["model"], r
         model_keys[(run, vseed)] = {"kind": "vapi", "run": config_hash(key), "step": r["step"]}
 
-history = vapi_report.history_table(results, RUNS)
-ctx.save_csv(history, "09_vapi_history")
-runs = vapi_report.runs_table(results, RUNS, base_cfg)
+ctx.save_csv(vapi_report.history_table(results, RUNS), "09_vapi_history")
+runs = vapi_report.runs_table(results, RUNS)
 ctx.save_csv(runs, "09_vapi_runs")
 runs.set_index(["run", "vapi_seed"]).T
 
 # %% [markdown]
-# ## 2 · Reward curves
+# ## 3 · Reward curves
 # Per step, over the step's B·G sampled sequences: the mean reward and its parts (MSE on [-1, 1] images, the
-# perceptual distance, each as logged before the step's update), and the CE prior. A moving mean smooths the curves
-# when there are enough steps. The reward of the one-term runs is on a different scale (one term only), so the
-# panels of the parts are the ones to compare across runs; the perceptual-distance panel has no line for the
-# MSE-only run, whose step does not compute it.
+# perceptual distance, each as logged before the step's update), and the CE prior. The reward of the one-term runs
+# is on another scale, so the panels of the parts are the ones to compare; the MSE-only run has no
+# perceptual line. The CE-prior-only control logs rewards it does not train on. The sweep is drawn apart (its batch
+# differs).
 
 # %%
-fig = vapi_figures.reward_curves(results, RUNS, VAPI_SEEDS, PERC, window=max(1, SETTINGS["steps"] // 10),
-                                 scale=ctx.scale, cfg=base_cfg)
-ctx.save_fig(fig, "09_reward_curves")
-plt.show()
+for name, groups in (("09_reward_curves", ("method", "control", "reward ablation")),
+                     ("09_reward_curves_lr_sweep", ("lr sweep",))):
+    shown = [r for r, s in RUNS.items() if s.group in groups]
+    fig = vapi_figures.reward_curves(results, shown, VAPI_SEEDS, PERC, window=max(1, RUNS[shown[0]].steps // 10),
+                                     scale=ctx.scale, cfg=RUNS[shown[0]].cfg)
+    ctx.save_fig(fig, name)
+    plt.show()
 
 # %% [markdown]
-# ## 3 · What the reward measures, on held-out images
+# ## 4 · What the reward measures, on held-out images
 # For `n_heldout` validation images (never used in post-training): teacher-forced logits given the true prefix,
 # one token drawn per position (the same random stream for every model), decoded and compared with the real image:
-# MSE on [-1, 1] images, the perceptual distance, and R = -(MSE + perceptual) with the paper's unit weights; plus
-# the teacher-forced CE and CTR (argmax = true token) of the ground-truth tokens.
+# MSE on [-1, 1] images, the perceptual distance, and the runs' reward R = -(MSE + λ_p · perceptual); plus the
+# teacher-forced CE and CTR (argmax = true token) of the ground-truth tokens.
 
 # %%
-ho_img, ho_lab, ho_tok = vapi_report.heldout_images(tok, SETTINGS["n_heldout"], data_seed, dev)
-score_cfg = base_cfg.replace(reward_mse_weight=1.0, reward_perceptual_weight=1.0)
 all_models = {**{(name, None): m for name, m in base_models.items()}, **post}
-# The same random stream for every model (common random numbers).
-heldout = vapi_report.heldout_table(all_models, tok, ho_img, ho_lab, ho_tok, score_cfg, perceptual_fn, PERC,
-                                    seed=10_000 + ctx.seed)
+heldout = vapi_report.heldout_table(all_models, tok, ho_img, ho_lab, ho_tok, RUNS[vapi_report.METHOD].cfg,
+                                    perceptual_fn, PERC, seed=10_000 + ctx.seed)
 ctx.save_csv(heldout, "09_heldout_reconstruction")
 heldout.set_index(["model", "vapi_seed"]).round(5)
 
 # %% [markdown]
-# ## 4 · Sampling speed, then how many samples fit
+# ## 5 · Sampling speed, then how many samples fit
 # As in 04: one timed batch with and without CFG (after a warm-up call that builds the sampler), then the number
 # of samples per FID evaluation is the target if all planned evaluations fit the generation budget, else fewer.
+# Planned: each base model at every VA-π seed's sampling seed, without and with CFG; each post-trained model at its
+# own seed's, without CFG and, except the reward ablation (the paper's Table 4 is without CFG), with CFG.
 
 # %%
+CFG_CHOICE = vapi_report.cfg_choice(ctx.reports / "10_cfg_sweep.csv", RUN_HASHES, FID,
+                                    (scales.SAMPLING[ctx.scale]["cfg_scale"], scales.SAMPLING[ctx.scale]["cfg_power"]))
+ctx.note(CFG_CHOICE.note)
+g_ar, p_ar = CFG_CHOICE.by_model["AR"]
 speed = pd.DataFrame([{"model": "AR", "CFG": c, "batch": SETTINGS["batch"], "device": str(dev),
-                       "images/s": evaluator.time_sampler(base_models["AR"], CFG_G if c else None, CFG_P,
+                       "images/s": evaluator.time_sampler(base_models["AR"], g_ar if c else None, p_ar,
                                                           seed=10_000 + ctx.seed)} for c in (False, True)])
 ctx.save_csv(speed, "09_sampling_speed")
 ips = speed.set_index("CFG")["images/s"]
-# Plan: every model without and with CFG, plus each base model once more without CFG with another sampling seed.
-n_nocfg, n_cfg = len(all_models) + len(base_models), len(all_models)
-plan = vapi_report.plan_fid(ips[False], ips[True], n_nocfg, n_cfg, NUM_CLASSES, SETTINGS["fid_per_class"],
-                            SETTINGS["fid_min_per_class"], SETTINGS["gen_budget_s"])
-n_pc, reduced = plan.per_class, plan.reduced
-n_fid = n_pc * NUM_CLASSES
+items = vapi_report.eval_items(all_models, VAPI_SEEDS, RUNS)
+n_cfg = sum(it.cfg for it in items)
+plan = vapi_report.plan_fid(ips[False], ips[True], len(items) - n_cfg, n_cfg, NUM_CLASSES,
+                            SETTINGS["fid_per_class"], SETTINGS["fid_min_per_class"], SETTINGS["gen_budget_s"])
+n_pc, n_fid = plan.per_class, plan.per_class * NUM_CLASSES
 ctx.note(f"sampling speed: {ips[False]:.0f} images/s without CFG, {ips[True]:.0f} with CFG on {dev}; "
-         f"{n_nocfg + n_cfg} evaluations x {n_fid} samples, estimated {n_pc * plan.seconds_per_class_sample:.0f} s of "
+         f"{len(items)} evaluations x {n_fid} samples, estimated {n_pc * plan.seconds_per_class_sample:.0f} s of "
          f"generation (budget {SETTINGS['gen_budget_s']:.0f} s)"
-         + (f"; REDUCED from the target {SETTINGS['fid_per_class'] * NUM_CLASSES} samples" if reduced else ""))
+         + (f"; REDUCED from the target {SETTINGS['fid_per_class'] * NUM_CLASSES} samples" if plan.reduced else ""))
 speed
 
 # %% [markdown]
-# ## 5 · Before and after: FID[rearlib-classifier], IS, KID, precision / recall, class consistency
-# Against held-out real images (val). Without CFG, and with CFG at `rearlib.scales.SAMPLING[scale]`'s (g, p) (a
-# constant g at small, printed below). Image i of a set: class i // n_per_class, seed `image_seed(seed, i)`, so
-# every model gets identical random numbers.
-# Cached as records under `artifacts/eval_records/` (`rearlib.experiments.evaluation`; the base generators' records
-# are shared with notebooks 04 and 10).
+# ## 6 · Before and after: FID[rearlib-classifier], IS, KID, precision / recall, class consistency
+# Against held-out real images (val). Without CFG, and with CFG at each base model's (g, p) (the note above says
+# where it comes from; a post-trained model uses its base model's). Image i of a set: class i // n_per_class, seed
+# `image_seed(sample_seed, i)`, so two models evaluated at one sampling seed get identical random numbers.
+# Cached as records under `artifacts/eval_records/` (`rearlib.experiments.evaluation`; the base generators'
+# records are shared with notebooks 04 and 10).
+
 
 # %%
-print(f"with CFG: g = {CFG_G}, p = {CFG_P}")
-n_ref = SETTINGS["n_ref"]
+def evaluate(it: vapi_report.EvalItem) -> dict:
+    name, vseed = it.model
+    g, p = CFG_CHOICE.by_model[name if vseed is None else RUNS[name].base] if it.cfg else (None, 0.0)
+    row = evaluator.evaluate(model_keys[it.model], all_models[it.model], n_per_class=n_pc, cfg_scale=g,
+                             cfg_power=p, sample_seed=it.sample_seed)
+    return {"model": name, "vapi_seed": vseed, "CFG": "CFG" if it.cfg else "no CFG", "g": g,
+            "p": p if it.cfg else None, "sample_seed": it.sample_seed, **row}
 
 
-def evaluate(key: tuple, model, g: float | None, p: float, sample_seed: int) -> dict:
-    row = evaluator.evaluate(model_keys[key], model, n_per_class=n_pc, cfg_scale=g, cfg_power=p,
-                             sample_seed=sample_seed)
-    return {"model": key[0], "vapi_seed": key[1], "CFG": "no CFG" if g is None else f"g={g} p={p}",
-            "sample_seed": sample_seed, **row}
-
-
-rows = []
-for key, m in tqdm(all_models.items(), desc="evaluate"):  # model-major: the GPU sampler's graphs stay warm
-    seeds = [ctx.seed, ctx.seed + 1] if key[1] is None else [ctx.seed]
-    rows += [evaluate(key, m, None, 0.0, s) for s in seeds]
-    rows.append(evaluate(key, m, CFG_G, CFG_P, ctx.seed))
-evals = pd.DataFrame(rows)
+evals = pd.DataFrame([evaluate(it) for it in tqdm(items, desc="evaluate")])
 evals["vapi_seed"] = evals["vapi_seed"].astype("Int64")
-evals["scale"], evals["vapi_steps"] = ctx.scale, SETTINGS["steps"]
-evals["n target"] = SETTINGS["fid_per_class"] * NUM_CLASSES  # planned; "n generated" is what the budget allowed
+evals["scale"], evals["n target"] = ctx.scale, SETTINGS["fid_per_class"] * NUM_CLASSES
 ctx.save_csv(evals, "09_fid")
-FID, IS = M.metric_label("fid", EXTRACTOR_NAME), M.metric_label("isc_mean", EXTRACTOR_NAME)
-PREC, REC = M.metric_label("precision", EXTRACTOR_NAME), M.metric_label("recall", EXTRACTOR_NAME)
-KID = M.metric_label("kid_mean", EXTRACTOR_NAME)
-show = [FID, IS, KID, PREC, REC, "class consistency", "n generated", "n target"]
-evals.set_index(["model", "vapi_seed", "CFG", "sample_seed"])[show].round(4)
+order = list(dict.fromkeys(name for name, _ in all_models))
+vapi_report.fid_summary(evals, FID, order).round(3)
 
 # %%
-fig = vapi_figures.before_after(evals[evals["sample_seed"] == ctx.seed],
-                                list(dict.fromkeys(name for name, _ in all_models)),
-                                (FID, "class consistency", IS), ("no CFG", f"g={CFG_G} p={CFG_P}"),
-                                f"Before / after VA-π ({ctx.scale}; {n_fid} samples per point vs {n_ref} val "
-                                f"images; bar = mean over VA-π seeds)")
+IS = M.metric_label("isc_mean", EXTRACTOR_NAME)
+fig = vapi_figures.before_after(evals, order, (FID, "class consistency", IS), ("no CFG", "CFG"),
+                                f"Before / after VA-π ({ctx.scale}; {n_fid} samples per point vs "
+                                f"{SETTINGS['n_ref']} val images; bar = mean over seeds)")
 ctx.save_fig(fig, "09_before_after")
 plt.show()
 
@@ -267,7 +287,7 @@ plt.show()
 k = SETTINGS["grid_per_class"]
 grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(k).to(dev)
 grids = {}
-for name in ["AR", "AR + VA-π", "reAR", "reAR + VA-π"]:
+for name in ["AR", "AR + VA-π", "AR + VA-π (shuffled rewards)", "reAR", "reAR + VA-π"]:
     model = base_models[name] if name in base_models else post[(name, VAPI_SEEDS[0])]
     # fast=False: the plain cached loop; this batch size would otherwise capture extra CUDA graphs.
     toks = generate(model, grid_labels, seed=ctx.seed, fast=False)
@@ -278,21 +298,22 @@ ctx.save_fig(fig, "09_samples")
 plt.show()
 
 # %% [markdown]
-# ## 6 · Claims
-# Verdicts are computed from the numbers above. "Sampling noise" is the larger FID change of the two base models
-# between two sampling seeds without CFG: an FID difference smaller than that is not counted. Every setting has
-# one run per VA-π seed, and a verdict needs **every** run to agree (each post-trained run better than the base by
-# more than the sampling noise; for the reward ablation, every combined-reward run better than every run of the
-# better single term). The training-seed spread of the base generators is unknown (one each), so the best
-# verdict is "direction reproduced". Values are given as mean ± sd over the VA-π seeds, then the runs.
+# ## 7 · Claims
+# Computed by `rearlib.vapi_claims` from the tables above. A difference between two models is paired by seed (the
+# VA-π run of seed s and the base model, both sampled at seed s) and judged by the t-interval over the VA-π seeds
+# (`rearlib.experiments.verdicts.seed_difference_verdict`): "inconclusive" when the interval holds 0. The sampling
+# noise (the largest FID change of a base model between sampling seeds) is reported beside it. With one generator
+# training seed and another FID network, a verdict against the paper stops at "direction reproduced". When VA-π
+# does not lower FID, the note names the control that explains it: the shuffled-rewards run (does the reward drive
+# the change?) and the CE-prior-only run (does the prior?).
 
 # %%
 gen_train_s, gen_gpu = vapi_report.generator_train_time(
     base_models["AR"], lambda: run_dir(ctx.scale, "ar", tok, generator_seed) / "result.json")
-for c in vapi_report.claims(runs=runs, heldout=heldout, evals=evals, base_models=list(base_models), fid_col=FID,
-                            cfg_label=f"g={CFG_G} p={CFG_P}", perceptual=PERC, sample_seed=ctx.seed,
-                            vapi_seeds=VAPI_SEEDS, n_fid=n_fid, reduced=reduced, steps=SETTINGS["steps"],
-                            cfg=base_cfg, smoke=ctx.is_smoke, generator_train_s=gen_train_s, generator_gpu=gen_gpu):
+for c in vapi_claims.claims(runs=RUNS, runs_table=runs, heldout=heldout, evals=evals, fid_col=FID, perceptual=PERC,
+                            lambda_p=cal.lambda_p, cfg_note=CFG_CHOICE.note, vapi_seeds=VAPI_SEEDS, n_fid=n_fid,
+                            reduced=plan.reduced, smoke=ctx.is_smoke, generator_train_s=gen_train_s,
+                            generator_gpu=gen_gpu):
     ctx.claim(**c)
 print(f"total {time.time() - t_start:.1f} s")
 pd.DataFrame(ctx.claims)[["claim", "ours", "verdict"]]

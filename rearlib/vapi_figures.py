@@ -48,23 +48,27 @@ def reward_curves(results: dict[tuple, dict], runs: Iterable[str], seeds: Sequen
 
 def before_after(evals: pd.DataFrame, order: Sequence[str], metrics: Sequence[str], cfg_labels: Sequence[str],
                  title: str):
-    """One panel per metric: a point per evaluation (one per VA-π seed) of every model in ``order``, for each CFG
-    setting of ``cfg_labels`` (side by side, at most two), with a bar at the mean over the seeds."""
+    """One panel per metric, stacked (the study has dozens of models): a point per evaluation (one per seed) of
+    every model in ``order``, for each CFG setting of ``cfg_labels`` (side by side, at most two), with a bar at the
+    mean over the seeds. The model names label the bottom panel."""
     markers = ("o", "s")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(13, 3.4))
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(7.0, 2.0 + 0.32 * len(order)), 2.3 * len(metrics) + 1.6),
+                             sharex=True, squeeze=False)
+    axes = axes[:, 0]
     for ax, metric in zip(axes, metrics):
         for j, (cfg_label, marker) in enumerate(zip(cfg_labels, markers)):
-            sub = evals[evals["CFG"] == cfg_label]
+            sub = evals[(evals["CFG"] == cfg_label) & evals["model"].isin(order)]
+            if sub.empty:
+                continue
             x = sub["model"].map({m: i for i, m in enumerate(order)}) + (j - 0.5) * 0.2
-            pts = ax.scatter(x, sub[metric], marker=marker, alpha=0.6,
-                             label=f"{cfg_label} (one point per VA-π seed)")
+            pts = ax.scatter(x, sub[metric], marker=marker, alpha=0.6, label=f"{cfg_label} (one point per seed)")
             means = sub.groupby("model")[metric].mean().reindex(order)
             ax.scatter(np.arange(len(order)) + (j - 0.5) * 0.2, means, marker="_", s=300,
                        color=pts.get_facecolor()[0])
-        ax.set_xticks(range(len(order)))
-        ax.set_xticklabels(order, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(metric, fontsize=8)
         ax.grid(alpha=0.3)
+    axes[-1].set_xticks(range(len(order)))
+    axes[-1].set_xticklabels(order, rotation=40, ha="right", fontsize=7)
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -1,11 +1,11 @@
-"""The VA-π study of notebook 09: its tables, the held-out reconstruction check, the sample budget of the FID
-evaluations and the verdicts on the paper's claims. Figures are in :mod:`rearlib.vapi_figures`.
+"""The VA-π study of notebook 09: which runs it makes, its tables, the held-out reconstruction check, the λ_p
+calibration, the CFG setting and the sample budget of the FID evaluations. The claims and their verdicts are in
+:mod:`rearlib.vapi_claims`, the figures in :mod:`rearlib.vapi_figures`.
 
-The study post-trains generators under several settings ("runs"), each once per VA-π seed. Throughout,
-``results`` maps ``(run, vapi_seed)`` to the dict :func:`rearlib.vapi.post_train` returned, and ``runs`` maps a run
-name to ``(base model name, reward label, VAPIConfig overrides)``. The claims read the study's model names: the
-base generators "AR" and "reAR", the post-trained "AR + VA-π" and "reAR + VA-π", and the one-term reward runs
-"AR + VA-π (MSE only)" and "AR + VA-π (perceptual only)".
+The study post-trains generators under several settings ("runs", :func:`study_runs`), each once per VA-π seed.
+Throughout, ``runs`` maps a run name to its :class:`StudyRun` and ``results`` maps ``(run, vapi_seed)`` to the dict
+:func:`rearlib.vapi.post_train` returned. Models are named ``(name, vapi_seed)``; a base generator ("AR", "reAR")
+has no VA-π seed (None).
 """
 
 from __future__ import annotations
@@ -16,20 +16,83 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import pandas as pd
 import torch
 
+from rearlib import scales
 from rearlib.data import render_batch
-from rearlib.vapi_config import VAPIConfig
+from rearlib.vapi_config import VAPIConfig, config_for_scale, lr_sweep_configs
 from rearlib.vapi_rewards import heldout_reconstruction_reward
-
-SMOKE_NOTE = "smoke scale: numbers are not meaningful"
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------------------------
+#: The base generators the study post-trains, by model name: the zoo variant.
+BASE_VARIANTS = {"AR": "ar", "reAR": "rear"}
+METHOD = "AR + VA-π"
+METHOD_REAR = "reAR + VA-π"
+#: The run of each control of :data:`rearlib.vapi_config.CONTROLS` ("full" is the method itself).
+CONTROL_RUNS = {"full": METHOD, "prior_only": "AR + VA-π (CE prior only)",
+                "shuffled_rewards": "AR + VA-π (shuffled rewards)"}
+#: The run of each reward composition; "both" is the method itself.
+ABLATION_RUNS = {"mse": "AR + VA-π (MSE only)", "perceptual": "AR + VA-π (perceptual only)", "both": METHOD}
+GROUPS = ("method", "control", "lr sweep", "reward ablation")
+
+
+class StudyRun(NamedTuple):
+    """One setting of the study: the base model's name, a label of the reward the update uses, the group
+    (:data:`GROUPS`), the VA-π config (its ``seed`` is replaced by each VA-π seed) and the number of steps."""
+
+    base: str
+    reward: str
+    group: str
+    cfg: VAPIConfig
+    steps: int
+
+
+def lr_label(lr: float) -> str:
+    """'1e-6', '3e-5', '0.0001': a learning rate as people write it."""
+    return f"{lr:g}".replace("e-0", "e-")
+
+
+def sweep_run_name(lr: float, images_per_step: int) -> str:
+    return f"AR + VA-π (lr {lr_label(lr)}, {images_per_step} images/step)"
+
+
+def study_runs(scale: str, lambda_p: float, **overrides: Any) -> dict[str, StudyRun]:
+    """Every run of notebook 09 at ``scale``, in execution order.
+
+    * method: "AR + VA-π" and "reAR + VA-π", the scale's config (:data:`rearlib.scales.VAPI`) with the reward
+      -(MSE + ``lambda_p`` · perceptual);
+    * controls on AR (the scale's ``controls`` other than "full"): "AR + VA-π (CE prior only)" and
+      "AR + VA-π (shuffled rewards)", the method's config and seeds but for ``control``;
+    * learning-rate sweep on AR: one run per lr of the scale's ``lr_sweep`` with its ``sweep_config`` (at small,
+      the paper's batch: 128 images x G = 8) for ``sweep_steps`` steps;
+    * reward ablation on AR: MSE only and perceptual only ("both" is the method run itself).
+
+    ``overrides`` are VAPIConfig fields applied to every run (e.g. ``seed``).
+    """
+    if not (math.isfinite(lambda_p) and lambda_p > 0):
+        raise ValueError(f"lambda_p must be a finite number > 0, got {lambda_p!r}")
+    entry = scales.VAPI[scale]
+    both = f"MSE + {lambda_p:g} · perceptual"
+    cfg = config_for_scale(scale, reward_terms="both", reward_perceptual_weight=lambda_p, **overrides)
+    steps = entry["steps"]
+    runs = {METHOD: StudyRun("AR", both, "method", cfg, steps),
+            METHOD_REAR: StudyRun("reAR", both, "method", cfg, steps)}
+    control_reward = {"prior_only": "none (CE prior only)", "shuffled_rewards": f"{both}, shuffled across the batch"}
+    for control in entry["controls"]:
+        if control != "full":
+            runs[CONTROL_RUNS[control]] = StudyRun("AR", control_reward[control], "control",
+                                                   cfg.replace(control=control), steps)
+    sweep = lr_sweep_configs(scale, reward_terms="both", reward_perceptual_weight=lambda_p, **overrides)
+    for lr, c in sweep.items():
+        runs[sweep_run_name(lr, c.batch_size)] = StudyRun("AR", both, "lr sweep", c, entry["sweep_steps"])
+    for terms, label in (("mse", "MSE only"), ("perceptual", "perceptual only")):
+        runs[ABLATION_RUNS[terms]] = StudyRun("AR", label, "reward ablation", cfg.replace(reward_terms=terms), steps)
+    return runs
+
+
 def run_key(base: dict, tokenizer_identity: Any, cfg: VAPIConfig, steps: int, data_size: int, data_seed: int,
             perceptual: str, device_type: str) -> dict[str, Any]:
     """The artifact key of one post-training run: base generator, tokenizer, VA-π config and steps, the training
@@ -40,9 +103,10 @@ def run_key(base: dict, tokenizer_identity: Any, cfg: VAPIConfig, steps: int, da
             "perceptual": perceptual if cfg.uses_perceptual else "none", "device": device_type}
 
 
-def history_table(results: dict[tuple, dict], runs: dict[str, tuple]) -> pd.DataFrame:
-    """Every logged step of every run, with columns ``run``, ``vapi_seed`` and ``reward`` (the reward label)."""
-    return pd.concat([r["history_df"].assign(run=run, vapi_seed=vseed, reward=runs[run][1])
+def history_table(results: dict[tuple, dict], runs: dict[str, StudyRun]) -> pd.DataFrame:
+    """Every logged step of every run, with columns ``run``, ``vapi_seed``, ``group`` and ``reward`` (its label)."""
+    return pd.concat([r["history_df"].assign(run=run, vapi_seed=vseed, group=runs[run].group,
+                                             reward=runs[run].reward)
                       for (run, vseed), r in results.items()], ignore_index=True)
 
 
@@ -57,15 +121,18 @@ def _mean_or_nan(h: pd.DataFrame, col: str) -> float:
     return float(h[col].mean()) if col in h else math.nan
 
 
-def runs_table(results: dict[tuple, dict], runs: dict[str, tuple], cfg: VAPIConfig) -> pd.DataFrame:
+def runs_table(results: dict[tuple, dict], runs: dict[str, StudyRun]) -> pd.DataFrame:
     """One row per (run, VA-π seed): the recipe, the post-training time, the reward, MSE and CE over the first
     and last 10% of the steps, and the mean within-group spread of each reward term (NaN where not logged)."""
     rows = []
     for (run, vseed), r in results.items():
-        h = r["history_df"]
+        h, spec = r["history_df"], runs[run]
+        cfg = spec.cfg
         rows.append({
-            "run": run, "vapi_seed": vseed, "base": runs[run][0], "reward": runs[run][1], "steps": r["step"],
-            "images/step": cfg.batch_size, "G": cfg.group_size, "lr": cfg.lr,
+            "run": run, "vapi_seed": vseed, "base": spec.base, "group": spec.group, "reward": spec.reward,
+            "control": cfg.control, "reward terms": cfg.reward_terms, "λ_p": cfg.reward_perceptual_weight,
+            "steps": r["step"], "images/step": cfg.batch_size, "G": cfg.group_size, "lr": cfg.lr,
+            "update mode": cfg.update_mode,
             "post-training time (s)": r["train_time_s"], "s/step": r["train_time_s"] / max(1, r["step"]),
             "GPU": r.get("gpu") or "CPU", "perceptual metric": r["perceptual_metric"],
             "reward first 10%": window_mean(h, "reward_mean", True),
@@ -157,40 +224,117 @@ def plan_fid(images_per_s_nocfg: float, images_per_s_cfg: float, n_nocfg: int, n
     return FIDPlan(n_pc, sec, n_pc < target_per_class)
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Verdicts
+# λ_p: the perceptual weight that gives both reward terms the same within-group spread
 # ----------------------------------------------------------------------------------------------------------------
-def spread(x) -> str:
-    """'mean' for one value, else 'mean ± sd (run values)'."""
-    x = np.asarray(x, dtype=float)
-    if len(x) == 1:
-        return f"{x[0]:.4g}"
-    return f"{x.mean():.4g} ± {x.std(ddof=1):.2g} ({', '.join(f'{v:.3g}' for v in x)})"
+class LambdaCalibration(NamedTuple):
+    """The within-image spreads (unbiased sd over the draws of one image, mean over images) of the two reward
+    terms on a base model, the λ_p that equalises them (``exact``; NaN when undefined) and the λ_p the runs use
+    (``lambda_p``: ``exact`` rounded, or the fallback), with a sentence for the notebook's notes."""
+
+    model: str
+    mse_spread: float
+    perceptual_spread: float
+    exact: float
+    lambda_p: float
+    n_images: int
+    samples_per_image: int
+    note: str
 
 
-def join_notes(*parts: str) -> str:
-    """The non-empty parts, joined by '; '."""
-    return "; ".join(p for p in parts if p)
+def calibrate_lambda_p(table: pd.DataFrame, perceptual: str, samples_per_image: int, *, digits: int = 2,
+                       fallback: float = 1.0) -> LambdaCalibration:
+    """λ_p from the first row of a :func:`heldout_table` computed with ``samples_per_image`` > 1 (the group size):
+    the exact balancing weight rounded to ``digits`` significant digits, or ``fallback`` (the released code's
+    λ_p = 1) when the perceptual term does not vary."""
+    if samples_per_image < 2:
+        raise ValueError(f"a within-image spread needs samples_per_image >= 2, got {samples_per_image}")
+    row = table.iloc[0]
+    ms, ps = float(row["held-out MSE spread"]), float(row[f"held-out {perceptual} spread"])
+    exact = float(row["held-out λ_p"])
+    n = int(row["n images"])
+    where = (f"on the base {row['model']} ({n} val images x {samples_per_image} draws per image from the true "
+             f"prefix, the rollout policy)")
+    spreads = f"mean within-image sd of MSE {ms:.3g}, of {perceptual} {ps:.3g}"
+    if math.isfinite(exact) and exact > 0:
+        lam = float(f"{exact:.{digits}g}")
+        note = (f"λ_p calibration {where}: {spreads}; the weight that equalises them is {exact:.4g}, used rounded to "
+                f"{digits} significant digits: λ_p = {lam:g} in every run whose reward has both terms (the released "
+                f"code's λ_p = 1 belongs to LPIPS-VGG)")
+    else:
+        lam = float(fallback)
+        note = (f"λ_p calibration {where}: {spreads}; no balancing weight exists (the perceptual term does not vary), "
+                f"so the runs use λ_p = {lam:g}")
+    return LambdaCalibration(str(row["model"]), ms, ps, exact, lam, n, samples_per_image, note)
 
 
-def fid_values(evals: pd.DataFrame, model: str, cfg_label: str, fid_col: str) -> np.ndarray:
-    """FID of ``model`` under ``cfg_label``: one value per VA-π seed (one value for a base model). ``evals`` holds
-    the evaluations of one sampling seed."""
-    sel = evals[(evals["model"] == model) & (evals["CFG"] == cfg_label)].sort_values("vapi_seed")
-    return sel[fid_col].to_numpy(dtype=float)
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: the CFG setting and which evaluations run
+# ----------------------------------------------------------------------------------------------------------------
+class CFGChoice(NamedTuple):
+    """(g, p) of the "with CFG" evaluations per base model, and where each came from."""
+
+    by_model: dict[str, tuple[float, float]]
+    note: str
 
 
-def sampling_noise(evals: pd.DataFrame, base_models, fid_col: str) -> float:
-    """The largest FID change of a base model between its sampling seeds without CFG."""
-    nocfg_base = evals[(evals["CFG"] == "no CFG") & evals["model"].isin(list(base_models))]
-    return float(nocfg_base.groupby("model")[fid_col].agg(lambda s: s.max() - s.min()).max())
+def cfg_choice(sweep_csv: Path, run_hashes: dict[str, str], fid_col: str,
+               default: tuple[float, float]) -> CFGChoice:
+    """Per base model (``run_hashes``: {name: zoo run hash}), the lowest-``fid_col`` (g, p) of the studies' CFG sweep
+    of that very run (``sweep_csv``: notebook 10's ``10_cfg_sweep.csv``, matched by its "run hash" column), else
+    ``default`` (the scale's setting). A post-trained model is evaluated at its base model's (g, p)."""
+    sweep = None
+    if Path(sweep_csv).is_file():
+        sweep = pd.read_csv(sweep_csv, dtype={"run hash": str})
+        if not {"run hash", "cfg_scale", "cfg_power", "sample_seed", fid_col} <= set(sweep.columns):
+            sweep = None
+    by_model, parts = {}, []
+    for name, h in run_hashes.items():
+        rows = None if sweep is None else sweep[(sweep["run hash"] == h) & sweep["cfg_power"].notna()]
+        if rows is None or rows.empty:
+            by_model[name] = (float(default[0]), float(default[1]))
+            parts.append(f"{name}: g={default[0]:g} p={default[1]:g}, the scale default (no {fid_col} CFG sweep of "
+                         f"run {h} in {Path(sweep_csv).name})")
+            continue
+        best = rows.loc[rows[fid_col].idxmin()]
+        by_model[name] = (float(best["cfg_scale"]), float(best["cfg_power"]))
+        parts.append(f"{name}: g={best['cfg_scale']:g} p={best['cfg_power']:g}, the lowest of the studies' CFG "
+                     f"sweep of this generator ({Path(sweep_csv).name}, {len(rows)} settings, sample seed "
+                     f"{int(best['sample_seed'])}: {fid_col} {best[fid_col]:.3g})")
+    note = ("with CFG, (g, p) per base model: " + "; ".join(parts)
+            + "; each VA-π model is evaluated at its base model's (g, p), without a sweep of its own")
+    return CFGChoice(by_model, note)
 
 
-def lower_is_better(before: np.ndarray, after: np.ndarray, noise: float, smoke: bool) -> str:
-    """Every post-trained run below the base by more than the sampling noise."""
-    if smoke:
-        return "not tested"
-    return "direction reproduced" if bool((after < before.mean() - noise).all()) else "not reproduced"
+class EvalItem(NamedTuple):
+    """One FID evaluation: the model ``(name, vapi_seed)``, with CFG or not, and the sampling seed."""
+
+    model: tuple
+    cfg: bool
+    sample_seed: int
+
+
+def eval_items(models, seeds: list[int], runs: dict[str, StudyRun]) -> list[EvalItem]:
+    """The study's evaluations, model-major (the GPU sampler's graphs stay warm).
+
+    A base model (VA-π seed None) is evaluated at every sampling seed of ``seeds``, without and with CFG. A
+    post-trained model of VA-π seed s is evaluated at sampling seed s: the same random numbers as the base
+    model's evaluation at s and as every other run of seed s, so that differences pair by seed. With CFG too,
+    except the reward ablation (the paper's Table 4 is without CFG).
+    """
+    out = []
+    for name, vseed in models:
+        if vseed is None:
+            out += [EvalItem((name, None), c, s) for s in seeds for c in (False, True)]
+        else:
+            if vseed not in seeds:
+                raise ValueError(f"{name}: VA-π seed {vseed} is not one of the sampling seeds {seeds}")
+            out.append(EvalItem((name, vseed), False, vseed))
+            if runs[name].group != "reward ablation":
+                out.append(EvalItem((name, vseed), True, vseed))
+    return out
 
 
 def generator_train_time(model, result_json: Callable[[], Path]) -> tuple[float | None, str | None]:
@@ -203,116 +347,9 @@ def generator_train_time(model, result_json: Callable[[], Path]) -> tuple[float 
     return r0.get("train_time_s"), r0.get("gpu")
 
 
-def claims(*, runs: pd.DataFrame, heldout: pd.DataFrame, evals: pd.DataFrame, base_models, fid_col: str,
-           cfg_label: str, perceptual: str, sample_seed: int, vapi_seeds: list[int], n_fid: int, reduced: bool,
-           steps: int, cfg: VAPIConfig, smoke: bool, generator_train_s: float | None,
-           generator_gpu: str | None) -> list[dict[str, str]]:
-    """The notebook's claims, each a dict of ``claim``, ``paper``, ``ours``, ``verdict`` and ``note``.
-
-    ``runs`` is :func:`runs_table`, ``heldout`` :func:`heldout_table`, ``evals`` the FID evaluations (columns
-    model, vapi_seed, CFG, sample_seed and ``fid_col``) with two sampling seeds for the base models; ``cfg_label``
-    names the CFG setting, ``base_models`` the base model names. A verdict needs every VA-π run to agree; at smoke
-    scale every verdict is "not tested".
-    """
-    main = evals[evals["sample_seed"] == sample_seed]
-    noise = sampling_noise(evals, base_models, fid_col)
-    smoke_note = SMOKE_NOTE if smoke else ""
-    common = (f"one generator training seed; {len(vapi_seeds)} VA-π runs per setting (seeds {vapi_seeds}); sampling "
-              f"noise (|ΔFID| between two sampling seeds) {noise:.3g}; {n_fid} samples per evaluation"
-              + (" (reduced to fit the budget)" if reduced else "")
-              + f"; VA-π: {steps} steps x {cfg.batch_size} images x G={cfg.group_size}, "
-                f"lr {cfg.lr:g}; reward perceptual term = {perceptual}")
-
-    def fids(model: str, label: str) -> np.ndarray:
-        return fid_values(main, model, label, fid_col)
-
-    out = []
-    ar_runs = runs[runs["run"] == "AR + VA-π"].sort_values("vapi_seed")
-    ho = heldout[heldout["model"].isin(["AR", "AR + VA-π"])]
-    ho_base = float(ho.loc[ho["model"] == "AR", "held-out reward"].iloc[0])
-    ho_post = ho[ho["model"] == "AR + VA-π"].sort_values("vapi_seed")["held-out reward"].to_numpy(dtype=float)
-    rose_train = (ar_runs["reward last 10%"] > ar_runs["reward first 10%"]).to_numpy()
-    rose_heldout = ho_post > ho_base
-    n_rose = int((rose_train & rose_heldout).sum())
-    n_ho = int(heldout["n images"].iloc[0])
-    out.append({
-        "claim": "VA-π post-training raises the reconstruction reward",
-        "paper": "Fig. 5: the reward rises steadily over post-training (100 steps, C2I)",
-        "ours": f"AR + VA-π: training-batch reward {spread(ar_runs['reward first 10%'])} (first 10% of steps) -> "
-                f"{spread(ar_runs['reward last 10%'])} (last 10%); held-out reward (-(MSE + {perceptual}), {n_ho} "
-                f"val images) {ho_base:.4g} -> {spread(ho_post)}; both rose in {n_rose}/{len(ho_post)} runs",
-        "verdict": "not tested" if smoke else ("direction reproduced" if n_rose == len(ho_post) else "not reproduced"),
-        "note": join_notes("verdict needs both the training curve and the held-out reward to rise in every run",
-                           common, smoke_note),
-    })
-    out.append({
-        "claim": "VA-π lowers FID without CFG",
-        "paper": "Table 2: LlamaGen-XXL 14.36 -> 7.65, LlamaGen-XL 15.55 -> 9.23 (Inception FID, 50k)",
-        "ours": f"{fid_col}: AR {spread(fids('AR', 'no CFG'))} -> {spread(fids('AR + VA-π', 'no CFG'))}; "
-                f"reAR {spread(fids('reAR', 'no CFG'))} -> {spread(fids('reAR + VA-π', 'no CFG'))}",
-        "verdict": lower_is_better(fids("AR", "no CFG"), fids("AR + VA-π", "no CFG"), noise, smoke),
-        "note": join_notes("verdict on AR (the paper post-trains plain AR models)", common, smoke_note),
-    })
-    out.append({
-        "claim": "VA-π lowers FID with CFG",
-        "paper": "Table 2: XXL (cfg 1.75) 2.37 -> 2.28; but XL (cfg 2.0) 2.79 -> 2.94 (worse)",
-        "ours": f"{fid_col}, {cfg_label}: AR {spread(fids('AR', cfg_label))} -> "
-                f"{spread(fids('AR + VA-π', cfg_label))}; "
-                f"reAR {spread(fids('reAR', cfg_label))} -> {spread(fids('reAR + VA-π', cfg_label))}",
-        "verdict": lower_is_better(fids("AR", cfg_label), fids("AR + VA-π", cfg_label), noise, smoke),
-        "note": join_notes("verdict on AR against the XXL direction (the paper's own XL row goes the other way)",
-                           common, smoke_note),
-    })
-    out.append({
-        "claim": "VA-π on top of reAR (both attack the generator-tokenizer gap)",
-        "paper": "not reported (VA-π post-trains LlamaGen; reAR has no post-training)",
-        "ours": f"{fid_col} no CFG: reAR {spread(fids('reAR', 'no CFG'))} -> "
-                f"{spread(fids('reAR + VA-π', 'no CFG'))}, "
-                f"AR + VA-π {spread(fids('AR + VA-π', 'no CFG'))}; with CFG: reAR {spread(fids('reAR', cfg_label))} "
-                f"-> {spread(fids('reAR + VA-π', cfg_label))}",
-        "verdict": "not tested",
-        "note": join_notes("no paper claim to test; reported for comparison", smoke_note),
-    })
-
-    single = ("AR + VA-π (MSE only)", "AR + VA-π (perceptual only)")
-    ablation = {r: fids(r, "no CFG") for r in (*single, "AR + VA-π")}
-    best_single = min(single, key=lambda r: ablation[r].mean())
-    ho_ar = heldout[heldout["model"] == "AR"].iloc[0]
-    ratio = ho_ar[f"held-out {perceptual}"] / max(ho_ar["held-out MSE"], 1e-12)
-    combined_wins = ablation["AR + VA-π"].max() < ablation[best_single].min() - noise
-    out.append({
-        "claim": "Reward composition: MSE + perceptual beats either term alone",
-        "paper": "Table 4 (XXL, no CFG, without the CE prior): MSE + LPIPS 38.63 vs one term 38.76 (which term is "
-                 "not recoverable); full method with CE prior 7.65; single-term runs with the prior not reported",
-        "ours": f"{fid_col} no CFG (all with CE prior): MSE only {spread(ablation['AR + VA-π (MSE only)'])}, "
-                f"perceptual only {spread(ablation['AR + VA-π (perceptual only)'])}, both "
-                f"{spread(ablation['AR + VA-π'])} (AR before: {spread(fids('AR', 'no CFG'))})",
-        "verdict": "not tested" if smoke else ("direction reproduced" if combined_wins else "not reproduced"),
-        "note": join_notes(f"verdict needs every combined-reward run below every run of the better single term "
-                           f"({best_single.removeprefix('AR + VA-π ')}) by more than the sampling noise",
-                           f"on the base AR's held-out samples the perceptual distance is {ratio:.3g}x the MSE"
-                           + (", so with unit weights it dominates the combined reward" if ratio > 3 else ""),
-                           common, smoke_note),
-    })
-
-    # The median over the VA-π seeds, so that one slow run (for instance the first in a process) does not decide.
-    vapi_times = ar_runs["post-training time (s)"].to_numpy(dtype=float)
-    vapi_s = float(np.median(vapi_times))
-    frac = vapi_s / generator_train_s if generator_train_s else float("nan")
-    gpus = set(ar_runs["GPU"])
-    same_hw = len(gpus) == 1 and (generator_gpu or "CPU") in gpus
-    out.append({
-        "claim": "VA-π is cheap: a short post-training next to training the generator",
-        "paper": "100 steps, 12.8k images (~1% of ImageNet), 25 min on 8xA100 for LlamaGen-XXL (20 min XL); "
-                 "13.4% of AR-GRPO's time",
-        "ours": f"AR + VA-π: median {vapi_s:.1f} s for {int(ar_runs['steps'].iloc[0])} steps over "
-                f"{len(vapi_times)} runs ({', '.join(f'{t:.1f}' for t in vapi_times)} s) on "
-                f"{', '.join(sorted(gpus))} = {frac:.1%} of the AR generator's training time "
-                f"({generator_train_s:.0f} s on {generator_gpu or 'CPU'})",
-        "verdict": "not tested" if smoke or not same_hw or not math.isfinite(frac) else
-                   ("direction reproduced" if frac < 0.10 else "not reproduced"),
-        "note": join_notes("threshold: under 10% of the generator's training time on the same hardware; each run's "
-                           "time is its sum of step times (a cached run reports the run that did the work); AR-GRPO "
-                           "is not implemented here, so the 13.4% comparison is not tested", smoke_note),
-    })
-    return out
+def fid_summary(evals: pd.DataFrame, fid_col: str, order) -> pd.DataFrame:
+    """Per model (in ``order``) and CFG setting: the mean, sd and number of ``fid_col`` values (over VA-π seeds for
+    a post-trained model, over sampling seeds for a base model)."""
+    out = evals.groupby(["model", "CFG"], sort=False)[fid_col].agg(["mean", "std", "count"]).reset_index()
+    out["model"] = pd.Categorical(out["model"], categories=list(order), ordered=True)
+    return out.sort_values(["model", "CFG"], ascending=[True, False]).reset_index(drop=True)

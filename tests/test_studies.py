@@ -400,3 +400,46 @@ def test_two_processes_asking_for_one_run_take_turns_and_the_second_reuses_it(to
         t.join()
     assert results == [{"status": "completed"}] * 2
     assert overlaps == [False, False] and len(trained) == 1  # one trained, the other waited and reused
+
+
+def test_shards_share_the_plan_and_one_more_pass_finishes_it(shrunk, monkeypatch):
+    ws, _ = shrunk
+    owners = studies_runner.shard_owners(ws, "noise", 2)
+    assert sorted(owners.values()) == [0, 1]  # two runs, one each
+    trained = []
+    real_train = Workspace.train
+
+    def counting_train(self, run, *a, **k):
+        trained.append(run.spec.name)
+        return real_train(self, run, *a, **k)
+
+    monkeypatch.setattr(Workspace, "train", counting_train)
+    first = ST.run_studies("smoke", "noise", ws=ws, shard=(0, 2), log=lambda *a: None)
+    ran0 = {r["run"] for r in first["items"]}
+    assert first["missing"] > 0 and len(trained) == 1 and "-" in ran0  # shard 0 also takes the real-image floor
+    second = ST.run_studies("smoke", "noise", ws=ws, shard=(1, 2), log=lambda *a: None)
+    assert {r["run"] for r in second["items"]}.isdisjoint(ran0) and len(trained) == 2
+    assert second["missing"] == 0  # the two shares cover the plan
+    final = ST.run_studies("smoke", "noise", ws=ws, log=lambda *a: None)
+    assert {r["status"] for r in final["items"]} == {"done"} and len(trained) == 2
+    with pytest.raises(ValueError, match="shard"):
+        ST.run_studies("smoke", "noise", ws=ws, shard=(2, 2), log=lambda *a: None)
+
+
+def test_gpus_option_starts_one_shard_process_per_gpu(monkeypatch):
+    started = []
+
+    class FakeProc:
+        def __init__(self, cmd, env):
+            started.append((cmd, env["CUDA_VISIBLE_DEVICES"]))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(ST.subprocess, "Popen", FakeProc)
+    codes = ST.spread_over_gpus(["run", "--scale", "small", "--gpus", "3", "--time-limit", "500"], 3, 500.0,
+                                __import__("time").monotonic())
+    assert codes == [0, 0, 0] and [gpu for _, gpu in started] == ["0", "1", "2"]
+    for i, (cmd, _) in enumerate(started):
+        assert cmd[-2:] == ["--shard", f"{i}/3"] and "--gpus" not in cmd
+        assert cmd.count("--time-limit") == 1 and float(cmd[cmd.index("--time-limit") + 1]) <= 500

