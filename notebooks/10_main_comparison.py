@@ -21,11 +21,14 @@
 #   extractor** (a classifier trained on ShapeScenes-10): every such number is labeled `[rearlib-classifier]`; it
 #   is *not* the Inception FID of the paper and its values are not comparable with the paper's. Class consistency:
 #   how often that classifier recognises the requested class.
-# * **Verdict rule** (written before the numbers): a claim about a difference counts as "direction reproduced" when
-#   reAR is better on the mean over training seeds **and** Welch's two-sided t-test (3 vs 3 seeds) gives p < 0.05;
-#   otherwise "not reproduced" (the note says whether the direction matched); "not tested" when the test cannot be
-#   computed. "reproduced" is not used for FID-like numbers: their scale is not comparable with the paper's. At
-#   `smoke` every verdict is "not tested". The rules are `rearlib.experiments.verdicts`, tested at their edges.
+# * **Verdict rule** (`rearlib.experiments.verdicts.seed_difference_verdict`, tested at its edges): the 95%
+#   t-interval of reAR - AR over training seeds, paired by seed (the AR and reAR runs of one seed share its batch
+#   order; Welch's interval when the seeds do not match). "direction reproduced" when the interval excludes 0 on the
+#   paper's side, "inconclusive" when it holds 0, "not reproduced" when it excludes 0 on the other side. "reproduced"
+#   is not used for FID-like numbers: their scale is not the paper's, so only the direction is compared. Each note
+#   gives the training-seed spread (sd of each variant and the number of seeds) and, apart from it, the sampling
+#   noise: the change of the metric between sampling seeds S and S + 1 of the seed-0 models at the same guidance
+#   (the spread over training seeds already contains it). At `smoke` every verdict is "not tested".
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
@@ -49,6 +52,7 @@ import pandas as pd
 import torch
 
 import rearlib.experiments.studies as studies
+import rearlib.experiments.studies_results as SR
 import rearlib.experiments.verdicts as V
 from rearlib.experiments.studies_figures import VARIANT_COLORS, label_fid, plot_cfg_sweep
 
@@ -112,11 +116,12 @@ plt.show()
 # %%
 sweep = evals[evals["role"].isin(["select", "noise"]) & (evals["seed"] == st["seeds"][0])]
 ctx.save_csv(sweep, "10_cfg_sweep")
-best = {}
+best, best_setting = {}, {}  # best_setting: {seed-0 run: its best CFG label}, for the sampling noise with CFG
 for name in studies.VARIANT_NAMES.values():
     sel = sweep[(sweep["model"] == name) & (sweep["role"] == "select")]
     row = sel.loc[sel[FID].idxmin()]
     best[name] = (float(row["cfg_scale"]), float(row["cfg_power"]))
+    best_setting[row["run"]] = row["setting"]
 print("best (g, p) on the selection seed:", best)
 fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.2))
 plot_cfg_sweep(axes, sweep, metrics=(FID, CC), fid=FID, powers=st["cfg_powers"], floor_fid=floor[FID],
@@ -129,23 +134,34 @@ plt.show()
 
 # %% [markdown]
 # ## 3 · Across training seeds: without CFG and with each variant's best CFG (sampling seed S + 1)
-# Mean, sample standard deviation and the three values per variant; Welch's t-test on reAR vs AR. "2 SE overlap"
-# says whether the intervals mean ± 2 standard errors of the two variants overlap (a second, cruder check).
-# Sampling noise for scale: the |Δ FID| of the seed-0 models between sampling seeds S and S + 1.
+# Mean, sample standard deviation and the three values per variant; the rule's 95% t-interval of reAR - AR
+# ("test": paired by training seed, or Welch's). The CSV also keeps Welch's p and whether the mean ± 2 SE intervals
+# overlap (cruder checks). Sampling noise for scale: the |Δ FID| of the seed-0 models between sampling seeds S and
+# S + 1, without CFG and at each variant's best CFG.
 
 # %%
 reported = evals[evals["role"].isin(["report", "best"]) & (evals["sample_seed"] == R)].copy()
 reported["condition"] = np.where(reported["role"] == "report", "no CFG", "best CFG")
 ctx.save_csv(reported, "10_reported")
-noise = studies.sampling_noise(evals[evals["seed"] == st["seeds"][0]], FID, ["ar seed0", "rear seed0"], R, S)
+
+
+def noise_of(metric, cond):
+    """|Δ metric| of the seed-0 models between sampling seeds S and R, without CFG or at each one's best CFG."""
+    return studies.sampling_noise(evals, metric, list(best_setting), R, S,
+                                  setting="no CFG" if cond == "no CFG" else best_setting)
+
+
+noise = noise_of(FID, "no CFG")
 METRICS = [(FID, True), (IS, False), (KID, True), (PREC, False), (REC, False), (CC, False)]
 summary = studies.compare_seeds(reported, METRICS)
 summary["best CFG (AR | reAR)"] = f"g={best['AR'][0]:g} p={best['AR'][1]:g} | g={best['reAR'][0]:g} " \
                                   f"p={best['reAR'][1]:g}"
-summary["sampling noise (FID)"] = noise
+summary["sampling noise"] = [noise_of(m, c) if m in (FID, IS) else np.nan
+                             for c, m in zip(summary["condition"], summary["metric"])]
 ctx.save_csv(summary, "10_summary")
-summary.set_index(["condition", "metric"])[["AR mean", "AR sd", "reAR mean", "reAR sd", "reAR - AR", "Welch p",
-                                            "2 SE overlap", "AR values", "reAR values"]].round(4)
+summary.set_index(["condition", "metric"])[["AR mean", "AR sd", "reAR mean", "reAR sd", "reAR - AR", "test",
+                                            "CI low", "CI high", "sampling noise", "AR values",
+                                            "reAR values"]].round(4)
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -174,37 +190,38 @@ plt.show()
 
 # %% [markdown]
 # ## 4 · Claims
-# The rule is stated at the top (`rearlib.experiments.verdicts.significance_verdict`): direction on the seed
-# means **and** Welch p < 0.05 (3 vs 3 seeds) for "direction reproduced". Cost
-# (`rearlib.experiments.verdicts.cost_verdict`): reAR / AR time per epoch (mean over seed pairs) <= 1.01
-# "reproduced", <= 1.05 "direction reproduced" (cheap, not as cheap as the paper), else "not reproduced"; only
-# when every run of the comparison ran on one kind of GPU.
+# The rule is stated at the top (`rearlib.experiments.verdicts.seed_difference_verdict`): the 95% interval of
+# reAR - AR over training seeds, paired by seed; "direction reproduced" when it excludes 0 on the paper's side,
+# "inconclusive" when it holds 0. Cost (`rearlib.experiments.verdicts.cost_verdict`): reAR / AR time per epoch
+# (mean over seed pairs) <= 1.01 "reproduced", <= 1.05 "direction reproduced" (cheap, not as cheap as the paper),
+# else "not reproduced"; only when every run of the comparison ran on one kind of GPU.
 
 # %%
 smoke_note = V.SMOKE_NOTE if ctx.is_smoke else ""
 sm = summary.set_index(["condition", "metric"])
-common = (f"{len(runs) // 2} training seeds per variant, 10 classes x {int(reported['n generated'].iloc[0]) // 10} "
-          f"samples per evaluation vs {int(reported['n reference'].iloc[0])} held-out images; Welch two-sided t-test; "
-          f"sampling noise (|Δ FID| between two sampling seeds, seed-0 models) {noise:.3g}")
-for cond, paper in (("no CFG", "Table 4 (reAR-S size, 80 epochs, no CFG): vanilla AR 21.32 -> reAR 19.72"),
-                    ("best CFG", "Table 1 / 5 (with CFG): AR-L 3.02 -> reAR-L 1.86; AR-B 3.12 -> reAR-B 1.91")):
-    r = sm.loc[(cond, FID)]
-    verdict, why = V.significance_verdict(r["reAR better"], r["Welch p"], smoke=ctx.is_smoke)
-    ctx.claim(claim=f"reAR lowers FID relative to plain AR ({cond}; same architecture, data, steps)",
-              paper=paper,
-              ours=f"{FID} mean ± sd: AR {r['AR mean']:.4g} ± {r['AR sd']:.2g} ({r['AR values']}) vs reAR "
-                   f"{r['reAR mean']:.4g} ± {r['reAR sd']:.2g} ({r['reAR values']}); Welch p = {r['Welch p']:.3g}"
+common = (f"10 classes x {int(reported['n generated'].iloc[0]) // 10} samples per evaluation vs "
+          f"{int(reported['n reference'].iloc[0])} held-out images")
+CLAIMS = [("no CFG", FID, "reAR lowers FID relative to plain AR (no CFG; same architecture, data, steps)",
+           "Table 4 (reAR-S size, 80 epochs, no CFG): vanilla AR 21.32 -> reAR 19.72", ""),
+          ("best CFG", FID, "reAR lowers FID relative to plain AR (best CFG; same architecture, data, steps)",
+           "Table 1 / 5 (with CFG): AR-L 3.02 -> reAR-L 1.86; AR-B 3.12 -> reAR-B 1.91",
+           "best (g, p) chosen on training seed 0 with another sampling seed"),
+          ("best CFG", IS, "reAR raises IS relative to plain AR (best CFG)",
+           "Table 1: AR-L 256.2 -> reAR-L 316.9 (Inception IS)", "IS of a 10-class classifier is at most 10")]
+for cond, metric, claim, paper, extra in CLAIMS:
+    lower = metric == FID
+    v = SR.seed_comparison(reported, metric, lower, cond, sampling_noise=noise_of(metric, cond))
+    verdict, why = SR.claim_verdict(v, expected="lower" if lower else "higher", smoke=ctx.is_smoke)
+    r = sm.loc[(cond, metric)]
+    noise_what = (f"|Δ {metric}| of the seed-0 models between sampling seeds {S} and {R}, "
+                  + ("no CFG" if cond == "no CFG" else "each at its best CFG"))
+    ctx.claim(claim=claim, paper=paper,
+              ours=f"{metric} mean ± sd: AR {r['AR mean']:.4g} ± {r['AR sd']:.2g} ({r['AR values']}) vs reAR "
+                   f"{r['reAR mean']:.4g} ± {r['reAR sd']:.2g} ({r['reAR values']}); reAR - AR "
+                   f"{SR.difference_text(v)}"
                    + (f"; best (g, p): AR {best['AR']}, reAR {best['reAR']}" if cond != "no CFG" else ""),
               verdict=verdict,
-              note=V.join_notes(why, common, "best (g, p) chosen on training seed 0 with another sampling seed"
-                                if cond != "no CFG" else "", smoke_note))
-r = sm.loc[("best CFG", IS)]
-verdict, why = V.significance_verdict(r["reAR better"], r["Welch p"], smoke=ctx.is_smoke)
-ctx.claim(claim="reAR raises IS relative to plain AR (best CFG)",
-          paper="Table 1: AR-L 256.2 -> reAR-L 316.9 (Inception IS)",
-          ours=f"{IS} mean ± sd: AR {r['AR mean']:.4g} ± {r['AR sd']:.2g} vs reAR {r['reAR mean']:.4g} ± "
-               f"{r['reAR sd']:.2g}; Welch p = {r['Welch p']:.3g}",
-          verdict=verdict, note=V.join_notes(why, "IS of a 10-class classifier is at most 10", common, smoke_note))
+              note=V.join_notes(why, SR.spread_note({"AR / reAR": v}, noise_what), common, extra))
 gpus = set(runs["GPU"])
 ctx.claim(claim="reAR's regularization adds almost no training cost",
           paper="Table 5: 8.11 (AR-B) vs 8.14 (reAR-B) min/epoch on 8xA800, +0.37%",

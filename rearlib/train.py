@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rearlib import cli_types
 from rearlib.model import get_config
 from rearlib.rear import PRESETS as REAR_PRESETS
 from rearlib.rear import get_rear_config
@@ -405,28 +405,6 @@ def _train(cfg: TrainConfig, tokens: torch.Tensor, labels: torch.Tensor, codeboo
     return result
 
 
-def _finite_float(text: str) -> float:
-    """argparse type: a float that is not inf or nan (argparse names the option in its error)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rearlib train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", help="generator preset (rearlib.model.PRESETS)")
@@ -436,7 +414,7 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tokens", help="pretokenized file (rearlib.tokenizers.pretokenize file, or a .pt / .npz dict "
                                       "with tokens, labels[, codebook])")
-    src.add_argument("--synthetic", type=_count, metavar="M",
+    src.add_argument("--synthetic", type=cli_types.count, metavar="M",
                      help="M random token sequences, labels and a random codebook in the preset's shapes: a speed "
                           "/ DDP smoke test without data (numbers mean nothing)")
     p.add_argument("--codebook", default=None, help="torch file with the codebook [K, D] (if not in --tokens)")
@@ -449,15 +427,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="per-process micro-batch (default: %(default)s)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step; global batch = batch size x grad accum x processes")
-    p.add_argument("--lr", type=_finite_float, default=4e-4, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--end-lr", type=_finite_float, default=1e-5,
+    p.add_argument("--lr", type=cli_types.finite_float, default=4e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--end-lr", type=cli_types.finite_float, default=1e-5,
                    help="learning rate at the end of the cosine decay (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps // 4, as 62.5k/250k)")
-    p.add_argument("--weight-decay", type=_finite_float, default=0.03,
+    p.add_argument("--weight-decay", type=cli_types.finite_float, default=0.03,
                    help="AdamW weight decay of the decayed group (default: %(default)s)")
-    p.add_argument("--class-dropout", type=_finite_float, default=0.1,
+    p.add_argument("--class-dropout", type=cli_types.finite_float, default=0.1,
                    help="probability of replacing a label by the null class, for CFG (default: %(default)s)")
-    p.add_argument("--ema", type=_finite_float, default=None, help="EMA decay (default: no EMA, as the authors)")
+    p.add_argument("--ema", type=cli_types.finite_float, default=None, help="EMA decay (default: no EMA, as the authors)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the model init, batch order, noise and dropout (default: %(default)s)")
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval in steps (default: %(default)s)")
@@ -468,7 +446,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop with a checkpoint after this optimizer step (a later call resumes)")
-    p.add_argument("--time-limit", type=_finite_float, default=None,
+    p.add_argument("--time-limit", type=cli_types.finite_float, default=None,
                    help="seconds; stop with a checkpoint after this")
     p.add_argument("--fresh", action="store_true",
                    help="do not resume from an existing checkpoint; the earlier run's files stay until this run's "

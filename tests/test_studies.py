@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import statistics
 import tarfile
 
 import matplotlib
@@ -14,11 +15,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import t as scipy_t
 
 import rearlib.experiments.studies as ST
 import rearlib.experiments.studies_plan as SP
 import rearlib.experiments.studies_results as SR
 import rearlib.experiments.studies_workspace as SW
+import rearlib.experiments.verdicts as V
 import rearlib.experiments.zoo as zoo
 from rearlib import scales
 from rearlib.experiments import studies_runner
@@ -443,3 +446,92 @@ def test_gpus_option_starts_one_shard_process_per_gpu(monkeypatch):
     for i, (cmd, _) in enumerate(started):
         assert cmd[-2:] == ["--shard", f"{i}/3"] and "--gpus" not in cmd
         assert cmd.count("--time-limit") == 1 and float(cmd[cmd.index("--time-limit") + 1]) <= 500
+
+
+# ------------------------------------------------------------------------------------------------ claims of notebooks 10-13
+
+def test_compare_seeds_gives_the_rule_paired_interval():
+    fid = "FID[rearlib-classifier]"
+    ar, rear = (5.0, 5.2, 6.0), (3.0, 2.9, 3.1)
+    rows = [{"condition": "no CFG", "model": m, "seed": s, fid: v}
+            for m, vals in (("AR", ar), ("reAR", rear)) for s, v in enumerate(vals)]
+    out = ST.compare_seeds(pd.DataFrame(rows), [(fid, True)], conditions=("no CFG",)).iloc[0]
+    d = [b - a for a, b in zip(ar, rear)]  # the same seeds on both sides: paired by seed
+    half = scipy_t.ppf(0.975, 2) * statistics.stdev(d) / 3 ** 0.5
+    assert out["test"] == "paired"
+    assert out["CI low"] == pytest.approx(statistics.mean(d) - half)
+    assert out["CI high"] == pytest.approx(statistics.mean(d) + half)
+
+
+def test_one_seed_per_run_is_inconclusive_even_beyond_the_sampling_noise():
+    far = V.seed_difference_verdict({0: 38.6}, {0: 48.6}, expected="lower", sampling_noise=4.15)
+    near = V.seed_difference_verdict({0: 52.5}, {0: 50.0}, expected="lower", sampling_noise=4.15)
+    verdict, reason = SR.claim_verdict(far, expected="lower")
+    assert verdict == "inconclusive" and "one training seed" in reason
+    assert "+10: beyond the sampling noise 4.15, opposite to the paper's direction" in reason
+    verdict, reason = SR.claim_verdict({"a": far, "b": near}, expected="lower")
+    assert verdict == "inconclusive"
+    assert "a: +10: beyond" in reason and "b: -2.5: within the sampling noise 4.15, in the paper's direction" in reason
+    assert SR.difference_text(far) == "+10 (one training seed: no interval)"
+    note = SR.spread_note({"a": far, "b": near}, "two sampling seeds")
+    assert "spread unknown: one training seed per run" in note and "4.15 (two sampling seeds)" in note
+
+
+def test_a_claim_is_as_strong_as_its_weakest_difference_and_stops_at_the_direction():
+    ar = {0: 5.0, 1: 5.2, 2: 6.0}
+    better = V.seed_difference_verdict(ar, {0: 3.0, 1: 2.9, 2: 3.1}, expected="lower", sampling_noise=0.5)
+    unclear = V.seed_difference_verdict(ar, {0: 4.0, 1: 6.5, 2: 5.0}, expected="lower")
+    worse = V.seed_difference_verdict(ar, {0: 7.0, 1: 7.1, 2: 8.0}, expected="lower")
+    assert better.verdict == "reproduced"  # no paper magnitude: the rule judges the direction only ...
+    verdict, reason = SR.claim_verdict(better, expected="lower")
+    assert verdict == "direction reproduced" and "only the direction is compared" in reason  # ... and says so
+    assert SR.claim_verdict({"x": better, "y": unclear})[0] == "inconclusive"
+    assert SR.claim_verdict({"x": better, "y": unclear, "z": worse})[0] == "not reproduced"
+    exact = V.seed_difference_verdict(ar, {0: 3.0, 1: 2.9, 2: 3.1}, expected="lower", paper_effect=-2.4)
+    assert SR.claim_verdict(exact)[0] == "reproduced"  # a paper magnitude inside the interval is kept
+    note = SR.spread_note({"AR / reAR": better}, "seed-0 models")
+    assert f"AR / reAR: {statistics.stdev(ar.values()):.2g} / 0.1 (n = 3 / 3 seeds)" in note
+    assert "sampling noise, apart from it: 0.5 (seed-0 models)" in note
+    assert SR.difference_text(better).endswith("(paired t over 3 seeds)") and "95% CI [" in SR.difference_text(better)
+
+
+def test_claim_verdict_at_smoke_and_its_refusals():
+    v = V.seed_difference_verdict({0: 5.0, 1: 5.2}, {0: 3.0, 1: 3.1}, expected="lower")
+    verdict, reason = SR.claim_verdict(v, expected="lower", smoke=True)
+    assert verdict == "not tested" and V.SMOKE_NOTE in reason and "direction reproduced" in reason
+    smoked = V.seed_difference_verdict({0: 5.0, 1: 5.2}, {0: 3.0, 1: 3.1}, expected="lower", smoke=True)
+    with pytest.raises(ValueError, match="without smoke"):
+        SR.claim_verdict(smoked)  # a smoke-capped part would hide the verdict the scale must cap
+    with pytest.raises(ValueError, match="at least one"):
+        SR.claim_verdict({})
+
+
+def test_insensitivity_needs_the_interval_inside_the_margin():
+    m = SR.INSENSITIVITY_MARGIN
+    one = V.insensitivity_verdict({0: 48.6}, {0: 48.7}, margin=m, relative=True, sampling_noise=4.15)
+    verdict, reason = SR.claim_verdict({"λ=0.5 - λ=1": one})
+    assert verdict == "inconclusive" and "within the margin ±5%" in reason  # one seed: no interval, even inside
+    assert "sampling noise 8.54%" in reason
+    tight = V.insensitivity_verdict({0: 40.0, 1: 40.4, 2: 39.8}, {0: 40.1, 1: 40.3, 2: 39.9}, margin=m,
+                                    relative=True)
+    loose = V.insensitivity_verdict({0: 40.0, 1: 44.0, 2: 36.0}, {0: 41.0, 1: 35.0, 2: 44.0}, margin=m,
+                                    relative=True)
+    assert SR.claim_verdict({"a": tight})[0] == "reproduced"
+    assert SR.claim_verdict({"a": tight, "b": loose})[0] == "inconclusive"  # no difference detected is not none
+    assert "% of the baseline" in SR.difference_text(tight)
+
+
+def test_sampling_noise_at_each_variant_best_cfg():
+    fid = "FID"
+    rows = [("ar seed0", "no CFG", 0, 5.0), ("ar seed0", "no CFG", 1, 5.5), ("ar seed0", "CFG g=1.5 p=0", 0, 1.0),
+            ("ar seed0", "CFG g=1.5 p=0", 1, 1.1), ("rear seed0", "no CFG", 0, 3.0), ("rear seed0", "no CFG", 1, 3.2),
+            ("rear seed0", "CFG g=2 p=2", 0, 0.9), ("rear seed0", "CFG g=2 p=2", 1, 1.2),
+            ("rear seed0", "CFG g=1.5 p=0", 0, 2.0), ("rear seed0", "CFG g=1.5 p=0", 1, 4.0)]
+    evals = pd.DataFrame([{"run": r, "setting": s, "sample_seed": k, fid: v, "step": 10, "steps": 10}
+                          for r, s, k, v in rows])
+    runs = ["ar seed0", "rear seed0"]
+    assert SR.sampling_noise(evals, fid, runs, 1, 0) == pytest.approx(0.5)  # without CFG, as before
+    best = {"ar seed0": "CFG g=1.5 p=0", "rear seed0": "CFG g=2 p=2"}  # each at its own best setting only
+    assert SR.sampling_noise(evals, fid, runs, 1, 0, setting=best) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="no pair of sampling seeds"):
+        SR.sampling_noise(evals, fid, runs, 1, 0, setting="CFG g=3 p=0")

@@ -38,8 +38,14 @@ REDUCED = {
         "15_table1": dict(num_per_class=1),
     },
     "tiny": {
+        "03_metrics": dict(n_images=8, n_ref=16),
         "05_exposure_bias": dict(n_images=1, n_examples=1, compare_rear=False, require_lpips=False,
                                  generator_preset=None),
+        "06_embedding_replacement": dict(n_images=1, n_examples=1, compare_rear=False, require_lpips=False,
+                                         generator_preset=None),
+        "07_robustness": dict(n_images=2, generator_preset=None),
+        "08_cka": dict(n_images=5, generator_preset=None),
+        "14_teaching": dict(n_images=2, require_lpips=False, generator_preset=None),
         "15_table1": dict(num_per_class=1, n_classes=4, models="rear_s", generator_preset=None),
     },
 }
@@ -158,15 +164,22 @@ def write_record(out: Path, rows: list[dict], manifest: dict, device: str) -> Pa
                          "have no scientific meaning; the run shows that the paper path works and what it costs.",
               "standins": {k: manifest[k] for k in ("size", "presets", "images_per_class", "reference_images")},
               "hardware": hardware_info(), "device": device, "notebooks": rows, "table1": table1_projection(out)}
-    for r in rows:
-        r["projected_full_s"] = project(r)
+    for r in rows:  # projections only where the shapes are the released ones
+        r["projected_full_s"] = project(r) if manifest["size"] == "paper" else None
+    if manifest["size"] != "paper":
+        for t in record["table1"]:
+            t["projected_50k_sampling_min"] = None
     atomic_write_text(out / "rehearsal.json", json.dumps(record, indent=2, default=str))
     gpu = record["hardware"].get("gpu") or record["hardware"].get("gpus") or "no GPU"
+    shapes = ("the released layouts" if manifest["size"] == "paper" else
+              "the released layouts' names at small widths (`--size tiny`: times and memory say nothing about the "
+              "real models, and nothing is projected)")
     lines = ["# Paper-path rehearsal on stand-in assets", "",
-             "**Stand-in assets: every metric value in these reports is noise.** Random weights in the released "
-             "layouts, rendered scenes in an ImageNet-shaped folder, a reference batch made from them "
-             "(`python -m rearlib standins`). What the run shows: every paper-capable notebook runs to the end, "
-             "and what it costs.", "", f"Hardware: {gpu}; device `{device}`; stand-in size `{manifest['size']}`.",
+             f"**Stand-in assets: every metric value in these reports is noise.** Random weights in {shapes}, "
+             "rendered scenes in an ImageNet-shaped folder, a reference batch made from them "
+             "(`python -m rearlib standins`). What the run shows: every paper-capable notebook runs to the end "
+             "through the runner, and what it costs.", "",
+             f"Hardware: {gpu}; device `{device}`; stand-in size `{manifest['size']}`.",
              "", "| notebook | status | parameters | wall time (s) | peak GPU memory (GiB) | peak host memory (GiB) "
              "| projected full run (min) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -183,7 +196,7 @@ def write_record(out: Path, rows: list[dict], manifest: dict, device: str) -> Pa
                   "|---|---|---|---|"]
         for t in record["table1"]:
             proj = f"{t['projected_50k_sampling_min']:.1f}" if t["projected_50k_sampling_min"] else "-"
-            lines.append(f"| {t['model']} | {t['samples']} | {t['images_per_s']:.1f} | {proj} |")
+            lines.append(f"| {t['model']} | {t['samples']} | {t['images_per_s']:.2f} | {proj} |")
         lines.append("")
     atomic_write_text(out / "README.md", "\n".join(lines))
     return out / "rehearsal.json"
@@ -207,8 +220,13 @@ def rehearse(out, *, size: str = "paper", device: str = "auto", assets=None, not
         capable = [n for n in capable if n in REDUCED[size]]
     others = [n for n in names if "paper" not in scales.notebook_scales(n)]
     rows = []
+    samples = out / "table1_samples"
+    shutil.rmtree(samples, ignore_errors=True)  # fresh samples: resumed ones would carry no sampling time
     for name in capable:
-        row = run_one([name], REDUCED[size].get(name, {}), out, env, device)[0]
+        params = dict(REDUCED[size].get(name, {}))
+        if name == "15_table1":
+            params["samples_dir"] = str(samples)
+        row = run_one([name], params, out, env, device)[0]
         rows.append(row)
         write_record(out, rows, manifest, device)  # kept current, so an interrupted rehearsal still has a record
         if progress:

@@ -50,7 +50,6 @@ The parts, by role (this module re-exports their public names and holds the CLI)
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -58,7 +57,7 @@ import time
 
 import torch
 
-from rearlib import scales
+from rearlib import cli_types, scales
 from rearlib.experiments.studies_plan import (PAPER_DEPTH, PAPER_FIG4, PAPER_FINAL_DE, PAPER_TABLE3, PAPER_TABLE4,
                                               PAPER_TABLE5, PAPER_TABLE7, RECIPES, STUDIES, STUDIES_EXTRACTOR,
                                               Resolved, RunSpec, base_layers, embedding_rows, paper_layer, resolve,
@@ -78,41 +77,6 @@ __all__ = ["STUDIES", "RECIPES", "STUDIES_EXTRACTOR", "PAPER_TABLE3", "PAPER_TAB
            "run_studies", "status", "collect", "provenance_note", "sampling_noise", "metric_columns",
            "VARIANT_NAMES", "compare_seeds", "noise_table", "embedding_table", "scaling_tables", "learning_curve",
            "zoo_training_record", "pack", "unpack", "main"]
-
-
-def _time_limit(text: str) -> float:
-    """argparse type of --time-limit: a limit that is not positive and finite would let nothing run and exit 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r} "
-                                         f"(leave the option out for no limit)")
-    return value
-
-
-def _count(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _shard(text: str) -> tuple[int, int]:
-    """argparse type: "I/N" with 0 <= I < N."""
-    index, sep, count = text.partition("/")
-    try:
-        i, n = int(index), int(count)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
-    if not sep or not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
-    return i, n
 
 
 def spread_over_gpus(argv: list[str], gpus: int, time_limit_s: float | None, t_start: float) -> list[int]:
@@ -163,16 +127,16 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--extractor", default=None, choices=EXTRACTORS,
                        help=f"FID feature extractor (default: {STUDIES_EXTRACTOR})")
         if cmd == "run":
-            p.add_argument("--time-limit", type=_time_limit, default=None,
+            p.add_argument("--time-limit", type=cli_types.positive_seconds, default=None,
                            help="seconds from the start of this command; stop cleanly before it")
             p.add_argument("--whole-runs", action="store_true",
                            help="start a training only if it and the run's evaluations are expected to finish "
                                 "within the limit (use it on a machine's last command: its weights are lost after)")
             p.add_argument("--no-progress", action="store_true", help="no progress bars while training and sampling")
-            p.add_argument("--gpus", type=_count, default=1,
+            p.add_argument("--gpus", type=cli_types.count, default=1,
                            help="spread the plan over this many GPUs of this machine: one process per GPU, each "
                                 "with its share of the runs, then one pass for what waited on another's run")
-            p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+            p.add_argument("--shard", type=cli_types.shard, default=None, metavar="I/N",
                            help="run only share I of N (what each --gpus process does; for several machines)")
     p = sub.add_parser("pack", help="write every evaluation record and training result of a scale (no weights) "
                                     "to a tar.gz", description="write every evaluation record and training "

@@ -1,18 +1,25 @@
 """The studies' results as tables: what notebooks 04 and 10-13 show, from cached records.
 
 :func:`collect` gathers a study's runs and evaluations (computing missing records first when asked);
-:func:`sampling_noise` measures the FID change between two sampling seeds of the same weights, the yardstick of
-the verdicts (:mod:`rearlib.experiments.verdicts`); the remaining functions build each notebook's table:
-:func:`compare_seeds` (notebook 10: AR vs reAR over training seeds, Welch's t-test), :func:`noise_table`
+:func:`sampling_noise` measures the FID change between two sampling seeds of the same weights, reported beside
+the verdicts (the spread between training runs contains it); the remaining functions build each notebook's table:
+:func:`compare_seeds` (notebook 10: AR vs reAR over training seeds, the rule's interval), :func:`noise_table`
 (notebook 11, Table 3), :func:`embedding_table` (notebook 12, Tables 4 and 7), :func:`scaling_tables`
 (notebook 13, Fig. 4) and :func:`zoo_training_record` (notebook 04: a zoo generator's training record).
+
+The claims of notebooks 10-13 are judged by the training-seed rules of :mod:`rearlib.experiments.verdicts`
+(:func:`~rearlib.experiments.verdicts.seed_difference_verdict`, :func:`~rearlib.experiments.verdicts.
+insensitivity_verdict`) on ``{training seed: value}`` mappings (:func:`seed_values`); :func:`claim_verdict` turns
+the verdicts on the differences a claim names into the claim's verdict, :func:`difference_text` and
+:func:`spread_note` say what the verdict rests on: the interval over training seeds, the spread of each side over
+training seeds and, apart from it, the sampling noise.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,6 +31,7 @@ from rearlib.experiments.evaluation import load_record, setting_label
 from rearlib.experiments.studies_plan import PAPER_TABLE3, STUDIES, STUDIES_EXTRACTOR, embedding_rows, study_specs
 from rearlib.experiments.studies_runner import run_studies
 from rearlib.experiments.studies_workspace import Workspace
+from rearlib.experiments.verdicts import SeedVerdict, final, seed_difference_verdict, smoke_note
 from rearlib.metrics import metric_label
 from rearlib.runtime import read_json
 
@@ -128,9 +136,14 @@ def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, comp
     return {"runs": pd.DataFrame(run_rows), "evals": pd.DataFrame(eval_rows), "floor": floor, "workspace": ws}
 
 
-def sampling_noise(evals, fid_col: str, rows: Iterable[str], report_seed: int, noise_seed: int) -> float:
-    """max over ``rows`` of |FID(report seed) - FID(noise seed)| of the final weights, without CFG."""
-    d = evals[(evals["setting"] == "no CFG") & (evals["step"] == evals["steps"]) & evals["run"].isin(list(rows))]
+def sampling_noise(evals, fid_col: str, rows: Iterable[str], report_seed: int, noise_seed: int,
+                   setting: str | Mapping[str, str] = "no CFG") -> float:
+    """max over ``rows`` of |FID(report seed) - FID(noise seed)| of the final weights, without CFG or at
+    ``setting`` (one setting label for every row, or ``{run: setting}``, e.g. each variant's best CFG)."""
+    rows = list(rows)
+    settings = setting if isinstance(setting, Mapping) else {r: setting for r in rows}
+    d = evals[(evals["step"] == evals["steps"]) & evals["run"].isin(rows)]
+    d = d[d["setting"] == d["run"].map(settings)]
     out = []
     for _, g in d.groupby("run"):
         a = g.loc[g["sample_seed"] == report_seed, fid_col]
@@ -138,7 +151,7 @@ def sampling_noise(evals, fid_col: str, rows: Iterable[str], report_seed: int, n
         if len(a) and len(b):
             out.append(abs(float(a.iloc[0]) - float(b.iloc[0])))
     if not out:
-        raise ValueError(f"no pair of sampling seeds ({report_seed}, {noise_seed}) for rows {list(rows)}")
+        raise ValueError(f"no pair of sampling seeds ({report_seed}, {noise_seed}) for rows {rows} at {setting!r}")
     return max(out)
 
 
@@ -148,7 +161,9 @@ def sampling_noise(evals, fid_col: str, rows: Iterable[str], report_seed: int, n
 def compare_seeds(reported: pd.DataFrame, metrics: Sequence[tuple[str, bool]],
                   conditions: Sequence[str] = ("no CFG", "best CFG")) -> pd.DataFrame:
     """AR vs reAR over training seeds, one row per (condition, metric): means, sample standard deviations, the
-    values, Welch's two-sided t-test of reAR vs AR and whether the mean ± 2 SE intervals overlap.
+    values, the verdict rule's 95% t-interval of reAR - AR (:func:`seed_comparison`: paired by training seed when
+    both variants have the same seeds, Welch's otherwise; "test" says which, NaN bounds with one seed), Welch's
+    two-sided t-test of reAR vs AR and whether the mean ± 2 SE intervals overlap (cruder checks, kept beside it).
 
     ``reported``: one row per evaluation with columns "condition", "model" ("AR" / "reAR"), "seed" and the
     metrics; ``metrics``: (column, lower is better) pairs. Welch p is NaN with fewer than two values per side or
@@ -169,13 +184,145 @@ def compare_seeds(reported: pd.DataFrame, metrics: Sequence[tuple[str, bool]],
                 p = float("nan")
             overlap = not (abs(b.mean() - a.mean()) > 2 * (se(a) + se(b)))
             better = b.mean() < a.mean() if lower_better else b.mean() > a.mean()
+            rule = seed_comparison(reported, metric, lower_better, cond)
             rows.append({"condition": cond, "metric": metric, "AR mean": a.mean(),
                          "AR sd": a.std(ddof=1) if len(a) > 1 else float("nan"), "reAR mean": b.mean(),
                          "reAR sd": b.std(ddof=1) if len(b) > 1 else float("nan"), "reAR - AR": b.mean() - a.mean(),
                          "AR values": ", ".join(f"{x:.4g}" for x in a),
-                         "reAR values": ", ".join(f"{x:.4g}" for x in b), "Welch p": p, "2 SE overlap": overlap,
+                         "reAR values": ", ".join(f"{x:.4g}" for x in b), "test": rule.test, "CI low": rule.lo,
+                         "CI high": rule.hi, "Welch p": p, "2 SE overlap": overlap,
                          "reAR better": better, "lower is better": lower_better, "n seeds": min(len(a), len(b))})
     return pd.DataFrame(rows)
+
+
+def seed_values(frame: pd.DataFrame, col: str, seed_col: str = "seed") -> dict[int, float]:
+    """``{training seed: value of col}``, one row of ``frame`` per seed, as the verdict rules take them (the seeds
+    let them pair two variants trained with the same seeds, which share the batch order)."""
+    if frame[seed_col].duplicated().any():
+        raise ValueError(f"a training seed appears twice in the rows of {col!r}: {frame[seed_col].tolist()}")
+    return {int(k): float(v) for k, v in zip(frame[seed_col], frame[col])}
+
+
+def seed_comparison(reported: pd.DataFrame, metric: str, lower_is_better: bool, condition: str, *,
+                    sampling_noise: float | None = None) -> SeedVerdict:
+    """The rule's verdict (:func:`~rearlib.experiments.verdicts.seed_difference_verdict`, not smoke-capped:
+    :func:`claim_verdict` applies the scale) on reAR - AR under ``condition``, over training seeds."""
+    d = reported[reported["condition"] == condition]
+    return seed_difference_verdict(seed_values(d[d["model"] == "AR"], metric),
+                                   seed_values(d[d["model"] == "reAR"], metric),
+                                   expected="lower" if lower_is_better else "higher", sampling_noise=sampling_noise)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Claims: verdicts of the training-seed rules, and what they rest on
+# ----------------------------------------------------------------------------------------------------------------
+#: Verdicts of the seed rules, weakest first: a claim that names several differences is as strong as its weakest.
+STRENGTH = ("not reproduced", "inconclusive", "direction reproduced", "reproduced")
+#: Why one training seed per run decides nothing, whatever the size of the difference.
+ONE_SEED = ("one training seed per run: no interval over training seeds, so no difference is established, even one "
+            "beyond the sampling noise (the spread between training seeds includes the sampling noise and is unknown)")
+#: The margin of a claim of insensitivity, as a fraction of the baseline's FID. The paper's λ rows (Table 4)
+#: differ from λ = 1 by at most 0.4% of its FID, well inside it, while adding the regularization that λ weighs
+#: (vanilla AR -> EN@0 + DE@15, 7.5% of FID in Table 4) lies outside it: the margin separates "no effect" from the
+#: effect at stake.
+INSENSITIVITY_MARGIN = 0.05
+
+
+def against_paper(v: SeedVerdict) -> str:
+    """The rule's verdict as a verdict against the paper. A difference judged without the paper's magnitude stops at
+    "direction reproduced": our FID network and data are not the paper's, so only the direction is compared."""
+    if v.rule == "difference" and v.verdict == "reproduced" and v.paper_effect is None:
+        return "direction reproduced"
+    return v.verdict
+
+
+def _num(x: float, relative: bool, sign: bool = True) -> str:
+    """A difference (``sign``: signed, "of the baseline" when relative) or a bound in the metric's units, or in
+    percent of the baseline when ``relative``."""
+    if not relative:
+        return f"{x:+.3g}" if sign else f"{x:.3g}"
+    return f"{100 * x:+.3g}% of the baseline" if sign else f"{100 * x:.3g}%"
+
+
+def _one_seed_part(v: SeedVerdict, expected: str | None) -> str:
+    """'+4.66: beyond the sampling noise 4.15, in the paper's direction' (a difference without interval)."""
+    noise = v.sampling_noise
+    parts = [_num(v.diff, v.relative)]
+    if v.rule == "insensitivity" and v.margin is not None:
+        parts.append(f"{'within' if abs(v.diff) <= v.margin else 'beyond'} the margin "
+                     f"±{_num(v.margin, v.relative, sign=False)}")
+    if noise is not None:
+        parts.append(f"{'beyond' if abs(v.diff) > noise else 'within'} the sampling noise "
+                     f"{_num(noise, v.relative, sign=False)}")
+    if expected is not None and v.rule == "difference" and v.diff != 0:
+        agrees = (v.diff < 0) == (expected == "lower")
+        parts.append("in the paper's direction" if agrees else "opposite to the paper's direction")
+    return parts[0] + ": " + ", ".join(parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def claim_verdict(parts: SeedVerdict | Mapping[str, SeedVerdict], *, expected: str | None = None,
+                  smoke: bool = False) -> tuple[str, str]:
+    """(verdict, reason) of a claim that names one or more differences (``{label: verdict}``), each judged by a
+    seed rule of :mod:`rearlib.experiments.verdicts` without ``smoke``.
+
+    Each part counts as :func:`against_paper` says; the claim is as strong as its weakest part (:data:`STRENGTH`:
+    one part the other way beyond its interval makes it "not reproduced", one without a decision "inconclusive").
+    ``expected`` ("lower" / "higher", what the paper says of each variant against its baseline) lets the reason say
+    whether a difference without an interval goes the paper's way. At ``smoke``: "not tested", the reason keeping
+    what the rule would have said.
+    """
+    if isinstance(parts, SeedVerdict):
+        parts = {"": parts}
+    if not parts:
+        raise ValueError("a claim names at least one difference")
+    verdicts = {k: against_paper(v) for k, v in parts.items()}
+    unknown = sorted({x for x in verdicts.values() if x not in STRENGTH})
+    if unknown:
+        raise ValueError(f"parts must be judged without smoke (got {unknown}); claim_verdict applies the scale")
+    verdict = min(verdicts.values(), key=STRENGTH.index)
+
+    def label(k: str) -> str:
+        return f"{k}: " if k else ""
+
+    if all(v.test == "none" for v in parts.values()):
+        reason = "; ".join([ONE_SEED] + [label(k) + _one_seed_part(v, expected) for k, v in parts.items()])
+    else:
+        capped = ("the interval excludes 0 on the paper's side; only the direction is compared (another feature "
+                  "network and dataset than the paper's)")
+        reason = "; ".join(label(k) + (v.reason if verdicts[k] == v.verdict else capped) for k, v in parts.items())
+    if smoke:
+        return final(verdict, True), smoke_note(verdict, True)
+    return verdict, reason
+
+
+def difference_text(v: SeedVerdict) -> str:
+    """'-2.41, 95% CI [-3.39, -1.42] (paired t over 3 seeds)', or the difference alone without an interval."""
+    if v.test == "none":
+        return f"{_num(v.diff, v.relative)} (one training seed: no interval)"
+    how = (f"paired t over {v.n_baseline} seeds" if v.test == "paired" else
+           f"Welch t over {v.n_baseline} / {v.n_variant} seeds")
+    lo, hi = (f"{100 * x:+.3g}%" if v.relative else f"{x:+.3g}" for x in (v.lo, v.hi))
+    return f"{_num(v.diff, v.relative)}, {100 * v.level:.3g}% CI [{lo}, {hi}] ({how})"
+
+
+def spread_note(parts: SeedVerdict | Mapping[str, SeedVerdict], noise_what: str) -> str:
+    """The training-seed spread (sd and number of seeds of each side) and, apart, the sampling noise
+    (``noise_what`` says how it was measured) of the comparisons a claim names."""
+    if isinstance(parts, SeedVerdict):
+        parts = {"baseline / variant": parts}
+    vs = list(parts.values())
+    if all(v.n_baseline < 2 and v.n_variant < 2 for v in vs):
+        spread = "training-seed spread unknown: one training seed per run (an sd needs two)"
+    else:
+        spread = "training-seed spread (sd, ddof 1) " + "; ".join(
+            f"{k}: {v.baseline_std:.2g} / {v.variant_std:.2g} (n = {v.n_baseline} / {v.n_variant} seeds)"
+            for k, v in parts.items())
+    noises = {v.sampling_noise for v in vs if v.sampling_noise is not None}
+    if not noises:
+        return spread
+    noise = ", ".join(_num(x, vs[0].relative, sign=False) for x in sorted(noises)) + (
+        " of the baseline" if vs[0].relative else "")
+    return f"{spread}; sampling noise, apart from it: {noise} ({noise_what})"
 
 
 def noise_table(runs: pd.DataFrame, evals: pd.DataFrame, noise: float,
