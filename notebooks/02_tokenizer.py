@@ -29,9 +29,11 @@ reports_dir = "reports"
 figures_dir = "figures"
 maskgit_path = None    # paper scale: path to maskgit-vqgan-imagenet-f16-256.bin (else $REARLIB_MASKGIT_VQGAN)
 data_root = None       # paper scale: ImageNet root (else $REARLIB_DATA/imagenet)
+n_val = None           # validation images scored (None: the scale's setting below)
+n_rfid = None          # images of the rFID (None: the scale's setting below; the paper uses all 50k val images)
 
 # %%
-from rearlib.experiments.notebook import setup
+from rearlib.experiments.notebook import check_int_param, setup
 
 ctx = setup(notebook="02_tokenizer", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
@@ -56,6 +58,8 @@ SETTINGS = {
     "small": dict(n_val=1000, n_show=8, n_codes=8, n_neighbours=5, rates=(0.1, 0.25, 0.5), n_rfid=10_000),
     "paper": dict(n_val=500, n_show=8, n_codes=8, n_neighbours=5, rates=(0.1, 0.25, 0.5), n_rfid=50_000),
 }[ctx.scale]
+SETTINGS["n_val"] = check_int_param("n_val", n_val, optional=True) or SETTINGS["n_val"]
+SETTINGS["n_rfid"] = check_int_param("n_rfid", n_rfid, minimum=2, optional=True) or SETTINGS["n_rfid"]
 t_start = time.time()
 tok = get_tokenizer(ctx.scale, ctx.device, path=maskgit_path, data_root=data_root)
 res, (gh, gw), K, D = tok.resolution, tok.grid_size, tok.codebook_size, tok.code_dim

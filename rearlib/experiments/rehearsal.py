@@ -29,6 +29,7 @@ from rearlib.runtime import REPO_ROOT, atomic_write_text, hardware_info
 #: trunk cannot be had offline. "tiny" also infers the generator's shape from the file (it matches no preset).
 REDUCED = {
     "paper": {
+        "02_tokenizer": dict(n_val=200, n_rfid=1000),
         "03_metrics": dict(n_images=200, n_ref=500),
         "05_exposure_bias": dict(n_images=8, require_lpips=False),
         "06_embedding_replacement": dict(n_images=8, require_lpips=False),
@@ -38,6 +39,7 @@ REDUCED = {
         "15_table1": dict(num_per_class=1),
     },
     "tiny": {
+        "02_tokenizer": dict(n_val=8, n_rfid=16),
         "03_metrics": dict(n_images=8, n_ref=16),
         "05_exposure_bias": dict(n_images=1, n_examples=1, compare_rear=False, require_lpips=False,
                                  generator_preset=None),
@@ -51,6 +53,7 @@ REDUCED = {
 }
 #: The count parameter of each notebook and its value in a full run (for the projection).
 FULL_COUNTS = {
+    "02_tokenizer": ("n_rfid", 50_000),
     "03_metrics": ("n_images", 2000),
     "05_exposure_bias": ("n_images", scales.ANALYSIS["paper"]["images"]),
     "06_embedding_replacement": ("n_images", scales.ANALYSIS["paper"]["images"]),
@@ -184,7 +187,7 @@ def write_record(out: Path, rows: list[dict], manifest: dict, device: str) -> Pa
              "| projected full run (min) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         proj = f"{r['projected_full_s'] / 60:.0f}" if r.get("projected_full_s") else "-"
-        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items() if k != "samples_dir") or "-"
         lines.append(f"| {r['notebook']} | {r['status']} | {params} | {r['wall_time_s'] or '-'} | "
                      f"{r['peak_gpu_memory_gib'] if r['peak_gpu_memory_gib'] is not None else '-'} | "
                      f"{r['peak_host_memory_gib'] if r['peak_host_memory_gib'] is not None else '-'} | {proj} |")
