@@ -52,7 +52,6 @@ if isinstance(models, str):
     models = [m.strip() for m in models.split(",") if m.strip()]
 
 # %%
-import os
 import time
 from pathlib import Path
 
@@ -64,7 +63,8 @@ import torch
 from rearlib import scales
 from rearlib.data import render_batch
 from rearlib.experiments import table1 as T1
-from rearlib.experiments.assets import paper_checkpoint
+from rearlib.experiments.assets import check_paper_assets, paper_checkpoint, reference_batch_path
+from rearlib.metrics import to_uint8
 from rearlib.model import load_official_state_dict
 from rearlib.tokenizers import find_maskgit_checkpoint, get_tokenizer
 
@@ -88,21 +88,12 @@ if ctx.scale == "paper":
     wanted = list(models) if models else [m for m, p in found.items() if p is not None]
     if set(wanted) - set(given):
         raise ValueError(f"models: {sorted(set(wanted) - set(given))} are not released models; choose from {list(given)}")
-    problems = [f"{m}_checkpoint={str(found.get(m))!r}: not found (notebook parameter {m}_checkpoint or "
-                f"$REARLIB_{m.upper()}_CHECKPOINT)" for m in wanted if found.get(m) is None or not found[m].is_file()]
     if not wanted:
-        problems.append("no checkpoint given: set rear_s_checkpoint / rear_b_checkpoint / rear_l_checkpoint or "
-                        "$REARLIB_REAR_{S,B,L}_CHECKPOINT")
-    ref_path = Path(reference_batch or os.environ.get("REARLIB_REFERENCE_BATCH", "VIRTUAL_imagenet256_labeled.npz"))
-    if not ref_path.is_file():
-        problems.append(f"reference_batch={str(ref_path)!r}: the ADM reference batch is needed (download "
-                        f"VIRTUAL_imagenet256_labeled.npz from the ADM evaluation suite; $REARLIB_REFERENCE_BATCH)")
-    try:
-        tok_path = find_maskgit_checkpoint(maskgit_path)
-    except FileNotFoundError as err:
-        problems.append(str(err))
-    if problems:
-        raise FileNotFoundError("paper scale cannot run:\n  - " + "\n  - ".join(problems))
+        raise FileNotFoundError("paper scale cannot run: no checkpoint given; set rear_s_checkpoint / "
+                                "rear_b_checkpoint / rear_l_checkpoint or $REARLIB_REAR_{S,B,L}_CHECKPOINT")
+    check_paper_assets({m: found[m] for m in wanted}, maskgit_path, splits=(), reference_batch=reference_batch,
+                       need_reference=True)
+    tok_path, ref_path = find_maskgit_checkpoint(maskgit_path), reference_batch_path(reference_batch)
     tok = get_tokenizer("paper", ctx.device, path=tok_path)
     reference, ref_name = str(ref_path), ref_path.name
 
@@ -115,7 +106,7 @@ else:
     wanted = list(models) if models else ["ar", "rear"]
     tok, tok_path = get_tokenizer(ctx.scale, ctx.device, progress=False), None
     ref_imgs = render_batch(torch.arange(100), resolution=tok.resolution, split="val")[0]
-    reference, ref_name = (ref_imgs * 255 + 0.5).clamp(0, 255).to(torch.uint8), "embedded-val-100"
+    reference, ref_name = to_uint8(ref_imgs), "embedded-val-100"
     found = {m: None for m in wanted}
 
     def load(name):

@@ -51,9 +51,15 @@ def paper_checkpoint(variant: str, path=None) -> Path | None:
     return Path(env) if env else None
 
 
+def reference_batch_path(path=None) -> Path:
+    """The ADM reference batch: ``path``, else ``$REARLIB_REFERENCE_BATCH``, else the file name in this folder."""
+    return Path(path or os.environ.get("REARLIB_REFERENCE_BATCH", "VIRTUAL_imagenet256_labeled.npz"))
+
+
 def check_paper_assets(checkpoints: dict, maskgit_path=None, data_root=None, splits=("val",),
-                       need_lpips: bool = False) -> None:
-    """Raise FileNotFoundError listing every missing paper-scale input (checkpoints, tokenizer, ImageNet, LPIPS)."""
+                       need_lpips: bool = False, reference_batch=None, need_reference: bool = False) -> None:
+    """Raise FileNotFoundError listing every missing paper-scale input (checkpoints, tokenizer, ImageNet, LPIPS,
+    the ADM reference batch when ``need_reference``)."""
     problems = []
     for name, path in checkpoints.items():
         name = name.removesuffix("_checkpoint")
@@ -75,6 +81,10 @@ def check_paper_assets(checkpoints: dict, maskgit_path=None, data_root=None, spl
         if not name.startswith("LPIPS"):
             problems.append(f"LPIPS-VGG, the paper's perceptual metric, is needed to compare magnitudes at paper "
                             f"scale: {why}")
+    if need_reference and not reference_batch_path(reference_batch).is_file():
+        problems.append(f"reference_batch={str(reference_batch_path(reference_batch))!r}: the ADM reference batch is "
+                        f"needed (VIRTUAL_imagenet256_labeled.npz from the ADM evaluation suite; "
+                        f"$REARLIB_REFERENCE_BATCH)")
     if problems:
         raise FileNotFoundError("paper scale cannot run:\n  - " + "\n  - ".join(problems))
 

@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from rearlib.data import render_batch
+from rearlib.metrics.image import to_uint8
 from rearlib.model import Generator, get_config
 from rearlib.runtime import atomic_torch_save, atomic_write_text, resolve_device
 from rearlib.tokenizers.maskgit_vqgan import MaskGITVQGAN, MaskGITVQGANConfig
@@ -103,7 +104,7 @@ def write_imagenet_split(root: Path, split: str = "val", images_per_class: int =
         imgs = render_batch(idx, resolution=64, seed=seed, split="val")[0]
         imgs = torch.nn.functional.interpolate(imgs, size=(resolution, resolution), mode="bilinear",
                                                align_corners=False)
-        arr = (imgs * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        arr = to_uint8(imgs).permute(0, 2, 3, 1).numpy()
         for i, a in zip(idx.tolist(), arr):
             folder = val / wnid(i // images_per_class)
             folder.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,7 @@ def write_reference_batch(path: Path, imagenet_root: Path, n_images: int, device
     picks = np.linspace(0, len(ds) - 1, n).round().astype(int)
     imgs = torch.stack([ds[int(i)][0] for i in tqdm(picks, desc="reference batch", disable=not progress,
                                                      leave=False)])
-    u8 = (imgs * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    u8 = to_uint8(imgs)
     stats = feature_statistics(u8, device=resolve_device(device) if isinstance(device, str) else device)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
