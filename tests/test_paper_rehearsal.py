@@ -97,3 +97,11 @@ def test_tiny_rehearsal_runs_the_paper_notebooks_through_the_runner(tmp_path, mo
     claims = json.loads((tmp_path / "reh" / "reports" / "paper" / "claims" / "15_table1.json").read_text())
     assert [c["verdict"] for c in claims["claims"]] == ["not tested"]  # 4 samples are never compared
     assert "Stand-in assets" in (tmp_path / "reh" / "README.md").read_text()
+    # a rehearsal in several calls: a later call with --only keeps the rows it did not run
+    again = rehearse(tmp_path / "reh", size="tiny", device="cpu", notebooks=["10"], progress=False)
+    kept = {r["notebook"]: r for r in again["notebooks"]}
+    assert kept["05_exposure_bias"] == rows["05_exposure_bias"] and kept["15_table1"]["status"] == "ok"
+    assert json.loads(Path(again["record"]).read_text())["table1"][0]["samples"] == 4
+    # ...but not those of another device
+    other = rehearse(tmp_path / "reh", size="tiny", device="cpu:0", notebooks=["10"], progress=False)
+    assert [r["notebook"] for r in other["notebooks"]] == ["10_main_comparison"]

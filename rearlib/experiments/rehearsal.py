@@ -205,10 +205,28 @@ def write_record(out: Path, rows: list[dict], manifest: dict, device: str) -> Pa
     return out / "rehearsal.json"
 
 
+def earlier_rows(out: Path, manifest: dict, device: str) -> list[dict]:
+    """The notebook rows of an earlier rehearsal in ``out`` on the same hardware, stand-in size and device (so a
+    rehearsal can run in several calls, ``--only`` a few notebooks each); none otherwise."""
+    path = out / "rehearsal.json"
+    if not path.is_file():
+        return []
+    from rearlib.runtime import UnreadableFileError, read_json
+
+    try:
+        old = read_json(path)
+    except UnreadableFileError:
+        return []
+    same = (old.get("hardware", {}).get("gpu") == hardware_info().get("gpu") and old.get("device") == device
+            and old.get("standins", {}).get("size") == manifest["size"])
+    return old.get("notebooks", []) if same else []
+
+
 def rehearse(out, *, size: str = "paper", device: str = "auto", assets=None, notebooks=None,
              progress: bool = True) -> dict:
     """Write (or reuse) stand-in assets in ``assets`` (default ``out/assets``), run every notebook at paper scale
-    with :data:`REDUCED` counts (``notebooks``: a subset), and write the record under ``out``."""
+    with :data:`REDUCED` counts (``notebooks``: a subset), and write the record under ``out``. Rows of notebooks
+    not run this time are kept from an earlier record in ``out`` made on the same hardware."""
     out = Path(out).resolve()
     assets = Path(assets).resolve() if assets else out / "assets"
     manifest = write_standins(assets, size=size, progress=progress,
@@ -222,9 +240,11 @@ def rehearse(out, *, size: str = "paper", device: str = "auto", assets=None, not
     if size == "tiny":  # a CPU rehearsal runs the notebooks it has counts for; the GPU rehearsal runs them all
         capable = [n for n in capable if n in REDUCED[size]]
     others = [n for n in names if "paper" not in scales.notebook_scales(n)]
-    rows = []
+    earlier = earlier_rows(out, manifest, device)
+    rows = [r for r in earlier if r["notebook"] not in capable and r["notebook"] not in others]
     samples = out / "table1_samples"
-    shutil.rmtree(samples, ignore_errors=True)  # fresh samples: resumed ones would carry no sampling time
+    if "15_table1" in capable:
+        shutil.rmtree(samples, ignore_errors=True)  # fresh samples: resumed ones would carry no sampling time
     for name in capable:
         params = dict(REDUCED[size].get(name, {}))
         if name == "15_table1":
