@@ -54,6 +54,7 @@ import torch
 import rearlib.experiments.studies as studies
 import rearlib.experiments.studies_results as SR
 import rearlib.experiments.verdicts as V
+from rearlib.experiments.evaluation import setting_label
 from rearlib.experiments.studies_figures import VARIANT_COLORS, label_fid, plot_cfg_sweep
 
 if ctx.scale == "paper":
@@ -111,18 +112,29 @@ plt.show()
 # %% [markdown]
 # ## 2 · The CFG sweep (training seed 0, selection sampling seed S)
 # FID and class consistency against g for each schedule power p (g = 1 is no guidance, from the same sampling
-# seed). The best (g, p) of each variant is then evaluated on every training seed with sampling seed S + 1.
+# seed). The sweep starts at the scale's grid and adds one grid step at the edge that holds the best FID until the
+# best g has a worse neighbour on both sides (or is g = 1), at most `cfg_max_added` times per power; the table says
+# whether each optimum is bracketed. The best (g, p) of each variant is then evaluated on every training seed with
+# sampling seed S + 1.
 
 # %%
 sweep = evals[evals["role"].isin(["select", "noise"]) & (evals["seed"] == st["seeds"][0])]
 ctx.save_csv(sweep, "10_cfg_sweep")
-best, best_setting = {}, {}  # best_setting: {seed-0 run: its best CFG label}, for the sampling noise with CFG
-for name in studies.VARIANT_NAMES.values():
-    sel = sweep[(sweep["model"] == name) & (sweep["role"] == "select")]
-    row = sel.loc[sel[FID].idxmin()]
-    best[name] = (float(row["cfg_scale"]), float(row["cfg_power"]))
-    best_setting[row["run"]] = row["setting"]
+ws = result["workspace"]
+best, best_setting, bracket_rows = {}, {}, []  # best_setting: {seed-0 run: its best CFG label}
+for spec in studies.study_specs(ctx.scale, "main"):
+    if spec.seed != st["seeds"][0]:
+        continue
+    run, name = ws.resolve(spec), studies.VARIANT_NAMES[spec.rear]
+    best[name] = ws.best_cfg(run)
+    best_setting[spec.name] = setting_label(*best[name])
+    for p, state in ws.cfg_sweep(run).items():
+        bracket_rows.append({"model": name, "p": p, "scales evaluated": ", ".join(f"{g:g}" for g in state.scales),
+                             "best g": state.best, "bracketed": state.bracketed})
+bracket = pd.DataFrame(bracket_rows)
+ctx.save_csv(bracket, "10_cfg_bracket")
 print("best (g, p) on the selection seed:", best)
+bracket
 fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.2))
 plot_cfg_sweep(axes, sweep, metrics=(FID, CC), fid=FID, powers=st["cfg_powers"], floor_fid=floor[FID],
                no_cfg_role="noise")

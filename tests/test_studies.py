@@ -535,3 +535,33 @@ def test_sampling_noise_at_each_variant_best_cfg():
     assert SR.sampling_noise(evals, fid, runs, 1, 0, setting=best) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="no pair of sampling seeds"):
         SR.sampling_noise(evals, fid, runs, 1, 0, setting="CFG g=3 p=0")
+
+
+# -- the CFG sweep grows until it brackets the optimum --------------------------------------------------------
+def test_sweep_extends_upwards_until_the_best_scale_is_bracketed():
+    fid = lambda g: (g - 4.4) ** 2  # noqa: E731  optimum above the base grid
+    st = SP.sweep_state((1.5, 2.0, 3.0), fid, max_added=3)
+    assert st.scales == (1.5, 2.0, 3.0, 4.0, 5.0) and st.best == 4.0 and st.bracketed and st.next_scale is None
+
+
+def test_sweep_extends_down_to_no_guidance_and_stops_there():
+    fid = lambda g: g  # noqa: E731  guidance only hurts: g = 1 (no guidance) is best, nothing lies below it
+    st = SP.sweep_state((1.5, 2.0, 3.0), fid, max_added=3)
+    assert st.scales == (1.0, 1.5, 2.0, 3.0) and st.best == 1.0 and st.bracketed
+
+
+def test_sweep_that_keeps_improving_stops_at_its_limit_unbracketed():
+    fid = lambda g: -g  # noqa: E731
+    st = SP.sweep_state((1.5, 2.0, 3.0), fid, max_added=2)
+    assert st.scales == (1.5, 2.0, 3.0, 4.0, 5.0) and st.best == 5.0 and not st.bracketed
+    assert SP.sweep_state((1.5, 2.0, 3.0), fid, max_added=0).scales == (1.5, 2.0, 3.0)
+
+
+def test_sweep_asks_for_missing_points_before_deciding():
+    done = {1.5: 3.0, 2.0: 2.0}
+    st = SP.sweep_state((1.5, 2.0, 3.0), done.get, max_added=3)
+    assert st.next_scale == 3.0 and st.best is None and not st.bracketed
+    done[3.0] = 1.0  # best at the top edge: the next point is one grid step above
+    assert SP.sweep_state((1.5, 2.0, 3.0), done.get, max_added=3).next_scale == 4.0
+    with pytest.raises(ValueError, match="guidance scales must be >= 1"):
+        SP.sweep_state((0.5, 2.0), done.get, max_added=1)

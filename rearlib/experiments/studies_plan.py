@@ -10,7 +10,7 @@ The per-scale plans (recipes, sizes, seeds, CFG sweep, estimates) live in :data:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from rearlib import scales
 from rearlib.experiments.zoo import recipe_key, train_config
@@ -312,3 +312,56 @@ def study_specs(scale: str, study: str) -> list[RunSpec]:
         # length of the recipe every other study should use.
         return [RunSpec(f"{v} paper-shape", rear=v, recipe="paper_shape") for v in ("ar", "rear")]
     raise ValueError(f"unknown study {study!r}; allowed: {', '.join(STUDIES)} or 'all'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CFG sweep: a grid of guidance scales that grows until it brackets the optimum
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepState:
+    """Where a guidance sweep at one schedule power stands.
+
+    scales: the guidance scales of the sweep so far, ascending (1.0 = no guidance, scored by the no-CFG record).
+    next_scale: the scale to evaluate next (a missing grid point or an extension), or None when the sweep is over.
+    best: the scale with the lowest FID (None while a grid point is missing).
+    bracketed: the best scale has a worse neighbour on both sides (or is g = 1, below which guidance inverts).
+    """
+
+    scales: tuple[float, ...]
+    next_scale: float | None
+    best: float | None
+    bracketed: bool
+
+
+def sweep_state(base: Sequence[float], fid_of: Callable[[float], float | None], max_added: int) -> SweepState:
+    """The state of a guidance sweep that starts at the scales ``base`` and extends at the edge holding the best
+    FID by one grid step (down to g = 1 at most, up without bound), at most ``max_added`` times.
+
+    ``fid_of(g)``: the FID at scale ``g`` on the selection seed, None while it is not evaluated. Scales are kept
+    in ascending order; an extension below the lowest scale s0 is max(1, s0 - (s1 - s0)), above the highest
+    s_n it is s_n + (s_n - s_(n-1)) (one step of the base grid's spacing at that edge).
+    """
+    scales_ = sorted({float(g) for g in base})
+    if not scales_ or scales_[0] < 1.0:
+        raise ValueError(f"guidance scales must be >= 1 (1 = no guidance), got {list(base)}")
+    added = 0
+    while True:
+        fids = {g: fid_of(g) for g in scales_}
+        missing = [g for g in scales_ if fids[g] is None]
+        if missing:
+            return SweepState(tuple(scales_), missing[0], None, False)
+        best = min(scales_, key=lambda g: fids[g])
+        i = scales_.index(best)
+        at_low, at_high = i == 0 and best > 1.0, i == len(scales_) - 1
+        if not (at_low or at_high):
+            return SweepState(tuple(scales_), None, best, True)
+        if added >= max_added:
+            return SweepState(tuple(scales_), None, best, False)
+        if at_low:
+            step = scales_[1] - scales_[0] if len(scales_) > 1 else 1.0
+            new = max(1.0, round(best - step, 6))
+        else:
+            step = scales_[-1] - scales_[-2] if len(scales_) > 1 else 1.0
+            new = round(best + step, 6)
+        scales_ = sorted(scales_ + [new])
+        added += 1

@@ -19,7 +19,8 @@ import torch
 from rearlib import scales
 from rearlib.experiments import zoo
 from rearlib.experiments.evaluation import Evaluator, load_record, record_path, run_model_key, setting_label
-from rearlib.experiments.studies_plan import STUDIES_EXTRACTOR, Resolved, RunSpec, resolve, settings, study_specs
+from rearlib.experiments.studies_plan import (STUDIES_EXTRACTOR, Resolved, RunSpec, SweepState, resolve, settings,
+                                              study_specs, sweep_state)
 from rearlib.metrics import metric_label
 from rearlib.metrics.classifier import get_classifier
 from rearlib.model import estimate_flops_per_token, get_config
@@ -165,17 +166,34 @@ class Workspace:
     def is_done(self, item: Item) -> bool:
         return not item.pending and record_path(item.key).is_file()
 
-    def best_cfg(self, run: Resolved) -> tuple[float, float] | None:
-        """argmin FID over the sweep of ``run`` on the selection seed, or None while the sweep is incomplete."""
-        best = None
-        for g in self.st["cfg_scales"]:
-            for p in self.st["cfg_powers"]:
+    def cfg_sweep(self, run: Resolved) -> dict[float, SweepState]:
+        """Per schedule power, the state of ``run``'s guidance sweep on the selection seed: the scale grid grows at
+        the edge holding the best FID until the best is bracketed (:func:`sweep_state`); g = 1 is the no-CFG
+        record of the same sampling seed (guidance at scale 1 is no guidance, for every power)."""
+        fid_key = metric_label("fid", self.extractor)
+
+        def fid_of(p):
+            def f(g):  # g = 1 has the key of the no-CFG record (evaluation.canonical_cfg)
                 rec = load_record(self._eval_item("main", run, run.steps, g, p, self.select_seed, "select").key)
-                if rec is None:
-                    return None
-                fid = float(rec["row"][metric_label("fid", self.extractor)])
+                return None if rec is None else float(rec["row"][fid_key])
+            return f
+
+        return {p: sweep_state(self.st["cfg_scales"], fid_of(p), self.st.get("cfg_max_added", 0))
+                for p in self.st["cfg_powers"]}
+
+    def best_cfg(self, run: Resolved) -> tuple[float, float] | None:
+        """The (g, p) of lowest FID over ``run``'s sweep on the selection seed, or None while the sweep goes on."""
+        states = self.cfg_sweep(run)
+        if any(s.next_scale is not None for s in states.values()):
+            return None
+        fid_key = metric_label("fid", self.extractor)
+        best = None
+        for p, state in states.items():
+            for g in state.scales:
+                item = self._eval_item("main", run, run.steps, g, p, self.select_seed, "select")
+                fid = float(load_record(item.key)["row"][fid_key])
                 if best is None or fid < best[0]:
-                    best = (fid, g, p)
+                    best = (fid, g, 0.0 if g == 1.0 else p)
         return best[1], best[2]
 
     def items(self, study: str) -> list[Item]:
@@ -194,7 +212,7 @@ class Workspace:
                 if spec.seed == self.st["seeds"][0]:
                     out.append(self._eval_item(study, run, run.steps, None, None, S, "noise"))
                     out += [self._eval_item(study, run, run.steps, g, p, S, "select")
-                            for g in self.st["cfg_scales"] for p in self.st["cfg_powers"]]
+                            for p, state in self.cfg_sweep(run).items() for g in state.scales if g != 1.0]
                     best[spec.rear] = self.best_cfg(run)
                 b = best.get(spec.rear)
                 if b is None:
