@@ -129,12 +129,14 @@ def test_equal_runs_share_one_hash(tok):
     h = lambda spec: resolve("smoke", spec, tok).run_hash  # noqa: E731
     # an explicit default layer is the default run; the scaling study's base-size rows are the ablation rows
     assert h(RunSpec("a", rear="rear", rear_overrides={"decode_layer": 2, "encode_layer": 0})) == h(RunSpec("rear"))
-    scaling = {s.name: s for s in ST.study_specs("smoke", "scaling")}
-    noise = {s.name: s for s in ST.study_specs("smoke", "noise")}
-    emb = {s.name: s for s in ST.study_specs("smoke", "embedding")}
+    first = lambda study: {s.name: s for s in ST.study_specs("smoke", study) if s.seed == 0}  # noqa: E731
+    scaling, noise, emb = first("scaling"), first("noise"), first("embedding")
     assert h(scaling["rear"]) == h(noise["rear"]) == h(emb["rear"]) and h(scaling["ar"]) == h(emb["ar"])
-    assert h(emb["de_only@2"]) == h(RunSpec("d", rear="de_only"))
+    recipe = ST.plan_settings("smoke")["recipe"]
+    assert h(emb["de_only@2"]) == h(RunSpec("d", rear="de_only", recipe=recipe))
     assert h(emb["de_only@1"]) != h(emb["de_only@2"])
+    # the recipe study's runs are the full plan's base-size AR and reAR rows (one training serves both)
+    assert {h(s) for s in ST.study_specs("smoke", "recipe")} == {h(scaling["ar"]), h(scaling["rear"])}
     # the main study's seed-0 runs are the zoo's runs (the shipped checkpoints at small)
     main = {s.name: s for s in ST.study_specs("smoke", "main")}
     assert h(main["ar seed0"]) == zoo.run_hash("smoke", "ar", tok, 0)
@@ -160,6 +162,8 @@ def shrunk(monkeypatch, tok, tmp_path):
                        "ablation": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2),
                        "paper_shape": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2)}
     plan["seeds"], plan["cfg_scales"], plan["cfg_powers"] = (0, 1), (3.0,), (0.0,)
+    one = dict(recipe="ablation", seeds=(0,), tied="tied", extractor="rearlib-classifier")
+    plan["plans"], plan["plan"] = {"one": one, "two": dict(one, seeds=(0, 1))}, "one"
     monkeypatch.setitem(scales.STUDIES, "smoke", plan)
     monkeypatch.setattr(SP, "PAPER_TABLE3", {k: SP.PAPER_TABLE3[k] for k in ("align_only", "rear")})
     monkeypatch.setitem(scales.EVALUATION, "smoke", dict(scales.EVALUATION["smoke"], n_ref=64, batch=20,
@@ -565,3 +569,20 @@ def test_sweep_asks_for_missing_points_before_deciding():
     assert SP.sweep_state((1.5, 2.0, 3.0), done.get, max_added=3).next_scale == 4.0
     with pytest.raises(ValueError, match="guidance scales must be >= 1"):
         SP.sweep_state((0.5, 2.0), done.get, max_added=1)
+
+
+def test_the_plan_runs_seed_major_so_every_row_has_one_seed_before_any_has_two(shrunk):
+    _, _ = shrunk
+    ws = SW.Workspace("smoke", "cpu", progress=False, plan="two")
+    assert studies_runner.seed_passes(ws, "all") == [(n, s) for s in (0, 1) for n in SP.STUDIES]
+    res = ST.run_studies("smoke", "noise", ws=ws, log=lambda *a: None)
+    assert not res["stopped"] and res["missing"] == 0
+    trained = [r["run"] for r in res["items"] if r["what"].startswith("train")]
+    assert trained == ["align_only seed0", "rear seed0", "align_only seed1", "rear seed1"]
+    # the second sampling seed (sampling noise) is drawn once, from the first training seed's weights
+    noise_items = [it for it in ws.items("noise") if it.role == "noise"]
+    assert [(it.run.spec.name, it.run.spec.seed) for it in noise_items] == [("rear", 0)]
+    runs = ST.collect("smoke", "noise", ws=ws, progress=False)["runs"]
+    assert sorted(zip(runs["run"], runs["seed"])) == [("align_only", 0), ("align_only", 1), ("rear", 0), ("rear", 1)]
+    with pytest.raises(ValueError, match="unknown plan 'long'.*plans: one, two"):
+        SW.Workspace("smoke", "cpu", progress=False, plan="long")

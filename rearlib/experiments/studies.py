@@ -6,10 +6,15 @@ Studies (``docs/paper.md``, reAR §3):
   (``rearlib.scales.GENERATOR_TRAINING``), training seeds ``seeds``. Without CFG on every seed; with CFG: a sweep
   of (g, p) on training seed 0 with the *selection* sampling seed, then each variant's best (g, p) on every
   training seed with the *reporting* sampling seed (so the reported numbers carry no selection bias).
-* ``noise`` (Table 3): the noisy-context schedules of ``rearlib.rear.PRESETS`` with the ablation recipe.
+* ``noise`` (Table 3): the noisy-context schedules of ``rearlib.rear.PRESETS``.
 * ``embedding`` (Tables 4 and 7): vanilla AR, tied codebook embedding, DE-only at several depths, EN + DE
-  variants and lambda, with the ablation recipe, without CFG (as the paper).
-* ``scaling`` (Fig. 4): AR and reAR at several model sizes with the ablation recipe, FID at every snapshot.
+  variants and lambda, without CFG (as the paper).
+* ``scaling`` (Fig. 4): AR and reAR at several model sizes, FID at every snapshot.
+* ``recipe``: the learning curve of the paper-proportioned recipe (AR and reAR), which sets its length.
+
+The three ablation studies follow a *plan* (``--plan``, :func:`plan_settings`): its recipe, its training seeds
+(every row gets each one), its tied-codebook row and its FID extractor. ``full`` (the default) is the
+paper-proportioned recipe (warm-up a quarter of the run) on several seeds; ``short`` the one-seed 1000-step plan.
 
 Sampling seeds: with base seed S (the notebooks' ``seed``), reported numbers use S + 1; S is a second draw, used
 for the CFG selection sweep and to measure sampling noise (the FID change between two sampling seeds of the same
@@ -19,12 +24,13 @@ machine complete the notebooks anywhere, and a notebook whose records all exist 
 
 CLI (the GPU machine runs it in chunks; weights stay there, records travel)::
 
-    python -m rearlib studies status --scale small [--study all]
-    python -m rearlib studies run    --scale small --study main|noise|embedding|scaling|all [--time-limit S]
+    python -m rearlib studies status --scale small [--study all] [--plan full|short]
+    python -m rearlib studies run    --scale small --study main|noise|embedding|scaling|recipe|all [--time-limit S]
     python -m rearlib studies pack   --scale small --out records.tar.gz
     python -m rearlib studies unpack records.tar.gz
 
-``run`` trains and evaluates whatever is missing, in a fixed order (study, run, evaluation), and stops cleanly
+``run`` trains and evaluates whatever is missing, in a fixed order (training seed, study, run, evaluation: the
+first seed of every row before any second one), and stops cleanly
 before ``--time-limit`` seconds (a training that would not finish stops with a resumable checkpoint at its next
 log step; ``--whole-runs`` starts only trainings expected to finish together with their evaluations). It prints
 one line per item and a table.
@@ -60,8 +66,8 @@ import torch
 from rearlib import cli_types, scales
 from rearlib.experiments.studies_plan import (PAPER_DEPTH, PAPER_FIG4, PAPER_FINAL_DE, PAPER_TABLE3, PAPER_TABLE4,
                                               PAPER_TABLE5, PAPER_TABLE7, RECIPES, STUDIES, STUDIES_EXTRACTOR,
-                                              Resolved, RunSpec, base_layers, embedding_rows, paper_layer, resolve,
-                                              settings, study_names, study_specs)
+                                              Resolved, RunSpec, base_layers, embedding_rows, paper_layer,
+                                              plan_settings, resolve, settings, study_names, study_specs)
 from rearlib.experiments.studies_results import (VARIANT_NAMES, collect, compare_seeds, embedding_table,
                                                  metric_columns, noise_table, provenance_note, sampling_noise,
                                                  scaling_tables, learning_curve, zoo_training_record)
@@ -72,7 +78,7 @@ from rearlib.metrics import EXTRACTORS
 from rearlib.runtime import resolve_device
 
 __all__ = ["STUDIES", "RECIPES", "STUDIES_EXTRACTOR", "PAPER_TABLE3", "PAPER_TABLE4", "PAPER_TABLE5", "PAPER_TABLE7",
-           "PAPER_FIG4", "PAPER_DEPTH", "PAPER_FINAL_DE", "settings", "study_names", "study_specs", "RunSpec",
+           "PAPER_FIG4", "PAPER_DEPTH", "PAPER_FINAL_DE", "settings", "plan_settings", "study_names", "study_specs", "RunSpec",
            "Resolved", "resolve", "paper_layer", "base_layers", "embedding_rows", "Item", "Workspace",
            "run_studies", "status", "collect", "provenance_note", "sampling_noise", "metric_columns",
            "VARIANT_NAMES", "compare_seeds", "noise_table", "embedding_table", "scaling_tables", "learning_curve",
@@ -124,8 +130,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto" if cmd == "run" else "cpu",
                        help="torch device for training and evaluation: auto, cpu, cuda, cuda:N "
                             f"(default: {'auto' if cmd == 'run' else 'cpu'})")
+        p.add_argument("--plan", default=None,
+                       help="how the ablation studies train their rows: 'full' (the paper-proportioned recipe, "
+                            "several training seeds) or 'short' (1000 steps, one seed); default: the scale's "
+                            "(rearlib.scales.STUDIES)")
         p.add_argument("--extractor", default=None, choices=EXTRACTORS,
-                       help=f"FID feature extractor (default: {STUDIES_EXTRACTOR})")
+                       help="FID feature extractor (default: the plan's)")
         if cmd == "run":
             p.add_argument("--time-limit", type=cli_types.positive_seconds, default=None,
                            help="seconds from the start of this command; stop cleanly before it")
@@ -166,7 +176,8 @@ def main(argv=None) -> int:
         # notebook 04); one thread is faster and predictable.
         torch.set_num_threads(1)
     if args.command == "status":
-        ws = Workspace(args.scale, dev, sample_seed=args.sample_seed, progress=False, extractor=args.extractor)
+        ws = Workspace(args.scale, dev, sample_seed=args.sample_seed, progress=False, extractor=args.extractor,
+                       plan=args.plan)
         status(args.scale, args.study, ws=ws)
         return 0
     if args.gpus > 1:
@@ -177,7 +188,7 @@ def main(argv=None) -> int:
             print(f"shard processes exited with {codes}; the records they wrote are kept", file=sys.stderr)
             return 1
     ws = Workspace(args.scale, dev, sample_seed=args.sample_seed, progress=not args.no_progress,
-                   extractor=args.extractor)
+                   extractor=args.extractor, plan=args.plan)
     # After the shards: one pass over the whole plan finishes what waited on another shard's run.
     res = run_studies(args.scale, args.study, time_limit_s=args.time_limit, whole_runs=args.whole_runs,
                       progress=not args.no_progress, t_start=t_start, ws=ws, shard=args.shard)

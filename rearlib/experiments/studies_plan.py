@@ -23,10 +23,9 @@ from rearlib.scales import validate_scale
 STUDIES = ("main", "noise", "embedding", "scaling", "recipe")
 RECIPES = ("main", "ablation", "paper_shape")
 
-#: FID extractor of the studies' evaluations. The committed records of these recipes were scored with the in-project
-#: classifier, and their tables say so ("FID[rearlib-classifier]"); they move to the Inception FID network together
-#: with the longer recipes, which retrain every row. ``Workspace(extractor=...)`` and ``run --extractor`` choose
-#: another one.
+#: FID extractor of the short plan's evaluations (the committed small records; their tables say
+#: "FID[rearlib-classifier]"). Each plan names its own (``plan_settings(...)["extractor"]``; the full plan at small:
+#: the Inception FID network); ``Workspace(extractor=...)`` and ``run --extractor`` override it.
 STUDIES_EXTRACTOR = "rearlib-classifier"
 
 
@@ -71,6 +70,16 @@ def settings(scale: str) -> dict:
         raise ValueError(f"the studies exist at {', '.join(scales.STUDIES)} only (paper scale: the authors' recipe "
                          f"needs 8 GPUs for days; see rearlib.train's 'paper' settings)")
     return scales.STUDIES[scale]
+
+
+def plan_settings(scale: str, plan: str | None = None) -> dict:
+    """The studies' plan ``plan`` of ``scale`` (None: the scale's default): {"name", "recipe", "seeds", "tied",
+    "extractor"} (:data:`rearlib.scales.STUDIES`)."""
+    st = settings(scale)
+    name = st["plan"] if plan is None else plan
+    if name not in st["plans"]:
+        raise ValueError(f"unknown plan {plan!r} at scale {scale!r}; plans: {', '.join(st['plans'])}")
+    return {"name": name, **st["plans"][name]}
 
 
 def study_names(study: str) -> list[str]:
@@ -236,21 +245,28 @@ def base_layers(scale: str) -> tuple[int, int, int]:
     return base.encode_align_layer, base.decode_align_layer, base.depth
 
 
-def embedding_rows(scale: str) -> list[dict]:
-    """Rows of Tables 4 and 7 mapped to our depth: {"name", "spec", "paper": [(table, setting, FID, IS)]}.
+def embedding_rows(scale: str, plan: str | None = None) -> list[dict]:
+    """Rows of Tables 4 and 7 mapped to our depth: {"name", "spec", "paper": [(table, setting, FID, IS)]}, each
+    spec with the plan's recipe and its first seed.
 
-    Several paper rows may map to one of our runs (e.g. DE@14, 15 and 16 are all block 6 of 8).
+    Several paper rows may map to one of our runs (e.g. DE@14, 15 and 16 are all block 6 of 8). The row "tied"
+    trains the plan's tied preset (``tied``: logits through the codebook, rank-limited; ``tied_projected``:
+    through a learned projection, see ``ReARConfig.tied_codebook``).
     """
     en0, de0, depth = base_layers(scale)
     st = settings(scale)
+    pl = plan_settings(scale, plan)
     rows: dict[str, dict] = {}
+
+    def spec_of(name, preset, ov=None):
+        return RunSpec(name, rear=preset, rear_overrides=ov or {}, recipe=pl["recipe"], seed=pl["seeds"][0])
 
     def add(name, spec, table, setting, fid, isc):
         rows.setdefault(name, {"name": name, "spec": spec, "paper": []})["paper"].append((table, setting, fid, isc))
 
     for setting, preset, en, de, fid, isc in PAPER_TABLE4:
         if preset in ("ar", "tied"):
-            add(preset, RunSpec(preset, rear=preset), "Table 4", setting, fid, isc)
+            add(preset, spec_of(preset, pl["tied"] if preset == "tied" else preset), "Table 4", setting, fid, isc)
             continue
         ov = {}
         if de is not None:
@@ -261,16 +277,16 @@ def embedding_rows(scale: str) -> list[dict]:
             w = float(setting.split("=")[1])
             ov["align_weight"] = w
         name = _row_name(preset, ov, de0, en0)
-        add(name, RunSpec(name, rear=preset, rear_overrides=ov), "Table 4", setting, fid, isc)
+        add(name, spec_of(name, preset, ov), "Table 4", setting, fid, isc)
     for setting, de, fid, isc in PAPER_TABLE7:
         ov = {"decode_layer": paper_layer(de, de0, depth)}
         name = _row_name("de_only", ov, de0, en0)
-        add(name, RunSpec(name, rear="de_only", rear_overrides=ov), "Table 7", setting, fid, isc)
+        add(name, spec_of(name, "de_only", ov), "Table 7", setting, fid, isc)
     extra = [w for w in st["align_weights"] if w not in (0.5, 1.5)]
     for w in extra:  # settings may ask for more lambdas than the paper's
         ov = {"align_weight": float(w)}
         name = _row_name("rear", ov, de0, en0)
-        rows.setdefault(name, {"name": name, "spec": RunSpec(name, rear="rear", rear_overrides=ov), "paper": []})
+        rows.setdefault(name, {"name": name, "spec": spec_of(name, "rear", ov), "paper": []})
     order = ["ar", "tied"] + sorted((n for n in rows if n.startswith("de_only")),
                                     key=lambda n: int(n.split("@")[1]))
     order += [n for n in rows if n not in order]
@@ -290,23 +306,30 @@ def _row_name(preset: str, ov: dict, de0: int, en0: int) -> str:
     return " ".join(parts)
 
 
-def study_specs(scale: str, study: str) -> list[RunSpec]:
-    """The runs of a study, in execution order."""
+def study_specs(scale: str, study: str, plan: str | None = None) -> list[RunSpec]:
+    """The runs of a study, in execution order: seed-major (every row's first seed, then every row's second...),
+    so that a study cut short has one seed of each row before it has three of any. The ablation studies (noise,
+    embedding, scaling) follow ``plan`` (:func:`plan_settings`); the main and recipe studies have their own."""
     st = settings(scale)
     if study == "main":
         return [RunSpec(f"{v} seed{s}", rear=v, recipe="main", seed=s) for s in st["seeds"] for v in ("ar", "rear")]
+    pl = plan_settings(scale, plan)
     if study == "noise":
-        return [RunSpec(name, rear=name) for name in PAPER_TABLE3]
-    if study == "embedding":
-        return [r["spec"] for r in embedding_rows(scale)]
-    if study == "scaling":
-        out = []
+        rows = [RunSpec(name, rear=name, recipe=pl["recipe"]) for name in PAPER_TABLE3]
+    elif study == "embedding":
+        rows = [r["spec"] for r in embedding_rows(scale, plan)]
+    elif study == "scaling":
+        rows = []
         for size in st["scaling_sizes"]:
             for v in ("ar", "rear"):
                 # The base size has the canonical name of the ablation rows: the same run as Tables 3 and 4.
                 name = v if size == st["base_size"] else f"{v} {size}"
-                out.append(RunSpec(name, rear=v, size=None if size == st["base_size"] else size))
-        return out
+                rows.append(RunSpec(name, rear=v, size=None if size == st["base_size"] else size,
+                                    recipe=pl["recipe"]))
+    else:
+        rows = None
+    if rows is not None:
+        return [replace(r, seed=s) for s in pl["seeds"] for r in rows]
     if study == "recipe":
         # The learning curve of the paper-proportioned recipe, AR and reAR: where FID stops improving sets the
         # length of the recipe every other study should use.

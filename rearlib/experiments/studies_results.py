@@ -70,7 +70,8 @@ def provenance_note(result: dict) -> str:
 
 
 def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, compute: bool = True,
-            progress: bool = True, ws: Workspace | None = None, extractor: str | None = None) -> dict:
+            progress: bool = True, ws: Workspace | None = None, extractor: str | None = None,
+            plan: str | None = None) -> dict:
     """Everything a study notebook shows, from records; missing records are computed first when ``compute``.
 
     Returns {"runs": DataFrame (one row per run: spec, layers, training record), "evals": DataFrame (one row
@@ -80,13 +81,14 @@ def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, comp
     """
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; allowed: {', '.join(STUDIES)}")
-    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress, extractor=extractor)
+    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress, extractor=extractor, plan=plan)
     missing = [it for it in ws.items(study) if it.pending or not ws.is_done(it)]
     if missing and compute:
         if scale != "smoke" and ws.device.type != "cuda":
             raise FileNotFoundError(
                 f"{len(missing)} evaluation record(s) of the {study!r} study are missing at scale {scale!r} and this "
-                f"machine has no GPU. On a GPU: python -m rearlib studies run --scale {scale} --study {study}; "
+                f"machine has no GPU. On a GPU: python -m rearlib studies run --scale {scale} --study {study} "
+                f"--plan {ws.plan['name']}; "
                 f"then bring them here with `python -m rearlib studies pack/unpack`.")
         res = run_studies(scale, study, ws=ws, progress=progress, log=(print if progress else (lambda *a: None)))
         if res["missing"]:
@@ -95,7 +97,7 @@ def collect(scale: str, study: str, *, device="auto", sample_seed: int = 0, comp
         raise FileNotFoundError(f"{len(missing)} evaluation record(s) of the {study!r} study are missing "
                                 f"(compute=False)")
     run_rows, seen = [], set()
-    for spec in study_specs(scale, study):
+    for spec in study_specs(scale, study, ws.plan["name"]):
         run = ws.resolve(spec)
         if run.run_hash in seen:
             continue

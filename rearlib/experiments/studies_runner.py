@@ -21,6 +21,12 @@ def format_seconds(s: float | None) -> str:
     return "-" if s is None else f"{s:7.1f}"
 
 
+def run_label(run) -> str:
+    """A run's row name with its training seed ("rear seed1"; the main study's names carry it already)."""
+    name = run.spec.name
+    return name if name.endswith(f"seed{run.spec.seed}") else f"{name} seed{run.spec.seed}"
+
+
 def item_line(row: dict) -> str:
     """One row of the progress table of :func:`run_studies` as a line of text."""
     return (f"{row['study']:<9} {row['run']:<22} {row['what']:<34} {row['status']:<26} "
@@ -31,19 +37,30 @@ def shard_owners(ws: Workspace, study: str, n_shards: int) -> dict[str, int]:
     """Run hash -> shard (0..n_shards-1): runs in plan order, dealt out in turn, so every shard gets a share of
     each study and the first seed of every row is spread before the later ones (the plan lists runs seed-major)."""
     owners: dict[str, int] = {}
-    for it in _all_items(ws, study):
-        if it.run is not None and it.run.run_hash not in owners:
-            owners[it.run.run_hash] = len(owners) % n_shards
+    for name, seed in seed_passes(ws, study):
+        for it in ws.items(name):
+            if it.run is not None and it.run.spec.seed == seed and it.run.run_hash not in owners:
+                owners[it.run.run_hash] = len(owners) % n_shards
     return owners
+
+
+def seed_passes(ws: Workspace, study: str) -> list[tuple[str, int]]:
+    """(study, training seed) in the order :func:`run_studies` works through them: seed-major over the studies, so
+    that the first seed of every row of every study finishes before any second seed (a plan cut short by time is
+    then as wide as it can be); the real-image floors and other seedless items go with the first pass."""
+    names = study_names(study)
+    seeds = sorted({it.run.spec.seed for n in names for it in ws.items(n) if it.run is not None})
+    return [(n, s) for s in seeds or [0] for n in names]
 
 
 def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: int = 0,
                 time_limit_s: float | None = None, whole_runs: bool = False, progress: bool = True,
                 t_start: float | None = None, ws: Workspace | None = None, extractor: str | None = None,
-                shard: tuple[int, int] | None = None, log=print) -> dict:
+                plan: str | None = None, shard: tuple[int, int] | None = None, log=print) -> dict:
     """Train and evaluate whatever is missing, in order, stopping cleanly before ``time_limit_s``.
 
-    ``t_start``: the ``time.monotonic()`` the limit counts from (default: now). ``whole_runs``: start a training
+    Order: :func:`seed_passes` (every row's first training seed before any row's second). ``t_start``: the
+    ``time.monotonic()`` the limit counts from (default: now). ``whole_runs``: start a training
     only when it and the run's evaluations are expected to finish within the limit. ``shard=(i, n)``: only the
     runs :func:`shard_owners` gives to shard ``i`` of ``n`` (and, for shard 0, the real-image floors), so that
     ``n`` processes, one per GPU, share the plan; an item that waits on another shard's run stays pending for a
@@ -56,7 +73,7 @@ def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: i
                          f"got {time_limit_s!r}")
     t0 = time.monotonic() if t_start is None else t_start
     deadline = None if time_limit_s is None else t0 + float(time_limit_s)
-    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress, extractor=extractor)
+    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=progress, extractor=extractor, plan=plan)
     owners = None
     if shard is not None:
         index, n_shards = shard
@@ -75,15 +92,16 @@ def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: i
         log(f"[{time.monotonic() - t0:7.1f} s] {item_line(row)}")
 
     seen_keys: set[str] = set()
-    for name in study_names(study):
+    for name, seed in seed_passes(ws, study):
         i = 0
         while True:
-            items = ws.items(name)  # re-planned: the main study's best-CFG items appear after their sweep
+            # re-planned: the main study's sweep grows and its best-CFG items appear after it
+            items = [it for it in ws.items(name) if it.run is None or it.run.spec.seed == seed]
             if i >= len(items):
                 break
             item = items[i]
             i += 1
-            run_name = item.run.spec.name if item.run else "-"
+            run_name = run_label(item.run) if item.run else "-"
             what = item.label if item.floor or item.pending else f"step {item.step}: {item.label}"
             base = {"study": name, "run": run_name, "what": what}
             if owners is not None and (owners.get(item.run.run_hash, 0) if item.run else 0) != shard[0]:
@@ -120,7 +138,7 @@ def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: i
                 t = time.monotonic()
                 res = ws.train(run, deadline=deadline, reserve_s=reserve)
                 wall = time.monotonic() - t
-                note({"study": name, "run": run.spec.name, "what": f"train {run.steps} steps ({run.size_label})",
+                note({"study": name, "run": run_label(run), "what": f"train {run.steps} steps ({run.size_label})",
                       "status": f"{res['status']} at step {res['step']}", "wall s": wall})
                 if res["status"] != "completed":
                     stopped, reason = True, (f"time limit during training of {run.spec.name} (checkpoint at step "
@@ -159,9 +177,11 @@ def _all_items(ws: Workspace, study: str) -> list[Item]:
 
 
 def status(scale: str, study: str = "all", *, sample_seed: int = 0, device="cpu", ws: Workspace | None = None,
-           extractor: str | None = None, log=print) -> dict:
+           extractor: str | None = None, plan: str | None = None, log=print) -> dict:
     """Print what is done and missing (and the estimated GPU time of the missing work); nothing is computed."""
-    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=False, extractor=extractor)
+    ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=False, extractor=extractor, plan=plan)
+    log(f"plan {ws.plan['name']!r}: ablation rows on the {ws.plan['recipe']!r} recipe, training seeds "
+        f"{list(ws.plan['seeds'])}, FID extractor {ws.extractor}")
     rows, est_total = [], 0.0
     trained_est: set[str] = set()  # shared runs and records are counted once, by the first study that needs them
     counted: set[str] = set()
@@ -180,7 +200,7 @@ def status(scale: str, study: str = "all", *, sample_seed: int = 0, device="cpu"
                     trained_est.add(it.run.run_hash)
                     est += ws.estimate_train_s(it.run)
                 est += ws.estimate_eval_s(it)
-            rows.append({"study": name, "run": it.run.spec.name if it.run else "-",
+            rows.append({"study": name, "run": run_label(it.run) if it.run else "-",
                          "what": it.label if it.floor or it.pending else f"step {it.step}: {it.label}",
                          "status": "done" if ok else ("pending" if it.pending else "missing")})
         log(f"{name:<10} done {done:3d}, missing {missing:3d}; estimated {est / 60:5.1f} min of GPU work "

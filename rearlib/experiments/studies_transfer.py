@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 from rearlib.experiments.evaluation import RECORD_KIND, iter_records
-from rearlib.experiments.studies_plan import STUDIES, study_specs
+from rearlib.experiments.studies_plan import STUDIES, settings, study_specs
 from rearlib.experiments.studies_workspace import Workspace
 from rearlib.runtime import artifacts_root, atomic_write_bytes
 
@@ -35,9 +35,10 @@ def pack(scale: str, out: str | Path, *, ws: Workspace | None = None, log=print)
     for path, _ in iter_records(scale=scale):
         files += [path, path.with_name("config.json")]
     runs = set()
-    for name in STUDIES:
-        for spec in study_specs(scale, name):
-            runs.add(ws.resolve(spec).run_hash)
+    for plan in settings(scale)["plans"]:  # the training results of every plan's runs
+        for name in STUDIES:
+            for spec in study_specs(scale, name, plan):
+                runs.add(ws.resolve(spec).run_hash)
     for h in sorted(runs):
         folder = root / "generators" / h
         if (folder / "result.json").is_file():

@@ -19,8 +19,8 @@ import torch
 from rearlib import scales
 from rearlib.experiments import zoo
 from rearlib.experiments.evaluation import Evaluator, load_record, record_path, run_model_key, setting_label
-from rearlib.experiments.studies_plan import (STUDIES_EXTRACTOR, Resolved, RunSpec, SweepState, resolve, settings,
-                                              study_specs, sweep_state)
+from rearlib.experiments.studies_plan import (Resolved, RunSpec, SweepState, plan_settings,
+                                              resolve, settings, study_specs, sweep_state)
 from rearlib.metrics import metric_label
 from rearlib.metrics.classifier import get_classifier
 from rearlib.model import estimate_flops_per_token, get_config
@@ -64,20 +64,22 @@ class Item:
 class Workspace:
     """The tokenizer, classifier, evaluator and run resolution of one scale (and a one-model cache).
 
-    ``sample_seed``: the base sampling seed S (reported numbers use S + 1, selection and noise use S).
+    ``sample_seed``: the base sampling seed S (reported numbers use S + 1, selection and noise use S). ``plan``:
+    how the ablation studies train their rows (:func:`~rearlib.experiments.studies_plan.plan_settings`).
     """
 
     def __init__(self, scale: str, device="auto", *, sample_seed: int = 0, progress: bool = True,
-                 extractor: str | None = None):
+                 extractor: str | None = None, plan: str | None = None):
         self.scale = scale
         self.st = settings(scale)
+        self.plan = plan_settings(scale, plan)  # the ablation studies' recipe, seeds and tied row
         if isinstance(sample_seed, bool) or not isinstance(sample_seed, int) or sample_seed < 0:
             raise ValueError(f"sample_seed must be an integer >= 0, got {sample_seed!r}")
         self.device = resolve_device(device) if isinstance(device, (str, type(None))) else torch.device(device)
         self.progress = progress
         self.tok = get_tokenizer(scale, self.device, progress=False)
         self.classifier = get_classifier(scale, self.device)
-        self.extractor = extractor or STUDIES_EXTRACTOR
+        self.extractor = extractor or self.plan["extractor"]
         self.evaluator = Evaluator(scale, self.tok, self.classifier, self.device,
                                    data_seed=scales.GENERATOR_DATA[scale]["seed"], progress=progress,
                                    extractor=self.extractor)
@@ -200,7 +202,7 @@ class Workspace:
         """The study's evaluations in execution order (run-major, so each model is loaded once)."""
         out: list[Item] = [self.floor_item(study)]
         S, R = self.select_seed, self.report_seed
-        specs = study_specs(self.scale, study)
+        specs = study_specs(self.scale, study, self.plan["name"])
         if study == "main":
             best = {}
             for spec in specs:
@@ -228,7 +230,7 @@ class Workspace:
             steps = run.snapshot_steps if study in ("scaling", "recipe") else [run.steps]
             for step in steps:
                 out.append(self._eval_item(study, run, step, None, None, R, "report"))
-            if spec.name in noise_rows:
+            if spec.name in noise_rows and spec.seed == specs[0].seed:
                 out.append(self._eval_item(study, run, run.steps, None, None, S, "noise"))
         return out
 
