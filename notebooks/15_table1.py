@@ -138,7 +138,7 @@ for name in wanted:
                  "samples": s["num_images"], "FID": m["fid"], "KID": m["kid_mean"], "precision": m["precision"],
                  "recall": m["recall"], "IS": m["isc_mean"], "paper FID": paper_fid, "paper IS": paper_is,
                  "sampling s": s["seconds"], "images/s": s["images_per_s"], "GPUs": gpus,
-                 "peak GPU memory (GB)": s["peak_memory_gb"], "scoring s": time.perf_counter() - t0,
+                 "peak GPU memory (GiB)": s["peak_memory_gib"], "scoring s": time.perf_counter() - t0,
                  "FID reference": m["fid_reference"]})
     del model
     if ctx.device.type == "cuda":

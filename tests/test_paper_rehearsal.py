@@ -104,4 +104,5 @@ def test_tiny_rehearsal_runs_the_paper_notebooks_through_the_runner(tmp_path, mo
     assert json.loads(Path(again["record"]).read_text())["table1"][0]["samples"] == 4
     # ...but not those of another device
     other = rehearse(tmp_path / "reh", size="tiny", device="cpu:0", notebooks=["10"], progress=False)
-    assert [r["notebook"] for r in other["notebooks"]] == ["10_main_comparison"]
+    assert {r["notebook"] for r in other["notebooks"]}.isdisjoint({"05_exposure_bias", "15_table1"})
+    assert {r["status"] for r in other["notebooks"]} == {"skipped (smoke/small only)"}  # the runner's skips, always

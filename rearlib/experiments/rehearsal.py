@@ -157,16 +157,18 @@ def table1_projection(out: Path) -> list[dict]:
         ips = r.get("images/s")
         rows.append({"model": r["model"], "samples": int(r["samples"]), "images_per_s": ips,
                      "sampling_s": r.get("sampling s"), "scoring_s": r.get("scoring s"),
-                     "peak_sampling_gpu_memory_gib": r.get("peak GPU memory (GB)"),
+                     "peak_sampling_gpu_memory_gib": r.get("peak GPU memory (GiB)"),
                      "projected_50k_sampling_min": (50_000 / ips / 60) if ips and ips == ips else None})
     return rows
 
 
-def write_record(out: Path, rows: list[dict], manifest: dict, device: str) -> Path:
+def write_record(out: Path, rows: list[dict], manifest: dict, device: str, hardware: dict | None = None) -> Path:
+    """Write ``rehearsal.json`` and ``README.md`` in ``out`` (``hardware``: default this machine's)."""
     record = {"meaning": "STAND-IN ASSETS: random weights and rendered images. The metric values in these reports "
                          "have no scientific meaning; the run shows that the paper path works and what it costs.",
               "standins": {k: manifest[k] for k in ("size", "presets", "images_per_class", "reference_images")},
-              "hardware": hardware_info(), "device": device, "notebooks": rows, "table1": table1_projection(out)}
+              "hardware": hardware or hardware_info(), "device": device, "notebooks": rows,
+              "table1": table1_projection(out)}
     for r in rows:  # projections only where the shapes are the released ones
         r["projected_full_s"] = project(r) if manifest["size"] == "paper" else None
     if manifest["size"] != "paper":
@@ -193,7 +195,8 @@ def write_record(out: Path, rows: list[dict], manifest: dict, device: str) -> Pa
                      f"{r['peak_host_memory_gib'] if r['peak_host_memory_gib'] is not None else '-'} | {proj} |")
     lines += ["", "Projected full run: the notebook's time scaled linearly from the rehearsal's image count to the "
               "paper-scale count (`rearlib.scales.ANALYSIS['paper']`); an upper bound, since loading does not grow "
-              "with the count.", ""]
+              "with the count. Peak GPU memory: `nvidia-smi`'s used memory of the whole device, sampled every "
+              "0.2 s; it includes PyTorch's cache, so it bounds what a notebook needs from above.", ""]
     if record["table1"]:
         lines += ["## Table 1 sampling", "", "| model | samples | images/s | projected 50,000 samples (min) |",
                   "|---|---|---|---|"]
@@ -232,14 +235,13 @@ def rehearse(out, *, size: str = "paper", device: str = "auto", assets=None, not
     manifest = write_standins(assets, size=size, progress=progress,
                               reference_images=1000 if size == "paper" else 20)
     env = standin_environment(assets, PAPER_PRESETS)
-    names = [p.stem for p in notebook_scripts()]
-    if notebooks:
-        names = [n for n in names if any(n.startswith(k) for k in notebooks)]
+    every = [p.stem for p in notebook_scripts()]
+    names = [n for n in every if any(n.startswith(k) for k in notebooks)] if notebooks else every
     # Table 1 first: its sampling rate gives the projection that matters most if a time limit cuts the run short.
     capable = sorted((n for n in names if "paper" in scales.notebook_scales(n)), key=lambda n: n != "15_table1")
     if size == "tiny":  # a CPU rehearsal runs the notebooks it has counts for; the GPU rehearsal runs them all
         capable = [n for n in capable if n in REDUCED[size]]
-    others = [n for n in names if "paper" not in scales.notebook_scales(n)]
+    others = [n for n in every if "paper" not in scales.notebook_scales(n)]  # always: the runner's skips
     earlier = earlier_rows(out, manifest, device)
     rows = [r for r in earlier if r["notebook"] not in capable and r["notebook"] not in others]
     samples = out / "table1_samples"

@@ -74,7 +74,7 @@ def sample_model(model, tokenizer, out_dir, *, num_per_class: int, seed: int, ba
                  cfg_power: float, gpus: int = 1, checkpoint=None, preset: str | None = None, scale: str = "paper",
                  tokenizer_path=None, n_classes: int | None = None, progress: bool = True) -> dict:
     """Sample ``num_per_class`` images for every class of ``model`` into ``out_dir`` (resumed if interrupted) and
-    return ``{"npz", "num_images", "generated", "seconds", "images_per_s", "gpus", "peak_memory_gb"}``.
+    return ``{"npz", "num_images", "generated", "seconds", "images_per_s", "gpus", "peak_memory_gib"}``.
 
     ``gpus > 1`` runs ``torchrun`` (:func:`torchrun_command`) on ``checkpoint``; ``model`` is then not used here.
     ``n_classes`` limits the run to the first classes (a rehearsal of the path; the protocol uses all of them).
@@ -110,7 +110,7 @@ def sample_model(model, tokenizer, out_dir, *, num_per_class: int, seed: int, ba
     made = int(res.get("generated", res["num_images"]))
     return {"npz": str(Path(res.get("npz") or out_dir / "samples.npz")), "num_images": int(res["num_images"]),
             "generated": made, "seconds": seconds, "images_per_s": made / seconds if made else math.nan,
-            "gpus": gpus, "peak_memory_gb": peak}
+            "gpus": gpus, "peak_memory_gib": peak}
 
 
 def score_samples(npz, reference, *, device="auto", cache_name: str | None = None, scale: str = "paper") -> dict:
