@@ -17,10 +17,12 @@
 # * **With CFG** (power-cosine schedule, `docs/paper.md`, reAR §1.9): a sweep of g x p on training seed 0 with sampling
 #   seed S (*selection*), then each variant's best (g, p) on all three training seeds with sampling seed S + 1 (the
 #   *reported* numbers, free of the selection's optimism).
-# * Metrics: FID / IS / KID / precision / recall against 10k held-out real images with the **in-project feature
-#   extractor** (a classifier trained on ShapeScenes-10): every such number is labeled `[rearlib-classifier]`; it
-#   is *not* the Inception FID of the paper and its values are not comparable with the paper's. Class consistency:
-#   how often that classifier recognises the requested class.
+# * Metrics: FID / KID / precision / recall against 10k held-out real images with the FID network of the studies'
+#   **plan** (`plan`, `rearlib.scales.STUDIES`): at `small` the `full` plan uses the Inception FID network (plain
+#   names: FID, KID...), the `short` plan (the committed records) the **in-project classifier** trained on
+#   ShapeScenes-10, labeled `[rearlib-classifier]`. Either way the reference is our rendered scenes, not ImageNet,
+#   so the values are not comparable with the paper's. IS and class consistency (how often the classifier
+#   recognises the requested class) always come from the classifier.
 # * **Verdict rule** (`rearlib.experiments.verdicts.seed_difference_verdict`, tested at its edges): the 95%
 #   t-interval of reAR - AR over training seeds, paired by seed (the AR and reAR runs of one seed share its batch
 #   order; Welch's interval when the seeds do not match). "direction reproduced" when the interval excludes 0 on the
@@ -33,6 +35,7 @@
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
 seed = 0               # base sampling seed S: reported numbers use S + 1; S draws the CFG selection sweep
+plan = None            # the studies' plan, which names the FID network: "full" | "short" (None: the scale's)
 device = "auto"
 reports_dir = "reports"
 figures_dir = "figures"
@@ -63,10 +66,10 @@ if ctx.scale == "paper":
 if ctx.device.type == "cpu":
     torch.set_num_threads(1)  # one thread is faster and predictable on a busy small CPU (see notebook 04)
 t_start = time.time()
-FID, IS, KID, PREC, REC, CC = studies.metric_columns()
 S, R = ctx.seed, ctx.seed + 1
 # Trains / evaluates whatever is missing (nothing when the records exist: then no generator is loaded).
-result = studies.collect(ctx.scale, "main", device=ctx.device, sample_seed=ctx.seed)
+result = studies.collect(ctx.scale, "main", device=ctx.device, sample_seed=ctx.seed, plan=plan)
+FID, IS, KID, PREC, REC, CC = studies.metric_columns(result["workspace"].extractor)
 ctx.note(studies.provenance_note(result))
 runs, evals, floor = result["runs"], result["evals"], result["floor"]
 runs["model"] = runs["preset"].map(studies.VARIANT_NAMES)
@@ -120,7 +123,7 @@ plt.show()
 # %%
 sweep = evals[evals["role"].isin(["select", "noise"]) & (evals["seed"] == st["seeds"][0])]
 ctx.save_csv(sweep, "10_cfg_sweep")
-ws = result["workspace"]
+ws = result["workspace"]  # its plan names the FID network
 best, best_setting, bracket_rows = {}, {}, []  # best_setting: {seed-0 run: its best CFG label}
 for spec in studies.study_specs(ctx.scale, "main"):
     if spec.seed != st["seeds"][0]:

@@ -8,26 +8,28 @@
 #
 # **Our setup.** AR and reAR at the sizes of `rearlib.scales.STUDIES[scale]["scaling_sizes"]`, one architecture
 # (at `small`: "xs" 4 blocks x 128 with 2 heads and the zoo's 8 x 256 with 4 heads; head width 64, projector 2x
-# width, DE at 3/4 depth: blocks 3 and 6; a "medium" 12 x 384 size is defined for a longer budget), each trained
-# once with the studies' ablation recipe (at `small` 1000 steps at batch 256, warm-up 100, cosine decay, snapshots
-# every 250 steps; the runs table lists the steps of each training record). The runs of the zoo's size are the
-# same runs as notebooks 11/12's AR and reAR rows (same recipe -> same hash). FID at every snapshot **without
+# width, DE at 3/4 depth: blocks 3 and 6; a "medium" 12 x 384 size is defined for a longer budget), trained as the
+# studies' **plan** says (`plan`, `rearlib.scales.STUDIES`): `full` (the default) is the paper-proportioned recipe
+# (at `small`: 8000 steps at batch 256, warm-up a quarter of the run, snapshots every 1000 steps) on three training
+# seeds, scored with the Inception FID network against our rendered scenes; `short` is one seed of a 1000-step
+# recipe (snapshots every 250) scored with the in-project classifier. The runs table lists the steps and seed of
+# each training record. The runs of the zoo's size are the same runs as notebooks 11/12's AR and reAR rows (same
+# recipe -> same hash). FID at every snapshot (mean over training seeds) **without
 # CFG** (unlike the paper's Fig. 4, presumably with CFG), 10k samples, sampling seed S + 1. A snapshot along one
 # cosine schedule is not the same as a shorter run (the lr has not decayed yet), exactly as in the paper's curves.
 #
-# Metrics with the in-project extractor, labeled `[rearlib-classifier]` (not comparable in value with the paper).
 # **Verdict rule** (`rearlib.experiments.verdicts.seed_difference_verdict`): each difference a claim names is
 # judged by its 95% t-interval over training seeds: "direction reproduced" when it excludes 0 on the paper's side
 # (only the direction is compared: our FID is not the paper's), "not reproduced" when it excludes 0 on the other
 # side, "inconclusive" when it holds 0; a claim is as strong as its weakest difference. With one training seed per
 # run there is no interval and the verdict is "inconclusive" however large the difference: the spread between
-# training seeds contains the sampling noise and usually more, and it is unknown here (notebook 10 measures it for
-# the 5000-step recipe). The note still says whether each difference exceeds the sampling noise (max |Δ FID| of the
+# training seeds contains the sampling noise and usually more, and with one seed it is unknown. The note still says whether each difference exceeds the sampling noise (max |Δ FID| of the
 # zoo-size AR and reAR final weights between sampling seeds S and S + 1) and goes the paper's way. At `smoke` every
 # verdict is "not tested".
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
+plan = None            # how the runs train: "full" | "short" (None: the scale's default, rearlib.scales.STUDIES)
 seed = 0               # base sampling seed S: reported numbers use S + 1, S is the second draw (noise)
 device = "auto"
 reports_dir = "reports"
@@ -56,15 +58,18 @@ if ctx.scale == "paper":
 if ctx.device.type == "cpu":
     torch.set_num_threads(1)  # one thread is faster and predictable on a busy small CPU (see notebook 04)
 t_start = time.time()
-FID, IS, _, _, _, CC = studies.metric_columns()
 S, R = ctx.seed, ctx.seed + 1
-result = studies.collect(ctx.scale, "scaling", device=ctx.device, sample_seed=ctx.seed)
+result = studies.collect(ctx.scale, "scaling", device=ctx.device, sample_seed=ctx.seed, plan=plan)
 ctx.note(studies.provenance_note(result))
+ws = result["workspace"]
+FID, IS, _, _, _, CC = studies.metric_columns(ws.extractor)
 runs, evals, floor = result["runs"], result["evals"], result["floor"]
 sizes = studies.settings(ctx.scale)["scaling_sizes"]
 noise = studies.sampling_noise(evals, FID, ["ar", "rear"], R, S)  # the zoo's size keeps the ablation rows' names
 noise_what = f"max |Δ {FID}| of the zoo-size AR and reAR final weights between sampling seeds {S} and {R}"
-print(f"sampling noise ({noise_what}): {noise:.4g}")
+n_seeds = runs.groupby("run")["seed"].nunique().min()
+print(f"plan {ws.plan['name']!r} ({ws.plan['recipe']} recipe): {n_seeds} training seed(s) per run; sampling noise "
+      f"({noise_what}): {noise:.4g}")
 
 # %% [markdown]
 # ## 1 · Runs: sizes, parameters and training cost
@@ -74,7 +79,8 @@ print(f"sampling noise ({noise_what}): {noise:.4g}")
 runs, cost, curve = studies.scaling_tables(runs, evals, sizes, noise)
 ctx.save_csv(runs, "13_runs")
 ctx.save_csv(cost.reset_index(), "13_cost")
-runs[["size", "model", "heads", "variant", "EN", "DE", "params", "steps", "train time (s)", "samples/s", "GPU"]]
+runs[["size", "model", "heads", "variant", "seed", "EN", "DE", "params", "steps", "train time (s)", "samples/s",
+      "GPU"]]
 
 # %% [markdown]
 # ## 2 · FID against training steps
@@ -125,7 +131,8 @@ at_start = curve[curve["step"] == curve.groupby(["size", "variant"])["step"].tra
 # Means over training seeds, for the text (the rule takes the values per seed).
 final, first = (d.groupby(["size", "variant"], sort=False)[FID].mean() for d in (at_end, at_start))
 steps = ", ".join(str(x) for x in sorted(runs["steps"].unique()))  # from the training records
-common = f"{steps} training steps, {int(curve['n generated'].iloc[0])} samples per point, no CFG"
+common = (f"plan {ws.plan['name']}: {steps} training steps, {n_seeds} training seed(s) per run, "
+          f"{int(curve['n generated'].iloc[0])} samples per point, no CFG")
 
 
 def seeds(frame, size, variant):

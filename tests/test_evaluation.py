@@ -136,7 +136,8 @@ def test_fixed_image_sets_are_cached(parts, records_root):
 
 def test_default_extractor_is_the_inception_fid_network(parts, records_root):
     """Without an extractor named, FID / KID / precision / recall come from the Inception-v3 FID network, carry
-    their plain names, and the extractor's identity is in the key; IS is absent (the network has no logits)."""
+    their plain names, and the extractor's identity is in the key; IS, which the network cannot give (no logits),
+    is the classifier's, labeled, and equals what the classifier's evaluator reports on the same images."""
     tok, clf, model = parts
     ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False)
     classifier_ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False,
@@ -146,8 +147,10 @@ def test_default_extractor_is_the_inception_fid_network(parts, records_root):
     assert "extractor" not in classifier_ev.key(run_model_key("r", 1), n_per_class=2)
     row = ev.evaluate(run_model_key("r", 1), model, n_per_class=2)
     assert {"FID", "KID", "Precision", "Recall", "class consistency"} <= set(row)
-    assert not any(k.startswith("IS") or "rearlib-classifier" in k for k in row)
+    assert [k for k in row if "rearlib-classifier" in k or k.startswith("IS")] == ["IS[rearlib-classifier]"]
     assert row["FID"] > 0 and row["n generated"] == 20 and row["n reference"] == 16
+    by_classifier = classifier_ev.evaluate(run_model_key("r", 1), model, n_per_class=2)
+    assert row["IS[rearlib-classifier]"] == pytest.approx(by_classifier["IS[rearlib-classifier]"], rel=1e-6)
 
 
 def test_bad_inputs(parts):

@@ -59,6 +59,8 @@ __all__ = ["RECORD_KIND", "RECORD_FORMAT", "Evaluator", "setting_label", "canoni
            "samples_per_class_within"]
 
 RECORD_KIND = "eval_records"
+#: The network of IS when the FID extractor has no logits (the Inception FID network holds pool features only).
+SECONDARY_IS = "rearlib-classifier"
 RECORD_FORMAT = "rearlib.evaluation/1"
 NUM_CLASSES = 10
 
@@ -223,6 +225,10 @@ class Evaluator:
                                     classifier=self.classifier, device=self.device, cache_name=self.reference_name,
                                     reference_name=f"ShapeScenes-10 val n={self.n_ref}")
         row = {dm["labels"][k]: dm[k] for k in ("fid", "isc_mean", "kid_mean", "precision", "recall") if k in dm}
+        if not M.extractor_has_logits(self.extractor):  # the FID network has no logits: IS from the classifier
+            isc = M.distribution_metrics(images_u8, self.reference_u8, extractor=SECONDARY_IS, fid=False, isc=True,
+                                         kid=False, prc=False, classifier=self.classifier, device=self.device)
+            row[isc["labels"]["isc_mean"]] = isc["isc_mean"]
         row["class consistency"] = class_consistency(images_u8.float() / 255, labels,
                                                      self.classifier)["class_consistency"]
         row.update({"n generated": dm["n_generated"], "n reference": dm["n_reference"]})

@@ -69,8 +69,9 @@ from rearlib.experiments.studies_plan import (PAPER_DEPTH, PAPER_FIG4, PAPER_FIN
                                               Resolved, RunSpec, base_layers, embedding_rows, paper_layer,
                                               plan_settings, resolve, settings, study_names, study_specs)
 from rearlib.experiments.studies_results import (VARIANT_NAMES, collect, compare_seeds, embedding_table,
-                                                 metric_columns, noise_table, provenance_note, sampling_noise,
-                                                 scaling_tables, learning_curve, zoo_training_record)
+                                                 metric_columns, noise_table, provenance_note, run_means,
+                                                 sampling_noise, scaling_tables, seed_means, learning_curve,
+                                                 zoo_training_record)
 from rearlib.experiments.studies_runner import item_line, run_studies, status
 from rearlib.experiments.studies_transfer import pack, unpack
 from rearlib.experiments.studies_workspace import Item, Workspace
@@ -81,7 +82,8 @@ __all__ = ["STUDIES", "RECIPES", "STUDIES_EXTRACTOR", "PAPER_TABLE3", "PAPER_TAB
            "PAPER_FIG4", "PAPER_DEPTH", "PAPER_FINAL_DE", "settings", "plan_settings", "study_names", "study_specs", "RunSpec",
            "Resolved", "resolve", "paper_layer", "base_layers", "embedding_rows", "Item", "Workspace",
            "run_studies", "status", "collect", "provenance_note", "sampling_noise", "metric_columns",
-           "VARIANT_NAMES", "compare_seeds", "noise_table", "embedding_table", "scaling_tables", "learning_curve",
+           "VARIANT_NAMES", "compare_seeds", "seed_means", "run_means", "noise_table", "embedding_table",
+           "scaling_tables", "learning_curve",
            "zoo_training_record", "pack", "unpack", "main"]
 
 

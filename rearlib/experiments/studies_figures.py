@@ -28,7 +28,8 @@ def label_fid(ax, label: str, axis: str = "y", fontsize: float = 8) -> None:
 def plot_fid_vs_steps(curve: pd.DataFrame, *, sizes: Sequence[str], fid: str, cc: str, noise: float,
                       floor_fid: float, scale: str):
     """FID (top row) and class consistency (bottom row) against training steps, one column per model size with
-    AR and reAR in their colours (FID with ± the sampling ``noise``), and the paper's Fig. 4 in the last column.
+    AR and reAR in their colours (the mean over training seeds, each seed a faint point; FID with ± the sampling
+    ``noise``), and the paper's Fig. 4 in the last column.
 
     ``curve``: one row per evaluation with "size", "model", "variant" ("AR" / "reAR"), "step" and the metric
     columns. Linear axes, shared across sizes: the floor of FID (real training images of the same count,
@@ -46,9 +47,12 @@ def plot_fid_vs_steps(curve: pd.DataFrame, *, sizes: Sequence[str], fid: str, cc
                 d = curve[(curve["size"] == size) & (curve["variant"] == variant)].sort_values("step")
                 if d.empty:
                     continue
-                ax.errorbar(d["step"], d[metric], yerr=noise if metric == fid else None, capsize=2, ms=4,
+                mean = d.groupby("step")[metric].mean()  # over training seeds
+                ax.errorbar(mean.index, mean.to_numpy(), yerr=noise if metric == fid else None, capsize=2, ms=4,
                             color=VARIANT_COLORS[variant], ls=VARIANT_LINES[variant],
                             marker=VARIANT_MARKERS[variant], label=variant)
+                if "seed" in d and d["seed"].nunique() > 1:  # each training seed as a faint point
+                    ax.scatter(d["step"], d[metric], s=7, color=VARIANT_COLORS[variant], alpha=0.35, lw=0)
             model = curve.loc[curve["size"] == size, "model"]  # "<blocks>x<width>"
             if row == 0 and len(model):
                 blocks, width = str(model.iloc[0]).split("x")

@@ -27,12 +27,12 @@ from scipy import stats
 
 from rearlib import scales
 from rearlib.experiments import zoo
-from rearlib.experiments.evaluation import load_record, setting_label
+from rearlib.experiments.evaluation import SECONDARY_IS, load_record, setting_label
 from rearlib.experiments.studies_plan import PAPER_TABLE3, STUDIES, STUDIES_EXTRACTOR, embedding_rows, study_specs
 from rearlib.experiments.studies_runner import run_studies
 from rearlib.experiments.studies_workspace import Workspace
 from rearlib.experiments.verdicts import SeedVerdict, final, seed_difference_verdict, smoke_note
-from rearlib.metrics import metric_label
+from rearlib.metrics import extractor_has_logits, metric_label
 from rearlib.runtime import read_json
 
 #: The variants of the studies' comparisons, by preset.
@@ -42,9 +42,10 @@ CC = "class consistency"
 
 def metric_columns(extractor: str = STUDIES_EXTRACTOR) -> tuple[str, str, str, str, str, str]:
     """The labeled metric columns of the studies' evaluations: (FID, IS, KID, precision, recall, class
-    consistency), e.g. "FID[rearlib-classifier]" (never an unlabeled FID-like number)."""
-    fid, isc, kid, prec, rec = (metric_label(k, extractor) for k in ("fid", "isc_mean", "kid_mean", "precision",
-                                                                     "recall"))
+    consistency), e.g. "FID[rearlib-classifier]" (never an unlabeled FID-like number). With the Inception FID
+    network, which has no logits, IS is the classifier's ("IS[rearlib-classifier]")."""
+    fid, kid, prec, rec = (metric_label(k, extractor) for k in ("fid", "kid_mean", "precision", "recall"))
+    isc = metric_label("isc_mean", extractor if extractor_has_logits(extractor) else SECONDARY_IS)
     return fid, isc, kid, prec, rec, CC
 
 
@@ -147,7 +148,7 @@ def sampling_noise(evals, fid_col: str, rows: Iterable[str], report_seed: int, n
     d = evals[(evals["step"] == evals["steps"]) & evals["run"].isin(rows)]
     d = d[d["setting"] == d["run"].map(settings)]
     out = []
-    for _, g in d.groupby("run"):
+    for _, g in d.groupby(["run", "seed"]):  # the same weights: one training seed of one row
         a = g.loc[g["sample_seed"] == report_seed, fid_col]
         b = g.loc[g["sample_seed"] == noise_seed, fid_col]
         if len(a) and len(b):
@@ -327,20 +328,54 @@ def spread_note(parts: SeedVerdict | Mapping[str, SeedVerdict], noise_what: str)
     return f"{spread}; sampling noise, apart from it: {noise} ({noise_what})"
 
 
+def seed_means(reported: pd.DataFrame, by: str | list[str] = "run") -> pd.DataFrame:
+    """Per ``by`` (a row of a study): the mean over training seeds of every numeric column of ``reported`` (one
+    row per evaluation), "seeds" (how many) and "<column> sd" (the sample standard deviation over training seeds,
+    NaN with one seed) of each metric."""
+    keys = [by] if isinstance(by, str) else list(by)
+    numeric = [c for c in reported.columns if c not in keys + ["seed", "sample_seed", "step", "steps"]
+               and pd.api.types.is_numeric_dtype(reported[c])]
+    g = reported.groupby(keys, sort=False)
+    out = g[numeric].mean()
+    out["seeds"] = g["seed"].nunique()
+    for c in numeric:
+        out[f"{c} sd"] = g[c].std(ddof=1)
+    for c in ("step", "steps"):
+        if c in reported.columns:
+            out[c] = g[c].first()
+    return out
+
+
+def run_means(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs table with one row per study row (over training seeds): descriptive columns from the first seed,
+    cost columns averaged, the GPUs listed, "seeds" counted."""
+    g = runs.groupby("run", sort=False)
+    out = g.first()
+    for c in ("samples/s", "train time (s)", "wall time (s)", "final loss", "final CE"):
+        if c in runs.columns:
+            out[c] = g[c].mean()
+    out["GPU"] = g["GPU"].agg(lambda x: ", ".join(sorted({str(v) for v in x})))
+    out["seeds"] = g["seed"].nunique()
+    return out
+
+
 def noise_table(runs: pd.DataFrame, evals: pd.DataFrame, noise: float,
                 extractor: str = STUDIES_EXTRACTOR) -> pd.DataFrame:
-    """Table 3 next to ours: one row per noise setting with the paper's FID, our metrics at the reporting seed,
-    the difference to the final schedule, whether it exceeds the sampling ``noise``, and the training cost."""
+    """Table 3 next to ours: one row per noise setting with the paper's FID, our metrics at the reporting seed
+    (means over training seeds, with the FID's sd over them), the difference to the final schedule, whether it
+    exceeds the sampling ``noise``, and the training cost."""
     fid, isc, kid, _, _, cc = metric_columns(extractor)
-    rep = evals[(evals["role"] == "report")].set_index("run")
+    rep = seed_means(evals[evals["role"] == "report"])
+    rr = run_means(runs)
     rows = []
     for name, (setting, paper_fid) in PAPER_TABLE3.items():
-        r, t = rep.loc[name], runs.set_index("run").loc[name]
+        r, t = rep.loc[name], rr.loc[name]
         rows.append({"row": name, "paper setting": setting, "paper FID": paper_fid,
                      "paper Δ vs final": paper_fid - PAPER_TABLE3["rear"][1],
                      "noise (ours)": t["noise"], "EN": t["EN"], "DE": t["DE"], fid: r[fid],
-                     "Δ vs final": r[fid] - rep.loc["rear", fid], isc: r[isc], kid: r[kid], cc: r[cc],
-                     "n generated": r["n generated"], "steps": t["steps"], "samples/s": t["samples/s"],
+                     f"{fid} sd": r[f"{fid} sd"], "seeds": int(r["seeds"]),
+                     "Δ vs final": r[fid] - rep.loc["rear", fid], isc: r.get(isc, np.nan), kid: r[kid], cc: r[cc],
+                     "n generated": int(r["n generated"]), "steps": t["steps"], "samples/s": t["samples/s"],
                      "train time (s)": t["train time (s)"], "GPU": t["GPU"]})
     table = pd.DataFrame(rows)
     table["sampling noise"] = noise
@@ -349,21 +384,24 @@ def noise_table(runs: pd.DataFrame, evals: pd.DataFrame, noise: float,
 
 
 def embedding_table(scale: str, runs: pd.DataFrame, evals: pd.DataFrame, noise: float,
-                    extractor: str = STUDIES_EXTRACTOR) -> pd.DataFrame:
+                    extractor: str = STUDIES_EXTRACTOR, plan: str | None = None) -> pd.DataFrame:
     """Tables 4 and 7 next to ours: one row per paper setting (Table 4, then Table 7; a run the paper lacks gets
-    one row of its own) joined to the run it maps to, with our metrics and the FID difference to vanilla AR."""
+    one row of its own) joined to the run it maps to, with our metrics (means over training seeds) and the FID
+    difference to vanilla AR."""
     fid, isc, kid, _, _, cc = metric_columns(extractor)
-    rep = evals[evals["role"] == "report"].set_index("run")
-    rr = runs.set_index("run")
+    rep = seed_means(evals[evals["role"] == "report"])
+    rr = run_means(runs)
     rows = []
-    for r in embedding_rows(scale):
+    for r in embedding_rows(scale, plan):
         name = r["name"]
         for table_name, setting, pfid, pis in r["paper"] or [("-", "(not in the paper)", np.nan, np.nan)]:
             rows.append({"paper table": table_name, "paper setting": setting, "paper FID": pfid, "paper IS": pis,
                          "run": name, "EN": rr.loc[name, "EN"], "DE": rr.loc[name, "DE"],
                          "lambda": rr.loc[name, "lambda"], "noise": rr.loc[name, "noise"],
-                         "tied": rr.loc[name, "tied"], fid: rep.loc[name, fid], isc: rep.loc[name, isc],
-                         kid: rep.loc[name, kid], cc: rep.loc[name, cc], "n generated": rep.loc[name, "n generated"],
+                         "tied": rr.loc[name, "tied"], fid: rep.loc[name, fid], f"{fid} sd": rep.loc[name, f"{fid} sd"],
+                         "seeds": int(rep.loc[name, "seeds"]), isc: rep.loc[name].get(isc, np.nan),
+                         kid: rep.loc[name, kid], cc: rep.loc[name, cc],
+                         "n generated": int(rep.loc[name, "n generated"]),
                          "samples/s": rr.loc[name, "samples/s"], "params": rr.loc[name, "params"],
                          "GPU": rr.loc[name, "GPU"]})
     table = pd.DataFrame(rows)
@@ -374,21 +412,22 @@ def embedding_table(scale: str, runs: pd.DataFrame, evals: pd.DataFrame, noise: 
 
 def scaling_tables(runs: pd.DataFrame, evals: pd.DataFrame, sizes: Sequence[str],
                    noise: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Fig. 4 at our scale: (runs ordered by size and variant, cost per size (reAR / AR time per step), the
-    reported evaluation at every snapshot ordered by size, variant and step, with the sampling ``noise``)."""
+    """Fig. 4 at our scale: (runs ordered by size, variant and training seed, cost per size (reAR / AR time per
+    step, from the mean samples/s over training seeds), the reported evaluation at every snapshot of every training
+    seed ordered by size, variant, step and seed, with the sampling ``noise``)."""
     order = {s: i for i, s in enumerate(sizes)}
 
     def by_size(c):
         return c.map(order) if c.name == "size" else c
 
     runs = runs.assign(variant=runs["preset"].map(VARIANT_NAMES))
-    runs = runs.sort_values(["size", "variant"], key=by_size)
-    cost = runs.pivot(index="size", columns="variant", values="samples/s")
+    runs = runs.sort_values(["size", "variant", "seed"], key=by_size)
+    cost = runs.pivot_table(index="size", columns="variant", values="samples/s", aggfunc="mean")
     cost["reAR / AR time per step"] = cost["AR"] / cost["reAR"]
     cost = cost.reindex(list(sizes))
     curve = evals[evals["role"] == "report"].copy()
     curve["variant"] = curve["preset"].map(VARIANT_NAMES)
-    curve = curve.sort_values(["size", "variant", "step"], key=by_size)
+    curve = curve.sort_values(["size", "variant", "step", "seed"], key=by_size)
     curve["sampling noise"] = noise
     return runs, cost, curve
 
