@@ -116,7 +116,8 @@ plt.show()
 # ## 2 · The CFG sweep (training seed 0, selection sampling seed S)
 # FID and class consistency against g for each schedule power p (g = 1 is no guidance, from the same sampling
 # seed). The sweep starts at the scale's grid and adds one grid step at the edge that holds the best FID until the
-# best g has a worse neighbour on both sides (or is g = 1), at most `cfg_max_added` times per power; the table says
+# best g has a worse neighbour on both sides (or is g = 1), at most the plan's `cfg_max_added` times per power (the
+# `short` plan keeps its grid); the table says
 # whether each optimum is bracketed. The best (g, p) of each variant is then evaluated on every training seed with
 # sampling seed S + 1.
 

@@ -176,12 +176,12 @@ EVALUATION: dict[str, Any] = {
 #: itself, so seed 0 is the zoo's (shipped) run). sizes: GeneratorConfig overrides of the scale's preset
 #: (``base_size`` = the preset itself); a non-base size names its default DE block (3/4 depth, as the paper's
 #: 15 of 20 and 18 of 24). noise_rows / embedding rows: see :func:`study_specs`. cfg_scales x cfg_powers: the
-#: main study's CFG sweep, which grows at the edge holding the best FID (at most ``cfg_max_added`` scales per power)
-#: until the best guidance is bracketed (rearlib.experiments.studies_plan.sweep_state). plans: how the ablation
-#: studies (noise, embedding, scaling) train their rows: the recipe, the training seeds (every row gets each seed;
-#: runs are ordered seed-major, so one seed of every row finishes first), the preset of Table 4's tied row and the
-#: FID extractor of every study's evaluations; ``plan`` is the default. "short" is the one-seed, 1000-step plan of
-#: the committed small records (rank-limited tied row, the classifier's FID); "full" the paper-proportioned recipe
+#: main study's CFG sweep, which grows at the edge holding the best FID (at most the plan's ``cfg_max_added`` scales
+#: per power) until the best guidance is bracketed (rearlib.experiments.studies_plan.sweep_state). plans: how the
+#: ablation studies (noise, embedding, scaling) train their rows: the recipe, the training seeds (every row gets each
+#: seed; runs are ordered seed-major, so one seed of every row finishes first), the preset of Table 4's tied row, the
+#: FID extractor of every study's evaluations and the growth of the CFG sweep; ``plan`` is the default. "short" is the one-seed, 1000-step plan of
+#: the committed small records (rank-limited tied row, the classifier's FID, the fixed CFG grid); "full" the paper-proportioned recipe
 #: on several seeds, the tied row through a learned projection, and at small the Inception FID network (at smoke
 #: the classifier: its numbers mean nothing and a CPU scores it faster). Estimates (``est_*``, for planning and the time limit only): training samples/s of the
 #: base size (measured on one H200: 9.5k AR, 9.0k reAR), per-run overhead (compile, data, load),
@@ -195,10 +195,11 @@ STUDIES: dict[str, Any] = {
         sizes={"xs": dict(hidden=32, depth=2, heads=2, projector_dim=64, decode_align_layer=1),
                "tiny": {},
                "medium": dict(hidden=96, depth=6, heads=4, projector_dim=192, decode_align_layer=4)},
-        seeds=(0, 1, 2), cfg_scales=(3.0,), cfg_powers=(0.0, 2.0), cfg_max_added=1, align_weights=(0.5, 1.5),
-        plans={"short": dict(recipe="ablation", seeds=(0,), tied="tied", extractor="rearlib-classifier"),
+        seeds=(0, 1, 2), cfg_scales=(3.0,), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
+        plans={"short": dict(recipe="ablation", seeds=(0,), tied="tied", extractor="rearlib-classifier",
+                             cfg_max_added=0),
                "full": dict(recipe="paper_shape", seeds=(0, 1), tied="tied_projected",
-                            extractor="rearlib-classifier")},
+                            extractor="rearlib-classifier", cfg_max_added=1)},
         plan="full",
         scaling_sizes=("xs", "tiny", "medium"),
         est_train_sps=120.0, est_run_overhead_s=3.0, est_eval_s=(1.0, 1.2), est_model_s=0.5),
@@ -215,11 +216,11 @@ STUDIES: dict[str, Any] = {
         sizes={"xs": dict(hidden=128, depth=4, heads=2, projector_dim=256, decode_align_layer=3),
                "small": {},
                "medium": dict(hidden=384, depth=12, heads=6, projector_dim=768, decode_align_layer=9)},
-        seeds=(0, 1, 2), cfg_scales=(1.5, 2.0, 3.0), cfg_powers=(0.0, 2.0), cfg_max_added=3,
-        align_weights=(0.5, 1.5),
-        plans={"short": dict(recipe="ablation", seeds=(0,), tied="tied", extractor="rearlib-classifier"),
+        seeds=(0, 1, 2), cfg_scales=(1.5, 2.0, 3.0), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
+        plans={"short": dict(recipe="ablation", seeds=(0,), tied="tied", extractor="rearlib-classifier",
+                             cfg_max_added=0),
                "full": dict(recipe="paper_shape", seeds=(0, 1, 2), tied="tied_projected",
-                            extractor="inception-v3-fid")},
+                            extractor="inception-v3-fid", cfg_max_added=3)},
         plan="full",
         scaling_sizes=("xs", "small"),
         est_train_sps=9000.0, est_run_overhead_s=25.0, est_eval_s=(14.0, 16.0), est_model_s=4.0),

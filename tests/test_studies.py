@@ -162,7 +162,7 @@ def shrunk(monkeypatch, tok, tmp_path):
                        "ablation": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2),
                        "paper_shape": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2)}
     plan["seeds"], plan["cfg_scales"], plan["cfg_powers"] = (0, 1), (3.0,), (0.0,)
-    one = dict(recipe="ablation", seeds=(0,), tied="tied", extractor="rearlib-classifier")
+    one = dict(recipe="ablation", seeds=(0,), tied="tied", extractor="rearlib-classifier", cfg_max_added=1)
     plan["plans"], plan["plan"] = {"one": one, "two": dict(one, seeds=(0, 1))}, "one"
     monkeypatch.setitem(scales.STUDIES, "smoke", plan)
     monkeypatch.setattr(SP, "PAPER_TABLE3", {k: SP.PAPER_TABLE3[k] for k in ("align_only", "rear")})
@@ -314,13 +314,15 @@ def test_compare_seeds_runs_welch_on_the_seed_values():
     assert i["Welch p"] != i["Welch p"] and not i["reAR better"]  # no value varies: no test (NaN)
 
 
-def _frames(names, fid_of, **run_cols):
+def _frames(names, fid_of, seeds=(0,), spread=0.0, **run_cols):
+    """Runs and reported evaluations of ``names`` on each training seed; seed i's FID is fid_of(n) +- spread
+    (alternating, so the mean over an even number of seeds is fid_of(n))."""
     fid, isc, kid, _, _, cc = ST.metric_columns()
-    runs = pd.DataFrame([{"run": n, "noise": "x", "EN": 0, "DE": 2, "steps": 12, "samples/s": 100.0,
-                          "train time (s)": 1.0, "GPU": "CPU", "lambda": 1.0, "tied": False, "params": 10,
-                          "model": "4x64", **run_cols} for n in names])
-    evals = pd.DataFrame([{"run": n, "role": "report", fid: fid_of(n), isc: 2.0, kid: 0.1, cc: 0.5,
-                           "n generated": 80} for n in names])
+    runs = pd.DataFrame([{"run": n, "seed": s, "noise": "x", "EN": 0, "DE": 2, "steps": 12,
+                          "samples/s": 100.0 + s, "train time (s)": 1.0, "GPU": "CPU", "lambda": 1.0, "tied": False,
+                          "params": 10, "model": "4x64", **run_cols} for s in seeds for n in names])
+    evals = pd.DataFrame([{"run": n, "seed": s, "role": "report", fid: fid_of(n) + spread * (-1) ** i, isc: 2.0,
+                           kid: 0.1, cc: 0.5, "n generated": 80} for i, s in enumerate(seeds) for n in names])
     return runs, evals
 
 
@@ -333,6 +335,18 @@ def test_the_noise_table_sets_each_row_against_the_final_schedule():
     assert row.loc["fixed_0.5", "Δ vs final"] == 2.0 and row.loc["fixed_0.5", "beyond noise"]
     assert not row.loc["align_only", "beyond noise"] and row.loc["rear", "Δ vs final"] == 0.0
     assert row.loc["fixed_0.5", "paper Δ vs final"] == pytest.approx(1.15)
+
+
+def test_tables_of_several_training_seeds_show_the_mean_and_the_spread():
+    names = list(SP.PAPER_TABLE3)
+    fid = ST.metric_columns()[0]
+    runs, evals = _frames(names, lambda n: 10.0 if n == "rear" else 12.0, seeds=(0, 1), spread=0.25)
+    row = ST.noise_table(runs, evals, noise=1.0).set_index("row")
+    assert row.loc["fixed_0.5", fid] == pytest.approx(12.0) and row.loc["fixed_0.5", "Δ vs final"] == 2.0
+    assert row.loc["rear", f"{fid} sd"] == pytest.approx(0.5 / 2 ** 0.5) and row.loc["rear", "seeds"] == 2
+    assert row.loc["rear", "samples/s"] == pytest.approx(100.5)  # cost averaged over the seeds' runs
+    one = ST.noise_table(*_frames(names, lambda n: 10.0), noise=1.0).set_index("row")
+    assert one["seeds"].eq(1).all() and one[f"{fid} sd"].isna().all()  # one seed: no spread to show
 
 
 def test_the_embedding_table_has_one_row_per_paper_setting(tok):
@@ -349,10 +363,11 @@ def test_the_embedding_table_has_one_row_per_paper_setting(tok):
 def test_scaling_tables_and_the_fid_figure_tell_ar_from_rear():
     fid, _, _, _, _, cc = ST.metric_columns()
     sizes = ("xs", "tiny")
-    runs = pd.DataFrame([{"run": f"{p} {s}", "preset": p, "size": s, "samples/s": 100.0 if p == "ar" else 90.0}
+    runs = pd.DataFrame([{"run": f"{p} {s}", "preset": p, "size": s, "seed": 0,
+                          "samples/s": 100.0 if p == "ar" else 90.0}
                          for s in reversed(sizes) for p in ("rear", "ar")])
     evals = pd.DataFrame([{"run": f"{p} {s}", "preset": p, "size": s, "model": "2x32", "step": step, "steps": 12,
-                           "role": "report", fid: 100.0 - step / 10, cc: 0.1}
+                           "seed": 0, "role": "report", fid: 100.0 - step / 10, cc: 0.1}
                           for s in sizes for p in ("ar", "rear") for step in (12, 6)])
     runs, cost, curve = ST.scaling_tables(runs, evals, sizes, noise=0.5)
     assert list(zip(runs["size"], runs["variant"])) == [("xs", "AR"), ("xs", "reAR"), ("tiny", "AR"), ("tiny", "reAR")]
@@ -531,9 +546,13 @@ def test_sampling_noise_at_each_variant_best_cfg():
             ("ar seed0", "CFG g=1.5 p=0", 1, 1.1), ("rear seed0", "no CFG", 0, 3.0), ("rear seed0", "no CFG", 1, 3.2),
             ("rear seed0", "CFG g=2 p=2", 0, 0.9), ("rear seed0", "CFG g=2 p=2", 1, 1.2),
             ("rear seed0", "CFG g=1.5 p=0", 0, 2.0), ("rear seed0", "CFG g=1.5 p=0", 1, 4.0)]
-    evals = pd.DataFrame([{"run": r, "setting": s, "sample_seed": k, fid: v, "step": 10, "steps": 10}
+    evals = pd.DataFrame([{"run": r, "seed": 0, "setting": s, "sample_seed": k, fid: v, "step": 10, "steps": 10}
                           for r, s, k, v in rows])
     runs = ["ar seed0", "rear seed0"]
+    # a row with several training seeds: the pair of sampling seeds is taken within one training seed's weights
+    several = pd.DataFrame([{"run": "x", "seed": t, "setting": "no CFG", "sample_seed": k, fid: v, "step": 10,
+                             "steps": 10} for t, k, v in ((1, 1, 50.0), (0, 1, 3.0), (0, 0, 3.1))])
+    assert SR.sampling_noise(several, fid, ["x"], 1, 0) == pytest.approx(0.1)
     assert SR.sampling_noise(evals, fid, runs, 1, 0) == pytest.approx(0.5)  # without CFG, as before
     best = {"ar seed0": "CFG g=1.5 p=0", "rear seed0": "CFG g=2 p=2"}  # each at its own best setting only
     assert SR.sampling_noise(evals, fid, runs, 1, 0, setting=best) == pytest.approx(0.3)

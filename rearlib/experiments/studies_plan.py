@@ -74,7 +74,7 @@ def settings(scale: str) -> dict:
 
 def plan_settings(scale: str, plan: str | None = None) -> dict:
     """The studies' plan ``plan`` of ``scale`` (None: the scale's default): {"name", "recipe", "seeds", "tied",
-    "extractor"} (:data:`rearlib.scales.STUDIES`)."""
+    "extractor", "cfg_max_added"} (:data:`rearlib.scales.STUDIES`)."""
     st = settings(scale)
     name = st["plan"] if plan is None else plan
     if name not in st["plans"]:

@@ -180,7 +180,7 @@ class Workspace:
                 return None if rec is None else float(rec["row"][fid_key])
             return f
 
-        return {p: sweep_state(self.st["cfg_scales"], fid_of(p), self.st.get("cfg_max_added", 0))
+        return {p: sweep_state(self.st["cfg_scales"], fid_of(p), self.plan["cfg_max_added"])
                 for p in self.st["cfg_powers"]}
 
     def best_cfg(self, run: Resolved) -> tuple[float, float] | None:
