@@ -72,7 +72,7 @@ class Workspace:
                  extractor: str | None = None, plan: str | None = None):
         self.scale = scale
         self.st = settings(scale)
-        self.plan = plan_settings(scale, plan)  # the ablation studies' recipe, seeds and tied row
+        self.plan = plan_settings(scale, plan)  # recipe, seeds, tied row, FID network, CFG sweep growth
         if isinstance(sample_seed, bool) or not isinstance(sample_seed, int) or sample_seed < 0:
             raise ValueError(f"sample_seed must be an integer >= 0, got {sample_seed!r}")
         self.device = resolve_device(device) if isinstance(device, (str, type(None))) else torch.device(device)
