@@ -176,16 +176,17 @@ EVALUATION: dict[str, Any] = {
 #: itself, so seed 0 is the zoo's (shipped) run). sizes: GeneratorConfig overrides of the scale's preset
 #: (``base_size`` = the preset itself); a non-base size names its default DE block (3/4 depth, as the paper's
 #: 15 of 20 and 18 of 24). noise_rows / embedding rows: see :func:`study_specs`. cfg_scales x cfg_powers: the
-#: main study's CFG sweep, which grows at the edge holding the best FID (at most the plan's ``cfg_max_added`` scales
-#: per power) until the best guidance is bracketed (rearlib.experiments.studies_plan.sweep_state). plans: how the
-#: ablation studies (noise, embedding, scaling) train their rows: the recipe, the training seeds (every row gets each
-#: seed; runs are ordered seed-major, so one seed of every row finishes first), the preset of Table 4's tied row, the
-#: FID extractor of every study's evaluations and the growth of the CFG sweep; ``plan`` is the default. "short" is the one-seed, 1000-step plan of
-#: the committed small records (rank-limited tied row, the classifier's FID, the fixed CFG grid); "full" the paper-proportioned recipe
-#: on several seeds, the tied row through a learned projection, and at small the Inception FID network (at smoke
-#: the classifier: its numbers mean nothing and a CPU scores it faster). Estimates (``est_*``, for planning and the time limit only): training samples/s of the
-#: base size (measured on one H200: 9.5k AR, 9.0k reAR), per-run overhead (compile, data, load),
-#: seconds per evaluation without / with CFG (sampling + scoring), per-model sampler setup.
+#: main study's CFG sweep, which grows at the edge holding the best FID (at most the plan's ``cfg_max_added`` scales per
+#: power) until the best guidance is bracketed (rearlib.experiments.studies_plan.sweep_state). plans: how the ablation
+#: studies (noise, embedding, scaling) train their rows: the recipe, the training seeds (every row gets each seed; runs
+#: are ordered seed-major, so one seed of every row finishes first), the preset of Table 4's tied row, the FID extractor
+#: of every study's evaluations and the growth of the CFG sweep; ``plan`` is the default. "short" is the one-seed,
+#: 1000-step plan of the committed small records (rank-limited tied row, the classifier's FID, the fixed CFG grid);
+#: "full" the paper-proportioned recipe on several seeds, the tied row through a learned projection, and at small the
+#: Inception FID network (at smoke the classifier: its numbers mean nothing and a CPU scores it faster). Estimates
+#: (``est_*``, for planning and the time limit only): training samples/s of the base size (measured on one H200: 9.5k
+#: AR, 9.0k reAR), per-run overhead (compile, data, load), seconds per evaluation without / with CFG (sampling +
+#: scoring), per-model sampler setup.
 STUDIES: dict[str, Any] = {
     "smoke": dict(
         recipes={"main": {}, "ablation": dict(steps=12, warmup_steps=2, log_every=6, ckpt_every=12,

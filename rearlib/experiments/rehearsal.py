@@ -23,7 +23,7 @@ from pathlib import Path
 from rearlib import scales
 from rearlib.experiments.notebook import notebook_scripts
 from rearlib.experiments.standins import PAPER_PRESETS, standin_environment, write_standins
-from rearlib.runtime import REPO_ROOT, atomic_write_text, hardware_info
+from rearlib.runtime import REPO_ROOT, UnreadableFileError, atomic_write_text, hardware_info, read_json
 
 #: Notebook parameters of a rehearsal, per stand-in size: small counts, and ST-LPIPS where LPIPS-VGG's ImageNet
 #: trunk cannot be had offline. "tiny" also infers the generator's shape from the file (it matches no preset).
@@ -214,8 +214,6 @@ def earlier_rows(out: Path, manifest: dict, device: str) -> list[dict]:
     path = out / "rehearsal.json"
     if not path.is_file():
         return []
-    from rearlib.runtime import UnreadableFileError, read_json
-
     try:
         old = read_json(path)
     except UnreadableFileError:

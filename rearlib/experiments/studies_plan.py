@@ -313,6 +313,10 @@ def study_specs(scale: str, study: str, plan: str | None = None) -> list[RunSpec
     st = settings(scale)
     if study == "main":
         return [RunSpec(f"{v} seed{s}", rear=v, recipe="main", seed=s) for s in st["seeds"] for v in ("ar", "rear")]
+    if study == "recipe":
+        # The learning curve of the paper-proportioned recipe, AR and reAR: where FID stops improving sets the
+        # length of the recipe every other study should use.
+        return [RunSpec(f"{v} paper-shape", rear=v, recipe="paper_shape") for v in ("ar", "rear")]
     pl = plan_settings(scale, plan)
     if study == "noise":
         rows = [RunSpec(name, rear=name, recipe=pl["recipe"]) for name in PAPER_TABLE3]
@@ -327,14 +331,8 @@ def study_specs(scale: str, study: str, plan: str | None = None) -> list[RunSpec
                 rows.append(RunSpec(name, rear=v, size=None if size == st["base_size"] else size,
                                     recipe=pl["recipe"]))
     else:
-        rows = None
-    if rows is not None:
-        return [replace(r, seed=s) for s in pl["seeds"] for r in rows]
-    if study == "recipe":
-        # The learning curve of the paper-proportioned recipe, AR and reAR: where FID stops improving sets the
-        # length of the recipe every other study should use.
-        return [RunSpec(f"{v} paper-shape", rear=v, recipe="paper_shape") for v in ("ar", "rear")]
-    raise ValueError(f"unknown study {study!r}; allowed: {', '.join(STUDIES)} or 'all'")
+        raise ValueError(f"unknown study {study!r}; allowed: {', '.join(STUDIES)} or 'all'")
+    return [replace(r, seed=s) for s in pl["seeds"] for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,7 +344,7 @@ class SweepState:
 
     scales: the guidance scales of the sweep so far, ascending (1.0 = no guidance, scored by the no-CFG record).
     next_scale: the scale to evaluate next (a missing grid point or an extension), or None when the sweep is over.
-    best: the scale with the lowest FID (None while a grid point is missing).
+    best: the scale with the lowest FID (None while a grid point is missing); best_fid: its FID.
     bracketed: the best scale has a worse neighbour on both sides (or is g = 1, below which guidance inverts).
     """
 
@@ -354,6 +352,7 @@ class SweepState:
     next_scale: float | None
     best: float | None
     bracketed: bool
+    best_fid: float | None = None
 
 
 def sweep_state(base: Sequence[float], fid_of: Callable[[float], float | None], max_added: int) -> SweepState:
@@ -367,19 +366,19 @@ def sweep_state(base: Sequence[float], fid_of: Callable[[float], float | None], 
     scales_ = sorted({float(g) for g in base})
     if not scales_ or scales_[0] < 1.0:
         raise ValueError(f"guidance scales must be >= 1 (1 = no guidance), got {list(base)}")
-    added = 0
+    added, fids = 0, {}
     while True:
-        fids = {g: fid_of(g) for g in scales_}
+        for g in scales_:
+            if fids.get(g) is None:  # each record is read once
+                fids[g] = fid_of(g)
         missing = [g for g in scales_ if fids[g] is None]
         if missing:
             return SweepState(tuple(scales_), missing[0], None, False)
         best = min(scales_, key=lambda g: fids[g])
         i = scales_.index(best)
         at_low, at_high = i == 0 and best > 1.0, i == len(scales_) - 1
-        if not (at_low or at_high):
-            return SweepState(tuple(scales_), None, best, True)
-        if added >= max_added:
-            return SweepState(tuple(scales_), None, best, False)
+        if not (at_low or at_high) or added >= max_added:
+            return SweepState(tuple(scales_), None, best, not (at_low or at_high), fids[best])
         if at_low:
             step = scales_[1] - scales_[0] if len(scales_) > 1 else 1.0
             new = max(1.0, round(best - step, 6))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 
-from rearlib.experiments.studies_plan import study_names
+from rearlib.experiments.studies_plan import study_names, study_specs
 from rearlib.experiments.studies_workspace import Item, Workspace
 from rearlib.runtime import artifacts_root, config_hash
 
@@ -49,7 +49,7 @@ def seed_passes(ws: Workspace, study: str) -> list[tuple[str, int]]:
     that the first seed of every row of every study finishes before any second seed (a plan cut short by time is
     then as wide as it can be); the real-image floors and other seedless items go with the first pass."""
     names = study_names(study)
-    seeds = sorted({it.run.spec.seed for n in names for it in ws.items(n) if it.run is not None})
+    seeds = sorted({spec.seed for n in names for spec in study_specs(ws.scale, n, ws.plan["name"])})
     return [(n, s) for s in seeds or [0] for n in names]
 
 

@@ -188,14 +188,10 @@ class Workspace:
         states = self.cfg_sweep(run)
         if any(s.next_scale is not None for s in states.values()):
             return None
-        fid_key = metric_label("fid", self.extractor)
         best = None
-        for p, state in states.items():
-            for g in state.scales:
-                item = self._eval_item("main", run, run.steps, g, p, self.select_seed, "select")
-                fid = float(load_record(item.key)["row"][fid_key])
-                if best is None or fid < best[0]:
-                    best = (fid, g, 0.0 if g == 1.0 else p)
+        for p, state in states.items():  # strict <: on a tie the first power's best stays
+            if best is None or state.best_fid < best[0]:
+                best = (state.best_fid, state.best, 0.0 if state.best == 1.0 else p)
         return best[1], best[2]
 
     def items(self, study: str) -> list[Item]:
