@@ -35,12 +35,18 @@
 # pre-training, on a noisier gradient. At `small` the sweep repeats the method at the paper's batch with lr 1e-6, 3e-6
 # and 1e-5.
 #
-# FID here is computed with the in-project feature extractor and labeled `FID[rearlib-classifier]`; it is not the
-# Inception FID of the paper and the values are not comparable. One training seed per generator and several VA-π
-# runs per setting (VA-π seeds; three at `small`): every verdict rests on the interval of a difference over the VA-π
-# seeds (§6). VA-π on a GPU is not bit-reproducible: two runs of the same recipe and seed on an H200 logged identical
-# steps for the first 7-16 steps, then drifted apart, and ended 1-6 points of no-CFG FID apart. One run cannot
-# carry a verdict.
+# **The metrics.** At `small`, FID / KID / precision / recall come from the Inception-v3 FID network (plain names, as
+# in the paper, though on our 10-class images and not comparable with ImageNet numbers); the in-project classifier's
+# FID, IS, KID and precision / recall sit beside them as secondary columns, labeled `[rearlib-classifier]`, with class
+# consistency. The reward's perceptual network (ST-LPIPS) is neither of them. At `smoke` the classifier is the only
+# extractor, for CPU time. One training seed per generator and several VA-π runs per setting (VA-π seeds; three at
+# `small`): every verdict rests on the interval of a difference over the VA-π seeds (§7). VA-π on a GPU is not
+# bit-reproducible: two runs of the same recipe and seed on an H200 logged identical steps for the first 7-16
+# steps, then drifted apart, and ended 1-6 points of no-CFG FID apart. One run cannot carry a verdict.
+#
+# **The work goes model by model** (`rearlib.vapi_units`): each run is post-trained, then at once scored on the
+# held-out images, evaluated and, where shown, drawn. Every result is a small record keyed by the model's final
+# weights, so an interrupted notebook resumes where it stopped, on this machine or on another that has the records.
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
@@ -57,7 +63,6 @@ ctx = setup(notebook="09_vapi", scale=scale, seed=seed, device=device,
             reports_dir=reports_dir, figures_dir=figures_dir)
 
 # %%
-import copy
 import time
 
 import matplotlib.pyplot as plt
@@ -66,13 +71,11 @@ import torch
 from tqdm.auto import tqdm
 
 import rearlib.metrics as M
-from rearlib import scales, vapi, vapi_claims, vapi_figures, vapi_report
+from rearlib import scales, vapi, vapi_claims, vapi_figures, vapi_report, vapi_units
 from rearlib.data import NUM_CLASSES
 from rearlib.experiments.evaluation import Evaluator, run_model_key
 from rearlib.experiments.zoo import get_generator, run_dir, run_hash, train_config
-from rearlib.metrics.classifier import EXTRACTOR_NAME, get_classifier
-from rearlib.runtime import artifact_dir, config_hash
-from rearlib.sample import generate
+from rearlib.metrics.classifier import EXTRACTOR_NAME as CLASSIFIER, get_classifier
 from rearlib.scales import GENERATOR_DATA as DATA
 from rearlib.tokenizers import get_tokenizer
 
@@ -85,15 +88,18 @@ if ctx.scale == "paper":
 # vapi_seeds: VA-π runs per setting (seeds seed, seed + 1, ...; the run of seed s is evaluated at sampling seed s,
 # as the base models are, so differences pair by seed). fid_per_class: the target samples per class for one FID
 # evaluation, lowered automatically when the measured sampling speed says the planned evaluations would not fit
-# gen_budget_s. n_heldout: val images for the teacher-forced reconstruction check; n_calib: the first n_calib of
-# them, G draws each, calibrate λ_p. From rearlib.scales.EVALUATION (shared with 04 and 10-13): n_ref, held-out
-# real images (val) for FID; batch, images per sampler call; sampler ("graph": CUDA graphs without torch.compile).
+# gen_budget_s (at small the budget holds the target on any current GPU, so that every session that resumes the
+# study evaluates with the same count). n_heldout: val images for the teacher-forced reconstruction check; n_calib:
+# the first n_calib of them, G draws each, calibrate λ_p. extractor / secondary: the feature networks of the
+# distribution metrics. From rearlib.scales.EVALUATION (shared with 04 and 10-13): n_ref, held-out real images (val)
+# for FID; batch, images per sampler call; sampler ("graph": CUDA graphs without torch.compile).
 VSCALE = scales.VAPI[ctx.scale]
 SETTINGS = {
     "smoke": dict(data_size=VSCALE["data_size"], vapi_seeds=2, fid_per_class=8, fid_min_per_class=4, n_heldout=32,
-                  n_calib=8, gen_budget_s=30.0, grid_per_class=3),
+                  n_calib=8, gen_budget_s=30.0, grid_per_class=3, extractor=CLASSIFIER, secondary=None),
     "small": dict(data_size=VSCALE["data_size"], vapi_seeds=3, fid_per_class=1000, fid_min_per_class=200,
-                  n_heldout=1000, n_calib=128, gen_budget_s=600.0, grid_per_class=6),
+                  n_heldout=1000, n_calib=128, gen_budget_s=3600.0, grid_per_class=6,
+                  extractor="inception-v3-fid", secondary=CLASSIFIER),
 }[ctx.scale]
 SETTINGS.update({k: scales.EVALUATION[ctx.scale][k] for k in ("n_ref", "batch", "sampler")})
 if ctx.device.type == "cpu":
@@ -109,16 +115,18 @@ VARIANTS = vapi_report.BASE_VARIANTS
 base_models = {name: get_generator(ctx.scale, v, tokenizer=tok, seed=generator_seed, device=dev, progress=False)
                for name, v in VARIANTS.items()}
 classifier = get_classifier(ctx.scale, dev)
-# FID / KID / precision-recall here still use the in-project classifier, asked for by name and labeled
-# "[rearlib-classifier]": these generators' committed evaluations were scored with it. rearlib's default extractor
-# is the Inception-v3 FID network (rearlib.metrics.inception).
-evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=EXTRACTOR_NAME)
+evaluator = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=SETTINGS["extractor"],
+                      secondary_extractor=SETTINGS["secondary"])
 base_cfg = vapi.config_for_scale(ctx.scale, seed=ctx.seed)
 perceptual_fn = vapi.make_perceptual_fn(base_cfg.perceptual, scale=ctx.scale, device=dev, classifier=classifier)
 PERC = perceptual_fn.metric_name
-FID = M.metric_label("fid", EXTRACTOR_NAME)
+FID = M.metric_label("fid", evaluator.extractor)
+IS = M.metric_label("isc_mean", CLASSIFIER)
 ctx.note(f"perceptual distance in the reward and in every perceptual column: {PERC} ({perceptual_fn.reason})")
-ctx.note(f"feature extractor for FID/IS/KID/PR and class consistency: {EXTRACTOR_NAME}:{classifier.identity}")
+ctx.note(f"distribution metrics: {FID} and its KID / precision / recall from {evaluator.extractor} "
+         f"({evaluator.extractor_id or classifier.identity})"
+         + (f"; secondary, labeled: the same from {evaluator.secondary}" if evaluator.secondary else "")
+         + f"; IS and class consistency from {CLASSIFIER}:{classifier.identity}")
 ctx.note(f"VA-π update in {base_cfg.update_mode} mode; the AR generator's pre-training ended at lr "
          f"{train_config(ctx.scale, 'ar', tok, generator_seed).end_lr:g}")
 
@@ -142,7 +150,7 @@ ctx.note(cal.note)
 calib.T
 
 # %% [markdown]
-# ## 2 · Post-training runs
+# ## 2 · The runs, and how each model is evaluated
 # | run | starts from | what differs from "AR + VA-π" |
 # |---|---|---|
 # | AR + VA-π | AR | the method: reward -(MSE + λ_p · ST-LPIPS(alex)), CE prior β = 0.1 |
@@ -155,43 +163,81 @@ calib.T
 # Each setting runs once per VA-π seed, with the same seeds in every setting (the controls draw the same batches,
 # contexts and first samples as the method). All: G samples per image, clip 0.2, advantage clip 5, no contextual
 # noise (the C2I setting), eval-mode rollout, and the update mode, batch and learning rate of
-# `rearlib.scales.VAPI[scale]`. Images come from the `train` split, the one the generators were trained on. Runs
-# are cached under `artifacts/vapi/` (keyed by the base generator's training recipe and the VA-π config) and
-# resume if interrupted. "post-training time" is the run record's sum of step times (sampling, decoding, reward,
-# update; checkpoint writes excluded), so a cached run reports the time of the run that did the work.
+# `rearlib.scales.VAPI[scale]`. Images come from the `train` split, the one the generators were trained on.
+#
+# Every model is evaluated against held-out real images (val): each base model at every VA-π seed's sampling seed,
+# without and with CFG; each post-trained model at its own seed's, without CFG and, except the reward ablation (the
+# paper's Table 4 is without CFG), with CFG. With CFG, each base model's (g, p) comes from the studies' sweep of that
+# generator where there is one (the note says which, and whether its optimum is bracketed); a post-trained model
+# uses its base model's. Image i of a set: class i // n_per_class, seed `image_seed(sample_seed, i)`, so two models
+# evaluated at one sampling seed get identical random numbers. Below: one timed batch with and without CFG (after a
+# warm-up call that builds the sampler), then the samples per evaluation: the target if all planned evaluations fit
+# the generation budget, else fewer.
 
 # %%
 RUNS = vapi_report.study_runs(ctx.scale, cal.lambda_p)
-source = vapi.EmbeddedSource(SETTINGS["data_size"], tok.resolution, "train", data_seed)
 VAPI_SEEDS = [ctx.seed + i for i in range(SETTINGS["vapi_seeds"])]
-# The model part of evaluation keys: the base generators' training recipe and final step (rearlib.experiments.zoo),
-# and for a post-trained model the hash of its VA-π run key (which holds the base recipe).
+# Base models first, then seed-major: every run's first VA-π seed before any run's second, so that a study cut short
+# covers every setting.
+MODELS = [(name, None) for name in VARIANTS] + [(run, s) for s in VAPI_SEEDS for run in RUNS]
 RUN_HASHES = {name: run_hash(ctx.scale, v, tok, generator_seed) for name, v in VARIANTS.items()}
-model_keys = {(name, None): run_model_key(RUN_HASHES[name], train_config(ctx.scale, v, tok, generator_seed).steps)
-              for name, v in VARIANTS.items()}
-post, results = {}, {}
-for run, spec in RUNS.items():
-    for vseed in VAPI_SEEDS:
-        cfg = spec.cfg.replace(seed=vseed)
-        key = vapi_report.run_key(model_keys[(spec.base, None)], tok.identity(), cfg, spec.steps,
-                                  SETTINGS["data_size"], data_seed, PERC, dev.type)
-        out = artifact_dir("vapi", key)
-        print(f"{run}, VA-π seed {vseed}: {out}")
-        r = vapi.post_train(copy.deepcopy(base_models[spec.base]), tok, source, cfg, spec.steps, out, dev,
-                            perceptual_fn=perceptual_fn, scale=ctx.scale, progress=True)
-        if r["status"] != "completed":
-            raise RuntimeError(f"{run} (VA-π seed {vseed}) stopped at step {r['step']} of {r['steps']}; "
-                               "re-run this cell to resume")
-        post[(run, vseed)], results[(run, vseed)] = r["model"], r
-        model_keys[(run, vseed)] = {"kind": "vapi", "run": config_hash(key), "step": r["step"]}
+CFG_CHOICE = vapi_report.cfg_choice(ctx.reports / "10_cfg_sweep.csv", RUN_HASHES,
+                                    (FID, M.metric_label("fid", CLASSIFIER)),  # the sweep's Inception FID, else its own
+                                    (scales.SAMPLING[ctx.scale]["cfg_scale"], scales.SAMPLING[ctx.scale]["cfg_power"]))
+ctx.note(CFG_CHOICE.note)
+g_ar, p_ar = CFG_CHOICE.by_model["AR"]
+speed = pd.DataFrame([{"model": "AR", "CFG": c, "batch": SETTINGS["batch"], "device": str(dev),
+                       "images/s": evaluator.time_sampler(base_models["AR"], g_ar if c else None, p_ar,
+                                                          seed=10_000 + ctx.seed)} for c in (False, True)])
+ctx.save_csv(speed, "09_sampling_speed")
+ips = speed.set_index("CFG")["images/s"]
+items = vapi_report.eval_items(MODELS, VAPI_SEEDS, RUNS)
+n_cfg = sum(it.cfg for it in items)
+plan = vapi_report.plan_fid(ips[False], ips[True], len(items) - n_cfg, n_cfg, NUM_CLASSES,
+                            SETTINGS["fid_per_class"], SETTINGS["fid_min_per_class"], SETTINGS["gen_budget_s"])
+n_pc, n_fid = plan.per_class, plan.per_class * NUM_CLASSES
+ctx.note(f"sampling speed: {ips[False]:.0f} images/s without CFG, {ips[True]:.0f} with CFG on {dev}; "
+         f"{len(items)} evaluations x {n_fid} samples, estimated {n_pc * plan.seconds_per_class_sample:.0f} s of "
+         f"generation (budget {SETTINGS['gen_budget_s']:.0f} s)"
+         + (f"; REDUCED from the target {SETTINGS['fid_per_class'] * NUM_CLASSES} samples" if plan.reduced else ""))
+speed
 
+# %% [markdown]
+# ## 3 · Post-training and scoring, model by model
+# Runs are cached under `artifacts/vapi/` (keyed by the base generator's training recipe and the VA-π config) and
+# resume if interrupted; held-out scores and evaluations are records under `artifacts/eval_records/`, grids under
+# `artifacts/vapi_grids/` (the base generators' evaluation records are shared with notebooks 04 and 10). Each line
+# says what the model needed: its records only, scoring (weights at hand), or post-training first.
+# "post-training time" in the tables is the run record's sum of step times (sampling, decoding, reward, update;
+# checkpoint writes excluded), so a cached run reports the time of the run that did the work.
+
+# %%
+source = vapi.EmbeddedSource(SETTINGS["data_size"], tok.resolution, "train", data_seed)
+GRID_MODELS = ("AR", "AR + VA-π", "AR + VA-π (shuffled rewards)", "reAR", "reAR + VA-π")
+study = vapi_units.VAPIStudy(
+    scale=ctx.scale, tokenizer=tok, evaluator=evaluator, base_models=base_models,
+    base_keys={name: run_model_key(RUN_HASHES[name], train_config(ctx.scale, v, tok, generator_seed).steps)
+               for name, v in VARIANTS.items()},
+    runs=RUNS, seeds=VAPI_SEEDS, source=source, data_size=SETTINGS["data_size"], data_seed=data_seed,
+    heldout=(ho_img, ho_lab, ho_tok), heldout_cfg=RUNS[vapi_report.METHOD].cfg, heldout_seed=10_000 + ctx.seed,
+    perceptual_fn=perceptual_fn, perceptual=PERC, n_per_class=n_pc, cfg_by_model=CFG_CHOICE.by_model,
+    grid_models=GRID_MODELS,
+    grid_per_class=SETTINGS["grid_per_class"], grid_seed=ctx.seed, device=dev)
+units = {}
+for model in MODELS:
+    t0 = time.time()
+    units[model] = study.unit(model)
+    name, vseed = model
+    print(f"{name}{'' if vseed is None else f', VA-π seed {vseed}'}: {units[model].work} ({time.time() - t0:.0f} s)")
+
+results = {(run, s): units[(run, s)].result for run in RUNS for s in VAPI_SEEDS}
 ctx.save_csv(vapi_report.history_table(results, RUNS), "09_vapi_history")
 runs = vapi_report.runs_table(results, RUNS)
 ctx.save_csv(runs, "09_vapi_runs")
 runs.set_index(["run", "vapi_seed"]).T
 
 # %% [markdown]
-# ## 3 · Reward curves
+# ## 4 · Reward curves
 # Per step, over the step's B·G sampled sequences: the mean reward and its parts (MSE on [-1, 1] images, the
 # perceptual distance, each as logged before the step's update), and the CE prior. The reward of the one-term runs
 # is on another scale, so the panels of the parts are the ones to compare; the MSE-only run has no
@@ -208,75 +254,32 @@ for name, groups in (("09_reward_curves", ("method", "control", "reward ablation
     plt.show()
 
 # %% [markdown]
-# ## 4 · What the reward measures, on held-out images
+# ## 5 · What the reward measures, on held-out images
 # For `n_heldout` validation images (never used in post-training): teacher-forced logits given the true prefix,
 # one token drawn per position (the same random stream for every model), decoded and compared with the real image:
 # MSE on [-1, 1] images, the perceptual distance, and the runs' reward R = -(MSE + λ_p · perceptual); plus the
 # teacher-forced CE and CTR (argmax = true token) of the ground-truth tokens.
 
 # %%
-all_models = {**{(name, None): m for name, m in base_models.items()}, **post}
-heldout = vapi_report.heldout_table(all_models, tok, ho_img, ho_lab, ho_tok, RUNS[vapi_report.METHOD].cfg,
-                                    perceptual_fn, PERC, seed=10_000 + ctx.seed)
+heldout = pd.DataFrame([u.heldout for u in units.values()])
+heldout["vapi_seed"] = heldout["vapi_seed"].astype("Int64")
 ctx.save_csv(heldout, "09_heldout_reconstruction")
 heldout.set_index(["model", "vapi_seed"]).round(5)
 
 # %% [markdown]
-# ## 5 · Sampling speed, then how many samples fit
-# As in 04: one timed batch with and without CFG (after a warm-up call that builds the sampler), then the number
-# of samples per FID evaluation is the target if all planned evaluations fit the generation budget, else fewer.
-# Planned: each base model at every VA-π seed's sampling seed, without and with CFG; each post-trained model at its
-# own seed's, without CFG and, except the reward ablation (the paper's Table 4 is without CFG), with CFG.
+# ## 6 · Before and after
+# The primary FID and its KID / precision / recall, the secondary columns of the classifier (labeled), and class
+# consistency, per model and CFG setting.
 
 # %%
-CFG_CHOICE = vapi_report.cfg_choice(ctx.reports / "10_cfg_sweep.csv", RUN_HASHES, FID,
-                                    (scales.SAMPLING[ctx.scale]["cfg_scale"], scales.SAMPLING[ctx.scale]["cfg_power"]))
-ctx.note(CFG_CHOICE.note)
-g_ar, p_ar = CFG_CHOICE.by_model["AR"]
-speed = pd.DataFrame([{"model": "AR", "CFG": c, "batch": SETTINGS["batch"], "device": str(dev),
-                       "images/s": evaluator.time_sampler(base_models["AR"], g_ar if c else None, p_ar,
-                                                          seed=10_000 + ctx.seed)} for c in (False, True)])
-ctx.save_csv(speed, "09_sampling_speed")
-ips = speed.set_index("CFG")["images/s"]
-items = vapi_report.eval_items(all_models, VAPI_SEEDS, RUNS)
-n_cfg = sum(it.cfg for it in items)
-plan = vapi_report.plan_fid(ips[False], ips[True], len(items) - n_cfg, n_cfg, NUM_CLASSES,
-                            SETTINGS["fid_per_class"], SETTINGS["fid_min_per_class"], SETTINGS["gen_budget_s"])
-n_pc, n_fid = plan.per_class, plan.per_class * NUM_CLASSES
-ctx.note(f"sampling speed: {ips[False]:.0f} images/s without CFG, {ips[True]:.0f} with CFG on {dev}; "
-         f"{len(items)} evaluations x {n_fid} samples, estimated {n_pc * plan.seconds_per_class_sample:.0f} s of "
-         f"generation (budget {SETTINGS['gen_budget_s']:.0f} s)"
-         + (f"; REDUCED from the target {SETTINGS['fid_per_class'] * NUM_CLASSES} samples" if plan.reduced else ""))
-speed
-
-# %% [markdown]
-# ## 6 · Before and after: FID[rearlib-classifier], IS, KID, precision / recall, class consistency
-# Against held-out real images (val). Without CFG, and with CFG at each base model's (g, p) (the note above says
-# where it comes from; a post-trained model uses its base model's). Image i of a set: class i // n_per_class, seed
-# `image_seed(sample_seed, i)`, so two models evaluated at one sampling seed get identical random numbers.
-# Cached as records under `artifacts/eval_records/` (`rearlib.experiments.evaluation`; the base generators'
-# records are shared with notebooks 04 and 10).
-
-
-# %%
-def evaluate(it: vapi_report.EvalItem) -> dict:
-    name, vseed = it.model
-    g, p = CFG_CHOICE.by_model[name if vseed is None else RUNS[name].base] if it.cfg else (None, 0.0)
-    row = evaluator.evaluate(model_keys[it.model], all_models[it.model], n_per_class=n_pc, cfg_scale=g,
-                             cfg_power=p, sample_seed=it.sample_seed)
-    return {"model": name, "vapi_seed": vseed, "CFG": "CFG" if it.cfg else "no CFG", "g": g,
-            "p": p if it.cfg else None, "sample_seed": it.sample_seed, **row}
-
-
-evals = pd.DataFrame([evaluate(it) for it in tqdm(items, desc="evaluate")])
+evals = pd.DataFrame([row for u in units.values() for row in u.evals])
 evals["vapi_seed"] = evals["vapi_seed"].astype("Int64")
 evals["scale"], evals["n target"] = ctx.scale, SETTINGS["fid_per_class"] * NUM_CLASSES
 ctx.save_csv(evals, "09_fid")
-order = list(dict.fromkeys(name for name, _ in all_models))
+order = list(dict.fromkeys(name for name, _ in MODELS))
 vapi_report.fid_summary(evals, FID, order).round(3)
 
 # %%
-IS = M.metric_label("isc_mean", EXTRACTOR_NAME)
 fig = vapi_figures.before_after(evals, order, (FID, "class consistency", IS), ("no CFG", "CFG"),
                                 f"Before / after VA-π ({ctx.scale}; {n_fid} samples per point vs "
                                 f"{SETTINGS['n_ref']} val images; bar = mean over seeds)")
@@ -285,14 +288,9 @@ plt.show()
 
 # %%
 k = SETTINGS["grid_per_class"]
-grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(k).to(dev)
-grids = {}
-for name in ["AR", "AR + VA-π", "AR + VA-π (shuffled rewards)", "reAR", "reAR + VA-π"]:
-    model = base_models[name] if name in base_models else post[(name, VAPI_SEEDS[0])]
-    # fast=False: the plain cached loop; this batch size would otherwise capture extra CUDA graphs.
-    toks = generate(model, grid_labels, seed=ctx.seed, fast=False)
-    with torch.no_grad():
-        grids[name if name in base_models else f"{name} (VA-π seed {VAPI_SEEDS[0]})"] = tok.decode(toks).float().cpu()
+shown = [(name, None if name in VARIANTS else VAPI_SEEDS[0]) for name in GRID_MODELS]
+grids = {name if vseed is None else f"{name} (VA-π seed {vseed})": units[(name, vseed)].grid.float() / 255
+         for name, vseed in shown}
 fig = vapi_figures.sample_grids(grids, k, f"No CFG, identical image seeds (row = class; {ctx.scale})")
 ctx.save_fig(fig, "09_samples")
 plt.show()
@@ -303,7 +301,7 @@ plt.show()
 # VA-π run of seed s and the base model, both sampled at seed s) and judged by the t-interval over the VA-π seeds
 # (`rearlib.experiments.verdicts.seed_difference_verdict`): "inconclusive" when the interval holds 0. The sampling
 # noise (the largest FID change of a base model between sampling seeds) is reported beside it. With one generator
-# training seed and another FID network, a verdict against the paper stops at "direction reproduced". When VA-π
+# training seed, other data and a far smaller model, a verdict against the paper stops at "direction reproduced". When VA-π
 # does not lower FID, the note names the control that explains it: the shuffled-rewards run (does the reward drive
 # the change?) and the CE-prior-only run (does the prior?).
 

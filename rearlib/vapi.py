@@ -69,6 +69,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -81,7 +82,7 @@ from tqdm.auto import tqdm
 
 from rearlib import scales
 from rearlib.data import load_dataset
-from rearlib.runtime import atomic_torch_save, atomic_write_text, resolve_device
+from rearlib.runtime import UnreadableFileError, atomic_torch_save, atomic_write_text, read_json, resolve_device
 from rearlib.scales import validate_scale
 from rearlib.tokenizers import get_tokenizer
 from rearlib.train_checkpoints import CHECKPOINT_FORMAT as TRAIN_FORMAT
@@ -191,7 +192,8 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
     Returns a dict: ``status`` ("completed" | "stopped"), ``step``, ``steps``, ``history`` (list of per-step
     dicts: step, reward_mean, ..., perceptual_metric, elapsed_s), ``history_df`` (pandas DataFrame of it),
     ``perceptual_metric``, ``wall_time_s`` (this call), ``train_time_s`` (all calls, excluding checkpoint I/O),
-    file paths, ``base_fingerprint`` and ``model`` (the post-trained generator, eval mode).
+    ``steps_this_call``, file paths, ``base_fingerprint``, ``final_fingerprint`` (of the final weights; None
+    unless completed) and ``model`` (the post-trained generator, eval mode).
     """
     if not isinstance(cfg, VAPIConfig):
         raise TypeError(f"cfg must be a VAPIConfig, got {type(cfg).__name__}")
@@ -254,6 +256,7 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
         _set_rng_state(ck["rng"], data_gen, step_gen, shuffle_gen, device)
         step, history, train_time = int(ck["step"]), list(ck["history"]), float(ck["train_time_s"])
         del ck
+    start_step = step
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base = {"vapi_config": cfg.to_dict(), "model_config": asdict(model.config), "base_fingerprint": base_fp,
@@ -304,7 +307,12 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
                            "ema_model": None, "vapi_config": cfg.to_dict(), "vapi_base_fingerprint": base_fp,
                            "perceptual_metric": metric}, model_path)
         write_history()
-    result = {**base, "status": status, "step": step, "steps": steps, "history": history,
+    # The final weights' fingerprint ties every later record (evaluations, held-out scores) to this realisation:
+    # on a GPU two runs of one recipe and seed end with different weights.
+    final_fp = _weights_fingerprint(model) if status == "completed" else None
+    result = {**base, "status": status, "step": step, "steps": steps, "steps_this_call": step - start_step,
+              "final_fingerprint": final_fp,
+              "history": history,
               "wall_time_s": time.perf_counter() - t_call, "train_time_s": train_time,
               "final": {k: history[-1].get(k) for k in ("reward_mean", "mse_mean", "perceptual_mean", "ce",
                                                         "clip_frac", "kl", "mse_group_std",
@@ -312,6 +320,24 @@ def post_train(model: nn.Module, tokenizer: nn.Module, data: Any, cfg: VAPIConfi
     atomic_write_text(result_path, json.dumps(result, indent=2, default=str))
     result["history_df"] = pd.DataFrame(history)
     result["model"] = model.eval()
+    return result
+
+
+def finished_run(out_dir: str | Path) -> dict[str, Any] | None:
+    """The record of a completed :func:`post_train` run in ``out_dir`` (its ``result.json`` with ``history_df``
+    added, no ``model``), or None when the run has not completed there. Needs no weights: a study continues from
+    the records of runs whose weights stayed on another machine."""
+    path = Path(out_dir) / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = read_json(path, "VA-pi run record")
+    except UnreadableFileError as err:
+        warnings.warn(f"{err}; the run counts as unfinished", stacklevel=2)
+        return None
+    if result.get("status") != "completed" or not result.get("final_fingerprint"):
+        return None
+    result["history_df"] = pd.DataFrame(result.get("history") or [])
     return result
 
 

@@ -56,8 +56,8 @@ __all__ = [
 
 NO_CFG, WITH_CFG = "no CFG", "CFG"
 PRIOR_ONLY, SHUFFLED = CONTROL_RUNS["prior_only"], CONTROL_RUNS["shuffled_rewards"]
-CAP_NOTE = ("verdicts against the paper stop at 'direction reproduced': one generator training seed, and not the "
-            "paper's FID network or data")
+CAP_NOTE = ("verdicts against the paper stop at 'direction reproduced': one generator training seed, and neither "
+            "the paper's data nor its model scale")
 
 
 def spread(x) -> str:

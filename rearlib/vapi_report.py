@@ -280,29 +280,37 @@ class CFGChoice(NamedTuple):
     note: str
 
 
-def cfg_choice(sweep_csv: Path, run_hashes: dict[str, str], fid_col: str,
+def cfg_choice(sweep_csv: Path, run_hashes: dict[str, str], fid_cols: str | tuple[str, ...],
                default: tuple[float, float]) -> CFGChoice:
-    """Per base model (``run_hashes``: {name: zoo run hash}), the lowest-``fid_col`` (g, p) of the studies' CFG sweep
-    of that very run (``sweep_csv``: notebook 10's ``10_cfg_sweep.csv``, matched by its "run hash" column), else
-    ``default`` (the scale's setting). A post-trained model is evaluated at its base model's (g, p)."""
-    sweep = None
+    """Per base model (``run_hashes``: {name: zoo run hash}), the lowest-FID (g, p) of the studies' CFG sweep of
+    that very run (``sweep_csv``: notebook 10's ``10_cfg_sweep.csv``, matched by its "run hash" column), else
+    ``default`` (the scale's setting). ``fid_cols``: the FID columns to choose by, in order of preference (the
+    first the sweep has). A post-trained model is evaluated at its base model's (g, p). The note says where each
+    setting came from, and when the best g lies at the edge of the swept scales (the optimum is not bracketed)."""
+    cols = (fid_cols,) if isinstance(fid_cols, str) else tuple(fid_cols)
+    sweep, col = None, None
     if Path(sweep_csv).is_file():
         sweep = pd.read_csv(sweep_csv, dtype={"run hash": str})
-        if not {"run hash", "cfg_scale", "cfg_power", "sample_seed", fid_col} <= set(sweep.columns):
+        col = next((c for c in cols if c in sweep.columns), None)
+        if col is None or not {"run hash", "cfg_scale", "cfg_power", "sample_seed"} <= set(sweep.columns):
             sweep = None
     by_model, parts = {}, []
     for name, h in run_hashes.items():
         rows = None if sweep is None else sweep[(sweep["run hash"] == h) & sweep["cfg_power"].notna()]
         if rows is None or rows.empty:
             by_model[name] = (float(default[0]), float(default[1]))
-            parts.append(f"{name}: g={default[0]:g} p={default[1]:g}, the scale default (no {fid_col} CFG sweep of "
-                         f"run {h} in {Path(sweep_csv).name})")
+            parts.append(f"{name}: g={default[0]:g} p={default[1]:g}, the scale default (no {' or '.join(cols)} "
+                         f"CFG sweep of run {h} in {Path(sweep_csv).name})")
             continue
-        best = rows.loc[rows[fid_col].idxmin()]
-        by_model[name] = (float(best["cfg_scale"]), float(best["cfg_power"]))
-        parts.append(f"{name}: g={best['cfg_scale']:g} p={best['cfg_power']:g}, the lowest of the studies' CFG "
-                     f"sweep of this generator ({Path(sweep_csv).name}, {len(rows)} settings, sample seed "
-                     f"{int(best['sample_seed'])}: {fid_col} {best[fid_col]:.3g})")
+        best = rows.loc[rows[col].idxmin()]
+        g, p = float(best["cfg_scale"]), float(best["cfg_power"])
+        by_model[name] = (g, p)
+        swept = rows.loc[rows["cfg_power"] == p, "cfg_scale"]
+        edge = (f"; at the {'lower' if g == swept.min() else 'upper'} edge of the {len(swept)} scales swept at "
+                f"p={p:g}, so not bracketed" if g in (swept.min(), swept.max()) and len(swept) > 1 else "")
+        parts.append(f"{name}: g={g:g} p={p:g}, the lowest {col} of the studies' CFG sweep of this generator "
+                     f"({Path(sweep_csv).name}, {len(rows)} settings, sample seed {int(best['sample_seed'])}: "
+                     f"{best[col]:.3g}{edge})")
     note = ("with CFG, (g, p) per base model: " + "; ".join(parts)
             + "; each VA-π model is evaluated at its base model's (g, p), without a sweep of its own")
     return CFGChoice(by_model, note)

@@ -153,6 +153,28 @@ def test_default_extractor_is_the_inception_fid_network(parts, records_root):
     assert row["IS[rearlib-classifier]"] == pytest.approx(by_classifier["IS[rearlib-classifier]"], rel=1e-6)
 
 
+def test_a_secondary_extractor_adds_its_labeled_metrics(parts, records_root):
+    """With the classifier as secondary extractor, an Inception-scored row also holds the classifier's FID / IS /
+    KID / precision / recall, equal to the classifier evaluator's on the same images; the key says so, and records
+    made without a secondary keep their key."""
+    tok, clf, model = parts
+    ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False,
+                   secondary_extractor="rearlib-classifier")
+    plain = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False)
+    by_classifier = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False,
+                              extractor="rearlib-classifier")
+    mk = run_model_key("r", 1)
+    assert ev.key(mk, n_per_class=2)["secondary_extractor"] == "rearlib-classifier"
+    assert "secondary_extractor" not in plain.key(mk, n_per_class=2)
+    row = ev.evaluate(mk, model, n_per_class=2)
+    ref = by_classifier.evaluate(mk, model, n_per_class=2)
+    assert row["FID"] == pytest.approx(plain.evaluate(mk, model, n_per_class=2)["FID"], rel=1e-6)
+    for col in ("FID", "IS", "KID", "Precision", "Recall"):
+        assert row[f"{col}[rearlib-classifier]"] == pytest.approx(ref[f"{col}[rearlib-classifier]"], rel=1e-6), col
+    with pytest.raises(ValueError, match="secondary_extractor"):
+        Evaluator("smoke", tok, clf, "cpu", extractor="rearlib-classifier", secondary_extractor="rearlib-classifier")
+
+
 def test_bad_inputs(parts):
     tok, clf, model = parts
     with pytest.raises(ValueError, match="smoke, small"):

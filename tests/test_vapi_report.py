@@ -168,16 +168,24 @@ def test_calibrate_lambda_p_rounds_the_balancing_weight():
 def test_cfg_choice_takes_the_studies_sweep_or_says_it_keeps_the_default(tmp_path):
     csv = tmp_path / "10_cfg_sweep.csv"
     rows = [("7cd88000b973", g, p, f) for g, p, f in ((1.5, 0.0, 0.8), (2.0, 0.0, 1.9), (3.0, 2.0, 2.0))]
-    rows += [("000000000012", None, None, 4.5), ("000000000012", 1.5, 2.0, 2.1), ("000000000012", 3.0, 2.0, 1.0)]
+    rows += [("000000000012", None, None, 4.5), ("000000000012", 1.5, 2.0, 2.1), ("000000000012", 3.0, 2.0, 1.0),
+             ("000000000012", 4.0, 2.0, 1.5)]
     pd.DataFrame([{"run hash": h, "cfg_scale": g, "cfg_power": p, "sample_seed": 0, "FID": f}
                   for h, g, p, f in rows]).to_csv(csv, index=False)
     # An all-digit hash stays a string; the no-CFG row (FID 4.5) is not a CFG setting.
     ch = vapi_report.cfg_choice(csv, {"AR": "7cd88000b973", "reAR": "000000000012", "X": "ffffffffffff"}, "FID",
                                 (2.0, 0.0))
     assert ch.by_model == {"AR": (1.5, 0.0), "reAR": (3.0, 2.0), "X": (2.0, 0.0)}
-    assert "AR: g=1.5 p=0, the lowest of the studies' CFG sweep" in ch.note and "3 settings" in ch.note
+    assert "AR: g=1.5 p=0, the lowest FID of the studies' CFG sweep" in ch.note and "3 settings" in ch.note
+    # AR's best is the smallest scale swept at its power: said to be unbracketed; reAR's has a neighbour each side.
+    ar_part, rear_part = ch.note.split("; reAR:")[0], ch.note.split("; reAR:")[1].split("; X:")[0]
+    assert "lower edge of the 2 scales swept at p=0, so not bracketed" in ar_part
+    assert "edge" not in rear_part
     assert "X: g=2 p=0, the scale default (no FID CFG sweep of run ffffffffffff" in ch.note
-    # No file, or one scored with another feature network: the default for every model.
+    # Columns in order of preference: the first the sweep has is used and named.
+    ch = vapi_report.cfg_choice(csv, {"AR": "7cd88000b973"}, ("FID[other]", "FID"), (2.0, 0.0))
+    assert ch.by_model == {"AR": (1.5, 0.0)} and "the lowest FID of" in ch.note
+    # No file, or one scored with another feature network only: the default for every model.
     for path, col in ((tmp_path / "missing.csv", "FID"), (csv, "FID[other]")):
         ch = vapi_report.cfg_choice(path, {"AR": "7cd88000b973"}, col, (2.0, 0.0))
         assert ch.by_model == {"AR": (2.0, 0.0)} and "the scale default" in ch.note

@@ -12,7 +12,8 @@ One :class:`Evaluator` per (scale, tokenizer, classifier, device) does what note
   Inception-v3 FID network (:mod:`rearlib.metrics.inception`; keys "FID", "KID", ...; no IS, the network has no
   logits), or by name the in-project classifier (keys "FID[rearlib-classifier]", "IS[rearlib-classifier]", ...,
   a diagnostic). Plus class consistency (the in-project classifier's argmax equals the requested class), a
-  secondary column.
+  secondary column, and with ``secondary_extractor`` the same distribution metrics from a second network,
+  labeled with its name (e.g. "FID[rearlib-classifier]" beside the Inception "FID").
 * :meth:`Evaluator.evaluate`: sample + score, cached as a small JSON **record** under
   ``artifacts/eval_records/<hash>/record.json``. The hash is of the record *key*: what was evaluated (a
   ``model_key``: for trained runs the *recipe* hash of :func:`rearlib.experiments.zoo.run_hash` and the step, see
@@ -20,7 +21,7 @@ One :class:`Evaluator` per (scale, tokenizer, classifier, device) does what note
   still completes a notebook elsewhere), the tokenizer and classifier identities, the reference set, the
   number of samples, (g, p), the sampling seed, the temperature, the scale's sampler setting and the scale, and
   the FID extractor's name and identity (records scored with the classifier keep their original key, which has
-  only the classifier's identity).
+  only the classifier's identity) and the secondary extractor's name where there is one.
   When the record exists the model is never loaded: ``model`` may be a zero-argument callable that is only
   called on a miss.
 * :meth:`Evaluator.evaluate_training_images`: the floors of FID for a generated set of that size: real training
@@ -150,11 +151,13 @@ class Evaluator:
         device: where sampling and scoring run.
         data_seed: seed of the embedded dataset (the reference images are ``val`` images 0..n_ref-1 of it).
         progress: tqdm bars while sampling.
+        secondary_extractor: a second network whose FID / IS / KID / precision / recall are added to every row,
+            labeled with its name (None: only the classifier's IS when the main extractor has no logits).
     """
 
     def __init__(self, scale: str, tokenizer, classifier, device, *, n_ref: int | None = None,
                  batch: int | None = None, sampler: str | bool | None = "scale", data_seed: int = 0,
-                 progress: bool = True, extractor: str | None = None):
+                 progress: bool = True, extractor: str | None = None, secondary_extractor: str | None = None):
         if scale not in scales.EVALUATION:
             raise ValueError(f"no evaluation settings for scale {scale!r}; available: {', '.join(scales.EVALUATION)}")
         s = scales.EVALUATION[scale]
@@ -173,6 +176,9 @@ class Evaluator:
         self.classifier_id = classifier.identity
         self.extractor = M.check_extractor(extractor or M.DEFAULT_EXTRACTOR)
         self.extractor_id = self._extractor_identity()
+        self.secondary = M.check_extractor(secondary_extractor) if secondary_extractor else None
+        if self.secondary == self.extractor:
+            raise ValueError(f"secondary_extractor {secondary_extractor!r} is the main extractor; name another or None")
         self.reference = {"dataset": "ShapeScenes-10", "split": "val", "n": self.n_ref,
                           "resolution": self.resolution, "seed": self.data_seed}
         self.reference_name = f"embedded-val-r{self.resolution}-n{self.n_ref}-seed{self.data_seed}"
@@ -186,7 +192,10 @@ class Evaluator:
         return self.extractor
 
     def _key_extractor(self) -> dict:
-        return {} if self.extractor_id is None else {"extractor": {"name": self.extractor, "id": self.extractor_id}}
+        out = {} if self.extractor_id is None else {"extractor": {"name": self.extractor, "id": self.extractor_id}}
+        if self.secondary:  # only then: records made without one keep their keys
+            out["secondary_extractor"] = self.secondary
+        return out
 
     # -- reference ---------------------------------------------------------------------------------------
     @property
@@ -221,17 +230,23 @@ class Evaluator:
 
     def score(self, images_u8: torch.Tensor, labels: torch.Tensor) -> dict:
         """Labeled FID / IS / KID / precision / recall against the reference, class consistency, counts."""
-        dm = M.distribution_metrics(images_u8, self.reference_u8, extractor=self.extractor,
-                                    classifier=self.classifier, device=self.device, cache_name=self.reference_name,
-                                    reference_name=f"ShapeScenes-10 val n={self.n_ref}")
-        row = {dm["labels"][k]: dm[k] for k in ("fid", "isc_mean", "kid_mean", "precision", "recall") if k in dm}
-        if not M.extractor_has_logits(self.extractor):  # the FID network has no logits: IS from the classifier
+        metrics = ("fid", "isc_mean", "kid_mean", "precision", "recall")
+        row = {}
+        for extractor in (self.extractor, self.secondary):
+            if extractor:
+                dm = M.distribution_metrics(images_u8, self.reference_u8, extractor=extractor,
+                                            classifier=self.classifier, device=self.device,
+                                            cache_name=self.reference_name,
+                                            reference_name=f"ShapeScenes-10 val n={self.n_ref}")
+                row.update({dm["labels"][k]: dm[k] for k in metrics if k in dm})
+        if not M.extractor_has_logits(self.extractor) and not any(k.startswith("IS") for k in row):
+            # the FID network has no logits: IS from the classifier
             isc = M.distribution_metrics(images_u8, self.reference_u8, extractor=SECONDARY_IS, fid=False, isc=True,
                                          kid=False, prc=False, classifier=self.classifier, device=self.device)
             row[isc["labels"]["isc_mean"]] = isc["isc_mean"]
         row["class consistency"] = class_consistency(images_u8.float() / 255, labels,
                                                      self.classifier)["class_consistency"]
-        row.update({"n generated": dm["n_generated"], "n reference": dm["n_reference"]})
+        row.update({"n generated": len(images_u8), "n reference": self.n_ref})
         return row
 
     # -- records -----------------------------------------------------------------------------------------

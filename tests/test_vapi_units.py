@@ -1,0 +1,105 @@
+"""Notebook 09's model-by-model work (rearlib.vapi_units): records replace weights, and never mix realisations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rearlib import vapi
+from rearlib.experiments.evaluation import Evaluator, record_path, run_model_key
+from rearlib.metrics.classifier import get_classifier
+from rearlib.model import build_generator
+from rearlib.tokenizers import get_tokenizer
+from rearlib.vapi_config import config_for_scale
+from rearlib.vapi_report import METHOD, StudyRun, heldout_images
+from rearlib.vapi_units import VAPIStudy
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """The smoke tokenizer and classifier and a random tiny generator of matching shapes."""
+    tok = get_tokenizer("smoke", "cpu", progress=False)
+    clf = get_classifier("smoke", "cpu")
+    model = build_generator("tiny", codebook_size=tok.codebook_size, seq_len=tok.num_tokens, z_dim=tok.code_dim)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random everywhere: a fresh adaLN-Zero model would be nearly unconditional
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return tok, clf, model.eval()
+
+
+def _study(tok, clf, model) -> VAPIStudy:
+    cfg = config_for_scale("smoke", batch_size=2, group_size=2, reward_terms="mse", lr=1e-2)
+    return VAPIStudy(
+        scale="smoke", tokenizer=tok,
+        evaluator=Evaluator("smoke", tok, clf, "cpu", n_ref=32, batch=20, progress=False,
+                            extractor="rearlib-classifier"),
+        base_models={"AR": model}, base_keys={"AR": run_model_key("test-ar", 1)},
+        runs={METHOD: StudyRun("AR", "MSE", "method", cfg, 2)}, seeds=[0],
+        source=vapi.EmbeddedSource(16, tok.resolution, "train", 0), data_size=16, data_seed=0,
+        heldout=heldout_images(tok, 8, 0, "cpu"), heldout_cfg=cfg, heldout_seed=1, perceptual_fn=None,
+        perceptual="none", n_per_class=2, cfg_by_model={"AR": (2.0, 0.0)}, grid_models=("AR", METHOD),
+        grid_per_class=1, grid_seed=0, progress=False)
+
+
+def _fids(unit) -> list[float]:
+    return [r["FID[rearlib-classifier]"] for r in unit.evals]
+
+
+def test_a_unit_is_made_once_then_read_from_records_without_weights(parts, tmp_path, monkeypatch):
+    monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path))
+    tok, clf, model = parts
+    study = _study(tok, clf, model)
+
+    base = study.unit(("AR", None))
+    assert base.work == "scored" and base.result is None
+    assert [(r["CFG"], r["sample_seed"]) for r in base.evals] == [("no CFG", 0), ("CFG", 0)]
+    assert study.unit(("AR", None)).work == "records"
+
+    first = study.unit((METHOD, 0))
+    assert first.work == "trained" and first.result["step"] == 2 and first.result["steps_this_call"] == 2
+    assert first.grid.dtype == torch.uint8 and first.grid.shape == (10, 3, tok.resolution, tok.resolution)
+    assert first.heldout["model"] == METHOD and first.heldout["n images"] == 8
+    key = study.model_key((METHOD, 0), first.result)
+    assert key["weights"] == first.result["final_fingerprint"]
+
+    # The weights are gone (another machine): the records alone give the same unit; nothing is trained.
+    folder = study.run_dir(METHOD, 0)
+    for f in ("checkpoint.pt", "model.pt"):
+        (folder / f).unlink()
+    with monkeypatch.context() as m:
+        m.setattr(VAPIStudy, "post_train", lambda *a: pytest.fail("post-trained although every record exists"))
+        again = study.unit((METHOD, 0))
+    assert again.work == "records"
+    assert _fids(again) == _fids(first) and again.heldout == first.heldout and torch.equal(again.grid, first.grid)
+
+    # One record is missing and the weights are gone: the run is trained again. Another realisation (here: other
+    # starting weights under the same recipe key) is scored under its own weights' key, with none of the old records.
+    record_path(study.evaluator.key(key, n_per_class=2, cfg_scale=2.0, cfg_power=0.0, sample_seed=0)).unlink()
+    other = build_generator("tiny", codebook_size=tok.codebook_size, seq_len=tok.num_tokens, z_dim=tok.code_dim)
+    other.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    study.base_models = {"AR": other.eval()}
+    redo = study.unit((METHOD, 0))
+    assert redo.work == "trained"
+    assert redo.result["final_fingerprint"] != first.result["final_fingerprint"]
+    assert vapi.finished_run(folder)["final_fingerprint"] == redo.result["final_fingerprint"]
+    assert all(a != b for a, b in zip(_fids(redo), _fids(first)))
+    assert not torch.equal(redo.grid, first.grid)
+
+
+def test_finished_run_needs_a_completed_record(tmp_path):
+    assert vapi.finished_run(tmp_path) is None
+    (tmp_path / "result.json").write_text('{"status": "stopped", "step": 1}')
+    assert vapi.finished_run(tmp_path) is None
+    (tmp_path / "result.json").write_text('{"status": "completed", "step": 2, "final_fingerprint": "ab", '
+                                          '"history": [{"step": 1}, {"step": 2}]}')
+    done = vapi.finished_run(tmp_path)
+    assert done["step"] == 2 and list(done["history_df"]["step"]) == [1, 2]
+    (tmp_path / "result.json").write_text('{"status": "compl')
+    with pytest.warns(UserWarning, match="unfinished"):
+        assert vapi.finished_run(tmp_path) is None
