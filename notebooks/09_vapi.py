@@ -88,8 +88,8 @@ if ctx.scale == "paper":
 # vapi_seeds: VA-π runs per setting (seeds seed, seed + 1, ...; the run of seed s is evaluated at sampling seed s,
 # as the base models are, so differences pair by seed). fid_per_class: the target samples per class for one FID
 # evaluation, lowered automatically when the measured sampling speed says the planned evaluations would not fit
-# gen_budget_s (at small the budget holds the target on any current GPU, so that every session that resumes the
-# study evaluates with the same count). n_heldout: val images for the teacher-forced reconstruction check; n_calib:
+# gen_budget_s (at small never: every machine that resumes the study evaluates with the same count, so that its
+# records complete one study). n_heldout: val images for the teacher-forced reconstruction check; n_calib:
 # the first n_calib of them, G draws each, calibrate λ_p. extractor / secondary: the feature networks of the
 # distribution metrics. From rearlib.scales.EVALUATION (shared with 04 and 10-13): n_ref, held-out real images (val)
 # for FID; batch, images per sampler call; sampler ("graph": CUDA graphs without torch.compile).
@@ -97,7 +97,7 @@ VSCALE = scales.VAPI[ctx.scale]
 SETTINGS = {
     "smoke": dict(data_size=VSCALE["data_size"], vapi_seeds=2, fid_per_class=8, fid_min_per_class=4, n_heldout=32,
                   n_calib=8, gen_budget_s=30.0, grid_per_class=3, extractor=CLASSIFIER, secondary=None),
-    "small": dict(data_size=VSCALE["data_size"], vapi_seeds=3, fid_per_class=1000, fid_min_per_class=200,
+    "small": dict(data_size=VSCALE["data_size"], vapi_seeds=3, fid_per_class=1000, fid_min_per_class=1000,
                   n_heldout=1000, n_calib=128, gen_budget_s=3600.0, grid_per_class=6,
                   extractor="inception-v3-fid", secondary=CLASSIFIER),
 }[ctx.scale]
@@ -140,9 +140,15 @@ ctx.note(f"VA-π update in {base_cfg.update_mode} mode; the AR generator's pre-t
 # %%
 ho_img, ho_lab, ho_tok = vapi_report.heldout_images(tok, SETTINGS["n_heldout"], data_seed, dev)
 n_cal, G = SETTINGS["n_calib"], base_cfg.group_size
-calib = vapi_report.heldout_table({("AR", None): base_models["AR"]}, tok, ho_img[:n_cal], ho_lab[:n_cal],
-                                  ho_tok[:n_cal], base_cfg, perceptual_fn, PERC, seed=20_000 + ctx.seed,
-                                  samples_per_image=G)
+RUN_HASHES = {name: run_hash(ctx.scale, v, tok, generator_seed) for name, v in VARIANTS.items()}
+BASE_KEYS = {name: run_model_key(RUN_HASHES[name], train_config(ctx.scale, v, tok, generator_seed).steps)
+             for name, v in VARIANTS.items()}
+calib_key = {"scale": ctx.scale, "model": BASE_KEYS["AR"], "tokenizer": tok.identity(), "lambda_p calibration": {
+    "n": n_cal, "samples_per_image": G, "seed": 20_000 + ctx.seed, "data_seed": data_seed,
+    "reward": base_cfg.to_dict(), "perceptual": PERC}}
+calib = vapi_units.cached_table(calib_key, lambda: vapi_report.heldout_table(
+    {("AR", None): base_models["AR"]}, tok, ho_img[:n_cal], ho_lab[:n_cal], ho_tok[:n_cal], base_cfg, perceptual_fn,
+    PERC, seed=20_000 + ctx.seed, samples_per_image=G), dev)
 cal = vapi_report.calibrate_lambda_p(calib, PERC, G)
 calib["λ_p used"] = cal.lambda_p
 ctx.save_csv(calib, "09_lambda_p_calibration")
@@ -180,7 +186,6 @@ VAPI_SEEDS = [ctx.seed + i for i in range(SETTINGS["vapi_seeds"])]
 # Base models first, then seed-major: every run's first VA-π seed before any run's second, so that a study cut short
 # covers every setting.
 MODELS = [(name, None) for name in VARIANTS] + [(run, s) for s in VAPI_SEEDS for run in RUNS]
-RUN_HASHES = {name: run_hash(ctx.scale, v, tok, generator_seed) for name, v in VARIANTS.items()}
 CFG_CHOICE = vapi_report.cfg_choice(ctx.reports / "10_cfg_sweep.csv", RUN_HASHES,
                                     (FID, M.metric_label("fid", CLASSIFIER)),  # the sweep's Inception FID, else its own
                                     (scales.SAMPLING[ctx.scale]["cfg_scale"], scales.SAMPLING[ctx.scale]["cfg_power"]))
@@ -216,8 +221,7 @@ source = vapi.EmbeddedSource(SETTINGS["data_size"], tok.resolution, "train", dat
 GRID_MODELS = ("AR", "AR + VA-π", "AR + VA-π (shuffled rewards)", "reAR", "reAR + VA-π")
 study = vapi_units.VAPIStudy(
     scale=ctx.scale, tokenizer=tok, evaluator=evaluator, base_models=base_models,
-    base_keys={name: run_model_key(RUN_HASHES[name], train_config(ctx.scale, v, tok, generator_seed).steps)
-               for name, v in VARIANTS.items()},
+    base_keys=BASE_KEYS,
     runs=RUNS, seeds=VAPI_SEEDS, source=source, data_size=SETTINGS["data_size"], data_seed=data_seed,
     heldout=(ho_img, ho_lab, ho_tok), heldout_cfg=RUNS[vapi_report.METHOD].cfg, heldout_seed=10_000 + ctx.seed,
     perceptual_fn=perceptual_fn, perceptual=PERC, n_per_class=n_pc, cfg_by_model=CFG_CHOICE.by_model,

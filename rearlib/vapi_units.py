@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import pandas as pd
 import torch
 
 import rearlib.metrics as M
@@ -37,6 +38,24 @@ from rearlib.vapi_report import StudyRun, eval_items, heldout_reconstruction, ru
 
 NUM_CLASSES = 10
 GRID_KIND = "vapi_grids"
+
+
+def cached_table(key: dict, make: Callable[[], pd.DataFrame], device) -> pd.DataFrame:
+    """The table stored as the record of ``key``, else ``make()``'s, stored (e.g. the λ_p calibration, whose value
+    enters every run's key: read back, it cannot differ in the last digit on another machine)."""
+    stored = load_record(key)
+    if stored is not None:
+        return pd.DataFrame(stored["row"]["rows"])
+    table = make()
+    rows = table.astype(object).where(table.notna(), None).to_dict("records")
+    save_record(key, {"rows": rows}, _provenance(torch.device(device)))
+    return table
+
+
+def _provenance(device: torch.device) -> dict:
+    hw = hardware_info()
+    return {"device": str(device), "gpu": hw.get("gpu") if device.type == "cuda" else None,
+            "torch": hw["torch"], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 class Unit(NamedTuple):
@@ -176,11 +195,6 @@ class VAPIStudy:
         grid = self._grid(key, net) if self._wants_grid(model) else None
         return Unit(model, result, {"model": name, "vapi_seed": vseed, **heldout}, evals, grid, work)
 
-    def _provenance(self) -> dict:
-        hw = hardware_info()
-        return {"device": str(self.device), "gpu": hw.get("gpu") if self.device.type == "cuda" else None,
-                "torch": hw["torch"], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
     def _heldout_row(self, model_key: dict, net) -> dict:
         key = self._heldout_key(model_key)
         stored = load_record(key)
@@ -190,7 +204,7 @@ class VAPIStudy:
         row = heldout_reconstruction(net, self.tokenizer, images, labels, tokens, self.heldout_cfg,
                                      self.perceptual_fn, self.perceptual, seed=self.heldout_seed)
         row["n images"] = len(tokens)
-        return dict(save_record(key, row, self._provenance())["row"])
+        return dict(save_record(key, row, _provenance(self.device))["row"])
 
     def _eval_row(self, model: tuple, it, settings: dict, model_key: dict, net) -> dict:
         name, vseed = model

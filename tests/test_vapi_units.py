@@ -1,6 +1,7 @@
 """Notebook 09's model-by-model work (rearlib.vapi_units): records replace weights, and never mix realisations."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from rearlib.model import build_generator
 from rearlib.tokenizers import get_tokenizer
 from rearlib.vapi_config import config_for_scale
 from rearlib.vapi_report import METHOD, StudyRun, heldout_images
-from rearlib.vapi_units import VAPIStudy
+from rearlib.vapi_units import VAPIStudy, cached_table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -103,3 +104,19 @@ def test_finished_run_needs_a_completed_record(tmp_path):
     (tmp_path / "result.json").write_text('{"status": "compl')
     with pytest.warns(UserWarning, match="unfinished"):
         assert vapi.finished_run(tmp_path) is None
+
+
+def test_cached_table_is_made_once_and_read_back_equal(tmp_path, monkeypatch):
+    monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path))
+    calls = []
+
+    def make():
+        calls.append(1)
+        t = pd.DataFrame([{"model": "AR", "vapi_seed": None, "held-out λ_p": 0.3412345678901}])
+        t["vapi_seed"] = t["vapi_seed"].astype("Int64")
+        return t
+
+    first = cached_table({"k": 1}, make, "cpu")
+    again = cached_table({"k": 1}, make, "cpu")
+    assert calls == [1] and again["held-out λ_p"].iloc[0] == first["held-out λ_p"].iloc[0]
+    assert again["vapi_seed"].isna().all() and list(again.columns) == list(first.columns)
