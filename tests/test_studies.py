@@ -466,6 +466,13 @@ def test_gpus_option_starts_one_shard_process_per_gpu(monkeypatch):
         assert cmd[-2:] == ["--shard", f"{i}/3"] and "--gpus" not in cmd
         assert cmd.count("--time-limit") == 1 and float(cmd[cmd.index("--time-limit") + 1]) <= 500
 
+    # Two processes per GPU: shards 0..5, dealt over the GPUs in turn.
+    started.clear()
+    codes = ST.spread_over_gpus(["run", "--gpus", "3", "--procs-per-gpu", "2"], 3, None, 0.0, per_gpu=2)
+    assert codes == [0] * 6 and [gpu for _, gpu in started] == ["0", "1", "2", "0", "1", "2"]
+    assert [cmd[-1] for cmd, _ in started] == [f"{i}/6" for i in range(6)]
+    assert all("--procs-per-gpu" not in cmd and "--time-limit" not in cmd for cmd, _ in started)
+
 
 # ------------------------------------------------------------------------------------------------ claims of notebooks 10-13
 

@@ -87,16 +87,22 @@ __all__ = ["STUDIES", "RECIPES", "STUDIES_EXTRACTOR", "PAPER_TABLE3", "PAPER_TAB
            "zoo_training_record", "pack", "unpack", "main"]
 
 
-def spread_over_gpus(argv: list[str], gpus: int, time_limit_s: float | None, t_start: float) -> list[int]:
-    """Run ``studies run`` once per GPU (``--shard i/gpus``, ``CUDA_VISIBLE_DEVICES=i``) and wait for all; their
-    exit codes. Each writes the same records and run folders as one process would."""
-    base = _without_option(_without_option(argv, "--gpus"), "--time-limit")
+def spread_over_gpus(argv: list[str], gpus: int, time_limit_s: float | None, t_start: float,
+                     per_gpu: int = 1) -> list[int]:
+    """Run ``studies run`` as ``gpus`` x ``per_gpu`` processes (``--shard i/n``; process i sees only GPU
+    ``i % gpus`` through ``CUDA_VISIBLE_DEVICES``) and wait for all; their exit codes. Each writes the same records
+    and run folders as one process would. Several processes on one GPU fill it where one small model's step leaves
+    it idle between kernel launches."""
+    base = argv
+    for option in ("--gpus", "--procs-per-gpu", "--time-limit"):
+        base = _without_option(base, option)
     if time_limit_s is not None:  # the shards get what is left of this command's limit
         base += ["--time-limit", f"{max(1.0, time_limit_s - (time.monotonic() - t_start)):.0f}"]
+    n = gpus * per_gpu
     procs = []
-    for i in range(gpus):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i)}
-        cmd = [sys.executable, "-m", "rearlib.experiments.studies", *base, "--shard", f"{i}/{gpus}"]
+    for i in range(n):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)}
+        cmd = [sys.executable, "-m", "rearlib.experiments.studies", *base, "--shard", f"{i}/{n}"]
         procs.append(subprocess.Popen(cmd, env=env))
     return [p.wait() for p in procs]
 
@@ -148,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--gpus", type=cli_types.count, default=1,
                            help="spread the plan over this many GPUs of this machine: one process per GPU, each "
                                 "with its share of the runs, then one pass for what waited on another's run")
+            p.add_argument("--procs-per-gpu", type=cli_types.count, default=1,
+                           help="processes per GPU (with --gpus, or alone for one GPU): small models leave a GPU "
+                                "idle between kernel launches, and several processes fill it")
             p.add_argument("--shard", type=cli_types.shard, default=None, metavar="I/N",
                            help="run only share I of N (what each --gpus process does; for several machines)")
     p = sub.add_parser("pack", help="write every evaluation record and training result of a scale (no weights) "
@@ -182,10 +191,12 @@ def main(argv=None) -> int:
                        plan=args.plan)
         status(args.scale, args.study, ws=ws)
         return 0
-    if args.gpus > 1:
+    if args.gpus * args.procs_per_gpu > 1:
         if args.shard is not None:
-            raise SystemExit("--gpus and --shard: pass one of them (--gpus starts one --shard process per GPU)")
-        codes = spread_over_gpus(list(sys.argv[1:] if argv is None else argv), args.gpus, args.time_limit, t_start)
+            raise SystemExit("--gpus / --procs-per-gpu and --shard: pass one of them (--gpus starts one --shard "
+                             "process per GPU)")
+        codes = spread_over_gpus(list(sys.argv[1:] if argv is None else argv), args.gpus, args.time_limit, t_start,
+                                 per_gpu=args.procs_per_gpu)
         if any(codes):
             print(f"shard processes exited with {codes}; the records they wrote are kept", file=sys.stderr)
             return 1
