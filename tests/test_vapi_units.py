@@ -120,3 +120,44 @@ def test_cached_table_is_made_once_and_read_back_equal(tmp_path, monkeypatch):
     again = cached_table({"k": 1}, make, "cpu")
     assert calls == [1] and again["held-out λ_p"].iloc[0] == first["held-out λ_p"].iloc[0]
     assert again["vapi_seed"].isna().all() and list(again.columns) == list(first.columns)
+
+
+def test_a_packed_study_completes_on_another_machine_without_weights(parts, tmp_path, monkeypatch):
+    """Pack the records of a unit on one artifact root, unpack them into an empty one: the unit is read whole,
+    with its grid, and nothing is trained."""
+    from rearlib.experiments.studies_transfer import pack, unpack
+
+    monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path / "gpu_box"))
+    tok, clf, model = parts
+    study = _study(tok, clf, model)
+    made = study.unit((METHOD, 0))
+    archive = tmp_path / "records.tar.gz"
+    pack("smoke", archive, log=lambda *a: None)
+    monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path / "cpu_box"))
+    unpack(archive, log=lambda *a: None)
+    with monkeypatch.context() as m:
+        m.setattr(VAPIStudy, "post_train", lambda *a: pytest.fail("post-trained although every record exists"))
+        there = study.unit((METHOD, 0))
+    assert there.work == "records" and _fids(there) == _fids(made) and torch.equal(there.grid, made.grid)
+    pd.testing.assert_frame_equal(there.result["history_df"], made.result["history_df"])
+
+
+def test_unpack_refuses_a_grid_that_is_not_uint8_images(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from rearlib.experiments.studies_transfer import unpack
+
+    monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path / "root"))
+    for bad in (torch.zeros(2, 3, 4, 4), {"x": torch.zeros(1, dtype=torch.uint8)}):
+        buf = io.BytesIO()
+        torch.save(bad, buf)
+        data = buf.getvalue()
+        archive = tmp_path / "bad.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            ti = tarfile.TarInfo("vapi_grids/0123456789ab/grid.pt")
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+        with pytest.raises(ValueError, match="grid"):
+            unpack(archive, log=lambda *a: None)
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("*.pt"))
