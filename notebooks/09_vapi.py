@@ -50,7 +50,7 @@
 
 # %% tags=["parameters"]
 scale = "smoke"        # smoke | small | paper
-seed = 0               # first VA-π seed (the runs use seed, seed + 1, ...) and the sampling seeds
+seed = 0               # sampling seed of the guidance sweep; VA-π runs (and their samples) use seed + 1, ...
 device = "auto"
 reports_dir = "reports"
 figures_dir = "figures"
@@ -68,10 +68,10 @@ import time
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 import rearlib.metrics as M
 from rearlib import scales, vapi, vapi_claims, vapi_figures, vapi_report, vapi_units
+from rearlib.experiments import studies_plan
 from rearlib.data import NUM_CLASSES
 from rearlib.experiments.evaluation import Evaluator, run_model_key
 from rearlib.experiments.zoo import get_generator, run_dir, run_hash, train_config
@@ -173,22 +173,37 @@ calib.T
 #
 # Every model is evaluated against held-out real images (val): each base model at every VA-π seed's sampling seed,
 # without and with CFG; each post-trained model at its own seed's, without CFG and, except the reward ablation (the
-# paper's Table 4 is without CFG), with CFG. With CFG, each base model's (g, p) comes from the studies' sweep of that
-# generator where there is one (the note says which, and whether its optimum is bracketed); a post-trained model
-# uses its base model's. Image i of a set: class i // n_per_class, seed `image_seed(sample_seed, i)`, so two models
-# evaluated at one sampling seed get identical random numbers. Below: one timed batch with and without CFG (after a
-# warm-up call that builds the sampler), then the samples per evaluation: the target if all planned evaluations fit
-# the generation budget, else fewer.
+# paper's Table 4 is without CFG), with CFG. With CFG, each base model's (g, p) is the best of a guidance sweep that
+# grows at the edge holding the best FID until the optimum is bracketed (the rule and the records of the studies'
+# main comparison; the note lists the scales and says whether each power's optimum is bracketed); a post-trained
+# model uses its base model's. Image i of a set: class i // n_per_class, seed `image_seed(sample_seed, i)`, so two
+# models evaluated at one sampling seed get identical random numbers. Below: one timed batch with and without CFG
+# (after a warm-up call that builds the sampler), then the samples per evaluation: the target if all planned
+# evaluations fit the generation budget, else fewer.
 
 # %%
 RUNS = vapi_report.study_runs(ctx.scale, cal.lambda_p)
-VAPI_SEEDS = [ctx.seed + i for i in range(SETTINGS["vapi_seeds"])]
+VAPI_SEEDS = [ctx.seed + 1 + i for i in range(SETTINGS["vapi_seeds"])]
 # Base models first, then seed-major: every run's first VA-π seed before any run's second, so that a study cut short
 # covers every setting.
 MODELS = [(name, None) for name in VARIANTS] + [(run, s) for s in VAPI_SEEDS for run in RUNS]
-CFG_CHOICE = vapi_report.cfg_choice(ctx.reports / "10_cfg_sweep.csv", RUN_HASHES,
-                                    (FID, M.metric_label("fid", CLASSIFIER)),  # the sweep's Inception FID, else its own
-                                    (scales.SAMPLING[ctx.scale]["cfg_scale"], scales.SAMPLING[ctx.scale]["cfg_power"]))
+# The guidance of the "with CFG" evaluations is chosen on sampling seed `seed`, apart from the evaluations' seeds, by
+# the studies' rule with the studies' evaluator (the plan's FID network, no secondary): notebook 10's main
+# comparison sweeps these very generators the same way, so each notebook reuses the other's records.
+PLAN = studies_plan.plan_settings(ctx.scale)
+sweep_ev = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=PLAN["extractor"], progress=False)
+SWEEP_FID = M.metric_label("fid", sweep_ev.extractor)
+N_SWEEP = scales.EVALUATION[ctx.scale]["n_per_class"]
+
+
+def fid_at(name: str, g: float, p: float) -> float:
+    return sweep_ev.evaluate(BASE_KEYS[name], base_models[name], n_per_class=N_SWEEP, cfg_scale=g, cfg_power=p,
+                             sample_seed=ctx.seed)[SWEEP_FID]
+
+
+CFG_CHOICE = vapi_report.cfg_choice(fid_at, list(VARIANTS), scales.STUDIES[ctx.scale]["cfg_scales"],
+                                    scales.STUDIES[ctx.scale]["cfg_powers"], PLAN["cfg_max_added"],
+                                    f"{SWEEP_FID} on sampling seed {ctx.seed} ({N_SWEEP * NUM_CLASSES} samples)")
 ctx.note(CFG_CHOICE.note)
 g_ar, p_ar = CFG_CHOICE.by_model["AR"]
 speed = pd.DataFrame([{"model": "AR", "CFG": c, "batch": SETTINGS["batch"], "device": str(dev),

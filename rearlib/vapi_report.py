@@ -280,38 +280,32 @@ class CFGChoice(NamedTuple):
     note: str
 
 
-def cfg_choice(sweep_csv: Path, run_hashes: dict[str, str], fid_cols: str | tuple[str, ...],
-               default: tuple[float, float]) -> CFGChoice:
-    """Per base model (``run_hashes``: {name: zoo run hash}), the lowest-FID (g, p) of the studies' CFG sweep of
-    that very run (``sweep_csv``: notebook 10's ``10_cfg_sweep.csv``, matched by its "run hash" column), else
-    ``default`` (the scale's setting). ``fid_cols``: the FID columns to choose by, in order of preference (the
-    first the sweep has). A post-trained model is evaluated at its base model's (g, p). The note says where each
-    setting came from, and when the best g lies at the edge of the swept scales (the optimum is not bracketed)."""
-    cols = (fid_cols,) if isinstance(fid_cols, str) else tuple(fid_cols)
-    sweep, col = None, None
-    if Path(sweep_csv).is_file():
-        sweep = pd.read_csv(sweep_csv, dtype={"run hash": str})
-        col = next((c for c in cols if c in sweep.columns), None)
-        if col is None or not {"run hash", "cfg_scale", "cfg_power", "sample_seed"} <= set(sweep.columns):
-            sweep = None
+def cfg_choice(fid_at: Callable[[str, float, float], float], models: list[str], cfg_scales: tuple[float, ...],
+               cfg_powers: tuple[float, ...], max_added: int, what: str) -> CFGChoice:
+    """Per base model, the (g, p) of lowest FID from a guidance sweep that brackets its optimum.
+
+    For each power p the scales start at ``cfg_scales`` and grow by one grid step at the edge holding the best FID
+    (down to g = 1, no guidance), at most ``max_added`` times (:func:`rearlib.experiments.studies_plan.
+    sweep_state`, the rule of the studies' main comparison). ``fid_at(model, g, p)`` gives the FID on the selection
+    sampling seed (the caller evaluates or reads a record). ``what`` names the FID and the seed in the note, which
+    lists each power's scales, its best and whether that best is bracketed.
+    """
+    from rearlib.experiments.studies_plan import sweep_state
+
     by_model, parts = {}, []
-    for name, h in run_hashes.items():
-        rows = None if sweep is None else sweep[(sweep["run hash"] == h) & sweep["cfg_power"].notna()]
-        if rows is None or rows.empty:
-            by_model[name] = (float(default[0]), float(default[1]))
-            parts.append(f"{name}: g={default[0]:g} p={default[1]:g}, the scale default (no {' or '.join(cols)} "
-                         f"CFG sweep of run {h} in {Path(sweep_csv).name})")
-            continue
-        best = rows.loc[rows[col].idxmin()]
-        g, p = float(best["cfg_scale"]), float(best["cfg_power"])
-        by_model[name] = (g, p)
-        swept = rows.loc[rows["cfg_power"] == p, "cfg_scale"]
-        edge = (f"; at the {'lower' if g == swept.min() else 'upper'} edge of the {len(swept)} scales swept at "
-                f"p={p:g}, so not bracketed" if g in (swept.min(), swept.max()) and len(swept) > 1 else "")
-        parts.append(f"{name}: g={g:g} p={p:g}, the lowest {col} of the studies' CFG sweep of this generator "
-                     f"({Path(sweep_csv).name}, {len(rows)} settings, sample seed {int(best['sample_seed'])}: "
-                     f"{best[col]:.3g}{edge})")
-    note = ("with CFG, (g, p) per base model: " + "; ".join(parts)
+    for name in models:
+        best, lines = None, []
+        for p in cfg_powers:
+            st = sweep_state(cfg_scales, lambda g, p=p: fid_at(name, g, p), max_added)
+            lines.append(f"p={p:g}: g in {{{', '.join(f'{g:g}' for g in st.scales)}}}, best g={st.best:g} "
+                         f"(FID {st.best_fid:.3g}, {'bracketed' if st.bracketed else 'NOT bracketed'})")
+            if best is None or st.best_fid < best[2]:
+                best = (st.best, p, st.best_fid)
+        g, p, _ = best
+        by_model[name] = (None, 0.0) if g == 1.0 else (float(g), float(p))
+        chosen = "no guidance" if g == 1.0 else f"g={g:g} p={p:g}"
+        parts.append(f"{name}: {chosen} ({'; '.join(lines)})")
+    note = (f"with CFG, (g, p) per base model from a sweep of {what}: " + " | ".join(parts)
             + "; each VA-π model is evaluated at its base model's (g, p), without a sweep of its own")
     return CFGChoice(by_model, note)
 

@@ -165,30 +165,27 @@ def test_calibrate_lambda_p_rounds_the_balancing_weight():
         vapi_report.calibrate_lambda_p(_calibration_table(0.01, 0.02), "P", 1)
 
 
-def test_cfg_choice_takes_the_studies_sweep_or_says_it_keeps_the_default(tmp_path):
-    csv = tmp_path / "10_cfg_sweep.csv"
-    rows = [("7cd88000b973", g, p, f) for g, p, f in ((1.5, 0.0, 0.8), (2.0, 0.0, 1.9), (3.0, 2.0, 2.0))]
-    rows += [("000000000012", None, None, 4.5), ("000000000012", 1.5, 2.0, 2.1), ("000000000012", 3.0, 2.0, 1.0),
-             ("000000000012", 4.0, 2.0, 1.5)]
-    pd.DataFrame([{"run hash": h, "cfg_scale": g, "cfg_power": p, "sample_seed": 0, "FID": f}
-                  for h, g, p, f in rows]).to_csv(csv, index=False)
-    # An all-digit hash stays a string; the no-CFG row (FID 4.5) is not a CFG setting.
-    ch = vapi_report.cfg_choice(csv, {"AR": "7cd88000b973", "reAR": "000000000012", "X": "ffffffffffff"}, "FID",
-                                (2.0, 0.0))
-    assert ch.by_model == {"AR": (1.5, 0.0), "reAR": (3.0, 2.0), "X": (2.0, 0.0)}
-    assert "AR: g=1.5 p=0, the lowest FID of the studies' CFG sweep" in ch.note and "3 settings" in ch.note
-    # AR's best is the smallest scale swept at its power: said to be unbracketed; reAR's has a neighbour each side.
-    ar_part, rear_part = ch.note.split("; reAR:")[0], ch.note.split("; reAR:")[1].split("; X:")[0]
-    assert "lower edge of the 2 scales swept at p=0, so not bracketed" in ar_part
-    assert "edge" not in rear_part
-    assert "X: g=2 p=0, the scale default (no FID CFG sweep of run ffffffffffff" in ch.note
-    # Columns in order of preference: the first the sweep has is used and named.
-    ch = vapi_report.cfg_choice(csv, {"AR": "7cd88000b973"}, ("FID[other]", "FID"), (2.0, 0.0))
-    assert ch.by_model == {"AR": (1.5, 0.0)} and "the lowest FID of" in ch.note
-    # No file, or one scored with another feature network only: the default for every model.
-    for path, col in ((tmp_path / "missing.csv", "FID"), (csv, "FID[other]")):
-        ch = vapi_report.cfg_choice(path, {"AR": "7cd88000b973"}, col, (2.0, 0.0))
-        assert ch.by_model == {"AR": (2.0, 0.0)} and "the scale default" in ch.note
+def test_cfg_choice_sweeps_until_each_optimum_is_bracketed():
+    # AR: FID is lowest at g = 4 with p = 2 (outside the base grid: the sweep grows upward to bracket it) and at
+    # g = 1.5 with p = 0; reAR: guidance only hurts, so the best is g = 1 (no guidance).
+    curves = {"AR": {0.0: lambda g: 5 + (g - 1.5) ** 2, 2.0: lambda g: 3 + (g - 4.0) ** 2},
+              "reAR": {0.0: lambda g: 2 + g, 2.0: lambda g: 2 + 2 * g}}
+    calls = []
+
+    def fid_at(name, g, p):
+        calls.append((name, g, p))
+        return curves[name][p](g)
+
+    ch = vapi_report.cfg_choice(fid_at, ["AR", "reAR"], (1.5, 2.0, 3.0), (0.0, 2.0), 3, "FID on seed 0")
+    assert ch.by_model == {"AR": (4.0, 2.0), "reAR": (None, 0.0)}
+    assert len(calls) == len(set(calls))  # every setting evaluated once
+    assert ("AR", 4.0, 2.0) in calls and ("AR", 5.0, 2.0) in calls  # grown past the optimum: bracketed
+    ar, rear = ch.note.split(" | ")
+    assert "AR: g=4 p=2" in ar and "p=2: g in {1.5, 2, 3, 4, 5}, best g=4 (FID 3, bracketed)" in ar
+    assert "p=0: g in {1, 1.5, 2, 3}, best g=1.5 (FID 5, bracketed)" in ar and "reAR: no guidance" in rear
+    # With no room to grow the optimum stays at the edge, and the note says so.
+    ch = vapi_report.cfg_choice(fid_at, ["AR"], (1.5, 2.0, 3.0), (2.0,), 0, "FID on seed 0")
+    assert ch.by_model == {"AR": (3.0, 2.0)} and "NOT bracketed" in ch.note
 
 
 def test_eval_items_pair_every_run_with_the_base_at_its_seed():

@@ -21,7 +21,7 @@ from rearlib.runtime import config_hash
 from rearlib.scales import validate_scale
 
 STUDIES = ("main", "noise", "embedding", "scaling", "recipe")
-RECIPES = ("main", "ablation", "paper_shape")
+RECIPES = ("main", "ablation", "paper_shape", "short_main")
 
 #: FID extractor of the short plan's evaluations (the committed small records; their tables say
 #: "FID[rearlib-classifier]"). Each plan names its own (``plan_settings(...)["extractor"]``; the full plan at small:
@@ -73,8 +73,8 @@ def settings(scale: str) -> dict:
 
 
 def plan_settings(scale: str, plan: str | None = None) -> dict:
-    """The studies' plan ``plan`` of ``scale`` (None: the scale's default): {"name", "recipe", "seeds", "tied",
-    "extractor", "cfg_max_added"} (:data:`rearlib.scales.STUDIES`)."""
+    """The studies' plan ``plan`` of ``scale`` (None: the scale's default): {"name", "recipe", "main_recipe",
+    "seeds", "tied", "extractor", "cfg_max_added"} (:data:`rearlib.scales.STUDIES`)."""
     st = settings(scale)
     name = st["plan"] if plan is None else plan
     if name not in st["plans"]:
@@ -103,8 +103,9 @@ class RunSpec:
         rear: a ``rearlib.rear.PRESETS`` name; ``rear_overrides`` are ReARConfig fields on top (as a dict or
             sorted (field, value) pairs), e.g. ``{"decode_layer": 5}`` or ``{"align_weight": 0.5}``.
         size: a key of the scale's ``sizes`` (None = the scale's base size, the preset of the zoo).
-        recipe: "main" (the zoo's recipe), "ablation" (the scale's shorter recipe, with snapshots) or "paper_shape"
-            (the paper's proportions: warm-up a quarter of the run; with snapshots for a learning curve).
+        recipe: "main" (the zoo's recipe), "ablation" (the scale's shorter recipe, with snapshots), "paper_shape"
+            (the paper's proportions: warm-up a quarter of the run; with snapshots for a learning curve; at small
+            the zoo's recipe itself) or "short_main" (the short plan's main comparison).
         seed: training seed.
         steps: optional override of the recipe's number of steps.
     """
@@ -309,10 +310,12 @@ def _row_name(preset: str, ov: dict, de0: int, en0: int) -> str:
 def study_specs(scale: str, study: str, plan: str | None = None) -> list[RunSpec]:
     """The runs of a study, in execution order: seed-major (every row's first seed, then every row's second...),
     so that a study cut short has one seed of each row before it has three of any. The ablation studies (noise,
-    embedding, scaling) follow ``plan`` (:func:`plan_settings`); the main and recipe studies have their own."""
+    embedding, scaling) follow ``plan`` (:func:`plan_settings`), the main study takes the plan's ``main_recipe`` on
+    the scale's seeds, and the recipe study has its own runs."""
     st = settings(scale)
     if study == "main":
-        return [RunSpec(f"{v} seed{s}", rear=v, recipe="main", seed=s) for s in st["seeds"] for v in ("ar", "rear")]
+        recipe = plan_settings(scale, plan).get("main_recipe", "main")  # default: the zoo recipe
+        return [RunSpec(f"{v} seed{s}", rear=v, recipe=recipe, seed=s) for s in st["seeds"] for v in ("ar", "rear")]
     if study == "recipe":
         # The learning curve of the paper-proportioned recipe, AR and reAR: where FID stops improving sets the
         # length of the recipe every other study should use.
