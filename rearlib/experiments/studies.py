@@ -91,8 +91,8 @@ def spread_over_gpus(argv: list[str], gpus: int, time_limit_s: float | None, t_s
                      per_gpu: int = 1) -> list[int]:
     """Run ``studies run`` as ``gpus`` x ``per_gpu`` processes (``--shard i/n``; process i sees only GPU
     ``i % gpus`` through ``CUDA_VISIBLE_DEVICES``) and wait for all; their exit codes. Each writes the same records
-    and run folders as one process would. Several processes on one GPU fill it where one small model's step leaves
-    it idle between kernel launches."""
+    and run folders as one process would. Several processes on one GPU pay off only where one process leaves it
+    partly idle (a small model's step bound by kernel launches rather than arithmetic)."""
     base = argv
     for option in ("--gpus", "--procs-per-gpu", "--time-limit"):
         base = _without_option(base, option)
@@ -155,8 +155,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="spread the plan over this many GPUs of this machine: one process per GPU, each "
                                 "with its share of the runs, then one pass for what waited on another's run")
             p.add_argument("--procs-per-gpu", type=cli_types.count, default=1,
-                           help="processes per GPU (with --gpus, or alone for one GPU): small models leave a GPU "
-                                "idle between kernel launches, and several processes fill it")
+                           help="shard processes per GPU (with --gpus, or alone on one GPU): for models too small "
+                                "to keep one GPU busy on their own")
             p.add_argument("--shard", type=cli_types.shard, default=None, metavar="I/N",
                            help="run only share I of N (what each --gpus process does; for several machines)")
     p = sub.add_parser("pack", help="write every evaluation record and training result of a scale (no weights) "
