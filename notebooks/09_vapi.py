@@ -188,8 +188,8 @@ VAPI_SEEDS = [ctx.seed + 1 + i for i in range(SETTINGS["vapi_seeds"])]
 # covers every setting.
 MODELS = [(name, None) for name in VARIANTS] + [(run, s) for s in VAPI_SEEDS for run in RUNS]
 # The guidance of the "with CFG" evaluations is chosen on sampling seed `seed`, apart from the evaluations' seeds, by
-# the studies' rule with the studies' evaluator (the plan's FID network, no secondary): notebook 10's main
-# comparison sweeps these very generators the same way, so each notebook reuses the other's records.
+# the studies' rule with the studies' evaluator (the default plan's FID network, no secondary), so that where
+# notebook 10's main comparison sweeps these very generators, each notebook reuses the other's records.
 PLAN = studies_plan.plan_settings(ctx.scale)
 sweep_ev = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=PLAN["extractor"], progress=False)
 SWEEP_FID = M.metric_label("fid", sweep_ev.extractor)

@@ -135,13 +135,11 @@ GENERATOR_DATA: dict[str, Any] = {
 GENERATOR_TRAINING: dict[str, Any] = {
     "smoke": dict(model="tiny", steps=30, batch_size=16, grad_accum=1, warmup_steps=3, lr=1e-3,
                   log_every=10, ckpt_every=30),
-    # The paper's proportions (warm-up a quarter of the run, cosine to the end LR, reAR's noise schedule over the
-    # whole run) at 8000 steps x 256, where the measured learning curve flattens (notebook 13: FID improves by
-    # 1.4-1.5% over the last 1000 steps), with a snapshot every 1000 steps for that curve. The shipped small
-    # generators (data/checkpoints/) were trained with exactly this recipe; the main comparison and every ablation
-    # of the full studies plan use it too.
-    "small": dict(model="small", steps=8000, batch_size=256, grad_accum=1, warmup_steps=2000, lr=4e-4,
-                  log_every=100, ckpt_every=1000, snapshot_every=1000),
+    # The shipped small generators (data/checkpoints/) were trained with exactly this recipe: 5000 steps x 256 with
+    # 5% warm-up. The full studies plan trains its rows, the main comparison included, with the paper's proportions
+    # at 8000 steps (STUDIES["small"]["recipes"]["paper_shape"]).
+    "small": dict(model="small", steps=5000, batch_size=256, grad_accum=1, warmup_steps=250, lr=4e-4,
+                  log_every=100, ckpt_every=1000),
     "paper": dict(model="rear_b", steps=250_000, batch_size=128, grad_accum=2, warmup_steps=62_500, lr=4e-4,
                   seed=42, log_every=100, ckpt_every=5000),
 }
@@ -195,14 +193,13 @@ STUDIES: dict[str, Any] = {
     "smoke": dict(
         recipes={"main": {}, "ablation": dict(steps=12, warmup_steps=2, log_every=6, ckpt_every=12,
                                               snapshot_every=6),
-                 "paper_shape": dict(steps=16, warmup_steps=4, log_every=8, ckpt_every=16, snapshot_every=8),
-                 "short_main": {}},
+                 "paper_shape": dict(steps=16, warmup_steps=4, log_every=8, ckpt_every=16, snapshot_every=8)},
         base_size="tiny",
         sizes={"xs": dict(hidden=32, depth=2, heads=2, projector_dim=64, decode_align_layer=1),
                "tiny": {},
                "medium": dict(hidden=96, depth=6, heads=4, projector_dim=192, decode_align_layer=4)},
         seeds=(0, 1, 2), cfg_scales=(3.0,), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
-        plans={"short": dict(recipe="ablation", main_recipe="short_main", seeds=(0,), tied="tied",
+        plans={"short": dict(recipe="ablation", main_recipe="main", seeds=(0,), tied="tied",
                              extractor="rearlib-classifier", cfg_max_added=0),
                "full": dict(recipe="paper_shape", main_recipe="main", seeds=(0, 1), tied="tied_projected",
                             extractor="rearlib-classifier", cfg_max_added=1)},
@@ -216,17 +213,16 @@ STUDIES: dict[str, Any] = {
         # paper_shape: the paper's proportions (warm-up a quarter of the run, cosine to the end LR, the noise
         # schedule over the whole run) at 8000 steps, with snapshots for the learning curve that sets the length of
         # the studies' recipe.
-        # short_main: the 5000-step recipe (5% warm-up) of the short plan's main comparison, the zoo's before.
         recipes={"main": {}, "ablation": dict(steps=1000, warmup_steps=100, snapshot_every=250),
-                 "paper_shape": {}, "short_main": dict(steps=5000, warmup_steps=250, snapshot_every=None)},
+                 "paper_shape": dict(steps=8000, warmup_steps=2000, snapshot_every=1000)},
         base_size="small",
         sizes={"xs": dict(hidden=128, depth=4, heads=2, projector_dim=256, decode_align_layer=3),
                "small": {},
                "medium": dict(hidden=384, depth=12, heads=6, projector_dim=768, decode_align_layer=9)},
         seeds=(0, 1, 2), cfg_scales=(1.5, 2.0, 3.0), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
-        plans={"short": dict(recipe="ablation", main_recipe="short_main", seeds=(0,), tied="tied",
+        plans={"short": dict(recipe="ablation", main_recipe="main", seeds=(0,), tied="tied",
                              extractor="rearlib-classifier", cfg_max_added=0),
-               "full": dict(recipe="paper_shape", main_recipe="main", seeds=(0, 1, 2), tied="tied_projected",
+               "full": dict(recipe="paper_shape", main_recipe="paper_shape", seeds=(0, 1, 2), tied="tied_projected",
                             extractor="inception-v3-fid", cfg_max_added=3)},
         plan="full",
         scaling_sizes=("xs", "small"),

@@ -9,6 +9,7 @@ import io
 import json
 import statistics
 import tarfile
+from dataclasses import replace
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -141,6 +142,12 @@ def test_equal_runs_share_one_hash(tok):
     main = {s.name: s for s in ST.study_specs("smoke", "main")}
     assert h(main["ar seed0"]) == zoo.run_hash("smoke", "ar", tok, 0)
     assert resolve("smoke", main["rear seed0"], tok).variant == "rear"
+    # at small the full plan's main comparison trains with the ablations' paper-shaped recipe (its seed-0 runs are
+    # the recipe study's); the short plan's keeps the zoo recipe of its records
+    assert {s.recipe for s in ST.study_specs("small", "main", "full")} == {"paper_shape"}
+    assert {s.recipe for s in ST.study_specs("small", "main", "short")} == {"main"}
+    assert ST.study_specs("small", "recipe")[0] == replace(ST.study_specs("small", "main", "full")[0],
+                                                           name="ar paper-shape")
     # a size sets its own default DE (3/4 depth) for aligned variants only
     med = resolve("smoke", RunSpec("m", rear="rear", size="medium"), tok)
     assert med.decode_layer == 4 and med.cfg.model_overrides["depth"] == 6

@@ -21,7 +21,7 @@ from rearlib.runtime import config_hash
 from rearlib.scales import validate_scale
 
 STUDIES = ("main", "noise", "embedding", "scaling", "recipe")
-RECIPES = ("main", "ablation", "paper_shape", "short_main")
+RECIPES = ("main", "ablation", "paper_shape")
 
 #: FID extractor of the short plan's evaluations (the committed small records; their tables say
 #: "FID[rearlib-classifier]"). Each plan names its own (``plan_settings(...)["extractor"]``; the full plan at small:
@@ -103,9 +103,8 @@ class RunSpec:
         rear: a ``rearlib.rear.PRESETS`` name; ``rear_overrides`` are ReARConfig fields on top (as a dict or
             sorted (field, value) pairs), e.g. ``{"decode_layer": 5}`` or ``{"align_weight": 0.5}``.
         size: a key of the scale's ``sizes`` (None = the scale's base size, the preset of the zoo).
-        recipe: "main" (the zoo's recipe), "ablation" (the scale's shorter recipe, with snapshots), "paper_shape"
-            (the paper's proportions: warm-up a quarter of the run; with snapshots for a learning curve; at small
-            the zoo's recipe itself) or "short_main" (the short plan's main comparison).
+        recipe: "main" (the zoo's recipe), "ablation" (the scale's shorter recipe, with snapshots) or "paper_shape"
+            (the paper's proportions: warm-up a quarter of the run; with snapshots for a learning curve).
         seed: training seed.
         steps: optional override of the recipe's number of steps.
     """
