@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import tempfile
+import warnings
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,20 @@ def read_json(path: str | os.PathLike, what: str = "record") -> dict:
     if not isinstance(value, dict):
         raise UnreadableFileError(f"{what} {path} holds a JSON {type(value).__name__}, not an object")
     return value
+
+
+def completed_record(path: str | os.PathLike, what: str, *, stacklevel: int = 3) -> dict | None:
+    """The JSON record at ``path`` if it says ``"status": "completed"``; None if it is absent, unfinished or damaged
+    (damaged: a warning names the file, and the run it records counts as unfinished, to be resumed or redone)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path, what)
+    except UnreadableFileError as err:
+        warnings.warn(f"{err}; the run counts as unfinished", stacklevel=stacklevel)
+        return None
+    return record if record.get("status") == "completed" else None
 
 
 def seed_everything(seed: int) -> None:

@@ -69,7 +69,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -82,7 +81,7 @@ from tqdm.auto import tqdm
 
 from rearlib import scales
 from rearlib.data import load_dataset
-from rearlib.runtime import UnreadableFileError, atomic_torch_save, atomic_write_text, read_json, resolve_device
+from rearlib.runtime import atomic_torch_save, atomic_write_text, completed_record, resolve_device
 from rearlib.scales import validate_scale
 from rearlib.tokenizers import get_tokenizer
 from rearlib.train_checkpoints import CHECKPOINT_FORMAT as TRAIN_FORMAT
@@ -327,15 +326,8 @@ def finished_run(out_dir: str | Path) -> dict[str, Any] | None:
     """The record of a completed :func:`post_train` run in ``out_dir`` (its ``result.json`` with ``history_df``
     added, no ``model``), or None when the run has not completed there. Needs no weights: a study continues from
     the records of runs whose weights stayed on another machine."""
-    path = Path(out_dir) / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        result = read_json(path, "VA-pi run record")
-    except UnreadableFileError as err:
-        warnings.warn(f"{err}; the run counts as unfinished", stacklevel=2)
-        return None
-    if result.get("status") != "completed" or not result.get("final_fingerprint"):
+    result = completed_record(Path(out_dir) / "result.json", "VA-pi run record")
+    if result is None or not result.get("final_fingerprint"):
         return None
     result["history_df"] = pd.DataFrame(result.get("history") or [])
     return result

@@ -12,26 +12,10 @@ import rearlib.experiments.evaluation as E
 from rearlib.data import render_batch
 from rearlib.experiments.evaluation import (Evaluator, canonical_cfg, load_record, record_path, run_model_key,
                                             setting_label)
-from rearlib.metrics.classifier import get_classifier
 from rearlib.metrics.inception import KNOWN_SHA256
-from rearlib.model import build_generator
-from rearlib.tokenizers import get_tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def parts():
-    """The smoke tokenizer and classifier (shared artifact cache) and a random generator of matching shapes."""
-    tok = get_tokenizer("smoke", "cpu", progress=False)
-    clf = get_classifier("smoke", "cpu")
-    model = build_generator("tiny", codebook_size=tok.codebook_size, seq_len=tok.num_tokens, z_dim=tok.code_dim)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random everywhere: a fresh adaLN-Zero model would be nearly unconditional
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return tok, clf, model.eval()
 
 
 @pytest.fixture
@@ -54,8 +38,8 @@ def test_cfg_labels_and_canonical_keys():
         run_model_key("", 3)
 
 
-def test_sample_set_classes_seeds_and_padding(parts):
-    tok, clf, model = parts
+def test_sample_set_classes_seeds_and_padding(smoke_parts):
+    tok, clf, model = smoke_parts
     big = Evaluator("smoke", tok, clf, "cpu", batch=30, progress=False)   # 30 = one full batch
     small = Evaluator("smoke", tok, clf, "cpu", batch=7, progress=False)  # 30 = 4 x 7 + 2: the last batch padded
     a, la = big.sample_set(model, 3, None, None, sample_seed=5)
@@ -72,8 +56,8 @@ def test_sample_set_classes_seeds_and_padding(parts):
     assert (a.int() - g.int()).abs().max() > 1  # guidance changes the samples
 
 
-def test_evaluate_caches_by_recipe_and_never_loads_on_a_hit(parts, records_root):
-    tok, clf, model = parts
+def test_evaluate_caches_by_recipe_and_never_loads_on_a_hit(smoke_parts, records_root):
+    tok, clf, model = smoke_parts
     ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False, extractor="rearlib-classifier")
     calls = []
 
@@ -109,8 +93,8 @@ def test_evaluate_caches_by_recipe_and_never_loads_on_a_hit(parts, records_root)
     assert len(list(E.iter_records(scale="smoke"))) == 3 and not list(E.iter_records(scale="small"))
 
 
-def test_records_do_not_depend_on_the_loading_model_or_device_key(parts, records_root):
-    tok, clf, model = parts
+def test_records_do_not_depend_on_the_loading_model_or_device_key(smoke_parts, records_root):
+    tok, clf, model = smoke_parts
     ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False, extractor="rearlib-classifier")
     key = ev.key(run_model_key("r", 1), n_per_class=2)
     assert "device" not in json.dumps(key) and key["sampler"] == "default" and key["scale"] == "smoke"
@@ -118,8 +102,8 @@ def test_records_do_not_depend_on_the_loading_model_or_device_key(parts, records
     assert load_record(key) is None
 
 
-def test_fixed_image_sets_are_cached(parts, records_root):
-    tok, clf, _ = parts
+def test_fixed_image_sets_are_cached(smoke_parts, records_root):
+    tok, clf, _ = smoke_parts
     ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False, extractor="rearlib-classifier")
     calls = []
 
@@ -134,11 +118,11 @@ def test_fixed_image_sets_are_cached(parts, records_root):
         ev.evaluate_images({"kind": "real", "split": "train", "other": 1}, make, 19)
 
 
-def test_default_extractor_is_the_inception_fid_network(parts, records_root):
+def test_default_extractor_is_the_inception_fid_network(smoke_parts, records_root):
     """Without an extractor named, FID / KID / precision / recall come from the Inception-v3 FID network, carry
     their plain names, and the extractor's identity is in the key; IS, which the network cannot give (no logits),
     is the classifier's, labeled, and equals what the classifier's evaluator reports on the same images."""
-    tok, clf, model = parts
+    tok, clf, model = smoke_parts
     ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False)
     classifier_ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False,
                               extractor="rearlib-classifier")
@@ -153,11 +137,11 @@ def test_default_extractor_is_the_inception_fid_network(parts, records_root):
     assert row["IS[rearlib-classifier]"] == pytest.approx(by_classifier["IS[rearlib-classifier]"], rel=1e-6)
 
 
-def test_a_secondary_extractor_adds_its_labeled_metrics(parts, records_root):
+def test_a_secondary_extractor_adds_its_labeled_metrics(smoke_parts, records_root):
     """With the classifier as secondary extractor, an Inception-scored row also holds the classifier's FID / IS /
     KID / precision / recall, equal to the classifier evaluator's on the same images; the key says so, and records
     made without a secondary keep their key."""
-    tok, clf, model = parts
+    tok, clf, model = smoke_parts
     ev = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False,
                    secondary_extractor="rearlib-classifier")
     plain = Evaluator("smoke", tok, clf, "cpu", n_ref=16, batch=20, progress=False)
@@ -175,8 +159,8 @@ def test_a_secondary_extractor_adds_its_labeled_metrics(parts, records_root):
         Evaluator("smoke", tok, clf, "cpu", extractor="rearlib-classifier", secondary_extractor="rearlib-classifier")
 
 
-def test_bad_inputs(parts):
-    tok, clf, model = parts
+def test_bad_inputs(smoke_parts):
+    tok, clf, model = smoke_parts
     with pytest.raises(ValueError, match="smoke, small"):
         Evaluator("paper", tok, clf, "cpu")
     ev = Evaluator("smoke", tok, clf, "cpu", progress=False)
@@ -190,8 +174,8 @@ def test_bad_inputs(parts):
         Evaluator("smoke", tok, clf, "cpu", n_ref=1)
 
 
-def test_training_image_floors_are_cached_under_the_subject_the_studies_use(parts, records_root):
-    tok, clf, _ = parts
+def test_training_image_floors_are_cached_under_the_subject_the_studies_use(smoke_parts, records_root):
+    tok, clf, _ = smoke_parts
     ev = Evaluator("smoke", tok, clf, "cpu", n_ref=64, batch=20, progress=False, extractor="rearlib-classifier")
     subject = ev.training_images_subject()
     assert subject == {"kind": "real", "dataset": "ShapeScenes-10", "split": "train", "seed": 0,
@@ -208,8 +192,8 @@ def test_training_image_floors_are_cached_under_the_subject_the_studies_use(part
         int(x) for x in ev.training_images(6)[1]]
 
 
-def test_teacher_forced_metrics_match_a_direct_computation(parts):
-    tok, _, model = parts
+def test_teacher_forced_metrics_match_a_direct_computation(smoke_parts):
+    tok, _, model = smoke_parts
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, tok.codebook_size, (7, tok.num_tokens), generator=g)
     labels = torch.arange(7) % 10

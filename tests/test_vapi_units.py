@@ -7,27 +7,12 @@ import torch
 
 from rearlib import vapi
 from rearlib.experiments.evaluation import Evaluator, record_path, run_model_key
-from rearlib.metrics.classifier import get_classifier
 from rearlib.model import build_generator
-from rearlib.tokenizers import get_tokenizer
 from rearlib.vapi_config import config_for_scale
 from rearlib.vapi_report import METHOD, StudyRun, heldout_images
 from rearlib.vapi_units import VAPIStudy, cached_table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def parts():
-    """The smoke tokenizer and classifier and a random tiny generator of matching shapes."""
-    tok = get_tokenizer("smoke", "cpu", progress=False)
-    clf = get_classifier("smoke", "cpu")
-    model = build_generator("tiny", codebook_size=tok.codebook_size, seq_len=tok.num_tokens, z_dim=tok.code_dim)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random everywhere: a fresh adaLN-Zero model would be nearly unconditional
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return tok, clf, model.eval()
 
 
 def _study(tok, clf, model) -> VAPIStudy:
@@ -48,9 +33,9 @@ def _fids(unit) -> list[float]:
     return [r["FID[rearlib-classifier]"] for r in unit.evals]
 
 
-def test_a_unit_is_made_once_then_read_from_records_without_weights(parts, tmp_path, monkeypatch):
+def test_a_unit_is_made_once_then_read_from_records_without_weights(smoke_parts, tmp_path, monkeypatch):
     monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path))
-    tok, clf, model = parts
+    tok, clf, model = smoke_parts
     study = _study(tok, clf, model)
 
     base = study.unit(("AR", None))
@@ -122,13 +107,13 @@ def test_cached_table_is_made_once_and_read_back_equal(tmp_path, monkeypatch):
     assert again["vapi_seed"].isna().all() and list(again.columns) == list(first.columns)
 
 
-def test_a_packed_study_completes_on_another_machine_without_weights(parts, tmp_path, monkeypatch):
+def test_a_packed_study_completes_on_another_machine_without_weights(smoke_parts, tmp_path, monkeypatch):
     """Pack the records of a unit on one artifact root, unpack them into an empty one: the unit is read whole,
     with its grid, and nothing is trained."""
     from rearlib.experiments.studies_transfer import pack, unpack
 
     monkeypatch.setenv("REARLIB_ARTIFACTS", str(tmp_path / "gpu_box"))
-    tok, clf, model = parts
+    tok, clf, model = smoke_parts
     study = _study(tok, clf, model)
     made = study.unit((METHOD, 0))
     archive = tmp_path / "records.tar.gz"

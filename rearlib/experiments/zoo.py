@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ import torch
 from rearlib import scales
 from rearlib.data import render_batch
 from rearlib.model import GeneratorConfig, build_generator
-from rearlib.runtime import (REPO_ROOT, UnreadableFileError, artifact_dir, artifacts_root, config_hash, file_lock,
+from rearlib.runtime import (REPO_ROOT, artifact_dir, artifacts_root, completed_record, config_hash, file_lock,
                              load_sharded, read_json, resolve_device, save_sharded)
 from rearlib.scales import validate_scale
 from rearlib.tokenizers import get_tokenizer
@@ -183,14 +182,7 @@ def _shipped_meta(path: Path) -> dict:
 def _finished_record(path: Path) -> dict | None:
     """The run's ``result.json`` if it records a completed run; None if absent, unfinished or damaged (a damaged
     one is rewritten from the run's checkpoint the next time the run is trained or resumed)."""
-    if not path.is_file():
-        return None
-    try:
-        record = read_json(path, "training result")
-    except UnreadableFileError as err:
-        warnings.warn(f"{err}; the run counts as unfinished until it is resumed", stacklevel=3)
-        return None
-    return record if record.get("status") == "completed" else None
+    return completed_record(path, "training result", stacklevel=4)
 
 
 def training_result(scale: str, variant, tokenizer, seed: int = 0, **overrides) -> dict | None:
