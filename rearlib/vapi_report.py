@@ -21,6 +21,7 @@ import torch
 
 from rearlib import scales
 from rearlib.data import render_batch
+from rearlib.experiments.studies_plan import best_guidance, sweep_state
 from rearlib.vapi_config import VAPIConfig, config_for_scale, lr_sweep_configs
 from rearlib.vapi_rewards import heldout_reconstruction_reward
 
@@ -290,18 +291,13 @@ def cfg_choice(fid_at: Callable[[str, float, float], float], models: list[str], 
     sampling seed (the caller evaluates or reads a record). ``what`` names the FID and the seed in the note, which
     lists each power's scales, its best and whether that best is bracketed.
     """
-    from rearlib.experiments.studies_plan import sweep_state
-
     by_model, parts = {}, []
     for name in models:
-        best, lines = None, []
-        for p in cfg_powers:
-            st = sweep_state(cfg_scales, lambda g, p=p: fid_at(name, g, p), max_added)
-            lines.append(f"p={p:g}: g in {{{', '.join(f'{g:g}' for g in st.scales)}}}, best g={st.best:g} "
-                         f"(FID {st.best_fid:.3g}, {'bracketed' if st.bracketed else 'NOT bracketed'})")
-            if best is None or st.best_fid < best[2]:
-                best = (st.best, p, st.best_fid)
-        g, p, _ = best
+        states = {p: sweep_state(cfg_scales, lambda g, p=p: fid_at(name, g, p), max_added) for p in cfg_powers}
+        lines = [f"p={p:g}: g in {{{', '.join(f'{g:g}' for g in st.scales)}}}, best g={st.best:g} "
+                 f"(FID {st.best_fid:.3g}, {'bracketed' if st.bracketed else 'NOT bracketed'})"
+                 for p, st in states.items()]
+        g, p, _ = best_guidance(states)
         by_model[name] = (None, 0.0) if g == 1.0 else (float(g), float(p))
         chosen = "no guidance" if g == 1.0 else f"g={g:g} p={p:g}"
         parts.append(f"{name}: {chosen} ({'; '.join(lines)})")

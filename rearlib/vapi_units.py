@@ -19,7 +19,6 @@ Each unit is scored as soon as it is trained, so an interrupted study loses at m
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -29,9 +28,8 @@ import torch
 
 import rearlib.metrics as M
 from rearlib import vapi
-from rearlib.experiments.evaluation import Evaluator, load_record, save_record
-from rearlib.runtime import (artifact_dir, artifacts_root, atomic_torch_save, config_hash, hardware_info,
-                             load_torch_file)
+from rearlib.experiments.evaluation import Evaluator, load_record, provenance, record_path, save_record
+from rearlib.runtime import (artifact_dir, artifacts_root, atomic_torch_save, config_hash, load_torch_file)
 from rearlib.sample import generate
 from rearlib.vapi_config import VAPIConfig
 from rearlib.vapi_report import StudyRun, eval_items, heldout_reconstruction, run_key
@@ -48,14 +46,8 @@ def cached_table(key: dict, make: Callable[[], pd.DataFrame], device) -> pd.Data
         return pd.DataFrame(stored["row"]["rows"])
     table = make()
     rows = table.astype(object).where(table.notna(), None).to_dict("records")
-    save_record(key, {"rows": rows}, _provenance(torch.device(device)))
+    save_record(key, {"rows": rows}, provenance(torch.device(device)))
     return table
-
-
-def _provenance(device: torch.device) -> dict:
-    hw = hardware_info()
-    return {"device": str(device), "gpu": hw.get("gpu") if device.type == "cuda" else None,
-            "torch": hw["torch"], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 class Unit(NamedTuple):
@@ -158,7 +150,7 @@ class VAPIStudy:
 
     def is_scored(self, model: tuple, model_key: dict) -> bool:
         """Whether every record of ``model`` under ``model_key`` exists (nothing is loaded or made)."""
-        return (load_record(self._heldout_key(model_key)) is not None
+        return (record_path(self._heldout_key(model_key)).is_file()
                 and all(self.evaluator.has(model_key, **s) for _, s in self._eval_settings(model))
                 and (not self._wants_grid(model) or self._grid_path(model_key).is_file()))
 
@@ -179,17 +171,20 @@ class VAPIStudy:
         """The records of ``model`` = ``(name, vapi_seed)``: read where they exist, else made (post-training the
         run first when its records are incomplete and its weights are not at hand)."""
         name, vseed = model
-        result, net, trained = None, None, False
+        result, net, trained, scored = None, None, False, None
         if vseed is None:
             net = self.base_models[name]
         else:
             result = vapi.finished_run(self.run_dir(name, vseed))
-            if result is None or not self.is_scored(model, self.model_key(model, result)):
+            scored = result is not None and self.is_scored(model, self.model_key(model, result))
+            if not scored:
                 # Resumes from the run's checkpoint, or loads it when finished; without one it trains again.
                 result = self.post_train(name, vseed)
-                net, trained = result.pop("model"), result["steps_this_call"] > 0
+                net, trained, scored = result.pop("model"), result["steps_this_call"] > 0, None
         key = self.model_key(model, result)
-        work = "trained" if trained else "records" if self.is_scored(model, key) else "scored"
+        if scored is None:
+            scored = self.is_scored(model, key)
+        work = "trained" if trained else "records" if scored else "scored"
         heldout = self._heldout_row(key, net)
         evals = [self._eval_row(model, it, s, key, net) for it, s in self._eval_settings(model)]
         grid = self._grid(key, net) if self._wants_grid(model) else None
@@ -204,7 +199,7 @@ class VAPIStudy:
         row = heldout_reconstruction(net, self.tokenizer, images, labels, tokens, self.heldout_cfg,
                                      self.perceptual_fn, self.perceptual, seed=self.heldout_seed)
         row["n images"] = len(tokens)
-        return dict(save_record(key, row, _provenance(self.device))["row"])
+        return dict(save_record(key, row, provenance(self.device))["row"])
 
     def _eval_row(self, model: tuple, it, settings: dict, model_key: dict, net) -> dict:
         name, vseed = model

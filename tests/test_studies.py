@@ -169,7 +169,7 @@ def shrunk(monkeypatch, tok, tmp_path):
                        "ablation": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2),
                        "paper_shape": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2)}
     plan["seeds"], plan["cfg_scales"], plan["cfg_powers"] = (0, 1), (3.0,), (0.0,)
-    one = dict(recipe="ablation", seeds=(0,), tied="tied", extractor="rearlib-classifier", cfg_max_added=1)
+    one = dict(recipe="ablation", main_recipe="main", seeds=(0,), tied="tied", extractor="rearlib-classifier", cfg_max_added=1)
     plan["plans"], plan["plan"] = {"one": one, "two": dict(one, seeds=(0, 1))}, "one"
     monkeypatch.setitem(scales.STUDIES, "smoke", plan)
     monkeypatch.setattr(SP, "PAPER_TABLE3", {k: SP.PAPER_TABLE3[k] for k in ("align_only", "rear")})

@@ -56,8 +56,8 @@ from rearlib.runtime import (UnreadableFileError, artifact_dir, artifacts_root, 
 from rearlib.sample import generate, image_seeds, last_fast_path_info
 
 __all__ = ["RECORD_KIND", "RECORD_FORMAT", "Evaluator", "setting_label", "canonical_cfg",
-           "run_model_key", "record_path", "load_record", "iter_records", "teacher_forced_metrics",
-           "samples_per_class_within"]
+           "run_model_key", "record_path", "load_record", "save_record", "provenance", "iter_records",
+           "teacher_forced_metrics", "samples_per_class_within"]
 
 RECORD_KIND = "eval_records"
 #: The network of IS when the FID extractor has no logits (the Inception FID network holds pool features only).
@@ -132,6 +132,13 @@ def iter_records(root=None, scale: str | None = None) -> Iterator[tuple[Path, di
             continue
         if scale is None or record.get("key", {}).get("scale") == scale:
             yield path, record
+
+
+def provenance(device: torch.device) -> dict:
+    """Where and when a record is made: device, GPU name (on CUDA), torch version, time."""
+    hw = hardware_info()
+    return {"device": str(device), "gpu": hw.get("gpu") if device.type == "cuda" else None, "torch": hw["torch"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def _sync(device: torch.device) -> None:
@@ -231,16 +238,15 @@ class Evaluator:
     def score(self, images_u8: torch.Tensor, labels: torch.Tensor) -> dict:
         """Labeled FID / IS / KID / precision / recall against the reference, class consistency, counts."""
         metrics = ("fid", "isc_mean", "kid_mean", "precision", "recall")
+        extractors = [e for e in (self.extractor, self.secondary) if e]
         row = {}
-        for extractor in (self.extractor, self.secondary):
-            if extractor:
-                dm = M.distribution_metrics(images_u8, self.reference_u8, extractor=extractor,
-                                            classifier=self.classifier, device=self.device,
-                                            cache_name=self.reference_name,
-                                            reference_name=f"ShapeScenes-10 val n={self.n_ref}")
-                row.update({dm["labels"][k]: dm[k] for k in metrics if k in dm})
-        if not M.extractor_has_logits(self.extractor) and not any(k.startswith("IS") for k in row):
-            # the FID network has no logits: IS from the classifier
+        for extractor in extractors:
+            dm = M.distribution_metrics(images_u8, self.reference_u8, extractor=extractor,
+                                        classifier=self.classifier, device=self.device,
+                                        cache_name=self.reference_name,
+                                        reference_name=f"ShapeScenes-10 val n={self.n_ref}")
+            row.update({dm["labels"][k]: dm[k] for k in metrics if k in dm})
+        if not any(M.extractor_has_logits(e) for e in extractors):  # no logits (the FID network): the classifier's IS
             isc = M.distribution_metrics(images_u8, self.reference_u8, extractor=SECONDARY_IS, fid=False, isc=True,
                                          kid=False, prc=False, classifier=self.classifier, device=self.device)
             row[isc["labels"]["isc_mean"]] = isc["isc_mean"]
@@ -266,10 +272,7 @@ class Evaluator:
         return record_path(self.key(model_key, **settings)).is_file()
 
     def _provenance(self, t_gen: float | None, n: int) -> dict:
-        hw = hardware_info()
-        prov = {"device": str(self.device), "gpu": hw.get("gpu") if self.device.type == "cuda" else None,
-                "torch": hw["torch"], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "generation s": t_gen, "images/s": (n / t_gen) if t_gen else None}
+        prov = {**provenance(self.device), "generation s": t_gen, "images/s": (n / t_gen) if t_gen else None}
         if t_gen is not None and self.device.type == "cuda":
             prov["sampler mode"] = last_fast_path_info().get("mode")
         return prov

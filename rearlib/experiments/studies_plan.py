@@ -313,7 +313,7 @@ def study_specs(scale: str, study: str, plan: str | None = None) -> list[RunSpec
     the scale's seeds, and the recipe study has its own runs."""
     st = settings(scale)
     if study == "main":
-        recipe = plan_settings(scale, plan).get("main_recipe", "main")  # default: the zoo recipe
+        recipe = plan_settings(scale, plan)["main_recipe"]
         return [RunSpec(f"{v} seed{s}", rear=v, recipe=recipe, seed=s) for s in st["seeds"] for v in ("ar", "rear")]
     if study == "recipe":
         # The learning curve of the paper-proportioned recipe, AR and reAR: where FID stops improving sets the
@@ -355,6 +355,16 @@ class SweepState:
     best: float | None
     bracketed: bool
     best_fid: float | None = None
+
+
+def best_guidance(states: dict[float, SweepState]) -> tuple[float, float, float]:
+    """(g, p, FID) of the lowest best FID over the finished sweeps ``states`` ({power: state}); p = 0 when g = 1
+    (no guidance has no power). On a tie the first power's best stays."""
+    best = None
+    for p, state in states.items():
+        if best is None or state.best_fid < best[2]:
+            best = (state.best, 0.0 if state.best == 1.0 else p, state.best_fid)
+    return best
 
 
 def sweep_state(base: Sequence[float], fid_of: Callable[[float], float | None], max_added: int) -> SweepState:

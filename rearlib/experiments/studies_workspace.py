@@ -19,7 +19,7 @@ import torch
 from rearlib import scales
 from rearlib.experiments import zoo
 from rearlib.experiments.evaluation import Evaluator, load_record, record_path, run_model_key, setting_label
-from rearlib.experiments.studies_plan import (Resolved, RunSpec, SweepState, plan_settings,
+from rearlib.experiments.studies_plan import (Resolved, RunSpec, SweepState, best_guidance, plan_settings,
                                               resolve, settings, study_specs, sweep_state)
 from rearlib.metrics import metric_label
 from rearlib.metrics.classifier import get_classifier
@@ -188,11 +188,8 @@ class Workspace:
         states = self.cfg_sweep(run)
         if any(s.next_scale is not None for s in states.values()):
             return None
-        best = None
-        for p, state in states.items():  # strict <: on a tie the first power's best stays
-            if best is None or state.best_fid < best[0]:
-                best = (state.best_fid, state.best, 0.0 if state.best == 1.0 else p)
-        return best[1], best[2]
+        g, p, _ = best_guidance(states)
+        return g, p
 
     def items(self, study: str) -> list[Item]:
         """The study's evaluations in execution order (run-major, so each model is loaded once)."""
