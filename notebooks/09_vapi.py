@@ -30,7 +30,7 @@
 # update does not depend on the reward. The `paper` scale keeps the code's train mode.
 #
 # **The step size.** The released recipe is lr 1e-6 at 128 images x G = 8 per step for LlamaGen-XXL (1.4B
-# parameters), about 1% of its training lr. Our 25M-parameter generator ended pre-training at lr 1e-5 (the end of its
+# parameters), about 1% of its training lr. Our 11M-parameter generator ended pre-training at lr 1e-5 (the end of its
 # cosine schedule), and the scale's VA-π runs use that lr at 32 images per step: steps as large as the last ones of
 # pre-training, on a noisier gradient. At `small` the sweep repeats the method at the paper's batch with lr 1e-6, 3e-6
 # and 1e-5.
@@ -188,10 +188,12 @@ VAPI_SEEDS = [ctx.seed + 1 + i for i in range(SETTINGS["vapi_seeds"])]
 # covers every setting.
 MODELS = [(name, None) for name in VARIANTS] + [(run, s) for s in VAPI_SEEDS for run in RUNS]
 # The guidance of the "with CFG" evaluations is chosen on sampling seed `seed`, apart from the evaluations' seeds, by
-# the studies' rule with the studies' evaluator (the default plan's FID network, no secondary), so that where
-# notebook 10's main comparison sweeps these very generators, each notebook reuses the other's records.
+# the studies' rule with the studies' evaluator (the default plan's feature networks), so that where notebook 10's
+# main comparison sweeps these very generators, each notebook reuses the other's records.
 PLAN = studies_plan.plan_settings(ctx.scale)
-sweep_ev = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=PLAN["extractor"], progress=False)
+sweep_primary, sweep_secondary = studies_plan.plan_extractors(ctx.scale)
+sweep_ev = Evaluator(ctx.scale, tok, classifier, dev, data_seed=data_seed, extractor=sweep_primary,
+                     secondary_extractor=sweep_secondary, progress=False)
 SWEEP_FID = M.metric_label("fid", sweep_ev.extractor)
 N_SWEEP = scales.EVALUATION[ctx.scale]["n_per_class"]
 

@@ -7,10 +7,11 @@
 # costs almost nothing (Table 5: 8.11 vs 8.14 min per epoch for AR-B vs reAR-B, +0.37%). The paper reports one
 # training run per model and no error bars.
 #
-# **Our setup.** The zoo's `small` recipe (`rearlib.experiments.zoo.TRAIN`: the 8-block x 256 generator, 5000 steps at batch
-# 256, warm-up 250, cosine to 1e-5) on ShapeScenes-10 tokens of our tokenizer, plain AR (`ar`) and reAR (`rear`:
-# noise ε ~ U(0, max(0, 1 - 4t/3)), EN@0 + DE@6, λ = 1), **three training seeds each** (seed 0 is the zoo's
-# shipped checkpoint). Every number below is a cached record (`rearlib.experiments.studies`, `rearlib.experiments.evaluation`), keyed by
+# **Our setup.** The 8-block x 256 generator on ShapeScenes-10 tokens of our tokenizer, trained with the plan's main
+# recipe (`rearlib.scales.STUDIES`): the `full` plan the paper's proportions (`paper_shape`: 8000 steps at batch 256,
+# a quarter of them warm-up, cosine to 1e-5), the `short` plan of the committed records the 5000-step recipe of the
+# shipped checkpoints (250 warm-up steps; its seed 0 is the shipped pair). Plain AR (`ar`) and reAR (`rear`: noise
+# ε ~ U(0, max(0, 1 - 4t/3)), EN@0 + DE@6, λ = 1), **three training seeds each**. Every number below is a cached record (`rearlib.experiments.studies`, `rearlib.experiments.evaluation`), keyed by
 # the training recipe; the GPU work runs as `python -m rearlib studies run --scale small --study main`.
 #
 # * **Without CFG**: 10k samples per training seed, sampling seed S + 1.
@@ -152,7 +153,7 @@ plt.show()
 # ## 3 · Across training seeds: without CFG and with each variant's best CFG (sampling seed S + 1)
 # Mean, sample standard deviation and the three values per variant; the rule's 95% t-interval of reAR - AR
 # ("test": paired by training seed, or Welch's). The CSV also keeps Welch's p and whether the mean ± 2 SE intervals
-# overlap (cruder checks). Sampling noise for scale: the |Δ FID| of the seed-0 models between sampling seeds S and
+# overlap (cruder checks). Where the plan has a secondary network, its labeled FID is a row too. Sampling noise for scale: the |Δ FID| of the seed-0 models between sampling seeds S and
 # S + 1, without CFG and at each variant's best CFG.
 
 # %%
@@ -168,7 +169,9 @@ def noise_of(metric, cond):
 
 
 noise = noise_of(FID, "no CFG")
-METRICS = [(FID, True), (IS, False), (KID, True), (PREC, False), (REC, False), (CC, False)]
+# the plan's secondary network (at small in the full plan: the classifier), labeled, beside the primary FID
+SECONDARY_FID = [] if ws.secondary is None else [(studies.metric_columns(ws.secondary)[0], True)]
+METRICS = [(FID, True), *SECONDARY_FID, (IS, False), (KID, True), (PREC, False), (REC, False), (CC, False)]
 summary = studies.compare_seeds(reported, METRICS)
 summary["best CFG (AR | reAR)"] = f"g={best['AR'][0]:g} p={best['AR'][1]:g} | g={best['reAR'][0]:g} " \
                                   f"p={best['reAR'][1]:g}"

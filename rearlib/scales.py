@@ -182,27 +182,29 @@ EVALUATION: dict[str, Any] = {
 #: power) until the best guidance is bracketed (rearlib.experiments.studies_plan.sweep_state). plans: how the ablation
 #: studies (noise, embedding, scaling) train their rows: the recipe, the training seeds (every row gets each seed; runs
 #: are ordered seed-major, so one seed of every row finishes first), the preset of Table 4's tied row, the FID extractor
-#: of every study's evaluations and the growth of the CFG sweep; ``plan`` is the default. "short" is the one-seed,
-#: 1000-step plan of the committed small records (rank-limited tied row, the classifier's FID, the fixed CFG grid);
-#: "full" the paper-proportioned recipe on several seeds, the tied row through a learned projection, and at small the
-#: Inception FID network (at smoke the classifier: its numbers mean nothing and a CPU scores it faster). Estimates
+#: of every study's evaluations, a secondary network whose FID / IS / KID / precision / recall are added as labeled
+#: columns (not to the recipe study's learning curve) and the growth of the CFG sweep; ``plan`` is the default.
+#: "short" is the one-seed, 1000-step plan of the committed small records (rank-limited tied row, the classifier's
+#: FID, the fixed CFG grid); "full" the paper-proportioned recipe on several seeds, the tied row through a learned
+#: projection, and at small the Inception FID network with the classifier's as secondary (at smoke the classifier
+#: alone: its numbers mean nothing and a CPU scores it faster). Estimates
 #: (``est_*``, for planning and the time limit only): training samples/s of the base size (measured on one H200: 9.5k
 #: AR, 9.0k reAR), per-run overhead (compile, data, load), seconds per evaluation without / with CFG (sampling +
 #: scoring), per-model sampler setup.
 STUDIES: dict[str, Any] = {
     "smoke": dict(
-        recipes={"main": {}, "ablation": dict(steps=12, warmup_steps=2, log_every=6, ckpt_every=12,
-                                              snapshot_every=6),
+        recipes={"main": {}, "short_main": {},
+                 "ablation": dict(steps=12, warmup_steps=2, log_every=6, ckpt_every=12, snapshot_every=6),
                  "paper_shape": dict(steps=16, warmup_steps=4, log_every=8, ckpt_every=16, snapshot_every=8)},
         base_size="tiny",
         sizes={"xs": dict(hidden=32, depth=2, heads=2, projector_dim=64, decode_align_layer=1),
                "tiny": {},
                "medium": dict(hidden=96, depth=6, heads=4, projector_dim=192, decode_align_layer=4)},
         seeds=(0, 1, 2), cfg_scales=(3.0,), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
-        plans={"short": dict(recipe="ablation", main_recipe="main", seeds=(0,), tied="tied",
-                             extractor="rearlib-classifier", cfg_max_added=0),
+        plans={"short": dict(recipe="ablation", main_recipe="short_main", seeds=(0,), tied="tied",
+                             extractor="rearlib-classifier", secondary=None, cfg_max_added=0),
                "full": dict(recipe="paper_shape", main_recipe="main", seeds=(0, 1), tied="tied_projected",
-                            extractor="rearlib-classifier", cfg_max_added=1)},
+                            extractor="rearlib-classifier", secondary=None, cfg_max_added=1)},
         plan="full",
         scaling_sizes=("xs", "tiny", "medium"),
         est_train_sps=120.0, est_run_overhead_s=3.0, est_eval_s=(1.0, 1.2), est_model_s=0.5),
@@ -213,17 +215,19 @@ STUDIES: dict[str, Any] = {
         # paper_shape: the paper's proportions (warm-up a quarter of the run, cosine to the end LR, the noise
         # schedule over the whole run) at 8000 steps, with snapshots for the learning curve that sets the length of
         # the studies' recipe.
-        recipes={"main": {}, "ablation": dict(steps=1000, warmup_steps=100, snapshot_every=250),
+        # short_main: the 5000-step, 5%-warm-up recipe of the short plan's main comparison (its committed records).
+        recipes={"main": {}, "short_main": dict(steps=5000, warmup_steps=250, snapshot_every=None),
+                 "ablation": dict(steps=1000, warmup_steps=100, snapshot_every=250),
                  "paper_shape": dict(steps=8000, warmup_steps=2000, snapshot_every=1000)},
         base_size="small",
         sizes={"xs": dict(hidden=128, depth=4, heads=2, projector_dim=256, decode_align_layer=3),
                "small": {},
                "medium": dict(hidden=384, depth=12, heads=6, projector_dim=768, decode_align_layer=9)},
         seeds=(0, 1, 2), cfg_scales=(1.5, 2.0, 3.0), cfg_powers=(0.0, 2.0), align_weights=(0.5, 1.5),
-        plans={"short": dict(recipe="ablation", main_recipe="main", seeds=(0,), tied="tied",
-                             extractor="rearlib-classifier", cfg_max_added=0),
+        plans={"short": dict(recipe="ablation", main_recipe="short_main", seeds=(0,), tied="tied",
+                             extractor="rearlib-classifier", secondary=None, cfg_max_added=0),
                "full": dict(recipe="paper_shape", main_recipe="paper_shape", seeds=(0, 1, 2), tied="tied_projected",
-                            extractor="inception-v3-fid", cfg_max_added=3)},
+                            extractor="inception-v3-fid", secondary="rearlib-classifier", cfg_max_added=3)},
         plan="full",
         scaling_sizes=("xs", "small"),
         est_train_sps=9000.0, est_run_overhead_s=25.0, est_eval_s=(14.0, 16.0), est_model_s=4.0),
@@ -235,7 +239,7 @@ STUDIES: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------------------------
 #: Per-scale settings: VAPIConfig overrides, post-training steps and the size of the embedded-data pool.
 #: "paper" is the released C2I recipe (128 images x G = 8 per step, 100 steps, lr 1e-6 for a 1.4B model, dropout in
-#: the update pass as the code runs it). "small" is our choice for the 25M-parameter "small" generator: lr 1e-5
+#: the update pass as the code runs it). "small" is our choice for the 11M-parameter "small" generator: lr 1e-5
 #: because a model trained at peak lr 4e-4 for minutes moves very little at 1e-6 in 100 steps (the paper's 1e-6 is
 #: ~1% of LlamaGen's training lr 1e-4; 1e-5 is ~2.5% of ours); the update in eval mode (no dropout), a documented
 #: deviation from the code (see VAPIConfig.update_mode: with dropout on, about half of each update ignores the

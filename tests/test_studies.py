@@ -9,7 +9,6 @@ import io
 import json
 import statistics
 import tarfile
-from dataclasses import replace
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -142,12 +141,16 @@ def test_equal_runs_share_one_hash(tok):
     main = {s.name: s for s in ST.study_specs("smoke", "main")}
     assert h(main["ar seed0"]) == zoo.run_hash("smoke", "ar", tok, 0)
     assert resolve("smoke", main["rear seed0"], tok).variant == "rear"
-    # at small the full plan's main comparison trains with the ablations' paper-shaped recipe (its seed-0 runs are
-    # the recipe study's); the short plan's keeps the zoo recipe of its records
-    assert {s.recipe for s in ST.study_specs("small", "main", "full")} == {"paper_shape"}
-    assert {s.recipe for s in ST.study_specs("small", "main", "short")} == {"main"}
-    assert ST.study_specs("small", "recipe")[0] == replace(ST.study_specs("small", "main", "full")[0],
-                                                           name="ar paper-shape")
+    # at small the full plan's main comparison trains with the ablations' paper-shaped recipe (a quarter of the run
+    # warms up; its seed-0 runs are the recipe study's); the short plan's keeps the 5000-step recipe of its records
+    assert {s.recipe for s in ST.study_specs("small", "main", "short")} == {"short_main"}
+    full_cfg = resolve("small", ST.study_specs("small", "main", "full")[0], tok).cfg
+    assert full_cfg.warmup_steps * 4 == full_cfg.steps == 8000
+    short_cfg = resolve("small", ST.study_specs("small", "main", "short")[0], tok).cfg
+    assert (short_cfg.steps, short_cfg.warmup_steps, short_cfg.snapshot_every) == (5000, 250, None)
+    hs = lambda spec: resolve("small", spec, tok).run_hash  # noqa: E731
+    assert [hs(s) for s in ST.study_specs("small", "recipe")] == [hs(s) for s in ST.study_specs("small", "main", "full")
+                                                                  if s.seed == 0]
     # a size sets its own default DE (3/4 depth) for aligned variants only
     med = resolve("smoke", RunSpec("m", rear="rear", size="medium"), tok)
     assert med.decode_layer == 4 and med.cfg.model_overrides["depth"] == 6
@@ -169,7 +172,8 @@ def shrunk(monkeypatch, tok, tmp_path):
                        "ablation": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2),
                        "paper_shape": dict(steps=4, warmup_steps=1, log_every=2, ckpt_every=4, snapshot_every=2)}
     plan["seeds"], plan["cfg_scales"], plan["cfg_powers"] = (0, 1), (3.0,), (0.0,)
-    one = dict(recipe="ablation", main_recipe="main", seeds=(0,), tied="tied", extractor="rearlib-classifier", cfg_max_added=1)
+    one = dict(recipe="ablation", main_recipe="main", seeds=(0,), tied="tied", extractor="rearlib-classifier",
+               secondary=None, cfg_max_added=1)
     plan["plans"], plan["plan"] = {"one": one, "two": dict(one, seeds=(0, 1))}, "one"
     monkeypatch.setitem(scales.STUDIES, "smoke", plan)
     monkeypatch.setattr(SP, "PAPER_TABLE3", {k: SP.PAPER_TABLE3[k] for k in ("align_only", "rear")})
@@ -179,6 +183,24 @@ def shrunk(monkeypatch, tok, tmp_path):
     root = tmp_path / "gpu_box"
     monkeypatch.setenv("REARLIB_ARTIFACTS", str(root))
     return ws, root
+
+
+def test_a_plan_secondary_network_scores_every_study_but_the_learning_curve(shrunk, monkeypatch):
+    """A plan's secondary network enters the key of every main / ablation evaluation (and its floor), not the recipe
+    study's learning curve, whose snapshots are not kept; a secondary equal to the primary is dropped."""
+    plans = dict(scales.STUDIES["smoke"]["plans"])
+    plans["sec"] = dict(plans["one"], secondary="inception-v3-fid")
+    monkeypatch.setitem(scales.STUDIES["smoke"], "plans", plans)
+    assert ST.plan_extractors("smoke", "sec") == ("rearlib-classifier", "inception-v3-fid")
+    assert ST.plan_extractors("smoke", "sec", extractor="inception-v3-fid") == ("inception-v3-fid", None)
+    assert ST.plan_extractors("smoke", "one") == ("rearlib-classifier", None)
+    ws = Workspace("smoke", "cpu", progress=False, plan="sec")
+    main = [it for it in ws.items("main") if not it.pending]  # a pending item (best CFG unknown) has no key yet
+    recipe = ws.items("recipe")
+    assert main and recipe and all(it.key.get("secondary_extractor") == "inception-v3-fid" for it in main)
+    assert all("secondary_extractor" not in it.key for it in recipe)
+    plain = Workspace("smoke", "cpu", progress=False, plan="one")  # the recipe study's records are shared with it
+    assert [it.key for it in plain.items("recipe")] == [it.key for it in recipe]
 
 
 def _forbid_models(monkeypatch):

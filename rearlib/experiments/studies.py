@@ -67,7 +67,8 @@ from rearlib import cli_types, scales
 from rearlib.experiments.studies_plan import (PAPER_DEPTH, PAPER_FIG4, PAPER_FINAL_DE, PAPER_TABLE3, PAPER_TABLE4,
                                               PAPER_TABLE5, PAPER_TABLE7, RECIPES, STUDIES, STUDIES_EXTRACTOR,
                                               Resolved, RunSpec, base_layers, embedding_rows, paper_layer,
-                                              plan_settings, resolve, settings, study_names, study_specs)
+                                              plan_extractors, plan_settings, resolve, settings, study_names,
+                                              study_specs)
 from rearlib.experiments.studies_results import (VARIANT_NAMES, collect, compare_seeds, embedding_table,
                                                  metric_columns, noise_table, provenance_note, run_means,
                                                  sampling_noise, scaling_tables, seed_means, learning_curve,
@@ -79,7 +80,8 @@ from rearlib.metrics import EXTRACTORS
 from rearlib.runtime import resolve_device
 
 __all__ = ["STUDIES", "RECIPES", "STUDIES_EXTRACTOR", "PAPER_TABLE3", "PAPER_TABLE4", "PAPER_TABLE5", "PAPER_TABLE7",
-           "PAPER_FIG4", "PAPER_DEPTH", "PAPER_FINAL_DE", "settings", "plan_settings", "study_names", "study_specs", "RunSpec",
+           "PAPER_FIG4", "PAPER_DEPTH", "PAPER_FINAL_DE", "settings", "plan_settings", "plan_extractors",
+           "study_names", "study_specs", "RunSpec",
            "Resolved", "resolve", "paper_layer", "base_layers", "embedding_rows", "Item", "Workspace",
            "run_studies", "status", "collect", "provenance_note", "sampling_noise", "metric_columns",
            "VARIANT_NAMES", "compare_seeds", "seed_means", "run_means", "noise_table", "embedding_table",

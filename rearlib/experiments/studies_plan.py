@@ -21,7 +21,7 @@ from rearlib.runtime import config_hash
 from rearlib.scales import validate_scale
 
 STUDIES = ("main", "noise", "embedding", "scaling", "recipe")
-RECIPES = ("main", "ablation", "paper_shape")
+RECIPES = ("main", "short_main", "ablation", "paper_shape")
 
 #: FID extractor of the short plan's evaluations (the committed small records; their tables say
 #: "FID[rearlib-classifier]"). Each plan names its own (``plan_settings(...)["extractor"]``; the full plan at small:
@@ -74,12 +74,20 @@ def settings(scale: str) -> dict:
 
 def plan_settings(scale: str, plan: str | None = None) -> dict:
     """The studies' plan ``plan`` of ``scale`` (None: the scale's default): {"name", "recipe", "main_recipe",
-    "seeds", "tied", "extractor", "cfg_max_added"} (:data:`rearlib.scales.STUDIES`)."""
+    "seeds", "tied", "extractor", "secondary", "cfg_max_added"} (:data:`rearlib.scales.STUDIES`)."""
     st = settings(scale)
     name = st["plan"] if plan is None else plan
     if name not in st["plans"]:
         raise ValueError(f"unknown plan {plan!r} at scale {scale!r}; plans: {', '.join(st['plans'])}")
     return {"name": name, **st["plans"][name]}
+
+
+def plan_extractors(scale: str, plan: str | None = None, extractor: str | None = None) -> tuple[str, str | None]:
+    """(primary, secondary) feature networks of the plan's evaluations; ``extractor`` overrides the primary, and
+    a secondary equal to the primary is dropped (None)."""
+    pl = plan_settings(scale, plan)
+    primary = extractor or pl["extractor"]
+    return primary, (None if pl["secondary"] in (None, primary) else pl["secondary"])
 
 
 def study_names(study: str) -> list[str]:
@@ -103,8 +111,9 @@ class RunSpec:
         rear: a ``rearlib.rear.PRESETS`` name; ``rear_overrides`` are ReARConfig fields on top (as a dict or
             sorted (field, value) pairs), e.g. ``{"decode_layer": 5}`` or ``{"align_weight": 0.5}``.
         size: a key of the scale's ``sizes`` (None = the scale's base size, the preset of the zoo).
-        recipe: "main" (the zoo's recipe), "ablation" (the scale's shorter recipe, with snapshots) or "paper_shape"
-            (the paper's proportions: warm-up a quarter of the run; with snapshots for a learning curve).
+        recipe: "main" (the zoo's recipe), "short_main" (the 5000-step recipe of the short plan's committed main
+            comparison), "ablation" (the scale's shorter recipe, with snapshots) or "paper_shape" (the paper's
+            proportions: warm-up a quarter of the run, with snapshots for a learning curve; at small the zoo's).
         seed: training seed.
         steps: optional override of the recipe's number of steps.
     """

@@ -120,7 +120,7 @@ def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: i
                     stopped, reason = True, "time limit (before an evaluation)"
                     break
                 t = time.monotonic()
-                ws.evaluate_floor()
+                ws.evaluate_floor(item.study)
                 note({**base, "status": "evaluated", "wall s": time.monotonic() - t})
                 seen_keys.add(k)
                 continue
@@ -181,7 +181,8 @@ def status(scale: str, study: str = "all", *, sample_seed: int = 0, device="cpu"
     """Print what is done and missing (and the estimated GPU time of the missing work); nothing is computed."""
     ws = ws or Workspace(scale, device, sample_seed=sample_seed, progress=False, extractor=extractor, plan=plan)
     log(f"plan {ws.plan['name']!r}: ablation rows on the {ws.plan['recipe']!r} recipe, training seeds "
-        f"{list(ws.plan['seeds'])}, FID extractor {ws.extractor}")
+        f"{list(ws.plan['seeds'])}, FID extractor {ws.extractor}"
+        + (f" (secondary, labeled: {ws.secondary})" if ws.secondary else ""))
     rows, est_total = [], 0.0
     trained_est: set[str] = set()  # shared runs and records are counted once, by the first study that needs them
     counted: set[str] = set()

@@ -19,8 +19,8 @@ import torch
 from rearlib import scales
 from rearlib.experiments import zoo
 from rearlib.experiments.evaluation import Evaluator, load_record, record_path, run_model_key, setting_label
-from rearlib.experiments.studies_plan import (Resolved, RunSpec, SweepState, best_guidance, plan_settings,
-                                              resolve, settings, study_specs, sweep_state)
+from rearlib.experiments.studies_plan import (Resolved, RunSpec, SweepState, best_guidance, plan_extractors,
+                                              plan_settings, resolve, settings, study_specs, sweep_state)
 from rearlib.metrics import metric_label
 from rearlib.metrics.classifier import get_classifier
 from rearlib.model import estimate_flops_per_token, get_config
@@ -79,10 +79,14 @@ class Workspace:
         self.progress = progress
         self.tok = get_tokenizer(scale, self.device, progress=False)
         self.classifier = get_classifier(scale, self.device)
-        self.extractor = extractor or self.plan["extractor"]
-        self.evaluator = Evaluator(scale, self.tok, self.classifier, self.device,
-                                   data_seed=scales.GENERATOR_DATA[scale]["seed"], progress=progress,
-                                   extractor=self.extractor)
+        self.extractor, self.secondary = plan_extractors(scale, self.plan["name"], extractor)
+        common = dict(data_seed=scales.GENERATOR_DATA[scale]["seed"], progress=progress, extractor=self.extractor)
+        self.evaluator = Evaluator(scale, self.tok, self.classifier, self.device, secondary_extractor=self.secondary,
+                                   **common)
+        # The recipe study scores with the primary network alone: its learning curve needs one FID, and its
+        # snapshots are not kept, so a second network could not be added to its records later.
+        self.curve_evaluator = (self.evaluator if self.secondary is None else
+                                Evaluator(scale, self.tok, self.classifier, self.device, **common))
         self.n_per_class = scales.EVALUATION[scale]["n_per_class"]
         self.select_seed, self.report_seed = sample_seed, sample_seed + 1
         self._resolved: dict[RunSpec, Resolved] = {}
@@ -142,28 +146,33 @@ class Workspace:
         return res
 
     # -- items -------------------------------------------------------------------------------------------
+    def evaluator_for(self, study: str) -> Evaluator:
+        """The evaluator of ``study``'s records: the plan's networks, the recipe study's primary network alone."""
+        return self.curve_evaluator if study == "recipe" else self.evaluator
+
     def _eval_item(self, study, run, step, g, p, seed, role) -> Item:
         it = Item(study, run, step, g, p, seed, role)
-        it.key = self.evaluator.key(run_model_key(run.run_hash, step), n_per_class=self.n_per_class,
-                                    cfg_scale=g, cfg_power=p, sample_seed=seed)
+        it.key = self.evaluator_for(study).key(run_model_key(run.run_hash, step), n_per_class=self.n_per_class,
+                                               cfg_scale=g, cfg_power=p, sample_seed=seed)
         return it
 
     def floor_item(self, study: str) -> Item:
         it = Item(study, None, None, None, None, 0, "floor", floor=True)
-        it.key = self.evaluator.floor_key(self.evaluator.training_images_subject(), self.n_per_class * NUM_CLASSES)
+        ev = self.evaluator_for(study)
+        it.key = ev.floor_key(ev.training_images_subject(), self.n_per_class * NUM_CLASSES)
         return it
 
     def evaluate(self, item: Item) -> dict:
         """Sample and score ``item`` (loading its weights only if its record is missing); returns the record."""
         if item.floor:
-            return self.evaluate_floor()
-        return self.evaluator.evaluate_record(item.key["model"], lambda: self.load_model(item.run, item.step),
-                                              n_per_class=self.n_per_class, cfg_scale=item.cfg_scale,
-                                              cfg_power=item.cfg_power, sample_seed=item.sample_seed)
+            return self.evaluate_floor(item.study)
+        return self.evaluator_for(item.study).evaluate_record(
+            item.key["model"], lambda: self.load_model(item.run, item.step), n_per_class=self.n_per_class,
+            cfg_scale=item.cfg_scale, cfg_power=item.cfg_power, sample_seed=item.sample_seed)
 
-    def evaluate_floor(self) -> dict:
+    def evaluate_floor(self, study: str = "main") -> dict:
         """Real training images, as many as one generated set: the finite-sample floor of FID (cached)."""
-        return self.evaluator.evaluate_training_images(self.n_per_class * NUM_CLASSES)
+        return self.evaluator_for(study).evaluate_training_images(self.n_per_class * NUM_CLASSES)
 
     def is_done(self, item: Item) -> bool:
         return not item.pending and record_path(item.key).is_file()
