@@ -120,7 +120,7 @@ def run_studies(scale: str, study: str = "all", *, device="auto", sample_seed: i
                     stopped, reason = True, "time limit (before an evaluation)"
                     break
                 t = time.monotonic()
-                ws.evaluate_floor(item.study)
+                ws.evaluate(item)
                 note({**base, "status": "evaluated", "wall s": time.monotonic() - t})
                 seen_keys.add(k)
                 continue

@@ -164,15 +164,12 @@ class Workspace:
 
     def evaluate(self, item: Item) -> dict:
         """Sample and score ``item`` (loading its weights only if its record is missing); returns the record."""
-        if item.floor:
-            return self.evaluate_floor(item.study)
-        return self.evaluator_for(item.study).evaluate_record(
-            item.key["model"], lambda: self.load_model(item.run, item.step), n_per_class=self.n_per_class,
-            cfg_scale=item.cfg_scale, cfg_power=item.cfg_power, sample_seed=item.sample_seed)
-
-    def evaluate_floor(self, study: str = "main") -> dict:
-        """Real training images, as many as one generated set: the finite-sample floor of FID (cached)."""
-        return self.evaluator_for(study).evaluate_training_images(self.n_per_class * NUM_CLASSES)
+        ev = self.evaluator_for(item.study)
+        if item.floor:  # real training images, as many as one generated set: the finite-sample floor of FID
+            return ev.evaluate_training_images(self.n_per_class * NUM_CLASSES)
+        return ev.evaluate_record(item.key["model"], lambda: self.load_model(item.run, item.step),
+                                  n_per_class=self.n_per_class, cfg_scale=item.cfg_scale, cfg_power=item.cfg_power,
+                                  sample_seed=item.sample_seed)
 
     def is_done(self, item: Item) -> bool:
         return not item.pending and record_path(item.key).is_file()
