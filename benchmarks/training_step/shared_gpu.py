@@ -1,0 +1,90 @@
+"""Several `small` trainings sharing one GPU: the aggregate training throughput of K concurrent processes against one.
+
+The question behind ``python -m rearlib studies run --procs-per-gpu K``: the small generator (8 x 256) keeps a large
+GPU busy only in part, so do K runs side by side train more samples per second in all than one run alone? For each
+K the script starts K worker processes at once, each training the zoo's small recipe (batch 256, bf16,
+torch.compile, fused AdamW) on synthetic tokens of the small shape (256 tokens, K = 1024, 10 classes) for a fixed
+number of steps, and records every worker's steady-state samples/s (after its first logging window, which holds
+compilation) and the group's wall time. All counts are measured in this one invocation, so the ratios compare rows
+of one machine.
+
+Run from the repository root on a CUDA machine:
+    python benchmarks/training_step/shared_gpu.py [--ks 1,2,3] [--steps 600] [--batch 256] [--variant rear]
+Writes $OUT/shared_gpu.json (default OUT: artifacts/bench).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch  # noqa: E402
+
+from benchmarks.common import out_path  # noqa: E402
+
+
+def worker(variant: str, steps: int, batch: int, seed: int, device: str) -> dict:
+    from rearlib.rear import PRESETS
+    from rearlib.train import train
+    from rearlib.train_config import TrainConfig
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 1024, (20_000, 256), generator=g)
+    labels = torch.randint(0, 10, (20_000,), generator=g)
+    codebook = torch.randn(1024, 32, generator=g)
+    cfg = TrainConfig(model="small", model_overrides=dict(codebook_size=1024, z_dim=32, seq_len=256, num_classes=10),
+                      rear=PRESETS[variant], steps=steps, batch_size=batch, warmup_steps=steps // 4, lr=4e-4,
+                      log_every=max(steps // 6, 1), ckpt_every=10 * steps, seed=seed,
+                      compile=device != "cpu", bf16=device != "cpu", fused_adamw=device != "cpu")
+    with tempfile.TemporaryDirectory() as out:
+        r = train(cfg, tokens, labels, codebook, out, device=device, resume=False, progress=False)
+    return {k: r[k] for k in ("status", "step", "samples_per_s", "wall_time_s", "train_time_s")}
+
+
+def group(k: int, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", args.variant, "--steps",
+           str(args.steps), "--batch", str(args.batch), "--device", args.device]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd + ["--seed", str(i)], stdout=subprocess.PIPE, text=True) for i in range(k)]
+    outs = [p.communicate()[0] for p in procs]
+    wall = time.perf_counter() - t0
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a worker of the K={k} group failed (exit codes {[p.returncode for p in procs]})")
+    workers = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    return {"k": k, "group_wall_s": wall, "workers": workers,
+            "sum_samples_per_s": sum(w["samples_per_s"] for w in workers),
+            "samples_per_s_by_wall": k * args.steps * args.batch / wall}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ks", default="1,2,3", help="comma-separated numbers of concurrent processes")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per worker (batch 256)")
+    p.add_argument("--batch", type=int, default=256, help="batch per worker (256: the zoo's small recipe)")
+    p.add_argument("--variant", default="rear", help="reAR preset of every worker (ar, rear, ...)")
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark's purpose) or cpu (a quick check)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.variant, args.steps, args.batch, args.seed, args.device)), flush=True)
+        return
+    gpu = torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu"
+    res = {"gpu": gpu, "torch": torch.__version__, "variant": args.variant, "steps": args.steps, "batch": args.batch,
+           "rows": []}
+    for k in (int(x) for x in args.ks.split(",")):
+        row = group(k, args)
+        base = res["rows"][0]["sum_samples_per_s"] if res["rows"] else row["sum_samples_per_s"]
+        row["gain_vs_first"] = row["sum_samples_per_s"] / base
+        res["rows"].append(row)
+        print(json.dumps({x: row[x] for x in ("k", "sum_samples_per_s", "samples_per_s_by_wall", "group_wall_s",
+                                              "gain_vs_first")}), flush=True)
+        with open(out_path("shared_gpu.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
