@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 SCALE  ?= smoke
 ONLY   ?=
 PARAMS ?=
-JOBS   ?= auto
+JOBS   ?= 1
 
 # Some environments set PYTHONDONTWRITEBYTECODE; then every test process and notebook kernel re-compiles torch's
 # Python sources (10-25 s each). Let Python cache bytecode inside .venv.
@@ -15,7 +15,7 @@ unexport PYTHONDONTWRITEBYTECODE
 .PHONY: setup reproduce test test-all lint-notebooks sync-notebooks clean-smoke help
 
 help:
-	@echo "make reproduce [SCALE=smoke|small|paper] [ONLY=01_data,02_tokenizer] [PARAMS='key=value ...']  - run the notebooks, write reports/ and figures/"
+	@echo "make reproduce [SCALE=smoke|small|paper] [ONLY=01_data,02_tokenizer] [PARAMS='key=value ...'] [JOBS=N]  - run the notebooks (N at a time), write reports/ and figures/"
 	@echo "make test                                                             - unit tests + every notebook at smoke scale"
 	@echo "make test-all                                                         - also the slow tests"
 	@echo "make sync-notebooks                                                   - regenerate notebooks/*.ipynb from the .py scripts"
@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 reproduce: setup
-	$(BIN)/python -m rearlib reproduce --scale $(SCALE) $(if $(ONLY),--only $(ONLY)) $(foreach p,$(PARAMS),--param $(p))
+	$(BIN)/python -m rearlib reproduce --scale $(SCALE) --jobs $(JOBS) $(if $(ONLY),--only $(ONLY)) $(foreach p,$(PARAMS),--param $(p))
 
 # pytest exits 5 when it collected nothing: treat that as a failure, not a pass.
 test: setup

@@ -38,12 +38,17 @@ def test_runner_reports_failure_keeps_others_and_skips_unchanged(tmp_path, capsy
     monkeypatch.chdir(work)  # kernels' IPC sockets must not land in the working folder
     nbs = tmp_path / "nbs"
     nbs.mkdir()
+    spans = tmp_path / "spans"
+    spans.mkdir()
+    # each good notebook records when it ran, to show that --jobs runs them side by side
+    timed = f"import time, pathlib\nt0 = time.time(); time.sleep(2)\npathlib.Path({str(spans)!r}, ctx.notebook).write_text(f'{{t0}} {{time.time()}}')\n"
     _write(nbs, "01_ok", '''
 # %%
 import pandas as pd
 ctx.save_csv(pd.DataFrame({"x": [1, 2]}), "01_table")
 ctx.claim(claim="c", paper="p", ours="o", verdict="not tested")
-''')
+# %%
+''' + timed)
     _write(nbs, "02_broken", '''
 # %%
 x = 1
@@ -53,10 +58,13 @@ raise RuntimeError("deliberate failure")
     _write(nbs, "03_after", '''
 # %%
 ctx.note("ran after a failure")
-''')
+# %%
+''' + timed)
     args = ["--scale", "smoke", "--notebooks-dir", str(nbs), "--reports-dir", str(tmp_path / "r"),
             "--figures-dir", str(tmp_path / "f"), "--device", "cpu"]
-    assert main(args) == 1
+    assert main(args + ["--jobs", "3"]) == 1
+    (a0, a1), (b0, b1) = [map(float, (spans / n).read_text().split()) for n in ("01_ok", "03_after")]
+    assert max(a0, b0) < min(a1, b1)  # the two good notebooks overlapped in time
     err = capsys.readouterr().err
     assert "02_broken: failed in cell" in err and "deliberate failure" in err
     reports = tmp_path / "r" / "smoke"

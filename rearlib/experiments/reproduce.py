@@ -2,6 +2,7 @@
 
     python -m rearlib reproduce --scale smoke                 # everything, on CPU, minutes
     python -m rearlib reproduce --scale small --only 02,04    # some notebooks, by number or name
+    python -m rearlib reproduce --scale small --only 04,05,06,07,08 --jobs 3   # three at a time on one GPU
     python -m rearlib reproduce --scale paper --only 05 --param ar_checkpoint=/ckpt/ar.bin   # notebook parameters
 
 Writes, per scale: executed notebooks in ``reports/<scale>/notebooks/``, the notebooks' CSVs in
@@ -13,6 +14,9 @@ hash under ``artifacts/``. A failing notebook is reported with its cell and its 
 notebook's pre-flight check lists every missing asset); the others still run; exit status 1. A notebook not defined
 at the scale (:data:`rearlib.scales.NOTEBOOK_SCALES`) is reported "skipped" and does not fail the run. A notebook
 is recorded "running" before it starts and "ok" only once it finished, so an interrupted run is re-run next time.
+``--jobs N`` runs up to N notebooks side by side, each in its own kernel on the same device: the `small` diagnosis
+notebooks use a fraction of a large GPU each, and what they share (tokens, generators, evaluations) is computed
+once under the artifact cache's file locks.
 Paper-scale assets can also be named by environment variables (:data:`rearlib.experiments.assets.ASSET_VARIABLES`).
 """
 
@@ -26,7 +30,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from importlib import metadata
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from jupyter_client.manager import AsyncKernelManager
 from tqdm.auto import tqdm
 from traitlets import CaselessStrEnum
 
+from rearlib import cli_types
 from rearlib.experiments.notebook import NOTEBOOK_DIR, notebook_scripts, script_to_notebook
 from rearlib.runtime import REPO_ROOT as REPO
 from rearlib.runtime import atomic_write_text, file_lock, hardware_info
@@ -139,7 +146,9 @@ class LocalKernelManager(AsyncKernelManager):
     def _ip_default(self) -> str:
         # jupyter_client's default puts the sockets ("kernel-ipc-N") in the working folder, i.e. the repository.
         # The sockets are "<ip>-<n>" files, removed when the kernel shuts down.
-        return os.path.join(tempfile.gettempdir(), f"rearlib-kernel-{os.getpid()}")
+        # One prefix per runner thread: jupyter_client numbers the sockets after the files that exist, so two
+        # kernels started at once under one prefix could pick the same numbers.
+        return os.path.join(tempfile.gettempdir(), f"rearlib-kernel-{os.getpid()}-{threading.get_ident()}")
 
 
 def run_notebook(script: Path, params: dict, out_path: Path, cwd: Path, progress: bool = True) -> None:
@@ -226,6 +235,9 @@ def main(argv=None) -> int:
     parser.add_argument("--figures-dir", default=str(REPO / "figures"), help="figures go to <this>/<scale>/")
     parser.add_argument("--notebooks-dir", default=str(NOTEBOOK_DIR), help="folder of the NN_name.py notebook scripts")
     parser.add_argument("--force", action="store_true", help="re-run notebooks even if nothing changed")
+    parser.add_argument("--jobs", type=cli_types.count, default=1,
+                        help="notebooks run side by side, each in its own kernel on the same --device (default 1: in "
+                             "order); work they share is cached and computed once")
     parser.add_argument("--no-cell-progress", action="store_true", help="no progress bar of the running notebook's cells")
     args = parser.parse_args(argv)
 
@@ -248,17 +260,19 @@ def main(argv=None) -> int:
     base = {"scale": args.scale, "seed": args.seed, "device": args.device,
             "reports_dir": str(Path(args.reports_dir).resolve()), "figures_dir": str(Path(args.figures_dir).resolve())}
     failures, skipped = [], []
-    bar = tqdm(scripts, desc=f"notebooks ({args.scale})", unit="nb")
-    for script in bar:
+    # Several notebooks at once: each has its own kernel; what they share (tokens, generators, evaluations) is cached
+    # under artifacts/ and computed once under file locks. Their cell bars would overwrite each other, so none.
+    cell_progress = not args.no_cell_progress and args.jobs == 1
+
+    def run_one(script: Path) -> str:
         name = script.stem
-        bar.set_postfix_str(name)
         if args.scale not in notebook_scales(name):
             reason = f"skipped ({'/'.join(notebook_scales(name))} only)"
             tqdm.write(f"[skipped] {name}: runs at {' / '.join(notebook_scales(name))} only")
             provenance.update(name, {"status": reason, "wall_time_s": 0.0, "commit": provenance.header["commit"],
                                      "hardware": _hardware_label(provenance.header["hardware"])})
             skipped.append(name)
-            continue
+            return name
         params = {**base, **{k: v for k, v in extra.items() if k in declared.get(name, ())}}
         key = hashlib.sha256(script.read_bytes() + json.dumps(params, sort_keys=True, default=str).encode()
                              + lib.encode()).hexdigest()[:16]
@@ -266,7 +280,7 @@ def main(argv=None) -> int:
         executed = reports / "notebooks" / f"{name}.ipynb"
         if not args.force and prev.get("status") == "ok" and prev.get("key") == key and executed.exists():
             tqdm.write(f"[cached] {name} (unchanged since its last successful run; --force re-runs it)")
-            continue
+            return name
         t0 = time.time()
         record = {"key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seed": args.seed,
                   "params": {k: v for k, v in params.items() if k not in RUNNER_PARAMS},
@@ -274,7 +288,7 @@ def main(argv=None) -> int:
         # Recorded before the run: a run killed midway leaves "running", never a stale "ok", so it is re-run.
         provenance.update(name, {**record, "status": "running"})
         try:
-            run_notebook(script, params, executed, cwd=REPO, progress=not args.no_cell_progress)
+            run_notebook(script, params, executed, cwd=REPO, progress=cell_progress)
             record["status"] = "ok"
             tqdm.write(f"[ok] {name} in {time.time() - t0:.1f}s")
         except KeyboardInterrupt:
@@ -288,6 +302,21 @@ def main(argv=None) -> int:
             tqdm.write(f"[FAILED] {name} in cell {cell}:\n{msg}\n         executed notebook: {executed}")
         record["wall_time_s"] = round(time.time() - t0, 2)
         provenance.update(name, record)
+        return name
+
+    bar = tqdm(total=len(scripts), desc=f"notebooks ({args.scale})", unit="nb")
+    if args.jobs == 1:
+        for script in scripts:
+            bar.set_postfix_str(script.stem)
+            run_one(script)
+            bar.update()
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="notebook") as pool:
+            for future in as_completed([pool.submit(run_one, s) for s in scripts]):
+                bar.set_postfix_str(future.result())
+                bar.update()
+    bar.close()
+    failures.sort()
     with file_lock(provenance.lock):
         summary = build_summary(reports, args.scale, provenance.read())
         atomic_write_text(reports / "SUMMARY.md", summary)
