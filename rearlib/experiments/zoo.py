@@ -9,7 +9,7 @@
 generators shipped in ``data/checkpoints/`` (fp16, sharded to stay under 16 MiB per file) and, when one is
 missing and a GPU is present, trains it; on a CPU without the shipped file it says how to make it:
 
-    python -m rearlib zoo train --scale small --variant rear --seed 0 --export
+    python -m rearlib zoo train --scale small --variant ar,rear --seed 0 --export
 
 ``paper`` has no zoo: load the authors' released checkpoints with ``rearlib.model.load_official_state_dict``.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ import torch
 from rearlib import scales
 from rearlib.data import render_batch
 from rearlib.model import GeneratorConfig, build_generator
+from rearlib.rear import PRESETS
 from rearlib.runtime import (REPO_ROOT, artifact_dir, artifacts_root, completed_record, config_hash, file_lock,
                              load_sharded, read_json, resolve_device, save_sharded)
 from rearlib.scales import validate_scale
@@ -268,30 +270,59 @@ def get_generator(scale: str, variant="rear", *, tokenizer, seed: int = 0, devic
     return model
 
 
+def _export_target(export: str, scale: str, variant: str, seed: int, n_variants: int) -> Path:
+    """Where ``--export`` writes a variant: the shipped path by default, a file ``*.pt`` (one variant), or a folder."""
+    if not export:
+        return shipped_path(scale, variant, seed)
+    out = Path(export)
+    if out.suffix == ".pt":
+        if n_variants > 1:
+            raise SystemExit(f"--export {export}: one file cannot hold {n_variants} variants; name a folder")
+        return out
+    return out / shipped_path(scale, variant, seed).name
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rearlib zoo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (or resume) a zoo generator; --export ships it to data/checkpoints")
+    t = sub.add_parser("train", help="train (or resume) zoo generators; --export ships them to data/checkpoints")
     t.add_argument("--scale", default="small", choices=("smoke", "small"), help="the zoo exists at smoke and small only")
-    t.add_argument("--variant", default="rear", help="a reAR preset of rearlib.rear.PRESETS, e.g. ar or rear")
+    t.add_argument("--variant", default="rear",
+                   help="reAR presets of rearlib.rear.PRESETS, comma-separated and trained one after the other "
+                        "(each alone on the device, so its samples/s is its own), e.g. ar,rear: the shipped pair")
     t.add_argument("--seed", type=int, default=0, help="training seed (seed 0 is the shipped generator)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    t.add_argument("--time-limit", type=float, default=None, help="seconds; stop with a checkpoint, resume later")
+    t.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for the whole command: a run still training then stops with a checkpoint and the "
+                        "variants not started wait; call again to resume")
     t.add_argument("--export", nargs="?", const="", default=None,
-                   help="write fp16 shards (default path data/checkpoints/generator_<scale>_<variant>_seed<seed>.pt)")
+                   help="write each finished generator as fp16 shards: by default to "
+                        "data/checkpoints/generator_<scale>_<variant>_seed<seed>.pt, else into the folder given or, "
+                        "for one variant, to the *.pt file given")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variant.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in PRESETS]
+    if not variants or unknown:
+        raise SystemExit(f"--variant {args.variant!r}: unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+    targets = {v: _export_target(args.export, args.scale, v, args.seed, len(variants))
+               for v in variants} if args.export is not None else {}
     dev = resolve_device(args.device)
     tok = get_tokenizer(args.scale, dev, progress=not args.no_progress)
-    result = train_generator(args.scale, args.variant, tok, args.seed, device=dev, time_limit_s=args.time_limit,
-                             progress=not args.no_progress)
-    summary = {k: result.get(k) for k in ("status", "step", "steps", "train_time_s", "samples_per_s", "final",
-                                          "gpu", "params")}
-    print(json.dumps(summary, indent=2, default=str))
-    if args.export is not None and result["status"] == "completed":
-        out = Path(args.export) if args.export else shipped_path(args.scale, args.variant, args.seed)
-        for p in export_generator(result["model_path"], out):
-            print(f"wrote {p} ({p.stat().st_size / 2**20:.2f} MiB)")
+    t0 = time.perf_counter()
+    for variant in variants:
+        left = None if args.time_limit is None else args.time_limit - (time.perf_counter() - t0)
+        if left is not None and left <= 0:
+            print(f"{variant}: not started (--time-limit {args.time_limit:g} s reached); call again to train it")
+            continue
+        result = train_generator(args.scale, variant, tok, args.seed, device=dev, time_limit_s=left,
+                                 progress=not args.no_progress)
+        summary = {k: result.get(k) for k in ("status", "step", "steps", "train_time_s", "samples_per_s", "final",
+                                              "gpu", "params")}
+        print(json.dumps({"variant": variant, **summary}, indent=2, default=str))
+        if variant in targets and result["status"] == "completed":
+            for p in export_generator(result["model_path"], targets[variant]):
+                print(f"wrote {p} ({p.stat().st_size / 2**20:.2f} MiB)")
     return 0
 
 
