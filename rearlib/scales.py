@@ -40,6 +40,13 @@ NOTEBOOK_SCALES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Notebooks that time work on the device (sampling speed, training throughput of runs they train, interaction
+#: latency): ``reproduce --jobs`` runs them alone, after the others, so that no other notebook shares the device
+#: while they measure.
+TIMED_NOTEBOOKS: frozenset[str] = frozenset({"04_generators", "09_vapi", "10_main_comparison", "11_noise_ablation",
+                                             "12_embedding_ablation", "13_scaling", "14_teaching", "15_table1"})
+
+
 def notebook_scales(notebook: str) -> tuple[str, ...]:
     """The scales ``notebook`` (e.g. ``"04_generators"``) runs at; every scale for a notebook not listed."""
     return NOTEBOOK_SCALES.get(notebook, SCALE_NAMES)

@@ -32,23 +32,27 @@ def _fixed_library_digest(monkeypatch):
     monkeypatch.setattr(reproduce, "_library_digest", lambda: "fixed")
 
 
-def test_runner_reports_failure_keeps_others_and_skips_unchanged(tmp_path, capsys, monkeypatch):
+def test_runner_reports_failure_keeps_others_and_skips_unchanged(tmp_path, capfd, monkeypatch):
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)  # kernels' IPC sockets must not land in the working folder
     nbs = tmp_path / "nbs"
     nbs.mkdir()
-    spans = tmp_path / "spans"
-    spans.mkdir()
-    # each good notebook records when it ran, to show that --jobs runs them side by side
-    timed = f"import time, pathlib\nt0 = time.time(); time.sleep(2)\npathlib.Path({str(spans)!r}, ctx.notebook).write_text(f'{{t0}} {{time.time()}}')\n"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # --jobs 3: the two good notebooks wait (up to a minute) for each other's mark, so they finish only if they ran
+    # side by side; 04_generators times the device and must run alone, after both.
+    meet = (f"import time, pathlib\nmarks = pathlib.Path({str(marks)!r})\n(marks / ctx.notebook).write_text(str(time.time()))\n"
+            "t0 = time.time()\nwhile len(list(marks.glob('0[13]_*'))) < 2:\n"
+            "    assert time.time() - t0 < 60, 'the other notebook never ran beside this one'\n    time.sleep(0.1)\n"
+            "(marks / (ctx.notebook + '.end')).write_text(str(time.time()))\n")
     _write(nbs, "01_ok", '''
 # %%
 import pandas as pd
 ctx.save_csv(pd.DataFrame({"x": [1, 2]}), "01_table")
 ctx.claim(claim="c", paper="p", ours="o", verdict="not tested")
 # %%
-''' + timed)
+''' + meet)
     _write(nbs, "02_broken", '''
 # %%
 x = 1
@@ -59,14 +63,15 @@ raise RuntimeError("deliberate failure")
 # %%
 ctx.note("ran after a failure")
 # %%
-''' + timed)
+''' + meet)
+    _write(nbs, "04_generators", f"# %%\nimport time, pathlib\npathlib.Path({str(marks)!r}, 'timed').write_text(str(time.time()))\n")
     args = ["--scale", "smoke", "--notebooks-dir", str(nbs), "--reports-dir", str(tmp_path / "r"),
-            "--figures-dir", str(tmp_path / "f"), "--device", "cpu"]
-    assert main(args + ["--jobs", "3"]) == 1
-    (a0, a1), (b0, b1) = [map(float, (spans / n).read_text().split()) for n in ("01_ok", "03_after")]
-    assert max(a0, b0) < min(a1, b1)  # the two good notebooks overlapped in time
-    err = capsys.readouterr().err
+            "--figures-dir", str(tmp_path / "f"), "--device", "cpu", "--jobs", "3"]
+    assert main(args) == 1
+    err = capfd.readouterr().err
     assert "02_broken: failed in cell" in err and "deliberate failure" in err
+    ends = [float((marks / f"{n}.end").read_text()) for n in ("01_ok", "03_after")]
+    assert float((marks / "timed").read_text()) > max(ends)  # the timed notebook ran alone, after the others
     reports = tmp_path / "r" / "smoke"
     prov = json.loads((reports / "provenance.json").read_text())
     assert prov["notebooks"]["01_ok"]["status"] == "ok" and prov["notebooks"]["03_after"]["status"] == "ok"
@@ -80,8 +85,19 @@ ctx.note("ran after a failure")
     assert list(work.iterdir()) == []
 
     # second run: the two good notebooks are unchanged and skipped; the broken one runs (and fails) again
+    # (children compute their keys themselves, with the real library digest, in both runs)
     assert main(args + ["--only", "01,03"]) == 0
-    assert capsys.readouterr().out.count("[cached]") == 2
+    assert capfd.readouterr().out.count("[cached]") == 2
+
+
+def test_jobs_run_timed_notebooks_alone_after_the_others():
+    from pathlib import Path
+    nbs = [Path(f"{n}.py") for n in ("01_data", "04_generators", "05_exposure_bias", "14_teaching", "08_cka")]
+    side, alone = reproduce.split_for_jobs(nbs, 3)
+    assert [s.stem for s in side] == ["01_data", "05_exposure_bias", "08_cka"]
+    assert [s.stem for s in alone] == ["04_generators", "14_teaching"]
+    assert reproduce.split_for_jobs(nbs, 1) == ([], nbs)
+    assert reproduce.split_for_jobs(nbs[:2], 3) == ([], nbs[:2])  # one untimed notebook: nothing to overlap
 
 
 def test_select_by_number_or_name(tmp_path):

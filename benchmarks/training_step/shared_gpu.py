@@ -43,9 +43,10 @@ def worker(variant: str, steps: int, batch: int, seed: int, device: str) -> dict
     with tempfile.TemporaryDirectory() as out:
         r = train(cfg, tokens, labels, codebook, out, device=device, resume=False, progress=False)
         t_end = time.time()
-    # Each logging window's wall-clock span, reconstructed backwards from the end of training (the final weights'
-    # write after the last window is ignored), so the parent can find the interval where every worker is past its
-    # first window (compilation) and still training.
+    # Each logging window's wall-clock span, reconstructed backwards from train()'s return, so the parent can find the
+    # interval where every worker is past its first window (compilation) and still training. The anchor includes
+    # the final checkpoint's write, so a worker's spans may sit late by that much (well under a second at this
+    # size): the interval's edges, not the rates inside it, carry that error.
     spans, end, prev_steps = [], t_end, [0] + [h["step"] for h in r["history"][:-1]]
     for h, before in zip(reversed(r["history"]), reversed(prev_steps)):
         samples = (h["step"] - before) * batch
@@ -58,6 +59,8 @@ def worker(variant: str, steps: int, batch: int, seed: int, device: str) -> dict
 def concurrent_samples_per_s(workers: list[dict]) -> tuple[float | None, float]:
     """Samples/s of all workers together over the interval where each one is in steady state (past its first
     window, not yet finished), with the interval's length; (None, 0) when the intervals do not overlap."""
+    if any(len(w["windows"]) < 2 for w in workers):  # only the compilation window: no steady state to overlap
+        return None, 0.0
     lo = max(w["windows"][1][0] for w in workers)
     hi = min(w["windows"][-1][1] for w in workers)
     if hi <= lo:

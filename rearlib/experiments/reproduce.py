@@ -2,7 +2,7 @@
 
     python -m rearlib reproduce --scale smoke                 # everything, on CPU, minutes
     python -m rearlib reproduce --scale small --only 02,04    # some notebooks, by number or name
-    python -m rearlib reproduce --scale small --only 04,05,06,07,08 --jobs 3   # three at a time on one GPU
+    python -m rearlib reproduce --scale small --only 05,06,07,08 --jobs 4   # side by side on one GPU
     python -m rearlib reproduce --scale paper --only 05 --param ar_checkpoint=/ckpt/ar.bin   # notebook parameters
 
 Writes, per scale: executed notebooks in ``reports/<scale>/notebooks/``, the notebooks' CSVs in
@@ -14,10 +14,10 @@ hash under ``artifacts/``. A failing notebook is reported with its cell and its 
 notebook's pre-flight check lists every missing asset); the others still run; exit status 1. A notebook not defined
 at the scale (:data:`rearlib.scales.NOTEBOOK_SCALES`) is reported "skipped" and does not fail the run. A notebook
 is recorded "running" before it starts and "ok" only once it finished, so an interrupted run is re-run next time.
-``--jobs N`` runs up to N notebooks side by side, each in its own kernel on the same device: the `small` diagnosis
-notebooks use a fraction of a large GPU each, and what they share (tokens, generators, evaluations) is computed
-once under the artifact cache's file locks.
-Paper-scale assets can also be named by environment variables (:data:`rearlib.experiments.assets.ASSET_VARIABLES`).
+``--jobs N`` runs up to N notebooks side by side, each in a runner process of its own on the same device (the
+`small` diagnosis notebooks use a fraction of a large GPU each); notebooks that time work on the device
+(:data:`rearlib.scales.TIMED_NOTEBOOKS`) then run alone, one after the other. Ctrl-C stops them all, each recorded
+"interrupted".
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from rearlib import cli_types
 from rearlib.experiments.notebook import NOTEBOOK_DIR, notebook_scripts, script_to_notebook
 from rearlib.runtime import REPO_ROOT as REPO
 from rearlib.runtime import atomic_write_text, file_lock, hardware_info
-from rearlib.scales import SCALE_NAMES, notebook_scales
+from rearlib.scales import SCALE_NAMES, TIMED_NOTEBOOKS, notebook_scales
 
 
 def _git_commit() -> str | None:
@@ -146,9 +147,7 @@ class LocalKernelManager(AsyncKernelManager):
     def _ip_default(self) -> str:
         # jupyter_client's default puts the sockets ("kernel-ipc-N") in the working folder, i.e. the repository.
         # The sockets are "<ip>-<n>" files, removed when the kernel shuts down.
-        # One prefix per runner thread: jupyter_client numbers the sockets after the files that exist, so two
-        # kernels started at once under one prefix could pick the same numbers.
-        return os.path.join(tempfile.gettempdir(), f"rearlib-kernel-{os.getpid()}-{threading.get_ident()}")
+        return os.path.join(tempfile.gettempdir(), f"rearlib-kernel-{os.getpid()}")
 
 
 def run_notebook(script: Path, params: dict, out_path: Path, cwd: Path, progress: bool = True) -> None:
@@ -220,6 +219,68 @@ class Provenance:
         return prov
 
 
+def split_for_jobs(scripts: list[Path], jobs: int) -> tuple[list[Path], list[Path]]:
+    """(the notebooks ``--jobs`` runs side by side, those it runs alone and in order afterwards): with ``jobs`` > 1
+    every notebook but the timed ones (:data:`rearlib.scales.TIMED_NOTEBOOKS`) goes side by side, when there are at
+    least two of them."""
+    side = [s for s in scripts if s.stem not in TIMED_NOTEBOOKS] if jobs > 1 else []
+    side = side if len(side) > 1 else []
+    return side, [s for s in scripts if s not in side]
+
+
+def _child_command(args, name: str) -> list[str]:
+    """The runner's own command line for one notebook (``--jobs`` runs each notebook in such a child)."""
+    folders = [str(Path(f).resolve()) for f in (args.reports_dir, args.figures_dir, args.notebooks_dir)]
+    cmd = [sys.executable, "-m", "rearlib", "reproduce", "--scale", args.scale, "--only", name, "--seed", str(args.seed),
+           "--device", args.device, "--reports-dir", folders[0], "--figures-dir", folders[1],
+           "--notebooks-dir", folders[2], "--no-cell-progress"]
+    cmd += [f"--param={p}" for p in args.param] + (["--force"] if args.force else [])
+    return cmd
+
+
+def _run_side_by_side(scripts: list[Path], args, provenance: "Provenance") -> list[str]:
+    """Run ``scripts`` up to ``args.jobs`` at a time, one child runner each; their failures, as the runner words them.
+
+    Ctrl-C (or SIGINT to this process) is passed on to the running children, which record their notebooks
+    "interrupted"; notebooks not yet started are not started."""
+    running: dict[str, subprocess.Popen] = {}
+    lock, stop = threading.Lock(), threading.Event()
+
+    def child(script: Path) -> tuple[str, int | None]:
+        with lock:
+            if stop.is_set():
+                return script.stem, None
+            # Its own session: a Ctrl-C at the terminal reaches this runner alone, which passes on exactly one.
+            proc = subprocess.Popen(_child_command(args, script.stem), cwd=REPO, start_new_session=True)
+            running[script.stem] = proc
+        code = proc.wait()
+        with lock:
+            running.pop(script.stem, None)
+        return script.stem, code
+
+    print(f"running {len(scripts)} notebooks, {args.jobs} at a time: {', '.join(s.stem for s in scripts)}")
+    pool = ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="notebook")
+    futures = [pool.submit(child, s) for s in scripts]
+    try:
+        codes = [f.result() for f in futures]
+    except BaseException:
+        with lock:
+            stop.set()
+            for proc in running.values():
+                proc.send_signal(signal.SIGINT)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    failures = []
+    records = provenance.read()["notebooks"]
+    for name, code in codes:
+        if code:
+            rec = records.get(name, {})
+            failures.append(f"{name}: failed in cell {rec.get('failed_cell')}: {rec.get('error')}" if
+                            rec.get("status") == "failed" else f"{name}: its runner exited with status {code}")
+    return failures
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rearlib reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", default="smoke", choices=SCALE_NAMES,
@@ -236,8 +297,8 @@ def main(argv=None) -> int:
     parser.add_argument("--notebooks-dir", default=str(NOTEBOOK_DIR), help="folder of the NN_name.py notebook scripts")
     parser.add_argument("--force", action="store_true", help="re-run notebooks even if nothing changed")
     parser.add_argument("--jobs", type=cli_types.count, default=1,
-                        help="notebooks run side by side, each in its own kernel on the same --device (default 1: in "
-                             "order); work they share is cached and computed once")
+                        help="run up to N notebooks side by side on the same --device, each in a runner process of its "
+                             "own (default 1: in order); notebooks that time work on the device run alone afterwards")
     parser.add_argument("--no-cell-progress", action="store_true", help="no progress bar of the running notebook's cells")
     args = parser.parse_args(argv)
 
@@ -260,11 +321,8 @@ def main(argv=None) -> int:
     base = {"scale": args.scale, "seed": args.seed, "device": args.device,
             "reports_dir": str(Path(args.reports_dir).resolve()), "figures_dir": str(Path(args.figures_dir).resolve())}
     failures, skipped = [], []
-    # Several notebooks at once: each has its own kernel; what they share (tokens, generators, evaluations) is cached
-    # under artifacts/ and computed once under file locks. Their cell bars would overwrite each other, so none.
-    cell_progress = not args.no_cell_progress and args.jobs == 1
 
-    def run_one(script: Path) -> str:
+    def run_one(script: Path) -> None:
         name = script.stem
         if args.scale not in notebook_scales(name):
             reason = f"skipped ({'/'.join(notebook_scales(name))} only)"
@@ -272,7 +330,7 @@ def main(argv=None) -> int:
             provenance.update(name, {"status": reason, "wall_time_s": 0.0, "commit": provenance.header["commit"],
                                      "hardware": _hardware_label(provenance.header["hardware"])})
             skipped.append(name)
-            return name
+            return
         params = {**base, **{k: v for k, v in extra.items() if k in declared.get(name, ())}}
         key = hashlib.sha256(script.read_bytes() + json.dumps(params, sort_keys=True, default=str).encode()
                              + lib.encode()).hexdigest()[:16]
@@ -280,7 +338,7 @@ def main(argv=None) -> int:
         executed = reports / "notebooks" / f"{name}.ipynb"
         if not args.force and prev.get("status") == "ok" and prev.get("key") == key and executed.exists():
             tqdm.write(f"[cached] {name} (unchanged since its last successful run; --force re-runs it)")
-            return name
+            return
         t0 = time.time()
         record = {"key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seed": args.seed,
                   "params": {k: v for k, v in params.items() if k not in RUNNER_PARAMS},
@@ -288,7 +346,7 @@ def main(argv=None) -> int:
         # Recorded before the run: a run killed midway leaves "running", never a stale "ok", so it is re-run.
         provenance.update(name, {**record, "status": "running"})
         try:
-            run_notebook(script, params, executed, cwd=REPO, progress=cell_progress)
+            run_notebook(script, params, executed, cwd=REPO, progress=not args.no_cell_progress)
             record["status"] = "ok"
             tqdm.write(f"[ok] {name} in {time.time() - t0:.1f}s")
         except KeyboardInterrupt:
@@ -302,21 +360,14 @@ def main(argv=None) -> int:
             tqdm.write(f"[FAILED] {name} in cell {cell}:\n{msg}\n         executed notebook: {executed}")
         record["wall_time_s"] = round(time.time() - t0, 2)
         provenance.update(name, record)
-        return name
 
-    bar = tqdm(total=len(scripts), desc=f"notebooks ({args.scale})", unit="nb")
-    if args.jobs == 1:
-        for script in scripts:
-            bar.set_postfix_str(script.stem)
-            run_one(script)
-            bar.update()
-    else:
-        with ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="notebook") as pool:
-            for future in as_completed([pool.submit(run_one, s) for s in scripts]):
-                bar.set_postfix_str(future.result())
-                bar.update()
-    bar.close()
-    failures.sort()
+    side_by_side, alone = split_for_jobs(scripts, args.jobs)
+    if side_by_side:
+        failures += _run_side_by_side(side_by_side, args, provenance)
+    bar = tqdm(alone, desc=f"notebooks ({args.scale})", unit="nb")
+    for script in bar:
+        bar.set_postfix_str(script.stem)
+        run_one(script)
     with file_lock(provenance.lock):
         summary = build_summary(reports, args.scale, provenance.read())
         atomic_write_text(reports / "SUMMARY.md", summary)

@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rearlib import scales
+from rearlib import cli_types, scales
 from rearlib.data import render_batch
 from rearlib.model import GeneratorConfig, build_generator
 from rearlib.rear import PRESETS
@@ -292,9 +293,9 @@ def main(argv=None) -> int:
                         "(each alone on the device, so its samples/s is its own), e.g. ar,rear: the shipped pair")
     t.add_argument("--seed", type=int, default=0, help="training seed (seed 0 is the shipped generator)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    t.add_argument("--time-limit", type=float, default=None,
+    t.add_argument("--time-limit", type=cli_types.positive_seconds, default=None,
                    help="seconds for the whole command: a run still training then stops with a checkpoint and the "
-                        "variants not started wait; call again to resume")
+                        "variants not started wait; call again to resume (the exit status is 3 until all finished)")
     t.add_argument("--export", nargs="?", const="", default=None,
                    help="write each finished generator as fp16 shards: by default to "
                         "data/checkpoints/generator_<scale>_<variant>_seed<seed>.pt, else into the folder given or, "
@@ -303,26 +304,34 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variant.split(",") if v.strip()]
     unknown = [v for v in variants if v not in PRESETS]
-    if not variants or unknown:
+    if not variants:
+        raise SystemExit(f"--variant {args.variant!r}: name at least one preset of {sorted(PRESETS)}")
+    if unknown:
         raise SystemExit(f"--variant {args.variant!r}: unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
     targets = {v: _export_target(args.export, args.scale, v, args.seed, len(variants))
                for v in variants} if args.export is not None else {}
     dev = resolve_device(args.device)
     tok = get_tokenizer(args.scale, dev, progress=not args.no_progress)
-    t0 = time.perf_counter()
+    t0, unfinished = time.perf_counter(), []
     for variant in variants:
         left = None if args.time_limit is None else args.time_limit - (time.perf_counter() - t0)
         if left is not None and left <= 0:
             print(f"{variant}: not started (--time-limit {args.time_limit:g} s reached); call again to train it")
+            unfinished.append(variant)
             continue
         result = train_generator(args.scale, variant, tok, args.seed, device=dev, time_limit_s=left,
                                  progress=not args.no_progress)
         summary = {k: result.get(k) for k in ("status", "step", "steps", "train_time_s", "samples_per_s", "final",
                                               "gpu", "params")}
         print(json.dumps({"variant": variant, **summary}, indent=2, default=str))
-        if variant in targets and result["status"] == "completed":
+        if result["status"] != "completed":
+            unfinished.append(variant)
+        elif variant in targets:
             for p in export_generator(result["model_path"], targets[variant]):
                 print(f"wrote {p} ({p.stat().st_size / 2**20:.2f} MiB)")
+    if unfinished:  # a script chaining on this command must not take a half-trained run for a finished one
+        print(f"not finished: {', '.join(unfinished)} (call again to resume)", file=sys.stderr)
+        return 3
     return 0
 
 
