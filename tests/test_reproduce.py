@@ -98,6 +98,14 @@ def test_jobs_run_timed_notebooks_alone_after_the_others():
     assert [s.stem for s in alone] == ["04_generators", "14_teaching"]
     assert reproduce.split_for_jobs(nbs, 1) == ([], nbs)
     assert reproduce.split_for_jobs(nbs[:2], 3) == ([], nbs[:2])  # one untimed notebook: nothing to overlap
+    # a child runner gets the runner's options and only the --param items its notebook declares
+    import argparse
+    args = argparse.Namespace(scale="paper", seed=2, device="cuda", reports_dir="r", figures_dir="f",
+                              notebooks_dir="nbs", param=["ckpt=/w/ar.bin", "n=3"], force=True)
+    cmd = reproduce._child_command(args, "05_exposure_bias", {"ckpt", "scale"})
+    assert cmd[cmd.index("--only") + 1] == "05_exposure_bias" and cmd[cmd.index("--seed") + 1] == "2"
+    assert "--param=ckpt=/w/ar.bin" in cmd and not any("n=3" in c for c in cmd) and cmd[-1] == "--force"
+    assert Path(cmd[cmd.index("--reports-dir") + 1]).is_absolute()
 
 
 def test_select_by_number_or_name(tmp_path):

@@ -228,17 +228,18 @@ def split_for_jobs(scripts: list[Path], jobs: int) -> tuple[list[Path], list[Pat
     return side, [s for s in scripts if s not in side]
 
 
-def _child_command(args, name: str) -> list[str]:
-    """The runner's own command line for one notebook (``--jobs`` runs each notebook in such a child)."""
+def _child_command(args, name: str, declared: set[str]) -> list[str]:
+    """The runner's own command line for one notebook (``--jobs`` runs each notebook in such a child), with the
+    ``--param`` items whose names the notebook ``declared``."""
     folders = [str(Path(f).resolve()) for f in (args.reports_dir, args.figures_dir, args.notebooks_dir)]
     cmd = [sys.executable, "-m", "rearlib", "reproduce", "--scale", args.scale, "--only", name, "--seed", str(args.seed),
            "--device", args.device, "--reports-dir", folders[0], "--figures-dir", folders[1],
            "--notebooks-dir", folders[2], "--no-cell-progress"]
-    cmd += [f"--param={p}" for p in args.param] + (["--force"] if args.force else [])
-    return cmd
+    cmd += [f"--param={p}" for p in args.param if p.partition("=")[0].strip() in declared]
+    return cmd + (["--force"] if args.force else [])
 
 
-def _run_side_by_side(scripts: list[Path], args, provenance: "Provenance") -> list[str]:
+def _run_side_by_side(scripts: list[Path], args, provenance: "Provenance", declared: dict[str, set[str]]) -> list[str]:
     """Run ``scripts`` up to ``args.jobs`` at a time, one child runner each; their failures, as the runner words them.
 
     Ctrl-C (or SIGINT to this process) is passed on to the running children, which record their notebooks
@@ -251,7 +252,8 @@ def _run_side_by_side(scripts: list[Path], args, provenance: "Provenance") -> li
             if stop.is_set():
                 return script.stem, None
             # Its own session: a Ctrl-C at the terminal reaches this runner alone, which passes on exactly one.
-            proc = subprocess.Popen(_child_command(args, script.stem), cwd=REPO, start_new_session=True)
+            proc = subprocess.Popen(_child_command(args, script.stem, declared.get(script.stem, set())), cwd=REPO,
+                                    start_new_session=True)
             running[script.stem] = proc
         code = proc.wait()
         with lock:
@@ -363,7 +365,7 @@ def main(argv=None) -> int:
 
     side_by_side, alone = split_for_jobs(scripts, args.jobs)
     if side_by_side:
-        failures += _run_side_by_side(side_by_side, args, provenance)
+        failures += _run_side_by_side(side_by_side, args, provenance, declared)
     bar = tqdm(alone, desc=f"notebooks ({args.scale})", unit="nb")
     for script in bar:
         bar.set_postfix_str(script.stem)
