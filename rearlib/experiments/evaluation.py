@@ -36,6 +36,7 @@ different images for the same seeds; the record's ``provenance`` says where it w
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -146,6 +147,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@functools.lru_cache(maxsize=1)
+def _reference_images(n: int, resolution: int, seed: int, device: str) -> torch.Tensor:
+    imgs = render_batch(torch.arange(n), resolution, seed=seed, split="val", device=torch.device(device))[0]
+    return M.to_uint8(imgs).cpu()
+
+
 class Evaluator:
     """Sampling, scoring and cached records for one scale (see the module docstring for every definition).
 
@@ -207,11 +214,10 @@ class Evaluator:
     # -- reference ---------------------------------------------------------------------------------------
     @property
     def reference_u8(self) -> torch.Tensor:
-        """uint8 [n_ref, 3, H, W] held-out real images (rendered on first use)."""
+        """uint8 [n_ref, 3, H, W] held-out real images (rendered on first use, shared by the evaluators of one
+        reference: a workspace or notebook that holds several renders it once)."""
         if self._ref_u8 is None:
-            imgs = render_batch(torch.arange(self.n_ref), self.resolution, seed=self.data_seed, split="val",
-                                device=self.device)[0]
-            self._ref_u8 = M.to_uint8(imgs).cpu()
+            self._ref_u8 = _reference_images(self.n_ref, self.resolution, self.data_seed, str(self.device))
         return self._ref_u8
 
     # -- sampling and scoring ----------------------------------------------------------------------------

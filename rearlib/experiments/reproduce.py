@@ -219,6 +219,11 @@ class Provenance:
         return prov
 
 
+def _failure_line(name: str, cell, msg) -> str:
+    """How the runner lists a failed notebook at the end (the same whether it ran here or in a child runner)."""
+    return f"{name}: failed in cell {cell}: {msg}"
+
+
 def split_for_jobs(scripts: list[Path], jobs: int) -> tuple[list[Path], list[Path]]:
     """(the notebooks ``--jobs`` runs side by side, those it runs alone and in order afterwards): with ``jobs`` > 1
     every notebook but the timed ones (:data:`rearlib.scales.TIMED_NOTEBOOKS`) goes side by side, when there are at
@@ -278,7 +283,7 @@ def _run_side_by_side(scripts: list[Path], args, provenance: "Provenance", decla
     for name, code in codes:
         if code:
             rec = records.get(name, {})
-            failures.append(f"{name}: failed in cell {rec.get('failed_cell')}: {rec.get('error')}" if
+            failures.append(_failure_line(name, rec.get("failed_cell"), rec.get("error")) if
                             rec.get("status") == "failed" else f"{name}: its runner exited with status {code}")
     return failures
 
@@ -358,7 +363,7 @@ def main(argv=None) -> int:
             cell = getattr(err, "cell_index", None)  # 0-based index in the notebook
             msg = f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
             record.update(status="failed", failed_cell=cell, error=msg)
-            failures.append(f"{name}: failed in cell {cell}: {msg}")
+            failures.append(_failure_line(name, cell, msg))
             tqdm.write(f"[FAILED] {name} in cell {cell}:\n{msg}\n         executed notebook: {executed}")
         record["wall_time_s"] = round(time.time() - t0, 2)
         provenance.update(name, record)

@@ -44,6 +44,8 @@ from rearlib.train import config_for_scale, load_generator, snapshot_path, train
 from rearlib.train_checkpoints import resume_key
 
 CHECKPOINTS = REPO_ROOT / "data" / "checkpoints"
+#: The fields of a training result that a shipped generator keeps and `zoo train` prints.
+RESULT_SUMMARY = ("status", "step", "steps", "train_time_s", "samples_per_s", "final", "gpu", "params")
 
 
 def _check_scale(scale: str) -> None:
@@ -132,8 +134,7 @@ def export_generator(model_file: str | Path, out: str | Path) -> list[Path]:
     result = Path(model_file).with_name("result.json")
     if result.is_file():
         r = read_json(result, "training result")
-        state["result"] = json.dumps({k: r.get(k) for k in ("status", "step", "steps", "train_time_s",
-                                                             "samples_per_s", "final", "gpu", "params")})
+        state["result"] = json.dumps({k: r.get(k) for k in RESULT_SUMMARY})
     return save_sharded(state, out)
 
 
@@ -321,9 +322,7 @@ def main(argv=None) -> int:
             continue
         result = train_generator(args.scale, variant, tok, args.seed, device=dev, time_limit_s=left,
                                  progress=not args.no_progress)
-        summary = {k: result.get(k) for k in ("status", "step", "steps", "train_time_s", "samples_per_s", "final",
-                                              "gpu", "params")}
-        print(json.dumps({"variant": variant, **summary}, indent=2, default=str))
+        print(json.dumps({"variant": variant, **{k: result.get(k) for k in RESULT_SUMMARY}}, indent=2, default=str))
         if result["status"] != "completed":
             unfinished.append(variant)
         elif variant in targets:
